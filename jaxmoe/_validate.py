@@ -1,0 +1,292 @@
+"""Argument checks shared by the public API, the reference and the Triton wrappers.
+
+Every check runs in plain Python on static shapes and dtypes, before any tracing work,
+and raises a ``ValueError`` (bad value or shape) or ``TypeError`` (bad type or dtype)
+whose message names the offending argument. Out-of-range expert ids are data, not
+static facts: they cannot be checked under ``jax.jit`` (see the public docstrings for
+what happens to them).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "ACTIVATIONS",
+    "SCORINGS",
+    "IMPLEMENTATIONS",
+    "check_implementation",
+    "check_activation",
+    "check_top_k",
+    "check_block_size",
+    "check_route_args",
+    "check_fused_moe_args",
+    "check_align_args",
+    "check_moe_gemm_args",
+    "check_layer_args",
+    "check_params",
+]
+
+FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+ACTIVATIONS = ("silu", "gelu")
+SCORINGS = ("softmax", "sigmoid")
+IMPLEMENTATIONS = ("triton", "reference")
+
+
+def _shape_dtype(name: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    return tuple(int(d) for d in shape), jnp.dtype(dtype)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _require_int(name: str, v: Any) -> int:
+    if not _is_int(v):
+        raise TypeError(f"{name} must be a Python int, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def _require_float_dtype(name: str, dtype: np.dtype, allowed=None) -> None:
+    if allowed is None:
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating dtype, got {dtype}")
+    elif dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"{name} must have dtype {names}; got {dtype}")
+
+
+def _require_int_dtype(name: str, dtype: np.dtype) -> None:
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {dtype}")
+
+
+def _require_ndim(name: str, shape: tuple[int, ...], ndim: int, what: str) -> None:
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must be {what} ({ndim}-D), got shape {list(shape)}")
+
+
+def check_implementation(implementation: Any) -> None:
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+
+
+def check_activation(activation: Any, *, optional: bool = False) -> None:
+    if optional and activation is None:
+        return
+    if activation not in ACTIVATIONS:
+        allowed = ACTIVATIONS + ((None,) if optional else ())
+        raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
+
+
+def check_top_k(top_k: Any, num_experts: int, name: str = "top_k") -> int:
+    k = _require_int(name, top_k)
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"{name} must be in [1, num_experts={num_experts}], got {k}")
+    return k
+
+
+def check_block_size(block_size: Any) -> int:
+    bs = _require_int("block_size", block_size)
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {bs}")
+    return bs
+
+
+def check_route_args(
+    logits: Any,
+    top_k: Any,
+    *,
+    scoring: Any = "softmax",
+    renormalize: Any = True,
+    num_expert_group: Any = None,
+    topk_group: Any = None,
+    correction_bias: Any = None,
+    routed_scaling_factor: Any = 1.0,
+) -> tuple[int, int]:
+    """Checks :func:`jaxmoe.route`'s arguments; returns ``(M, E)``."""
+    shape, dtype = _shape_dtype("logits", logits)
+    _require_ndim("logits", shape, 2, "[M, E]")
+    _require_float_dtype("logits", dtype)
+    m, e = shape
+    if e < 1:
+        raise ValueError(f"logits must have at least one expert column, got shape {list(shape)}")
+    k = check_top_k(top_k, e)
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if not isinstance(renormalize, (bool, np.bool_)):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    if not isinstance(routed_scaling_factor, numbers.Real) or isinstance(routed_scaling_factor, bool):
+        raise TypeError(f"routed_scaling_factor must be a Python number, got {type(routed_scaling_factor).__name__}")
+    if (num_expert_group is None) != (topk_group is None):
+        raise ValueError(
+            "num_expert_group and topk_group must be given together (grouped routing) or not at all, "
+            f"got num_expert_group={num_expert_group!r}, topk_group={topk_group!r}"
+        )
+    if num_expert_group is not None:
+        g = _require_int("num_expert_group", num_expert_group)
+        tg = _require_int("topk_group", topk_group)
+        if g < 1 or e % g:
+            raise ValueError(f"num_expert_group must be >= 1 and divide the number of experts {e}, got {g}")
+        if not 1 <= tg <= g:
+            raise ValueError(f"topk_group must be in [1, num_expert_group={g}], got {tg}")
+        if k > tg * (e // g):
+            raise ValueError(
+                f"top_k={k} exceeds the experts in the kept groups (topk_group * E / num_expert_group = {tg * (e // g)})"
+            )
+    if correction_bias is not None:
+        bshape, bdtype = _shape_dtype("correction_bias", correction_bias)
+        if bshape != (e,):
+            raise ValueError(f"correction_bias must have shape [E] = [{e}], got {list(bshape)}")
+        _require_float_dtype("correction_bias", bdtype)
+    return m, e
+
+
+def check_fused_moe_args(
+    hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, activation: Any = "silu"
+) -> tuple[int, int, int, int, int]:
+    """Checks :func:`jaxmoe.fused_moe`'s arguments; returns ``(M, D, E, I, k)``."""
+    xs, xd = _shape_dtype("hidden_states", hidden_states)
+    _require_ndim("hidden_states", xs, 2, "[M, D]")
+    _require_float_dtype("hidden_states", xd, FLOAT_DTYPES)
+    m, d = xs
+    w1s, w1d = _shape_dtype("w1", w1)
+    _require_ndim("w1", w1s, 3, "[E, 2I, D]")
+    w2s, w2d = _shape_dtype("w2", w2)
+    _require_ndim("w2", w2s, 3, "[E, D, I]")
+    for name, dt in (("w1", w1d), ("w2", w2d)):
+        if dt != xd:
+            raise TypeError(f"{name} must have the dtype of hidden_states ({xd}), got {dt}")
+    e, two_i, d1 = w1s
+    if d1 != d:
+        raise ValueError(f"w1 must be [E, 2I, D] with D = hidden_states.shape[1] = {d}, got {list(w1s)}")
+    if two_i % 2 or two_i == 0:
+        raise ValueError(f"w1 must be [E, 2I, D] (gate rows then up rows): its dim 1 must be even and > 0, got {two_i}")
+    i = two_i // 2
+    if w2s != (e, d, i):
+        raise ValueError(f"w2 must be [E, D, I] = {[e, d, i]} to match w1 {list(w1s)}, got {list(w2s)}")
+    if e < 1:
+        raise ValueError("w1 must hold at least one expert")
+    ws, wd = _shape_dtype("topk_weights", topk_weights)
+    _require_ndim("topk_weights", ws, 2, "[M, k]")
+    _require_float_dtype("topk_weights", wd)
+    ids, idd = _shape_dtype("topk_ids", topk_ids)
+    _require_ndim("topk_ids", ids, 2, "[M, k]")
+    _require_int_dtype("topk_ids", idd)
+    if ws[0] != m:
+        raise ValueError(f"topk_weights must be [M, k] with M = {m} rows, got {list(ws)}")
+    if ids != ws:
+        raise ValueError(f"topk_ids must have the shape of topk_weights {list(ws)}, got {list(ids)}")
+    k = check_top_k(ws[1], e, "top_k (topk_ids.shape[1])")
+    check_activation(activation)
+    return m, d, e, i, k
+
+
+def check_align_args(topk_ids: Any, num_experts: Any, block_size: Any) -> tuple[int, int, int, int]:
+    """Checks :func:`jaxmoe.ops.moe_align_block_size`'s arguments; returns ``(M, k, E, block_size)``."""
+    ids, idd = _shape_dtype("topk_ids", topk_ids)
+    _require_ndim("topk_ids", ids, 2, "[M, k]")
+    _require_int_dtype("topk_ids", idd)
+    e = _require_int("num_experts", num_experts)
+    if e < 1:
+        raise ValueError(f"num_experts must be >= 1, got {e}")
+    m, k = ids
+    if k < 1:
+        raise ValueError(f"topk_ids must have at least one column, got shape {list(ids)}")
+    return m, k, e, check_block_size(block_size)
+
+
+def check_moe_gemm_args(
+    a: Any,
+    b: Any,
+    sorted_token_ids: Any,
+    expert_ids: Any,
+    num_tokens_post_padded: Any,
+    *,
+    top_k: Any,
+    num_rows: Any,
+    block_size: Any,
+    topk_weights: Any = None,
+    activation: Any = None,
+) -> tuple[int, int, int, int]:
+    """Checks :func:`jaxmoe.ops.moe_gemm`'s arguments; returns ``(E, N, K, N_out)``."""
+    as_, ad = _shape_dtype("a", a)
+    _require_ndim("a", as_, 2, "[A_rows, K]")
+    _require_float_dtype("a", ad, FLOAT_DTYPES)
+    bs_, bd = _shape_dtype("b", b)
+    _require_ndim("b", bs_, 3, "[E, N, K]")
+    if bd != ad:
+        raise TypeError(f"b must have the dtype of a ({ad}), got {bd}")
+    e, n, kdim = bs_
+    if kdim != as_[1]:
+        raise ValueError(f"b must be [E, N, K] with K = a.shape[1] = {as_[1]}, got {list(bs_)}")
+    k = _require_int("top_k", top_k)
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    rows = _require_int("num_rows", num_rows)
+    if rows < 0 or rows > as_[0] * k:
+        raise ValueError(f"num_rows must be in [0, a.shape[0] * top_k = {as_[0] * k}], got {rows}")
+    bsz = check_block_size(block_size)
+    ss, sd = _shape_dtype("sorted_token_ids", sorted_token_ids)
+    _require_ndim("sorted_token_ids", ss, 1, "[P]")
+    _require_int_dtype("sorted_token_ids", sd)
+    if ss[0] % bsz:
+        raise ValueError(f"sorted_token_ids length {ss[0]} must be a multiple of block_size={bsz}")
+    es, ed = _shape_dtype("expert_ids", expert_ids)
+    _require_int_dtype("expert_ids", ed)
+    if es != (ss[0] // bsz,):
+        raise ValueError(f"expert_ids must have shape [P // block_size] = [{ss[0] // bsz}], got {list(es)}")
+    ns, nd = _shape_dtype("num_tokens_post_padded", num_tokens_post_padded)
+    _require_int_dtype("num_tokens_post_padded", nd)
+    if ns != (1,):
+        raise ValueError(f"num_tokens_post_padded must have shape [1], got {list(ns)}")
+    if topk_weights is not None:
+        ws, wd = _shape_dtype("topk_weights", topk_weights)
+        _require_ndim("topk_weights", ws, 2, "[M, k]")
+        _require_float_dtype("topk_weights", wd)
+        if ws[0] * ws[1] != rows:
+            raise ValueError(f"topk_weights must hold num_rows = {rows} weights (M * k), got shape {list(ws)}")
+    check_activation(activation, optional=True)
+    n_out = n
+    if activation is not None:
+        if n % 2:
+            raise ValueError(f"b's N = {n} must be even with activation={activation!r} (gate then up rows)")
+        n_out = n // 2
+    return e, n, kdim, n_out
+
+
+def check_params(params: Any) -> tuple[int, int, int]:
+    """Checks a :func:`jaxmoe.init_moe_params` dict; returns ``(D, E, I)``."""
+    if not isinstance(params, dict) or not {"router", "w1", "w2"} <= set(params):
+        raise TypeError("params must be a dict with keys 'router', 'w1', 'w2' (see jaxmoe.init_moe_params)")
+    rs, rd = _shape_dtype("params['router']", params["router"])
+    _require_ndim("params['router']", rs, 2, "[D, E]")
+    _require_float_dtype("params['router']", rd)
+    w1s, _ = _shape_dtype("params['w1']", params["w1"])
+    _require_ndim("params['w1']", w1s, 3, "[E, 2I, D]")
+    d, e = rs
+    if w1s[0] != e or w1s[2] != d:
+        raise ValueError(f"params['w1'] must be [E, 2I, D] = [{e}, 2I, {d}] to match params['router'] {list(rs)}, got {list(w1s)}")
+    return d, e, w1s[1] // 2
+
+
+def check_layer_args(params: Any, x: Any, top_k: Any) -> tuple[int, int, int]:
+    """Checks :func:`jaxmoe.moe_layer`'s params and input; returns ``(D, E, I)``."""
+    d, e, i = check_params(params)
+    xs, xd = _shape_dtype("x", x)
+    if len(xs) < 1 or xs[-1] != d:
+        raise ValueError(f"x must be [..., D] with D = {d} (params['router'].shape[0]), got shape {list(xs)}")
+    _require_float_dtype("x", xd, FLOAT_DTYPES)
+    wd = jnp.dtype(params["w1"].dtype)
+    if xd != wd:
+        raise TypeError(f"x must have the dtype of params['w1'] ({wd}), got {xd}")
+    check_top_k(top_k, e)
+    return d, e, i
