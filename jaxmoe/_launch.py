@@ -256,30 +256,53 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _exact_interpreter_dot() -> Iterator[None]:
-    """Make the interpreter's ``tl.dot`` treat bf16 operands as numbers.
+def _interpreter_patches() -> Iterator[None]:
+    """Patch what Triton's interpreter gets wrong when it runs next to compiled Triton.
 
-    The interpreter stores bf16 as raw uint16 and multiplies those bit patterns (triton
-    3.6 through 3.9), so we widen bf16 operands to fp32 before the product; fp16 and
-    fp32 already multiply correctly.
+    * ``tl.dot`` on bf16: the interpreter stores bf16 as raw uint16 and multiplies those
+      bit patterns (triton 3.6 through 3.9), so bf16 operands are widened to fp32 first;
+      fp16 and fp32 already multiply correctly.
+    * ``triton.language``'s own ``@jit`` functions (``tl.sort``, ``tl.cumsum``'s combine,
+      ``tl.max``, ...) were built compiled, since ``triton.jit`` decides at import; for the
+      run they are swapped for interpreted twins.
     """
     import triton.language as tl
     from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
 
     builder_cls = type(interpreter.interpreter_builder)
-    original = builder_cls.create_dot
+    original_dot = builder_cls.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
             a = interpreter.TensorHandle(_widen(a, tl), tl.float32)
             b = interpreter.TensorHandle(_widen(b, tl), tl.float32)
-        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
+    try:  # imported lazily by triton's argument specialisation; must see the real functions
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pass
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    for module in (tl, tl.standard, tl.core, tl.math):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                swapped.append((vars(module), name, value))
+                vars(module)[name] = _interpreted_twin(value)
     builder_cls.create_dot = create_dot
     try:
         yield
     finally:
-        builder_cls.create_dot = original
+        builder_cls.create_dot = original_dot
+        for namespace, name, value in swapped:
+            namespace[name] = value
+
+
+@functools.cache
+def _interpreted_twin(fn: Any) -> Any:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn.fn)
 
 
 def _widen(handle: Any, tl: Any) -> np.ndarray:
@@ -314,7 +337,7 @@ def _run_interpreted(spec: KernelLaunch, arrays: Sequence[np.ndarray], poison: b
     ptrs = [_HostPointer(a, types[i][1:]) for i, a in enumerate([*inputs, *outs])]
     fn = _interpreted(spec.kernel)
     grid = tuple(int(g) for g in spec.grid)
-    with _INTERPRETER_LOCK, _exact_interpreter_dot():
+    with _INTERPRETER_LOCK, _interpreter_patches():
         HostGridExecutor(fn.rewrite(), fn.arg_names, grid)(*ptrs, **dict(spec.constexprs))
     return outs
 

@@ -1,0 +1,144 @@
+"""Block configurations of the MoE GEMMs: a heuristic, overridden by tuned JSON per arch.
+
+A :class:`MoEConfig` fixes BLOCK_M (shared by the alignment and both GEMM stages, since
+they walk the same padded blocks) and one :class:`GemmTile` per stage. Tuned files live in
+``jaxmoe/configs/<arch>.json``::
+
+    {"E=8,D=4096,I=14336,dtype=bfloat16": {"1": {"block_m": 16, "stage1": {...}, "stage2": {...}}, "64": ...}}
+
+keyed by the layer shape and then by M buckets (the entry with the largest bucket <= M is
+used). ``JAXMOE_CONFIG_DIR`` points at another directory of such files (what ``tune``
+writes); ``JAXMOE_LOG_CONFIG=1`` prints the config each call picks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+
+ARCHS = ("sm90", "gfx942", "gfx950")
+
+# Shared memory (NVIDIA) / LDS (AMD) per program, bytes.
+SHARED_MEMORY_LIMIT = {"sm90": 227 * 1024, "gfx942": 64 * 1024, "gfx950": 160 * 1024}
+NUM_XCDS = {"sm90": 1, "gfx942": 8, "gfx950": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTile:
+    """Tile of one GEMM stage."""
+
+    block_n: int
+    block_k: int
+    group_size_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def shared_bytes(self, block_m: int, itemsize: int, fused: bool) -> int:
+        """Shared memory the software pipeline needs: A tile plus one (or two) B tiles per stage."""
+        b_tiles = 2 if fused else 1
+        return (block_m * self.block_k + b_tiles * self.block_k * self.block_n) * itemsize * self.num_stages
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """BLOCK_M plus the tiles of stage 1 (gate/up, activation fused) and stage 2 (down)."""
+
+    block_m: int
+    stage1: GemmTile
+    stage2: GemmTile
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> MoEConfig:
+        return MoEConfig(int(d["block_m"]), GemmTile(**d["stage1"]), GemmTile(**d["stage2"]))
+
+
+def shape_key(num_experts: int, hidden: int, intermediate: int, dtype: Any) -> str:
+    return f"E={num_experts},D={hidden},I={intermediate},dtype={np.dtype(dtype).name}"
+
+
+def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+                     dtype: Any, arch: str = "sm90") -> MoEConfig:
+    """A sound default from the average rows per expert; untuned shapes land here."""
+    rows_per_expert = num_tokens * top_k / max(min(num_experts, num_tokens * top_k), 1)
+    if rows_per_expert <= 16:
+        block_m = 16
+    elif rows_per_expert <= 32:
+        block_m = 32
+    elif rows_per_expert <= 96:
+        block_m = 64
+    else:
+        block_m = 128
+    small = block_m <= 32
+    amd = arch.startswith("gfx")
+    if small:
+        # decode: weight streaming dominates; wide K tiles, few rows
+        s1 = GemmTile(block_n=64, block_k=128, group_size_m=1, num_warps=4, num_stages=2 if amd else 4)
+        s2 = GemmTile(block_n=64, block_k=128, group_size_m=1, num_warps=4, num_stages=2 if amd else 4)
+    elif amd:
+        s1 = GemmTile(block_n=64, block_k=64, group_size_m=8, num_warps=4, num_stages=2)
+        s2 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=2)
+    else:
+        warps = 8 if block_m == 128 else 4
+        s1 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=warps, num_stages=3)
+        s2 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=warps, num_stages=4)
+    return MoEConfig(block_m, _fit(s1, block_m, dtype, arch, True), _fit(s2, block_m, dtype, arch, False))
+
+
+def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool) -> GemmTile:
+    """Shrink stages, then BLOCK_K, until the tile fits the arch's shared memory."""
+    itemsize = np.dtype(dtype).itemsize
+    limit = SHARED_MEMORY_LIMIT[arch]
+    while tile.shared_bytes(block_m, itemsize, fused) > limit:
+        if tile.num_stages > 2:
+            tile = dataclasses.replace(tile, num_stages=tile.num_stages - 1)
+        elif tile.block_k > 32:
+            tile = dataclasses.replace(tile, block_k=tile.block_k // 2)
+        elif tile.block_n > 32:
+            tile = dataclasses.replace(tile, block_n=tile.block_n // 2)
+        else:
+            break
+    return tile
+
+
+def config_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("JAXMOE_CONFIG_DIR", pathlib.Path(__file__).parent / "configs"))
+
+
+@functools.cache
+def _load(path: str) -> dict[str, dict[str, Any]]:
+    p = pathlib.Path(path)
+    if not p.exists():
+        return {}
+    with open(p) as f:
+        data = json.load(f)
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+                  dtype: Any, arch: str = "sm90") -> MoEConfig:
+    """The tuned config for this shape and M if the arch's JSON has one, else the heuristic."""
+    table = _load(str(config_dir() / f"{arch}.json")).get(shape_key(num_experts, hidden, intermediate, dtype))
+    source = "heuristic"
+    config = None
+    if table:
+        buckets = sorted(int(m) for m in table)
+        below = [m for m in buckets if m <= num_tokens]
+        bucket = below[-1] if below else buckets[0]
+        config = MoEConfig.from_json(table[str(bucket)])
+        source = f"{arch}.json M<={bucket}" if below else f"{arch}.json M={bucket}"
+    if config is None:
+        config = heuristic_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+    if os.environ.get("JAXMOE_LOG_CONFIG"):
+        print(f"jaxmoe: M={num_tokens} k={top_k} {shape_key(num_experts, hidden, intermediate, dtype)} "
+              f"arch={arch} [{source}] {config}", file=sys.stderr)
+    return config

@@ -1,0 +1,112 @@
+"""Grouped GEMM over expert-sorted rows, the core of both MoE stages.
+
+Each program computes one (BLOCK_M x BLOCK_N) tile of C for one block of sorted rows,
+all of which belong to one expert:
+
+    C[f, n] = sum_k A[f // TOP_K, k] * B[e, n, k]        f = sorted_token_ids[i]
+
+With ``FUSE_ACTIVATION`` (stage 1) the program computes the gate tile (B rows n) and the
+up tile (B rows N_OUT + n) together and writes act(gate) * up, so the [rows, 2I]
+intermediate never reaches memory. With ``MUL_ROUTED_WEIGHT`` (stage 2) each row is
+scaled by its routing weight in fp32 before the store. Row offsets are int64: rows
+times strides can pass 2^31.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _remap_for_xcds(pid, NUM_PROGRAMS: tl.constexpr, NUM_XCDS: tl.constexpr):
+    """Make consecutive logical tiles run on one XCD (AMD MI300: 8 dies, each with its own L2).
+
+    The hardware hands program ids to XCDs round-robin; this bijection gives XCD x a
+    contiguous range of logical ids instead. With NUM_XCDS == 1 (NVIDIA) it is the identity.
+    """
+    if NUM_XCDS == 1:
+        return pid
+    per_xcd = (NUM_PROGRAMS + NUM_XCDS - 1) // NUM_XCDS
+    full = NUM_PROGRAMS % NUM_XCDS  # XCDs that get per_xcd programs; the rest get one fewer
+    if full == 0:
+        full = NUM_XCDS
+    xcd = pid % NUM_XCDS
+    local = pid // NUM_XCDS
+    if xcd < full:
+        return xcd * per_xcd + local
+    return full * per_xcd + (xcd - full) * (per_xcd - 1) + local
+
+
+@triton.jit
+def _activation(gate, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "silu":
+        return gate / (1.0 + tl.exp(-gate))
+    else:  # "gelu", exact (erf) form
+        return 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+
+
+@triton.jit
+def moe_gemm_kernel(
+    a_ptr, b_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
+    c_ptr,
+    NUM_ROWS: tl.constexpr,  # M * top_k: rows of C; sorted ids >= NUM_ROWS are padding
+    N_OUT: tl.constexpr,  # columns of C (I when the activation is fused, else N)
+    K: tl.constexpr,
+    TOP_K: tl.constexpr,
+    stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
+    stride_cm: tl.constexpr,
+    NUM_M_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    NUM_XCDS: tl.constexpr,
+):
+    num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
+    pid = _remap_for_xcds(tl.program_id(0), NUM_M_BLOCKS * num_n_blocks, NUM_XCDS)
+    # GROUP_SIZE_M row blocks share each column block in turn, so B tiles stay in L2.
+    per_group = GROUP_SIZE_M * num_n_blocks
+    first_m = (pid // per_group) * GROUP_SIZE_M
+    group_rows = tl.minimum(NUM_M_BLOCKS - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+        return  # this row block holds no rows: the grid is sized for the worst case
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
+    row_mask = rows < NUM_ROWS
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_OUT
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
+    b_base = b_ptr + expert * stride_be
+    b_ptrs = b_base + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    if FUSE_ACTIVATION:
+        up_ptrs = b_ptrs + N_OUT * stride_bn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FUSE_ACTIVATION:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if K % BLOCK_K == 0:
+            k_mask = tl.full([BLOCK_K], True, tl.int1)
+        else:
+            k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        if FUSE_ACTIVATION:
+            b_up = tl.load(up_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up)
+            up_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+
+    if FUSE_ACTIVATION:
+        acc = _activation(acc, ACTIVATION) * acc_up
+    if MUL_ROUTED_WEIGHT:
+        weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * weight[:, None]
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
