@@ -1,0 +1,254 @@
+"""Routing kernels: top-k softmax/sigmoid, grouped and biased top-k, fused sigmoid top-1.
+
+``@triton.jit`` code only. Selection rules shared by every kernel (and by
+``jaxmoe.reference.route``):
+
+* scores are computed in fp32; experts are chosen on *biased* scores
+  (``score + correction_bias``), weights come from the *unbiased* scores;
+* equal scores pick the lower expert id (and the lower group id);
+* a NaN score counts as ``-inf`` for selection, so every id is in ``[0, E)``;
+  its weight stays NaN;
+* padding lanes (``E <= lane < E_POW2``) can never be chosen: selection runs over an
+  ``available`` mask rather than over sentinel values, so a real expert whose score is
+  ``-inf`` still beats a padding lane.
+"""
+
+import triton
+import triton.language as tl
+
+SCORING_SOFTMAX = 0
+SCORING_SIGMOID = 1
+
+
+# Row reductions through tl.reduce with triton.language's own combine functions rather
+# than tl.max/tl.sum: those are @triton.jit functions of triton.language, which the
+# CPU seam does not re-execute under the interpreter, while the interpreter maps
+# tl.reduce with these exact combine functions onto numpy. Same IR on a GPU.
+@triton.jit
+def _rmax(x):
+    return tl.reduce(x, 1, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _rmin(x):
+    return tl.reduce(x, 1, tl.standard._elementwise_min)
+
+
+@triton.jit
+def _rsum(x):
+    return tl.reduce(x, 1, tl.standard._sum_combine)
+
+
+@triton.jit
+def _argmax_lowest(sel, available, col, E_POW2: tl.constexpr):
+    """Per row: the lowest lane among the available lanes holding the row's maximum."""
+    masked = tl.where(available, sel, float("-inf"))
+    best = _rmax(masked)
+    hit = available & (masked == best[:, None])
+    return _rmin(tl.where(hit, col, E_POW2))
+
+
+@triton.jit
+def _topk_route_block(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    M: tl.constexpr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    E_POW2: tl.constexpr,
+    K_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SCORING: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    G_POW2: tl.constexpr,
+    SCALE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < M
+    col = tl.arange(0, E_POW2)
+    col_ok = col < E
+    mask = row_ok[:, None] & col_ok[None, :]
+
+    x = tl.load(logits_ptr + rows[:, None] * E + col[None, :], mask=mask, other=float("-inf"))
+    x = tl.where(row_ok[:, None], x.to(tl.float32), 0.0)  # rows past M: no -inf - -inf
+    if SCORING == 0:
+        row_max = _rmax(x)
+        ex = tl.exp(x - row_max[:, None])
+        ex = tl.where(col_ok[None, :], ex, 0.0)
+        scores = ex / _rsum(ex)[:, None]
+    else:
+        scores = 1.0 / (1.0 + tl.exp(-x))
+
+    sel = scores
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        sel = sel + bias[None, :]
+    sel = tl.where(sel == sel, sel, float("-inf"))  # NaN never wins
+
+    available = tl.broadcast_to(col_ok[None, :], (BLOCK_M, E_POW2))
+
+    if NUM_GROUPS > 1:
+        # Grouped routing: only experts of the best TOPK_GROUP groups compete.
+        GROUP_SIZE: tl.constexpr = E // NUM_GROUPS
+        lane_group = col // GROUP_SIZE
+        gcol = tl.arange(0, G_POW2)
+        group_scores = tl.full((BLOCK_M, G_POW2), float("-inf"), tl.float32)
+        for g in tl.static_range(NUM_GROUPS):
+            in_g = (lane_group == g)[None, :] & available
+            if HAS_BIAS:
+                # DeepSeek-V3: a group scores the sum of its two best biased scores.
+                in_sel = tl.where(in_g, sel, float("-inf"))
+                best1 = _rmax(in_sel)
+                if GROUP_SIZE > 1:
+                    first = _rmin(tl.where(in_g & (in_sel == best1[:, None]), col, E_POW2))
+                    rest = in_g & (col[None, :] != first[:, None])
+                    best2 = _rmax(tl.where(rest, sel, float("-inf")))
+                    gscore = best1 + best2
+                else:
+                    gscore = best1
+            else:
+                # DeepSeek-V2: a group scores its best expert's score.
+                gscore = _rmax(tl.where(in_g, sel, float("-inf")))
+            gscore = tl.where(gscore == gscore, gscore, float("-inf"))
+            group_scores = tl.where(gcol[None, :] == g, gscore[:, None], group_scores)
+        group_available = tl.broadcast_to((gcol < NUM_GROUPS)[None, :], (BLOCK_M, G_POW2))
+        keep = tl.full((BLOCK_M, E_POW2), 0, tl.int32) != 0
+        for _ in tl.static_range(TOPK_GROUP):
+            gbest = _argmax_lowest(group_scores, group_available, gcol, G_POW2)
+            group_available = group_available & (gcol[None, :] != gbest[:, None])
+            keep = keep | (lane_group[None, :] == gbest[:, None])
+        sel = tl.where(keep, sel, float("-inf"))
+
+    kcol = tl.arange(0, K_POW2)
+    out_w = tl.full((BLOCK_M, K_POW2), 0.0, tl.float32)
+    out_id = tl.full((BLOCK_M, K_POW2), 0, tl.int32)
+    for r in tl.static_range(K):
+        idx = _argmax_lowest(sel, available, col, E_POW2)
+        hit = col[None, :] == idx[:, None]
+        w = _rsum(tl.where(hit, scores, 0.0))
+        available = available & (~hit)
+        out_w = tl.where(kcol[None, :] == r, w[:, None], out_w)
+        out_id = tl.where(kcol[None, :] == r, idx[:, None], out_id)
+
+    if RENORMALIZE:
+        total = _rsum(tl.where(kcol[None, :] < K, out_w, 0.0))
+        out_w = out_w / total[:, None]
+    if SCALE != 1.0:
+        out_w = out_w * SCALE
+
+    omask = row_ok[:, None] & (kcol < K)[None, :]
+    offs = rows[:, None] * K + kcol[None, :]
+    tl.store(weights_ptr + offs, out_w, mask=omask)
+    tl.store(ids_ptr + offs, out_id, mask=omask)
+
+
+@triton.jit
+def topk_route_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    M: tl.constexpr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    E_POW2: tl.constexpr,
+    K_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SCORING: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    G_POW2: tl.constexpr,
+    SCALE: tl.constexpr,
+):
+    """logits [M, E] -> topk_weights [M, K] f32, topk_ids [M, K] i32 (no bias)."""
+    _topk_route_block(
+        logits_ptr, logits_ptr, weights_ptr, ids_ptr,
+        M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, False, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2, SCALE,
+    )
+
+
+@triton.jit
+def topk_route_biased_kernel(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    M: tl.constexpr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    E_POW2: tl.constexpr,
+    K_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SCORING: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    G_POW2: tl.constexpr,
+    SCALE: tl.constexpr,
+):
+    """logits [M, E], correction_bias [E] -> topk_weights [M, K] f32, topk_ids [M, K] i32."""
+    _topk_route_block(
+        logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+        M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, True, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2, SCALE,
+    )
+
+
+@triton.jit
+def sigmoid_top1_kernel(
+    x_ptr,
+    w_ptr,
+    weights_ptr,
+    ids_ptr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SHARED_EXPERT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """x [M, D] @ w [D, E] -> sigmoid -> top-1, the logits never leave registers.
+
+    Outputs [M, 1] (or [M, 2] with SHARED_EXPERT: column 1 is expert E with weight 1).
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < M
+    col = tl.arange(0, E_POW2)
+    col_ok = col < E
+    kk = tl.arange(0, BLOCK_K)
+
+    acc = tl.full((BLOCK_M, E_POW2), 0.0, tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_idx = k0 + kk
+        k_ok = k_idx < D
+        a = tl.load(x_ptr + rows[:, None] * D + k_idx[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(
+            w_ptr + k_idx.to(tl.int64)[:, None] * E + col[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0
+        )
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc)
+
+    scores = 1.0 / (1.0 + tl.exp(-acc))
+    sel = tl.where(scores == scores, scores, float("-inf"))
+    available = tl.broadcast_to(col_ok[None, :], (BLOCK_M, E_POW2))
+    idx = _argmax_lowest(sel, available, col, E_POW2)
+    w = _rsum(tl.where(col[None, :] == idx[:, None], scores, 0.0))
+
+    if SHARED_EXPERT:
+        tl.store(weights_ptr + rows * 2, w, mask=row_ok)
+        tl.store(ids_ptr + rows * 2, idx, mask=row_ok)
+        tl.store(weights_ptr + rows * 2 + 1, tl.full((BLOCK_M,), 1.0, tl.float32), mask=row_ok)
+        tl.store(ids_ptr + rows * 2 + 1, tl.full((BLOCK_M,), E, tl.int32), mask=row_ok)
+    else:
+        tl.store(weights_ptr + rows, w, mask=row_ok)
+        tl.store(ids_ptr + rows, idx, mask=row_ok)
