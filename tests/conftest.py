@@ -1,0 +1,66 @@
+"""Shared test helpers: a fresh, reproducible random generator per test; norm-wise errors;
+visible skipping of GPU-only tests on a CPU."""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# Tolerances of the norm-wise relative error ||out - ref|| / ||ref||, by output dtype.
+TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-4}
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() != "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded from the test's id: fresh data per test, the same on every run."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def to_f64(x) -> np.ndarray:
+    return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 when both are 0)."""
+    out, ref = to_f64(out), to_f64(ref)
+    denom = np.linalg.norm(ref)
+    num = np.linalg.norm(out - ref)
+    return float(num / denom) if denom else float(num)
+
+
+def tolerance(dtype) -> float:
+    return TOLERANCE[jnp.dtype(dtype).name]
+
+
+def randn(rng: np.random.Generator, shape, dtype=jnp.float32, scale: float = 1.0) -> jax.Array:
+    return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+
+def random_ids(rng: np.random.Generator, m: int, k: int, experts) -> jax.Array:
+    """``[m, k]`` int32 ids, distinct within a row, drawn from ``experts`` (an int E or a list)."""
+    pool = np.arange(experts) if isinstance(experts, int) else np.asarray(experts)
+    rows = [rng.choice(pool, size=k, replace=False) for _ in range(m)]
+    return jnp.asarray(np.array(rows, np.int64).reshape(m, k), jnp.int32)
+
+
+def moe_inputs(rng, m, d, i, e, k, dtype, experts=None):
+    """Random (x, w1, w2, topk_weights, topk_ids) for fused_moe, weights scaled like a real layer."""
+    x = randn(rng, (m, d), dtype)
+    w1 = randn(rng, (e, 2 * i, d), dtype, scale=d**-0.5)
+    w2 = randn(rng, (e, d, i), dtype, scale=i**-0.5)
+    topk_weights = jnp.asarray(rng.uniform(0.1, 1.0, (m, k)), jnp.float32)
+    topk_ids = random_ids(rng, m, k, e if experts is None else experts)
+    return x, w1, w2, topk_weights, topk_ids

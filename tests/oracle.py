@@ -1,0 +1,104 @@
+"""An independent float64 numpy oracle, written apart from jaxmoe.reference: plain loops
+over tokens, slots and sorted positions, no shared code, no rounding model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_erf = np.vectorize(math.erf)
+
+
+def activation(name: str, gate: np.ndarray) -> np.ndarray:
+    if name == "silu":
+        return gate / (1.0 + np.exp(-gate))
+    return 0.5 * gate * (1.0 + _erf(gate / math.sqrt(2.0)))
+
+
+def route(logits, top_k, *, scoring="softmax", renormalize=True, num_expert_group=None, topk_group=None,
+          correction_bias=None, routed_scaling_factor=1.0):
+    logits = np.asarray(logits, np.float64)
+    m, e = logits.shape
+    bias = np.zeros(e) if correction_bias is None else np.asarray(correction_bias, np.float64)
+    weights = np.zeros((m, top_k))
+    ids = np.zeros((m, top_k), np.int64)
+    for t in range(m):
+        row = logits[t]
+        if scoring == "softmax":
+            z = np.exp(row - np.max(row))
+            scores = z / np.sum(z)
+        else:
+            scores = 1.0 / (1.0 + np.exp(-row))
+        biased = [(-math.inf if math.isnan(v) else float(v)) for v in scores + bias]
+        allowed = set(range(e))
+        if num_expert_group is not None:
+            size = e // num_expert_group
+            group_score = []
+            for g in range(num_expert_group):
+                members = sorted(biased[g * size:(g + 1) * size], reverse=True)
+                s = sum(members[:2]) if correction_bias is not None else members[0]
+                group_score.append(-math.inf if math.isnan(s) else s)
+            kept = sorted(range(num_expert_group), key=lambda g: (-group_score[g], g))[:topk_group]
+            allowed = {x for g in kept for x in range(g * size, (g + 1) * size)}
+        effective = [biased[x] if x in allowed else -math.inf for x in range(e)]
+        chosen = sorted(range(e), key=lambda x: (-effective[x], x))[:top_k]
+        w = np.array([scores[x] for x in chosen])
+        if renormalize:
+            w = w / w.sum()
+        weights[t] = w * routed_scaling_factor
+        ids[t] = chosen
+    return weights, ids
+
+
+def moe_align_block_size(topk_ids, num_experts, block_size):
+    flat = np.asarray(topk_ids).reshape(-1)
+    t = flat.size
+    sorted_ids, expert_ids = [], []
+    for ex in range(num_experts):
+        rows = [f for f in range(t) if flat[f] == ex]
+        if not rows:
+            continue
+        while len(rows) % block_size:
+            rows.append(t)
+        sorted_ids += rows
+        expert_ids += [ex] * (len(rows) // block_size)
+    return np.array(sorted_ids, np.int64), np.array(expert_ids, np.int64), len(sorted_ids)
+
+
+def moe_gemm(a, b, sorted_token_ids, expert_ids, num_tokens_post_padded, *, top_k, num_rows, block_size,
+             topk_weights=None, activation_name=None):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n = b.shape[1]
+    out = np.zeros((num_rows, n if activation_name is None else n // 2))
+    sorted_token_ids, expert_ids = np.asarray(sorted_token_ids), np.asarray(expert_ids)
+    flat_w = None if topk_weights is None else np.asarray(topk_weights, np.float64).reshape(-1)
+    for i in range(int(np.asarray(num_tokens_post_padded).reshape(-1)[0])):
+        f, ex = int(sorted_token_ids[i]), int(expert_ids[i // block_size])
+        if not (0 <= f < num_rows and 0 <= ex < b.shape[0]):
+            continue
+        c = b[ex] @ a[f // top_k]
+        if activation_name is not None:
+            c = activation(activation_name, c[: n // 2]) * c[n // 2:]
+        if flat_w is not None:
+            c = c * flat_w[f]
+        out[f] = c
+    return out
+
+
+def fused_moe(x, w1, w2, topk_weights, topk_ids, activation_name="silu"):
+    x, w1, w2 = (np.asarray(v, np.float64) for v in (x, w1, w2))
+    topk_weights, topk_ids = np.asarray(topk_weights, np.float64), np.asarray(topk_ids)
+    m, d = x.shape
+    e, two_i, _ = w1.shape
+    i = two_i // 2
+    out = np.zeros((m, d))
+    for t in range(m):
+        for j in range(topk_ids.shape[1]):
+            ex = int(topk_ids[t, j])
+            if not 0 <= ex < e:
+                continue  # an invalid id contributes nothing
+            gate_up = w1[ex] @ x[t]
+            h = activation(activation_name, gate_up[:i]) * gate_up[i:]
+            out[t] += topk_weights[t, j] * (w2[ex] @ h)
+    return out
