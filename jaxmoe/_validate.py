@@ -124,8 +124,13 @@ def check_route_args(
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if not isinstance(renormalize, (bool, np.bool_)):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-    if not isinstance(routed_scaling_factor, numbers.Real) or isinstance(routed_scaling_factor, bool):
-        raise TypeError(f"routed_scaling_factor must be a Python number, got {type(routed_scaling_factor).__name__}")
+    if isinstance(routed_scaling_factor, bool) or not (
+        isinstance(routed_scaling_factor, numbers.Real)
+        or (getattr(routed_scaling_factor, "shape", None) == () and jnp.issubdtype(routed_scaling_factor.dtype, jnp.floating))
+    ):
+        raise TypeError(
+            f"routed_scaling_factor must be a number or a float scalar array, got {type(routed_scaling_factor).__name__}"
+        )
     if (num_expert_group is None) != (topk_group is None):
         raise ValueError(
             "num_expert_group and topk_group must be given together (grouped routing) or not at all, "

@@ -84,7 +84,7 @@ def route(
     topk_weights = jnp.take_along_axis(scores, topk_ids, axis=-1)
     if renormalize:
         topk_weights = topk_weights / topk_weights.sum(axis=-1, keepdims=True)
-    topk_weights = topk_weights * jnp.float32(routed_scaling_factor)
+    topk_weights = topk_weights * jnp.asarray(routed_scaling_factor, jnp.float32)
     return topk_weights.astype(jnp.float32), topk_ids.astype(jnp.int32)
 
 

@@ -35,7 +35,8 @@ def route(
         scores (V3).
       correction_bias: optional ``[E]`` float bias added to the scores for the selection
         only (DeepSeek-V3's load-balancing bias); the weights use the unbiased scores.
-      routed_scaling_factor: multiplies the weights, after the renormalization.
+      routed_scaling_factor: multiplies the weights, after the renormalization (a number or
+        a float scalar array, which may be traced).
       implementation: None (best available), ``"triton"`` or ``"reference"``.
 
     Returns:
