@@ -118,3 +118,43 @@ def moe_gemm(
         topk_weights=topk_weights,
         activation=activation,
     )
+
+
+def router_sigmoid_top1(x, w, *, shared_expert=False, implementation=None):
+    """The sigmoid top-1 router, fused with its matmul (Llama-4 style routing).
+
+    Args:
+      x: ``[M, D]`` hidden states (bf16, fp16 or fp32).
+      w: ``[D, E]`` router weight (bf16, fp16 or fp32).
+      shared_expert: append a shared expert (id ``E``, weight 1.0) to every token.
+      implementation: None (best available), ``"triton"`` or ``"reference"``.
+
+    Returns ``(topk_weights [M, 1] float32, topk_ids [M, 1] int32)``, or ``[M, 2]`` with
+    ``shared_expert``: ``topk_ids[:, 0] = argmax_e sigmoid(x @ w)`` (fp32 accumulation;
+    ties go to the lower id; a NaN score never wins) and ``topk_weights[:, 0]`` its
+    sigmoid score. The Triton kernel keeps the logits in registers: one launch, no
+    ``[M, E]`` round trip through memory.
+    """
+    import numpy as np
+
+    for name, a in (("x", x), ("w", w)):
+        shape = getattr(a, "shape", None)
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"{name} must be a 2-D array ({'[M, D]' if name == 'x' else '[D, E]'}), got shape {shape}")
+        if np.dtype(a.dtype).name not in ("bfloat16", "float16", "float32"):
+            raise TypeError(f"{name} must be bfloat16, float16 or float32, got {a.dtype}")
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(f"x [M, D] and w [D, E] disagree on D: x{list(x.shape)}, w{list(w.shape)}")
+    if w.shape[1] < 1:
+        raise ValueError(f"w must have at least one expert column, got shape {list(w.shape)}")
+    if not isinstance(shared_expert, (bool, np.bool_)):
+        raise TypeError(f"shared_expert must be a bool, got {type(shared_expert).__name__}")
+    kernel = _dispatch.kernel_for("_routing_triton", "router_sigmoid_top1", implementation)
+    if kernel is None:
+        from jaxmoe import reference
+
+        kernel = reference.router_sigmoid_top1
+    return kernel(x, w, shared_expert=bool(shared_expert))
+
+
+__all__ += ["router_sigmoid_top1"]

@@ -260,3 +260,24 @@ def moe_layer(
     )
     y = fused_moe(x2d, params["w1"], params["w2"], topk_weights, topk_ids, activation=activation)
     return y.reshape(x.shape)
+
+
+# --------------------------------------------------------------------------- fused router
+
+
+def router_sigmoid_top1(x, w, *, shared_expert=False):
+    """Reference of :func:`jaxmoe.ops.router_sigmoid_top1` (see there for the contract)."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    logits = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=_HIGHEST)
+    scores = jax.nn.sigmoid(logits)
+    # NaN counts as -inf; argmax takes the first maximum, i.e. the lower expert id.
+    topk_ids = jnp.argmax(jnp.where(jnp.isnan(scores), -jnp.inf, scores), axis=-1)[:, None].astype(jnp.int32)
+    topk_weights = jnp.take_along_axis(scores, topk_ids, axis=-1)
+    if shared_expert:
+        m, e = x.shape[0], w.shape[1]
+        topk_ids = jnp.concatenate([topk_ids, jnp.full((m, 1), e, jnp.int32)], axis=-1)
+        topk_weights = jnp.concatenate([topk_weights, jnp.ones((m, 1), jnp.float32)], axis=-1)
+    return topk_weights, topk_ids
+
+
+__all__ += ["router_sigmoid_top1"]

@@ -301,3 +301,19 @@ def test_gpu_sigmoid_top1_sweep(rng, m, d, e, dtype, shared_expert):
     x = jnp.asarray(rng.standard_normal((m, d)), F32).astype(dtype)
     w = jnp.asarray(rng.standard_normal((d, e)) / np.sqrt(d) * 3, F32).astype(dtype)
     _check_top1(x, w, shared_expert)
+
+
+def test_public_router_sigmoid_top1(rng):
+    from jaxmoe import ops
+
+    x = jnp.asarray(rng.standard_normal((9, 48)), F32).astype(BF16)
+    w = jnp.asarray(rng.standard_normal((48, 12)) / 4, F32).astype(BF16)
+    for shared in (False, True):
+        got = jax.jit(lambda a, b: ops.router_sigmoid_top1(a, b, shared_expert=shared, implementation="triton"))(x, w)
+        want = jax.jit(lambda a, b: ops.router_sigmoid_top1(a, b, shared_expert=shared, implementation="reference"))(x, w)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    with pytest.raises(ValueError, match="disagree on D"):
+        ops.router_sigmoid_top1(x, w[:40])
+    with pytest.raises(TypeError, match="x must be"):
+        ops.router_sigmoid_top1(x.astype(jnp.int32), w)
