@@ -29,10 +29,12 @@ __all__ = [
     "aot_launches",
     "MAX_EXPERTS",
     "MAX_TOP_K",
+    "MAX_TOP1_EXPERTS",
 ]
 
 MAX_EXPERTS = 4096  # one row of logits lives in registers; 512 is the tuned range
 MAX_TOP_K = 64
+MAX_TOP1_EXPERTS = 1024  # the fused router keeps a [BLOCK_M >= 16, E] fp32 tile in registers
 _SCORINGS = {"softmax": 0, "sigmoid": 1}
 # Enough programs to fill an H100 (132 SMs) / MI300X (304 CUs) before blocks grow.
 _TARGET_PROGRAMS = 256
@@ -171,6 +173,15 @@ def route(
         logits = logits.astype(jnp.float32)
     if m == 0:
         return jnp.zeros((*lead, k), jnp.float32), jnp.zeros((*lead, k), jnp.int32)
+    if e > MAX_EXPERTS or k > MAX_TOP_K:
+        # Beyond what one row in registers can hold: the reference serves (DESIGN.md).
+        from jaxmoe import reference
+
+        w, ids = reference.route(
+            logits.reshape(m, e), k, scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
+            topk_group=topk_group, correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+        )
+        return w.reshape(*lead, k), ids.reshape(*lead, k)
     scale = _static_float(routed_scaling_factor)
     bias = None
     if correction_bias is not None:
@@ -223,8 +234,8 @@ def plan_sigmoid_top1(
 ) -> KernelLaunch:
     """The launch of the fused ``sigmoid(x @ w)`` top-1 router."""
     d, e = int(hidden), int(num_experts)
-    if not 1 <= e <= 1024:
-        raise ValueError(f"the fused sigmoid top-1 router takes 1..1024 experts, got {e}")
+    if not 1 <= e <= MAX_TOP1_EXPERTS:
+        raise ValueError(f"the fused sigmoid top-1 router takes 1..{MAX_TOP1_EXPERTS} experts, got {e}")
     x_dtype = jnp.dtype(x_dtype)
     w_dtype = x_dtype if w_dtype is None else jnp.dtype(w_dtype)
     e_pow2 = max(16, _next_pow2(e))
@@ -267,6 +278,10 @@ def router_sigmoid_top1(
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
     m, e = x.shape[0], w.shape[1]
     cols = 2 if shared_expert else 1
+    if e > MAX_TOP1_EXPERTS:
+        from jaxmoe import reference
+
+        return reference.router_sigmoid_top1(x, w, shared_expert=shared_expert)
     if m == 0:
         return jnp.zeros((0, cols), jnp.float32), jnp.zeros((0, cols), jnp.int32)
     spec = plan_sigmoid_top1(m, x.shape[1], e, x.dtype, w.dtype, shared_expert=shared_expert)

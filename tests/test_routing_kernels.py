@@ -317,3 +317,17 @@ def test_public_router_sigmoid_top1(rng):
         ops.router_sigmoid_top1(x, w[:40])
     with pytest.raises(TypeError, match="x must be"):
         ops.router_sigmoid_top1(x.astype(jnp.int32), w)
+
+
+def test_beyond_kernel_limits_falls_back_to_reference(rng, monkeypatch):
+    monkeypatch.setattr(_routing_triton, "MAX_EXPERTS", 16)
+    monkeypatch.setattr(_routing_triton, "MAX_TOP1_EXPERTS", 16)
+    logits = _logits(rng, 4, 32, F32)
+    got = jax.jit(lambda x: _routing_triton.route(x, 3))(logits)
+    want = reference.route(logits, 3)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    x, w = _logits(rng, 4, 8, F32), _logits(rng, 8, 32, F32)
+    got = _routing_triton.router_sigmoid_top1(x, w, shared_expert=True)
+    want = reference.router_sigmoid_top1(x, w, shared_expert=True)
+    np.testing.assert_array_equal(got[1], want[1])
