@@ -20,10 +20,9 @@ SCORING_SOFTMAX = 0
 SCORING_SIGMOID = 1
 
 
-# Row reductions through tl.reduce with triton.language's own combine functions rather
-# than tl.max/tl.sum: those are @triton.jit functions of triton.language, which the
-# CPU seam does not re-execute under the interpreter, while the interpreter maps
-# tl.reduce with these exact combine functions onto numpy. Same IR on a GPU.
+# Row reductions: tl.reduce with triton.language's own combine functions, i.e. what
+# tl.max/tl.sum lower to on a GPU (minus their integer up-casting), which Triton's
+# interpreter maps straight onto numpy whichever way the seam loads triton.language.
 @triton.jit
 def _rmax(x):
     return tl.reduce(x, 1, tl.standard._elementwise_max)
