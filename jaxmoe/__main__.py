@@ -166,9 +166,18 @@ def _not_yet(name: str) -> int:
 
 # Subcommands: name -> function that adds its parser (and sets ``func``, which returns the
 # exit code). `bench` and `tune` plug in here: replace their placeholder and drop them from NOT_YET.
-NOT_YET = {"bench": "time MoE layers against the roofline", "tune": "search kernel block configs for this GPU"}
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from . import bench
+
+    p = sub.add_parser("bench", help="time whole MoE layers per implementation against the roofline")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+
+
+NOT_YET = {"tune": "search kernel block configs for this GPU"}
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "check": _add_check,
+    "bench": _add_bench,
     **{name: functools.partial(_add_not_yet, name=name, help_text=text) for name, text in NOT_YET.items()},
 }
 

@@ -1,0 +1,249 @@
+"""``python -m jaxmoe bench``: one whole MoE layer, per implementation, against the roofline.
+
+What is timed: ``moe_layer`` (router matmul, routing, both expert GEMMs, combine) as a
+model runs it, inside one ``jax.jit`` that applies the layer to ``SETS`` different input
+batches in sequence (so activations are not all in cache and dispatch overhead is
+amortised as in a real model), warm, median over ``--reps`` timed calls with
+``block_until_ready``; the reported time is per layer application.
+
+Peers in the same run: the jax.numpy reference (``implementation="reference"``) and a
+``jax.lax.ragged_dot`` pipeline (sort rows by expert, gather, ragged_dot, activation,
+ragged_dot, weighted combine) with its weights pre-transposed to ragged_dot's layout
+outside the timed region. A peer that runs out of memory or fails is reported as such.
+
+Roofline (DESIGN.md): bytes = experts_hit * 3 * I * D * itemsize + 2 * M * D * itemsize,
+flops = 2 * M * k * 3 * I * D, floor = max(bytes / 3.0e12, flops / 790e12) on one H100;
+efficiency = floor / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import reference
+from .layer import init_moe_params, moe_layer
+from .models import PRESETS, ModelPreset
+
+PEAK_BYTES_PER_S = 3.0e12
+PEAK_FLOPS = 790e12
+SETS = 4
+IMPLEMENTATIONS = ("jaxmoe", "ragged_dot", "reference")
+DEFAULT_M = tuple(2**i for i in range(14))  # 1 .. 8192
+DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    impl: str
+    M: int
+    N: int  # intermediate size I
+    K: int  # hidden size D
+    E: int
+    top_k: int
+    time_ms: float | None
+    tflops: float | None
+    bandwidth_gbs: float | None
+    efficiency: float | None
+    status: str
+    speedup: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def roofline(preset: ModelPreset, m: int, experts_hit: int, itemsize: int) -> tuple[float, float, float]:
+    """(bytes, flops, floor seconds) of one layer, as defined in DESIGN.md."""
+    d, i = preset.hidden, preset.intermediate
+    nbytes = experts_hit * 3 * i * d * itemsize + 2 * m * d * itemsize
+    flops = 2 * m * preset.top_k * 3 * i * d
+    return nbytes, flops, max(nbytes / PEAK_BYTES_PER_S, flops / PEAK_FLOPS)
+
+
+def ragged_dot_layer(params: dict[str, jax.Array], x: jax.Array, routing: dict[str, Any],
+                     activation: str = "silu") -> jax.Array:
+    """The MoE layer a JAX user writes today with ``jax.lax.ragged_dot``.
+
+    ``params["w1_t"]`` [E, D, 2I] and ``params["w2_t"]`` [E, I, D] are ragged_dot's layout.
+    """
+    m, d = x.shape
+    e = params["w1_t"].shape[0]
+    logits = jnp.dot(x, params["router"], preferred_element_type=jnp.float32)
+    weights, ids = reference.route(logits, **routing)
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    rows = x[order // k]
+    h = jax.lax.ragged_dot(rows, params["w1_t"], group_sizes, preferred_element_type=jnp.float32)
+    i = h.shape[1] // 2
+    act = jax.nn.silu if activation == "silu" else (lambda g: jax.nn.gelu(g, approximate=False))
+    h = (act(h[:, :i]) * h[:, i:]).astype(x.dtype)
+    y = jax.lax.ragged_dot(h, params["w2_t"], group_sizes, preferred_element_type=jnp.float32)
+    y = y * weights.reshape(-1)[order][:, None]
+    out = jnp.zeros((m * k, d), jnp.float32).at[order].set(y)
+    return out.reshape(m, k, d).sum(axis=1).astype(x.dtype)
+
+
+def _layer_fn(impl: str, preset: ModelPreset, routing: dict[str, Any]) -> Callable:
+    if impl == "ragged_dot":
+        return lambda p, x: ragged_dot_layer(p, x, routing)
+    return lambda p, x: moe_layer(p, x, implementation="triton" if impl == "jaxmoe" else "reference", **routing)
+
+
+def time_layer(fn: Callable, params: Any, xs: jax.Array, reps: int) -> float:
+    """Median seconds per layer application; ``xs`` [SETS, M, D] are applied in sequence."""
+
+    @jax.jit
+    def many(p, xs):
+        return [fn(p, xs[s]) for s in range(xs.shape[0])]
+
+    jax.block_until_ready(many(params, xs))  # compile and warm up
+    jax.block_until_ready(many(params, xs))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(params, xs))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / xs.shape[0]
+
+
+def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dtype: Any, reps: int,
+                progress: Callable[[str], None]) -> list[Row]:
+    key = jax.random.key(0)
+    params = init_moe_params(key, hidden=preset.hidden, intermediate=preset.intermediate,
+                             experts=preset.experts, dtype=dtype)
+    routing = preset.routing_kwargs(jax.random.key(1))
+    if "ragged_dot" in impls:
+        params_rd = {"router": params["router"], "w1_t": jnp.swapaxes(params["w1"], 1, 2),
+                     "w2_t": jnp.swapaxes(params["w2"], 1, 2)}
+    itemsize = jnp.dtype(dtype).itemsize
+    rows: list[Row] = []
+    for m in ms:
+        xs = jax.random.normal(jax.random.key(m), (SETS, m, preset.hidden), jnp.float32).astype(dtype)
+        logits = jnp.dot(xs[0], params["router"], preferred_element_type=jnp.float32)
+        _, ids = reference.route(logits, **routing)
+        experts_hit = int(np.unique(np.asarray(ids)).size)
+        nbytes, flops, floor = roofline(preset, m, experts_hit, itemsize)
+        by_impl: dict[str, Row] = {}
+        for impl in impls:
+            progress(f"{preset.name} M={m} {impl} ...")
+            row = Row(preset.name, impl, m, preset.intermediate, preset.hidden, preset.experts, preset.top_k,
+                      None, None, None, None, "ok")
+            try:
+                p = params_rd if impl == "ragged_dot" else params
+                t = time_layer(_layer_fn(impl, preset, routing), p, xs, reps)
+                row.time_ms = t * 1e3
+                row.tflops = flops / t / 1e12
+                row.bandwidth_gbs = nbytes / t / 1e9
+                row.efficiency = floor / t
+            except Exception as exc:  # a peer that fails is reported, the run goes on
+                msg = str(exc).lower()
+                row.status = "out of memory" if ("resource_exhausted" in msg or "out of memory" in msg) else (
+                    f"failed: {type(exc).__name__}")
+            by_impl[impl] = row
+            rows.append(row)
+        ours = by_impl.get("jaxmoe")
+        if ours and ours.time_ms:
+            for impl, row in by_impl.items():
+                if impl != "jaxmoe" and row.time_ms:
+                    ours.speedup[impl] = row.time_ms / ours.time_ms
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    head = (f"{'model':<16}{'impl':<12}{'M':>6}{'N':>7}{'K':>7}{'E':>5}{'top_k':>6}{'Time_(ms)':>11}"
+            f"{'TFLOPS':>9}{'Bandwidth_(GB/s)':>18}{'eff':>7}  speed-up / status")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.time_ms is None:
+            nums = f"{'-':>11}{'-':>9}{'-':>18}{'-':>7}  {r.status}"
+        else:
+            sp = " ".join(f"x{v:.2f} vs {k}" for k, v in r.speedup.items())
+            nums = f"{r.time_ms:>11.4f}{r.tflops:>9.1f}{r.bandwidth_gbs:>18.0f}{r.efficiency:>7.2f}  {sp}"
+        lines.append(f"{r.model:<16}{r.impl:<12}{r.M:>6}{r.N:>7}{r.K:>7}{r.E:>5}{r.top_k:>6}{nums}")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: Sequence[Row], prefix: str) -> list[str]:
+    written = []
+    with open(prefix + ".json", "w") as f:
+        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    written.append(prefix + ".json")
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "impl", "M", "N", "K", "E", "top_k", "Time_(ms)", "TFLOPS", "Bandwidth_(GB/s)",
+                    "efficiency", "status", "speedup"])
+        for r in rows:
+            w.writerow([r.model, r.impl, r.M, r.N, r.K, r.E, r.top_k, r.time_ms, r.tflops, r.bandwidth_gbs,
+                        r.efficiency, r.status, json.dumps(r.speedup)])
+    written.append(prefix + ".csv")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for impl in dict.fromkeys(r.impl for r in rows):
+            pts = [(r.M, r.efficiency) for r in rows if r.model == model and r.impl == impl and r.efficiency]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(model)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("roofline efficiency")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(prefix + ".png", dpi=110)
+    written.append(prefix + ".png")
+    return written
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", choices=sorted(PRESETS), help="preset(s); default: all but tiny "
+                   "on a GPU, tiny on a CPU")
+    p.add_argument("--m", type=int, action="append", help="batch size(s) M; default 1, 2, 4, ... 8192 "
+                   "(on a CPU: 1, 8)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--impl", action="append", choices=IMPLEMENTATIONS, help="implementation(s); default all")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per cell (default 20 on GPU, 2 on CPU)")
+    p.add_argument("--out", default="bench_results", help="prefix of the .json/.csv/.png files written")
+
+
+def run(args: argparse.Namespace) -> int:
+    on_cpu = jax.default_backend() == "cpu"
+    models = args.model or (["tiny"] if on_cpu else [n for n in PRESETS if n != "tiny"])
+    ms = args.m or ([1, 8] if on_cpu else list(DEFAULT_M))
+    impls = args.impl or list(IMPLEMENTATIONS)
+    reps = args.reps or (2 if on_cpu else 20)
+    if on_cpu and any(n != "tiny" for n in models):
+        print("note: on a CPU the kernels run in Triton's interpreter; only use small presets there", file=sys.stderr)
+    print(f"jaxmoe bench on {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.dtype}: "
+          f"whole layer inside jax.jit, {SETS} input sets applied in sequence, warm, median of {reps}; "
+          f"efficiency = roofline floor / time (3.0 TB/s, 790 TFLOP/s)", flush=True)
+    rows: list[Row] = []
+    start = time.perf_counter()
+    for name in models:
+        def progress(msg: str) -> None:
+            print(f"  [{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+        rows += bench_model(PRESETS[name], ms, impls, DTYPES[args.dtype], reps, progress)
+    print(format_table(rows))
+    files = write_outputs(rows, args.out)
+    print("wrote " + ", ".join(files))
+    return 0
