@@ -174,10 +174,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench.run)
 
 
-NOT_YET = {"tune": "search kernel block configs for this GPU"}
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from . import tune
+
+    p = sub.add_parser("tune", help="search kernel block configs for this GPU and write <arch>.json")
+    tune.add_arguments(p)
+    p.set_defaults(func=tune.run)
+
+
+NOT_YET: dict[str, str] = {}
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "check": _add_check,
     "bench": _add_bench,
+    "tune": _add_tune,
     **{name: functools.partial(_add_not_yet, name=name, help_text=text) for name, text in NOT_YET.items()},
 }
 

@@ -125,7 +125,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "GROUP_SIZE_M": tile.group_size_m, "FUSE_ACTIVATION": activation is not None,
         "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
         "NUM_XCDS": _config.NUM_XCDS[arch],
-        "DOT_PRECISION": "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32",
+        "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
     }
     i32 = jnp.int32
     args = (

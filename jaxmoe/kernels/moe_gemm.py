@@ -58,7 +58,7 @@ def moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     NUM_XCDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no TF32 rounding); ignored for 16-bit
+    FP32_IEEE: tl.constexpr,  # fp32 operands multiplied exactly, not rounded to TF32
 ):
     num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
     pid = _remap_for_xcds(tl.program_id(0), NUM_M_BLOCKS * num_n_blocks, NUM_XCDS)
@@ -96,10 +96,16 @@ def moe_gemm_kernel(
             k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if FP32_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         if FUSE_ACTIVATION:
             b_up = tl.load(up_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+            if FP32_IEEE:
+                acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, b_up, acc_up)
             up_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk

@@ -1,0 +1,65 @@
+"""Every MoE kernel, with every config the package can choose, compiles ahead of time for
+gfx942 (MI300X), gfx950 (MI350X) and sm_90 (H100) on a machine without a GPU, and fits the
+target's shared memory / LDS."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from jaxmoe import _config, _launch, _moe_triton
+from jaxmoe.models import PRESETS
+
+TARGETS = {"sm_90": "sm90", "gfx942": "gfx942", "gfx950": "gfx950"}
+MS = (1, 16, 128, 1024, 4096)
+DTYPES = (jnp.bfloat16, jnp.float32)  # fp16 tiles are the bf16 ones: same sizes, same code paths
+# constexprs that only size the problem: configs differing in these alone compile alike
+_SHAPE_ONLY = {"NUM_ROWS", "T", "MAX_BLOCKS", "NUM_M_BLOCKS", "NUM_CHUNKS", "stride_am", "stride_be",
+               "stride_bn", "stride_cm"}
+
+
+def _key(spec: _launch.KernelLaunch):
+    const = dict(spec.constexprs)
+    shape_free = tuple((k, v) for k, v in spec.constexprs if k not in _SHAPE_ONLY)
+    even_k = const["K"] % const["BLOCK_K"] == 0 if "BLOCK_K" in const else None
+    return (spec.name, tuple(a.dtype.name for a in spec.args), shape_free, even_k, spec.num_warps, spec.num_stages)
+
+
+def launches_for(arch: str) -> list[_launch.KernelLaunch]:
+    """The distinct launches fused_moe makes for every preset, M, dtype and activation on ``arch``,
+    plus every entry of the arch's tuned config file."""
+    seen: dict = {}
+    for preset in PRESETS.values():
+        for m in MS:
+            for dtype in DTYPES:
+                for activation in ("silu", "gelu"):
+                    for spec in _moe_triton.plan_fused_moe(m, preset.top_k, preset.experts, preset.hidden,
+                                                           preset.intermediate, dtype, arch, activation):
+                        seen.setdefault(_key(spec), spec)
+    tuned = _config._load(str(_config.config_dir() / f"{arch}.json"))
+    for shape, table in tuned.items():
+        e, d, i = (int(part.split("=")[1]) for part in shape.split(",")[:3])
+        dtype = jnp.dtype(shape.split("dtype=")[1])
+        for m, entry in table.items():
+            config = _config.MoEConfig.from_json(entry)
+            for spec in _moe_triton.plan_fused_moe(int(m), 8, e, d, i, dtype, arch, config=config):
+                seen.setdefault(_key(spec), spec)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_moe_launch_compiles(target):
+    arch = TARGETS[target]
+    specs = launches_for(arch)
+    assert len(specs) > 10
+    limit = _config.SHARED_MEMORY_LIMIT[arch]
+    for spec in specs:
+        compiled = _launch.compile_aot(spec, target)
+        binary = compiled.asm["cubin" if target == "sm_90" else "hsaco"]
+        assert len(binary) > 0, spec
+        assert compiled.metadata.shared <= limit, (spec.name, dict(spec.constexprs), compiled.metadata.shared)
+
+
+def test_heuristic_buckets_cover_every_block_m():
+    picked = {_config.heuristic_config(m, 2, 8, 4096, 14336, jnp.bfloat16).block_m for m in (1, 100, 300, 4096)}
+    assert picked == {16, 32, 64, 128}
