@@ -153,19 +153,6 @@ def check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- bench / tune
 
 
-def _add_not_yet(sub: argparse._SubParsersAction, *, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=f"{help_text} (not yet available)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: _not_yet(name))
-
-
-def _not_yet(name: str) -> int:
-    print(f"`python -m jaxmoe {name}` is not yet available in this version of jaxmoe.", file=sys.stderr)
-    return 2
-
-
-# Subcommands: name -> function that adds its parser (and sets ``func``, which returns the
-# exit code). `bench` and `tune` plug in here: replace their placeholder and drop them from NOT_YET.
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from . import bench
 
@@ -182,12 +169,10 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=tune.run)
 
 
-NOT_YET: dict[str, str] = {}
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "check": _add_check,
     "bench": _add_bench,
     "tune": _add_tune,
-    **{name: functools.partial(_add_not_yet, name=name, help_text=text) for name, text in NOT_YET.items()},
 }
 
 

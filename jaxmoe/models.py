@@ -66,6 +66,9 @@ PRESETS: dict[str, ModelPreset] = {
             routed_scaling_factor=2.5,
         ),
         ModelPreset("qwen3-30b-a3b", experts=128, top_k=8, hidden=2048, intermediate=768, renormalize=True),
+        ModelPreset("mixtral-8x22b", experts=8, top_k=2, hidden=6144, intermediate=16384, renormalize=True),
+        ModelPreset("qwen3-235b-a22b", experts=128, top_k=8, hidden=4096, intermediate=1536, renormalize=True),
+        ModelPreset("gpt-oss-120b", experts=128, top_k=4, hidden=2880, intermediate=2880, renormalize=True),
     )
 }
 

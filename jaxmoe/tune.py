@@ -25,6 +25,11 @@ from .layer import init_moe_params
 from .models import PRESETS
 
 TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
+    (32, 128, 1, 4, 4),
+    (32, 256, 1, 4, 3),
+    (64, 256, 1, 4, 3),
+    (64, 128, 1, 4, 5),
+    (128, 128, 1, 4, 4),
     (64, 128, 1, 4, 4),
     (64, 64, 8, 4, 4),
     (128, 64, 8, 4, 4),

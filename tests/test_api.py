@@ -93,7 +93,8 @@ def test_init_moe_params():
 
 
 def test_model_presets():
-    assert set(models.PRESETS) == {"tiny", "mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b"}
+    assert set(models.PRESETS) == {"tiny", "mixtral-8x7b", "mixtral-8x22b", "deepseek-v3", "qwen3-30b-a3b",
+                                   "qwen3-235b-a22b", "gpt-oss-120b"}
     ds = models.get_preset("deepseek-v3")
     assert (ds.experts, ds.top_k, ds.hidden, ds.intermediate) == (256, 8, 7168, 2048)
     kw = ds.routing_kwargs()
