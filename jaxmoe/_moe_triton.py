@@ -93,6 +93,9 @@ def moe_align_block_size(topk_ids: jax.Array, num_experts: int, block_size: int
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Triton ``moe_align_block_size``; see ``jaxmoe.ops.moe_align_block_size`` for the contract."""
     ids = topk_ids.reshape(-1).astype(jnp.int32)
+    if ids.shape[0] == 0:  # no rows: nothing to launch
+        empty = jnp.zeros((0,), jnp.int32)
+        return empty, empty, jnp.zeros((1,), jnp.int32)
     plan = plan_align(ids.shape[0], num_experts, block_size)
     if len(plan) == 1:
         sorted_ids, expert_ids, padded, *_ = _launch.launch(plan[0], ids)
@@ -159,6 +162,8 @@ def moe_gemm(a: jax.Array, b: jax.Array, sorted_token_ids: jax.Array, expert_ids
              topk_weights: jax.Array | None = None, activation: str | None = None) -> jax.Array:
     """Triton grouped GEMM; see ``jaxmoe.ops.moe_gemm`` for the contract (rows no block covers are 0)."""
     n_out = b.shape[1] // 2 if activation else b.shape[1]
+    if num_rows == 0 or expert_ids.shape[0] == 0:  # no row block: every row is uncovered, so 0
+        return jnp.zeros((num_rows, n_out), a.dtype)
     config = _config.select_config(max(num_rows // top_k, 1), top_k, b.shape[0], a.shape[1], n_out, a.dtype,
                                    current_arch())
     tile = config.stage1 if activation else config.stage2
@@ -179,6 +184,8 @@ def fused_moe(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, topk_weigh
     num_experts, two_i, _ = w1.shape
     top_k = topk_ids.shape[1]
     num_rows = m * top_k
+    if num_rows == 0:
+        return jnp.zeros((m, d), hidden_states.dtype)
     if config is None:
         config = _config.select_config(m, top_k, num_experts, d, two_i // 2, hidden_states.dtype, current_arch())
     ids = topk_ids.astype(jnp.int32)

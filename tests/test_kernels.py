@@ -204,3 +204,15 @@ def test_gpu_every_heuristic_bucket(rng):
         x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, jnp.bfloat16)
         out = poisoned_jit(lambda *a, c=config: _moe_triton.fused_moe(*a, config=c), x, w1, w2, tw, ids)
         assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2, (m, config)
+
+
+def test_no_tokens_launches_nothing(rng):
+    """M = 0: empty results of the right shapes, through every kernel entry point."""
+    x, w1, w2, tw, ids = moe_inputs(rng, 0, 64, 32, 4, 2, jnp.bfloat16)
+    out = jax.jit(lambda *a: _moe_triton.fused_moe(*a))(x, w1, w2, tw, ids)
+    assert out.shape == (0, 64) and out.dtype == jnp.bfloat16
+    sorted_ids, expert_ids, padded = _moe_triton.moe_align_block_size(ids, 4, 16)
+    assert sorted_ids.shape == (0,) and expert_ids.shape == (0,) and int(padded[0]) == 0
+    c = ops.moe_gemm(x, w1, sorted_ids, expert_ids, padded, top_k=2, num_rows=0, block_size=16,
+                     activation="silu", implementation="triton")
+    assert c.shape == (0, 32)
