@@ -60,15 +60,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None, help="directory of <arch>.json (default: the package's configs)")
+    p.add_argument("--seed-heuristic", choices=_config.ARCHS, metavar="ARCH",
+                   help="write the heuristic's configs for ARCH, marked untuned, without timing anything "
+                        "(no GPU needed): a starting table for a GPU that has not been tuned yet")
+
+
+def seed_heuristic(arch: str, models: list[str], ms: tuple[int, ...], dtype: Any, path: pathlib.Path) -> None:
+    """Write the heuristic's pick for each model and M into ``path``, marked untuned."""
+    table: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    table["_comment"] = (f"UNTUNED: seeded from the heuristic by `python -m jaxmoe tune --seed-heuristic {arch}`; "
+                         "run `python -m jaxmoe tune` on the GPU to replace it")
+    for name in models:
+        p = PRESETS[name]
+        entry = table.setdefault(_config.shape_key(p.experts, p.hidden, p.intermediate, dtype), {})
+        for m in ms:
+            entry[str(m)] = _config.heuristic_config(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype,
+                                                     arch).to_json()
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _config._load.cache_clear()
+    print(f"wrote {path}")
 
 
 def run(args: argparse.Namespace) -> int:
+    dtype = DTYPES[args.dtype]
+    out_dir = pathlib.Path(args.out) if args.out else _config.config_dir()
+    if args.seed_heuristic:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        seed_heuristic(args.seed_heuristic, args.model, tuple(args.m or (1, 16, 128, 1024, 4096)), dtype,
+                       out_dir / f"{args.seed_heuristic}.json")
+        return 0
     if jax.default_backend() == "cpu":
         print("tune needs a GPU: it times real kernel launches", file=sys.stderr)
         return 2
     arch = _moe_triton.current_arch()
-    dtype = DTYPES[args.dtype]
-    out_dir = pathlib.Path(args.out) if args.out else _config.config_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{arch}.json"
     table: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}

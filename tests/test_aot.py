@@ -37,12 +37,14 @@ def launches_for(arch: str) -> list[_launch.KernelLaunch]:
                                                            preset.intermediate, dtype, arch, activation):
                         seen.setdefault(_key(spec), spec)
     tuned = _config._load(str(_config.config_dir() / f"{arch}.json"))
+    top_k = {(p.experts, p.hidden, p.intermediate): p.top_k for p in PRESETS.values()}
     for shape, table in tuned.items():
         e, d, i = (int(part.split("=")[1]) for part in shape.split(",")[:3])
         dtype = jnp.dtype(shape.split("dtype=")[1])
         for m, entry in table.items():
             config = _config.MoEConfig.from_json(entry)
-            for spec in _moe_triton.plan_fused_moe(int(m), 8, e, d, i, dtype, arch, config=config):
+            k = top_k.get((e, d, i), 8)
+            for spec in _moe_triton.plan_fused_moe(int(m), k, e, d, i, dtype, arch, config=config):
                 seen.setdefault(_key(spec), spec)
     return list(seen.values())
 

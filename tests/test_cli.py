@@ -89,3 +89,28 @@ def test_tune_refuses_cpu(capsys):
         pytest.skip("CPU behaviour")
     assert main(["tune", "--model", "tiny"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_tune_seeds_an_untuned_table_without_a_gpu(tmp_path):
+    import json
+
+    from jaxmoe import _config
+
+    assert main(["tune", "--seed-heuristic", "gfx942", "--model", "mixtral-8x7b", "--m", "1", "--m", "4096",
+                 "--out", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "gfx942.json").read_text())
+    assert "UNTUNED" in table["_comment"]
+    entry = table["E=8,D=4096,I=14336,dtype=bfloat16"]
+    assert set(entry) == {"1", "4096"}
+    want = _config.heuristic_config(4096, 2, 8, 4096, 14336, "bfloat16", "gfx942")
+    assert _config.MoEConfig.from_json(entry["4096"]) == want
+
+
+def test_shipped_amd_tables_are_marked_untuned():
+    import json
+
+    from jaxmoe import _config
+
+    for arch in ("gfx942", "gfx950"):
+        table = json.loads((_config.config_dir() / f"{arch}.json").read_text())
+        assert "UNTUNED" in table["_comment"] and len(table) > 1
