@@ -18,6 +18,7 @@ from ._config import GemmTile, MoEConfig
 from ._launch import KernelLaunch
 from .kernels import moe_align as align_kernels
 from .kernels import moe_gemm as gemm_kernels
+from .ops import max_padded_rows
 
 # Rows handled by one program of the alignment; up to this many the whole alignment is
 # one launch (decode), beyond it three (count, offsets, scatter).
@@ -33,8 +34,8 @@ def _next_pow2(n: int) -> int:
 
 
 def max_blocks(num_rows: int, num_experts: int, block_size: int) -> int:
-    """Upper bound on the padded blocks: each non-empty expert adds at most one partial block."""
-    return min(num_rows, num_rows // block_size + min(num_experts, num_rows))
+    """Upper bound on the padded blocks (``jaxmoe.ops.max_padded_rows`` / block_size)."""
+    return max_padded_rows(num_rows, num_experts, block_size) // block_size
 
 
 def current_arch() -> str:
