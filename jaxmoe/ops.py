@@ -89,35 +89,16 @@ def moe_gemm(
     ``[0, E)``, ``c[f] = a[f // top_k] @ b[e].T`` accumulated in fp32, the epilogue in
     fp32, rounded once to ``a``'s dtype. Rows no sorted position covers are 0.
     """
-    _validate.check_moe_gemm_args(
-        a,
-        b,
-        sorted_token_ids,
-        expert_ids,
-        num_tokens_post_padded,
-        top_k=top_k,
-        num_rows=num_rows,
-        block_size=block_size,
-        topk_weights=topk_weights,
-        activation=activation,
-    )
+    arrays = (a, b, sorted_token_ids, expert_ids, num_tokens_post_padded)
+    options = dict(top_k=top_k, num_rows=num_rows, block_size=block_size, topk_weights=topk_weights,
+                   activation=activation)
+    _validate.check_moe_gemm_args(*arrays, **options)
     kernel = _dispatch.kernel_for("_moe_triton", "moe_gemm", implementation)
     if kernel is None:
         from jaxmoe import reference
 
         kernel = reference.moe_gemm
-    return kernel(
-        a,
-        b,
-        sorted_token_ids,
-        expert_ids,
-        num_tokens_post_padded,
-        top_k=top_k,
-        num_rows=num_rows,
-        block_size=block_size,
-        topk_weights=topk_weights,
-        activation=activation,
-    )
+    return kernel(*arrays, **options)
 
 
 def router_sigmoid_top1(x, w, *, shared_expert=False, implementation=None):

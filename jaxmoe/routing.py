@@ -52,9 +52,7 @@ def route(
       lowest ids among the rest (experts of dropped groups included). The weights of such
       rows may be NaN (they are the unbiased scores, renormalized).
     """
-    _validate.check_route_args(
-        logits,
-        top_k,
+    options = dict(
         scoring=scoring,
         renormalize=renormalize,
         num_expert_group=num_expert_group,
@@ -62,18 +60,10 @@ def route(
         correction_bias=correction_bias,
         routed_scaling_factor=routed_scaling_factor,
     )
+    _validate.check_route_args(logits, top_k, **options)
     kernel = _dispatch.kernel_for("_routing_triton", "route", implementation)
     if kernel is None:
         from jaxmoe import reference
 
         kernel = reference.route
-    return kernel(
-        logits,
-        top_k,
-        scoring=scoring,
-        renormalize=renormalize,
-        num_expert_group=num_expert_group,
-        topk_group=topk_group,
-        correction_bias=correction_bias,
-        routed_scaling_factor=routed_scaling_factor,
-    )
+    return kernel(logits, top_k, **options)
