@@ -47,6 +47,37 @@ def _argmax_lowest(sel, available, col, E_POW2: tl.constexpr):
     return _rmin(tl.where(hit, col, E_POW2))
 
 
+# The key of a lane that can never be chosen: below every real lane's key.
+_NO_KEY = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _pack(sel, available, col, E_POW2: tl.constexpr):
+    """One int64 per lane whose signed order is "higher score first, then lower lane".
+
+    High 32 bits: the fp32 score's bits made order-preserving for signed compare;
+    low bits: ``E_POW2 - 1 - lane``. One max-reduction then yields both a row's best
+    score and (ties to the lowest lane) its lane. ``sel`` must hold no NaN.
+    """
+    sel = tl.where(sel == 0.0, 0.0, sel)  # -0.0 and +0.0 are the same score
+    bits = sel.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (E_POW2 - 1 - col).to(tl.int64)
+    return tl.where(available, key, _NO_KEY)
+
+
+@triton.jit
+def _key_lane(key, E_POW2: tl.constexpr):
+    return (E_POW2 - 1) - (key & (E_POW2 - 1)).to(tl.int32)
+
+
+@triton.jit
+def _key_score(key):
+    ordered = (key >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _topk_route_block(
     logits_ptr,
@@ -80,7 +111,8 @@ def _topk_route_block(
         row_max = _rmax(x)
         ex = tl.exp(x - row_max[:, None])
         ex = tl.where(col_ok[None, :], ex, 0.0)
-        scores = ex / _rsum(ex)[:, None]
+        row_sum = _rsum(ex)
+        scores = ex / row_sum[:, None]
     else:
         scores = 1.0 / (1.0 + tl.exp(-x))
 
@@ -91,6 +123,7 @@ def _topk_route_block(
     sel = tl.where(sel == sel, sel, float("-inf"))  # NaN never wins
 
     available = tl.broadcast_to(col_ok[None, :], (BLOCK_M, E_POW2))
+    keys = _pack(sel, available, col, E_POW2)
 
     if NUM_GROUPS > 1:
         # Grouped routing: only experts of the best TOPK_GROUP groups compete.
@@ -100,38 +133,41 @@ def _topk_route_block(
         group_scores = tl.full((BLOCK_M, G_POW2), float("-inf"), tl.float32)
         for g in tl.static_range(NUM_GROUPS):
             in_g = (lane_group == g)[None, :] & available
-            if HAS_BIAS:
+            gkeys = tl.where(in_g, keys, _NO_KEY)
+            best1 = _rmax(gkeys)
+            if HAS_BIAS and GROUP_SIZE > 1:
                 # DeepSeek-V3: a group scores the sum of its two best biased scores.
-                in_sel = tl.where(in_g, sel, float("-inf"))
-                best1 = _rmax(in_sel)
-                if GROUP_SIZE > 1:
-                    first = _rmin(tl.where(in_g & (in_sel == best1[:, None]), col, E_POW2))
-                    rest = in_g & (col[None, :] != first[:, None])
-                    best2 = _rmax(tl.where(rest, sel, float("-inf")))
-                    gscore = best1 + best2
-                else:
-                    gscore = best1
+                best2 = _rmax(tl.where(gkeys == best1[:, None], _NO_KEY, gkeys))
+                gscore = _key_score(best1) + _key_score(best2)
             else:
-                # DeepSeek-V2: a group scores its best expert's score.
-                gscore = _rmax(tl.where(in_g, sel, float("-inf")))
+                # DeepSeek-V2 (and one-expert groups): a group scores its best expert's score.
+                gscore = _key_score(best1)
             gscore = tl.where(gscore == gscore, gscore, float("-inf"))
             group_scores = tl.where(gcol[None, :] == g, gscore[:, None], group_scores)
         group_available = tl.broadcast_to((gcol < NUM_GROUPS)[None, :], (BLOCK_M, G_POW2))
+        gkeys = _pack(group_scores, group_available, gcol, G_POW2)
         keep = tl.full((BLOCK_M, E_POW2), 0, tl.int32) != 0
         for _ in tl.static_range(TOPK_GROUP):
-            gbest = _argmax_lowest(group_scores, group_available, gcol, G_POW2)
-            group_available = group_available & (gcol[None, :] != gbest[:, None])
-            keep = keep | (lane_group[None, :] == gbest[:, None])
-        sel = tl.where(keep, sel, float("-inf"))
+            gbest = _rmax(gkeys)
+            gkeys = tl.where(gkeys == gbest[:, None], _NO_KEY, gkeys)
+            keep = keep | (lane_group[None, :] == _key_lane(gbest, G_POW2)[:, None])
+        # Experts of dropped groups compete at -inf: below every kept expert, above padding.
+        keys = tl.where(keep, keys, _pack(tl.full((BLOCK_M, E_POW2), float("-inf"), tl.float32), available,
+                                          col, E_POW2))
 
     kcol = tl.arange(0, K_POW2)
     out_w = tl.full((BLOCK_M, K_POW2), 0.0, tl.float32)
     out_id = tl.full((BLOCK_M, K_POW2), 0, tl.int32)
     for r in tl.static_range(K):
-        idx = _argmax_lowest(sel, available, col, E_POW2)
-        hit = col[None, :] == idx[:, None]
-        w = _rsum(tl.where(hit, scores, 0.0))
-        available = available & (~hit)
+        best = _rmax(keys)
+        keys = tl.where(keys == best[:, None], _NO_KEY, keys)
+        idx = _key_lane(best, E_POW2)
+        # The weight is the chosen expert's unbiased score, recomputed from its logit.
+        lg = tl.load(logits_ptr + rows * E + idx, mask=row_ok, other=0.0).to(tl.float32)
+        if SCORING == 0:
+            w = tl.exp(lg - row_max) / row_sum
+        else:
+            w = 1.0 / (1.0 + tl.exp(-lg))
         out_w = tl.where(kcol[None, :] == r, w[:, None], out_w)
         out_id = tl.where(kcol[None, :] == r, idx[:, None], out_id)
 
