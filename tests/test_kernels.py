@@ -232,9 +232,11 @@ def _custom_call_payloads(lowered) -> list[bytes]:
             for block in region.blocks:
                 for inner in block.operations:
                     if inner.operation.name == "stablehlo.custom_call" and "backend_config" in inner.attributes:
-                        attr = inner.attributes["backend_config"]
-                        if ir.StringAttr.isinstance(attr):
-                            payloads.append(zlib.decompress(ir.StringAttr(attr).value_bytes))
+                        try:
+                            config = ir.StringAttr(inner.attributes["backend_config"]).value_bytes
+                        except (TypeError, ValueError):  # a dictionary backend config: not jax-triton's
+                            continue
+                        payloads.append(zlib.decompress(config))
                     walk(inner.operation)
 
     walk(lowered.compiler_ir("stablehlo").operation)

@@ -6,8 +6,8 @@ all of which belong to one expert:
     C[f, n] = sum_k A[f // TOP_K, k] * B[e, n, k]        f = sorted_token_ids[i]
 
 With ``FUSE_ACTIVATION`` (stage 1) the program computes the gate tile (B rows n) and the
-up tile (B rows N_OUT + n) together and writes act(gate) * up, so the [rows, 2I]
-intermediate never reaches memory. With ``MUL_ROUTED_WEIGHT`` (stage 2) each row is
+up tile (B rows N_OUT + n) together, as one dot over a B tile whose columns interleave
+the two, and writes act(gate) * up, so the [rows, 2I] intermediate never reaches memory. With ``MUL_ROUTED_WEIGHT`` (stage 2) each row is
 scaled by its routing weight in fp32 before the store. Row offsets are int64: rows
 times strides can pass 2^31.
 """
@@ -59,6 +59,7 @@ def moe_gemm_kernel(
     FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     NUM_XCDS: tl.constexpr,
     FP32_IEEE: tl.constexpr,  # fp32 operands multiplied exactly, not rounded to TF32
+    TWO_DOTS: tl.constexpr,  # stage 1 only: gate and up as two dots (else one wide dot)
 ):
     num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
     pid = _remap_for_xcds(tl.program_id(0), NUM_M_BLOCKS * num_n_blocks, NUM_XCDS)
@@ -82,12 +83,25 @@ def moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
     b_base = b_ptr + expert * stride_be
-    b_ptrs = b_base + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    if FUSE_ACTIVATION:
+    if FUSE_ACTIVATION and not TWO_DOTS:
+        # One [BLOCK_K, 2 * BLOCK_N] B tile whose columns alternate gate row n, up row
+        # N_OUT + n: a single wide dot, and act(gate) * up pairs adjacent accumulator columns.
+        j = tl.arange(0, 2 * BLOCK_N)
+        b_rows = pid_n * BLOCK_N + j // 2
+        b_cols_ok = b_rows < N_OUT
+        b_rows = b_rows + (j % 2) * N_OUT
+    else:
+        b_rows = offs_n
+        b_cols_ok = n_mask
+    b_ptrs = b_base + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    if FUSE_ACTIVATION and TWO_DOTS:
         up_ptrs = b_ptrs + N_OUT * stride_bn
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if FUSE_ACTIVATION:
+    if FUSE_ACTIVATION and not TWO_DOTS:
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FUSE_ACTIVATION and TWO_DOTS:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if K % BLOCK_K == 0:
@@ -95,12 +109,12 @@ def moe_gemm_kernel(
         else:
             k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
         if FP32_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-        if FUSE_ACTIVATION:
+        if FUSE_ACTIVATION and TWO_DOTS:
             b_up = tl.load(up_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if FP32_IEEE:
                 acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
@@ -111,7 +125,11 @@ def moe_gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     if FUSE_ACTIVATION:
-        acc = _activation(acc, ACTIVATION) * acc_up
+        if TWO_DOTS:
+            gate = acc
+        else:
+            gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+        acc = _activation(gate, ACTIVATION) * acc_up
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]

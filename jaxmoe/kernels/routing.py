@@ -128,29 +128,48 @@ def _topk_route_block(
     if NUM_GROUPS > 1:
         # Grouped routing: only experts of the best TOPK_GROUP groups compete.
         GROUP_SIZE: tl.constexpr = E // NUM_GROUPS
-        lane_group = col // GROUP_SIZE
         gcol = tl.arange(0, G_POW2)
-        group_scores = tl.full((BLOCK_M, G_POW2), float("-inf"), tl.float32)
-        for g in tl.static_range(NUM_GROUPS):
-            in_g = (lane_group == g)[None, :] & available
-            gkeys = tl.where(in_g, keys, _NO_KEY)
-            best1 = _rmax(gkeys)
+        if E == E_POW2 and NUM_GROUPS == G_POW2:
+            # Power-of-two groups tile the row exactly: reduce each group along a third axis.
+            gkeys3 = tl.reshape(keys, (BLOCK_M, NUM_GROUPS, GROUP_SIZE))
+            best1 = tl.reduce(gkeys3, 2, tl.standard._elementwise_max)
             if HAS_BIAS and GROUP_SIZE > 1:
                 # DeepSeek-V3: a group scores the sum of its two best biased scores.
-                best2 = _rmax(tl.where(gkeys == best1[:, None], _NO_KEY, gkeys))
-                gscore = _key_score(best1) + _key_score(best2)
+                rest = tl.where(gkeys3 == best1[:, :, None], _NO_KEY, gkeys3)
+                best2 = tl.reduce(rest, 2, tl.standard._elementwise_max)
+                group_scores = _key_score(best1) + _key_score(best2)
             else:
-                # DeepSeek-V2 (and one-expert groups): a group scores its best expert's score.
-                gscore = _key_score(best1)
-            gscore = tl.where(gscore == gscore, gscore, float("-inf"))
-            group_scores = tl.where(gcol[None, :] == g, gscore[:, None], group_scores)
+                group_scores = _key_score(best1)
+        else:
+            lane_group = col // GROUP_SIZE
+            group_scores = tl.full((BLOCK_M, G_POW2), float("-inf"), tl.float32)
+            for g in tl.static_range(NUM_GROUPS):
+                in_g = (lane_group == g)[None, :] & available
+                gkeys = tl.where(in_g, keys, _NO_KEY)
+                best1 = _rmax(gkeys)
+                if HAS_BIAS and GROUP_SIZE > 1:
+                    best2 = _rmax(tl.where(gkeys == best1[:, None], _NO_KEY, gkeys))
+                    gscore = _key_score(best1) + _key_score(best2)
+                else:
+                    # DeepSeek-V2 (and one-expert groups): a group scores its best expert's score.
+                    gscore = _key_score(best1)
+                group_scores = tl.where(gcol[None, :] == g, gscore[:, None], group_scores)
+        group_scores = tl.where(group_scores == group_scores, group_scores, float("-inf"))
         group_available = tl.broadcast_to((gcol < NUM_GROUPS)[None, :], (BLOCK_M, G_POW2))
         gkeys = _pack(group_scores, group_available, gcol, G_POW2)
+        chosen = tl.full((BLOCK_M, G_POW2), 0, tl.int32) != 0
         keep = tl.full((BLOCK_M, E_POW2), 0, tl.int32) != 0
         for _ in tl.static_range(TOPK_GROUP):
             gbest = _rmax(gkeys)
-            gkeys = tl.where(gkeys == gbest[:, None], _NO_KEY, gkeys)
-            keep = keep | (lane_group[None, :] == _key_lane(gbest, G_POW2)[:, None])
+            hit = gkeys == gbest[:, None]
+            gkeys = tl.where(hit, _NO_KEY, gkeys)
+            if E == E_POW2 and NUM_GROUPS == G_POW2:
+                chosen = chosen | hit
+            else:
+                keep = keep | ((col // GROUP_SIZE)[None, :] == _key_lane(gbest, G_POW2)[:, None])
+        if E == E_POW2 and NUM_GROUPS == G_POW2:
+            keep = tl.reshape(tl.broadcast_to(chosen[:, :, None], (BLOCK_M, NUM_GROUPS, GROUP_SIZE)),
+                              (BLOCK_M, E_POW2))
         # Experts of dropped groups compete at -inf: below every kept expert, above padding.
         keys = tl.where(keep, keys, _pack(tl.full((BLOCK_M, E_POW2), float("-inf"), tl.float32), available,
                                           col, E_POW2))
