@@ -111,9 +111,6 @@ def moe_align_block_size(topk_ids: jax.Array, num_experts: int, block_size: int
 # --------------------------------------------------------------------------- grouped GEMM
 
 
-STAGE1_TWO_DOTS = False  # experiment switch: stage 1 as two dots (gate, up) instead of one wide dot
-
-
 def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
               top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str | None,
               mul_routed_weight: bool, arch: str = "sm90") -> KernelLaunch:
@@ -133,7 +130,6 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
         "NUM_XCDS": _config.NUM_XCDS[arch],
         "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
-        "TWO_DOTS": bool(STAGE1_TWO_DOTS and activation),
     }
     i32 = jnp.int32
     args = (
