@@ -25,6 +25,8 @@ from .layer import init_moe_params
 from .models import PRESETS
 
 TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
+    (16, 128, 1, 4, 4),
+    (16, 256, 1, 4, 3),
     (32, 128, 1, 4, 4),
     (32, 256, 1, 4, 3),
     (64, 256, 1, 4, 3),
