@@ -285,14 +285,16 @@ class _HostPointer:
 
 @functools.cache
 def _interpreted(kernel: Any) -> Any:
-    """The interpreter's version of ``kernel``.
+    """The interpreter's version of ``kernel`` (a ``@triton.jit`` function).
 
     ``triton.jit`` decides at decoration time whether it builds a compiled or an
     interpreted function, so the kernel's module is executed once more with the
     interpreter switched on; helper ``@triton.jit`` functions of that module come
-    along interpreted too.
+    along interpreted too, and helpers it imports from other kernel modules are
+    replaced by their own interpreted versions.
     """
     import triton
+    from triton.runtime.jit import JITFunction
 
     module = sys.modules[kernel.fn.__module__]
     name = f"{module.__name__}__interpreted"
@@ -307,6 +309,9 @@ def _interpreted(kernel: Any) -> Any:
             spec.loader.exec_module(copy)
         finally:
             knobs.interpret = previous
+        for attr, value in list(vars(copy).items()):
+            if isinstance(value, JITFunction) and value.fn.__module__ != name:
+                setattr(copy, attr, _interpreted(value))
     return getattr(sys.modules[name], kernel.fn.__name__)
 
 

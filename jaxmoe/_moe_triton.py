@@ -184,14 +184,23 @@ def fused_moe(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, topk_weigh
     m, d = hidden_states.shape
     num_experts, two_i, _ = w1.shape
     top_k = topk_ids.shape[1]
-    num_rows = m * top_k
-    if num_rows == 0:
+    if m * top_k == 0:
         return jnp.zeros((m, d), hidden_states.dtype)
     if config is None:
         config = _config.select_config(m, top_k, num_experts, d, two_i // 2, hidden_states.dtype, current_arch())
     ids = topk_ids.astype(jnp.int32)
-    sorted_ids, expert_ids, padded = moe_align_block_size(ids, num_experts, config.block_m)
-    common = dict(num_rows=num_rows, block_m=config.block_m)
+    aligned = moe_align_block_size(ids, num_experts, config.block_m)
+    return _experts(hidden_states, w1, w2, topk_weights, ids, *aligned, config=config, activation=activation)
+
+
+def _experts(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, topk_weights: jax.Array, ids: jax.Array,
+             sorted_ids: jax.Array, expert_ids: jax.Array, padded: jax.Array, *, config: MoEConfig,
+             activation: str) -> jax.Array:
+    """Both GEMM stages and the sum over the k slots, on aligned rows."""
+    m, d = hidden_states.shape
+    num_experts = w1.shape[0]
+    top_k = ids.shape[1]
+    common = dict(num_rows=m * top_k, block_m=config.block_m)
     h = _gemm(hidden_states, w1, sorted_ids, expert_ids, padded, top_k=top_k, tile=config.stage1,
               topk_weights=None, activation=activation, **common)
     y = _gemm(h, w2, sorted_ids, expert_ids, padded, top_k=1, tile=config.stage2,
@@ -202,22 +211,82 @@ def fused_moe(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, topk_weigh
     return jnp.sum(y, axis=1).astype(hidden_states.dtype)
 
 
-def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
-                   arch: str, activation: str = "silu", config: MoEConfig | None = None) -> list[KernelLaunch]:
-    """Every launch ``fused_moe`` makes for these shapes on ``arch`` (for AOT compilation)."""
-    if config is None:
-        config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
-    num_rows = num_tokens * top_k
-    blocks = max_blocks(num_rows, num_experts, config.block_m)
-    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks, arch=arch)
-    return [
-        *plan_align(num_rows, num_experts, config.block_m),
-        plan_gemm(a_shape=(num_tokens, hidden), b_shape=(num_experts, 2 * intermediate, hidden), top_k=top_k,
-                  tile=config.stage1, activation=activation, mul_routed_weight=False, **common),
-        plan_gemm(a_shape=(num_rows, intermediate), b_shape=(num_experts, hidden, intermediate), top_k=1,
-                  tile=config.stage2, activation=None, mul_routed_weight=True, **common),
-    ]
+# --------------------------------------------------------------------------- routing + experts
+
+ROUTE_ALIGN_MAX_ROW_BLOCKS = 2  # rows one program routes before two launches win
 
 
-__all__ = ["moe_align_block_size", "moe_gemm", "fused_moe", "plan_align", "plan_gemm", "plan_fused_moe",
+def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, block_size: int, *,
+                     scoring: str = "softmax", renormalize: bool = True, num_expert_group: int | None = None,
+                     topk_group: int | None = None, bias_dtype: Any = None,
+                     routed_scaling_factor: float = 1.0) -> KernelLaunch | None:
+    """The single launch that routes ``[m, E]`` logits and aligns the chosen ids to
+    ``block_size`` rows, or None where a routing launch plus an alignment launch serve
+    better: more rows than one program routes in ``ROUTE_ALIGN_MAX_ROW_BLOCKS`` tiles, or
+    more ids than one program aligns."""
+    from . import _routing_triton
+    from .kernels import route_align
+
+    if m < 1:
+        return None
+    route = _routing_triton.plan_route(m, num_experts, top_k, logits_dtype, scoring=scoring,
+                                       renormalize=renormalize, num_expert_group=num_expert_group,
+                                       topk_group=topk_group, bias_dtype=bias_dtype,
+                                       routed_scaling_factor=routed_scaling_factor)
+    num_rows = m * top_k
+    if num_rows > ALIGN_CHUNK:
+        return None
+    cx = dict(route.constexprs)
+    block_m = max(1, min(_next_pow2(m), 2048 // cx["E_POW2"]))  # <= 16 fp32 values a thread at 4 warps
+    row_blocks = -(-m // block_m)
+    if row_blocks > ROUTE_ALIGN_MAX_ROW_BLOCKS:
+        return None
+    (align,) = plan_align(num_rows, num_experts, block_size)
+    acx = dict(align.constexprs)
+    constexprs = {**cx, "BLOCK_M": block_m, "HAS_BIAS": bias_dtype is not None, "NUM_ROW_BLOCKS": row_blocks,
+                  **{key: acx[key] for key in ("NB", "LOG2_NB", "BLOCK_SIZE", "MAX_BLOCKS", "CHUNK", "FILL")}}
+    bias = route.args[1] if bias_dtype is not None else _sds((1,), jnp.float32)
+    return KernelLaunch(route_align.route_align_kernel, grid=(1,), args=(route.args[0], bias),
+                        outs=route.outs + align.outs, constexprs=tuple(constexprs.items()), num_warps=4,
+                        num_stages=1)
+
+
+def routed_moe(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, logits: jax.Array, top_k: int, *,
+               activation: str = "silu", scoring: str = "softmax", renormalize: bool = True,
+               num_expert_group: int | None = None, topk_group: int | None = None,
+               correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0) -> jax.Array:
+    """Routing then experts, ``fused_moe(x, w1, w2, *route(logits, top_k, ...))``, with the
+    routing and the alignment in one launch where the batch is small (decode)."""
+    from . import _routing_triton
+
+    m, d = hidden_states.shape
+    num_experts, two_i, _ = w1.shape
+    options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
+                   topk_group=topk_group)
+    if logits.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        logits = logits.astype(jnp.float32)
+    scale = _routing_triton._static_float(routed_scaling_factor)
+    spec = None
+    config = None
+    if m * top_k and num_experts <= _routing_triton.MAX_EXPERTS and top_k <= _routing_triton.MAX_TOP_K:
+        config = _config.select_config(m, top_k, num_experts, d, two_i // 2, hidden_states.dtype, current_arch())
+        bias = None if correction_bias is None else jnp.asarray(correction_bias)
+        if bias is not None and bias.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+            bias = bias.astype(jnp.float32)
+        spec = plan_route_align(m, num_experts, top_k, logits.dtype, config.block_m, **options,
+                                bias_dtype=None if bias is None else bias.dtype,
+                                routed_scaling_factor=1.0 if scale is None else scale)
+    if spec is None:
+        weights, ids = _routing_triton.route(logits, top_k, **options, correction_bias=correction_bias,
+                                             routed_scaling_factor=routed_scaling_factor)
+        return fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config)
+    bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
+    weights, ids, sorted_ids, expert_ids, padded, *_ = _launch.launch(spec, logits, bias_arg)
+    if scale is None:
+        weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
+    return _experts(hidden_states, w1, w2, weights, ids, sorted_ids, expert_ids, padded, config=config,
+                    activation=activation)
+
+
+__all__ = ["moe_align_block_size", "moe_gemm", "fused_moe", "routed_moe", "plan_route_align", "plan_align", "plan_gemm", "plan_fused_moe",
            "max_blocks", "current_arch", "MoEConfig", "GemmTile"]

@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxmoe import _validate
+from jaxmoe import _dispatch, _validate
 from jaxmoe.fused_moe import fused_moe
 from jaxmoe.routing import route
 
@@ -86,16 +86,22 @@ def moe_layer(
     logits = jnp.dot(
         x2d, params["router"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
     )
-    topk_weights, topk_ids = route(
-        logits,
-        top_k,
+    options = dict(
         scoring=scoring,
         renormalize=renormalize,
         num_expert_group=num_expert_group,
         topk_group=topk_group,
         correction_bias=correction_bias,
         routed_scaling_factor=routed_scaling_factor,
-        implementation=implementation,
     )
-    y = fused_moe(x2d, params["w1"], params["w2"], topk_weights, topk_ids, activation=activation, implementation=implementation)
+    routed = _dispatch.kernel_for("_moe_triton", "routed_moe", implementation)
+    if routed is not None:
+        # The kernels' own path: routing and alignment share one launch at decode sizes.
+        _validate.check_route_args(logits, top_k, **options)
+        _validate.check_activation(activation)
+        y = routed(x2d, params["w1"], params["w2"], logits, top_k, activation=activation, **options)
+    else:
+        topk_weights, topk_ids = route(logits, top_k, **options, implementation=implementation)
+        y = fused_moe(x2d, params["w1"], params["w2"], topk_weights, topk_ids, activation=activation,
+                      implementation=implementation)
     return y.reshape(x.shape)

@@ -88,12 +88,11 @@ def _fill_tile(sorted_token_ids_ptr, expert_ids_ptr, tile, end_real_ptr, block_e
 
 
 @triton.jit
-def moe_align_single_kernel(topk_ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
-                            bases_ptr, end_real_ptr, block_ends_ptr,
-                            T: tl.constexpr, NUM_EXPERTS: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
-                            CHUNK: tl.constexpr, FILL: tl.constexpr):
-    """The whole alignment in one program, for T <= CHUNK (the last three outputs are scratch)."""
+def _align_single(topk_ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+                  bases_ptr, end_real_ptr, block_ends_ptr,
+                  T: tl.constexpr, NUM_EXPERTS: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
+    """The whole alignment by one program, for T <= CHUNK (bases, end_real, block_ends: scratch)."""
     bins = tl.arange(0, NB)
     counts = tl.histogram(_chunk_bins(topk_ids_ptr, 0, T, NUM_EXPERTS, CHUNK), NB)
     starts, end_real, block_ends = _expert_layout(counts, NUM_EXPERTS, NB, BLOCK_SIZE)
@@ -106,6 +105,18 @@ def moe_align_single_kernel(topk_ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, 
     for tile in range(0, (MAX_BLOCKS * BLOCK_SIZE + FILL - 1) // FILL):
         _fill_tile(sorted_token_ids_ptr, expert_ids_ptr, tile, end_real_ptr, block_ends_ptr,
                    T, NB, LOG2_NB, BLOCK_SIZE, MAX_BLOCKS, FILL)
+
+
+@triton.jit
+def moe_align_single_kernel(topk_ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+                            bases_ptr, end_real_ptr, block_ends_ptr,
+                            T: tl.constexpr, NUM_EXPERTS: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+                            CHUNK: tl.constexpr, FILL: tl.constexpr):
+    """The whole alignment in one program, for T <= CHUNK (the last three outputs are scratch)."""
+    _align_single(topk_ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+                  bases_ptr, end_real_ptr, block_ends_ptr, T, NUM_EXPERTS, NB, LOG2_NB, BLOCK_SIZE, MAX_BLOCKS,
+                  CHUNK, FILL)
 
 
 @triton.jit

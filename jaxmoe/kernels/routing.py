@@ -80,6 +80,7 @@ def _key_score(key):
 
 @triton.jit
 def _topk_route_block(
+    pid,
     logits_ptr,
     bias_ptr,
     weights_ptr,
@@ -98,8 +99,8 @@ def _topk_route_block(
     G_POW2: tl.constexpr,
     SCALE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    """Route rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) of the logits."""
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < M
     col = tl.arange(0, E_POW2)
     col_ok = col < E
@@ -222,7 +223,7 @@ def topk_route_kernel(
 ):
     """logits [M, E] -> topk_weights [M, K] f32, topk_ids [M, K] i32 (no bias)."""
     _topk_route_block(
-        logits_ptr, logits_ptr, weights_ptr, ids_ptr,
+        tl.program_id(0).to(tl.int64), logits_ptr, logits_ptr, weights_ptr, ids_ptr,
         M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, False, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2, SCALE,
     )
 
@@ -248,7 +249,7 @@ def topk_route_biased_kernel(
 ):
     """logits [M, E], correction_bias [E] -> topk_weights [M, K] f32, topk_ids [M, K] i32."""
     _topk_route_block(
-        logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+        tl.program_id(0).to(tl.int64), logits_ptr, bias_ptr, weights_ptr, ids_ptr,
         M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, True, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2, SCALE,
     )
 

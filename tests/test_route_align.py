@@ -1,0 +1,152 @@
+"""Routing and alignment in one launch (decode sizes) against the two-launch path and the
+reference: the same weights, ids, sorted rows, block experts and padded count, and the
+MoE layer built on it against the reference layer. CPU: Triton's interpreter."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from test_routing_kernels import GROUPED, _bias, _logits
+
+from jaxmoe import _launch, _moe_triton, moe_layer, reference
+from jaxmoe.layer import init_moe_params
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+
+CASES = {  # name: (M, E, k, routing options, with bias)
+    "mixtral-decode": (1, 8, 2, {}, False),
+    "two-row-blocks": (300, 8, 2, dict(scoring="sigmoid", renormalize=False, routed_scaling_factor=1.5), False),
+    "qwen-like": (9, 128, 8, {}, False),
+    "deepseek-v3": (16, 256, 8, dict(scoring="sigmoid", num_expert_group=8, topk_group=4,
+                                     routed_scaling_factor=2.5), True),
+    "deepseek-v2": (5, 160, 6, dict(scoring="softmax", renormalize=False, num_expert_group=8, topk_group=3), False),
+    "odd": (3, 6, 6, {}, False),
+}
+
+
+def _route_align(logits, k, bias, block_size, **kw):
+    m, e = logits.shape
+    scale = kw.pop("routed_scaling_factor", 1.0)
+    spec = _moe_triton.plan_route_align(m, e, k, logits.dtype, block_size, **kw,
+                                        bias_dtype=None if bias is None else bias.dtype,
+                                        routed_scaling_factor=scale)
+    assert spec is not None and spec.grid == (1,)
+    bias_arg = bias if bias is not None else jnp.zeros((1,), F32)
+    with _launch.poisoned_outputs():
+        outs = jax.jit(lambda x, b: _launch.launch(spec, x, b))(logits, bias_arg)
+    return jax.device_get(outs[:5])
+
+
+def _check(logits, k, bias, block_size, **kw):
+    got_w, got_ids, got_sorted, got_experts, got_padded = _route_align(logits, k, bias, block_size, **kw)
+    want_w, want_ids = jax.device_get(reference.route(logits, k, correction_bias=bias, **kw))
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-30, equal_nan=True)
+    e = logits.shape[1]
+    want_sorted, want_experts, want_padded = jax.device_get(
+        reference.moe_align_block_size(jnp.asarray(want_ids), e, block_size))
+    assert int(got_padded[0]) == int(want_padded[0])
+    np.testing.assert_array_equal(got_sorted, want_sorted)
+    np.testing.assert_array_equal(got_experts, want_experts)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_route_align_matches_reference(rng, case, dtype):
+    m, e, k, kw, with_bias = CASES[case]
+    bias = _bias(rng, e) if with_bias else None
+    _check(_logits(rng, m, e, dtype), k, bias, 16, **kw)
+
+
+def test_route_align_block_sizes_ties_and_nan(rng):
+    logits = _logits(rng, 6, 64, F32)
+    _check(logits, 4, None, 64)
+    ties = jnp.zeros((4, 32), F32).at[1, 7].set(1.0)  # rows of equal scores: lowest ids win
+    _check(ties, 4, None, 16)
+    nan = logits.at[2, :].set(jnp.nan).at[3, 5].set(jnp.nan)
+    with np.errstate(invalid="ignore"):
+        _check(nan, 4, None, 16, scoring="sigmoid")
+    case = dict(GROUPED["v3-small"])
+    _check(_logits(rng, 7, 64, BF16), 4, _bias(rng, 64, BF16), 32,
+           num_expert_group=case["num_expert_group"], topk_group=case["topk_group"], scoring="sigmoid")
+
+
+def test_route_align_only_where_it_pays():
+    # one program routes at most ROUTE_ALIGN_MAX_ROW_BLOCKS tiles and aligns at most ALIGN_CHUNK ids
+    assert _moe_triton.plan_route_align(1, 256, 8, F32, 16) is not None
+    assert _moe_triton.plan_route_align(16, 256, 8, F32, 16) is not None
+    assert _moe_triton.plan_route_align(64, 256, 8, F32, 16) is None  # 8 row blocks
+    assert _moe_triton.plan_route_align(513, 8, 2, F32, 16) is None  # 1026 ids
+    assert _moe_triton.plan_route_align(0, 8, 2, F32, 16) is None
+
+
+def _count_triton_calls(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).as_text().count("@triton_kernel_call")
+
+
+@pytest.mark.parametrize("m", [1, 80])
+def test_moe_layer_on_the_kernels(rng, m):
+    """The layer's kernel path against the reference layer (fp32, so the comparison is
+    tight): one routing+alignment launch at m=1; at m=80 (E=64: three row blocks of 32)
+    the routing and the alignment go back to launches of their own."""
+    params = init_moe_params(jax.random.key(m), hidden=64, intermediate=32, experts=64, dtype=F32)
+    x = jnp.asarray(rng.standard_normal((m, 64)), F32)
+    kw = dict(top_k=6, scoring="sigmoid", num_expert_group=8, topk_group=4,
+              correction_bias=_bias(rng, 64), routed_scaling_factor=2.5)
+    with _launch.poisoned_outputs():
+        got = jax.jit(lambda p, x: moe_layer(p, x, implementation="triton", **kw))(params, x)
+    want = jax.jit(lambda p, x: moe_layer(p, x, implementation="reference", **kw))(params, x)
+    assert rel_err(got, want) <= 1e-5
+    fused = _moe_triton.plan_route_align(m, 64, 6, F32, 16, scoring="sigmoid", num_expert_group=8,
+                                         topk_group=4, bias_dtype=F32, routed_scaling_factor=2.5) is not None
+    assert fused == (m == 1)
+
+
+@pytest.mark.gpu
+def test_gpu_moe_layer_launch_count():
+    """Decode: router matmul aside, the layer is three Triton launches (route+align, two GEMMs)."""
+    params = init_moe_params(jax.random.key(0), hidden=64, intermediate=32, experts=8, dtype=BF16)
+    x = jnp.ones((1, 64), BF16)
+    assert _count_triton_calls(lambda p, x: moe_layer(p, x, top_k=2, implementation="triton"), params, x) == 3
+
+
+@pytest.mark.parametrize("target", ["sm_90", "gfx942", "gfx950"])
+def test_route_align_compiles_aot(target):
+    """Every kind of route+align launch the layer makes, for the presets at decode sizes."""
+    from jaxmoe.models import PRESETS
+
+    seen = {}
+    for preset in PRESETS.values():
+        for m in (1, 16):
+            kw = preset.routing_kwargs(jax.random.key(0))
+            bias = kw.pop("correction_bias", None)
+            k = kw.pop("top_k")
+            for dtype in (F32, BF16):
+                spec = _moe_triton.plan_route_align(m, preset.experts, k, dtype, 16, **kw,
+                                                    bias_dtype=None if bias is None else F32)
+                if spec is not None:
+                    seen.setdefault((dtype, tuple(spec.constexprs[1:])), spec)
+    assert len(seen) >= 8
+    for spec in seen.values():
+        assert _launch.compile_aot(spec, target).asm, spec
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gpu_route_align(rng, case, dtype):
+    test_route_align_matches_reference(rng, case, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_route_align_ties_and_nan(rng):
+    test_route_align_block_sizes_ties_and_nan(rng)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 80])
+def test_gpu_moe_layer_on_the_kernels(rng, m):
+    test_moe_layer_on_the_kernels(rng, m)
