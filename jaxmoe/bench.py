@@ -179,6 +179,8 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
                 row.status = _failure(exc)
             by_impl[impl] = row
             rows.append(row)
+            progress(f"{preset.name} M={m} {impl}: " + (
+                f"{row.time_ms:.4f} ms, efficiency {row.efficiency:.2f}" if row.time_ms else row.status))
         ours = by_impl.get("jaxmoe")
         if ours and ours.time_ms:
             for impl, row in by_impl.items():
@@ -270,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  [{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
         rows += bench_model(PRESETS[name], ms, impls, DTYPES[args.dtype], reps, progress)
+        write_outputs(rows, args.out)  # after each model: a run cut short keeps what it measured
     print(format_table(rows))
     files = write_outputs(rows, args.out)
     print("wrote " + ", ".join(files))
