@@ -288,5 +288,22 @@ def routed_moe(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, logits: j
                     activation=activation)
 
 
+def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
+                   arch: str, activation: str = "silu", config: MoEConfig | None = None) -> list[KernelLaunch]:
+    """Every launch ``fused_moe`` makes for these shapes on ``arch`` (for AOT compilation)."""
+    if config is None:
+        config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+    num_rows = num_tokens * top_k
+    blocks = max_blocks(num_rows, num_experts, config.block_m)
+    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks, arch=arch)
+    return [
+        *plan_align(num_rows, num_experts, config.block_m),
+        plan_gemm(a_shape=(num_tokens, hidden), b_shape=(num_experts, 2 * intermediate, hidden), top_k=top_k,
+                  tile=config.stage1, activation=activation, mul_routed_weight=False, **common),
+        plan_gemm(a_shape=(num_rows, intermediate), b_shape=(num_experts, hidden, intermediate), top_k=1,
+                  tile=config.stage2, activation=None, mul_routed_weight=True, **common),
+    ]
+
+
 __all__ = ["moe_align_block_size", "moe_gemm", "fused_moe", "routed_moe", "plan_route_align", "plan_align", "plan_gemm", "plan_fused_moe",
            "max_blocks", "current_arch", "MoEConfig", "GemmTile"]
