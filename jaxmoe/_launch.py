@@ -329,6 +329,10 @@ def _interpreter_patches() -> Iterator[None]:
     * ``triton.language``'s own ``@jit`` functions (``tl.sort``, ``tl.cumsum``'s combine,
       ``tl.max``, ...) were built compiled, since ``triton.jit`` decides at import; for the
       run they are swapped for interpreted twins.
+    * The interpreter patches the builtins of every ``triton.language`` module that a called
+      ``@jit`` helper's globals name, and never undoes that for helpers (``tl.core``, seen
+      from ``triton.language.standard``): a later real compile in the same process then
+      built interpreter tensors. Every ``triton.language`` namespace is put back afterwards.
     """
     import triton.language as tl
     from triton.runtime import interpreter
@@ -347,6 +351,8 @@ def _interpreter_patches() -> Iterator[None]:
         import triton.experimental.gluon  # noqa: F401
     except ImportError:
         pass
+    namespaces = (tl, tl.standard, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base)
+    saved = [(ns, dict(vars(ns))) for ns in namespaces]
     swapped: list[tuple[dict[str, Any], str, Any]] = []
     for module in (tl, tl.standard, tl.core, tl.math):
         for name, value in list(vars(module).items()):
@@ -360,6 +366,10 @@ def _interpreter_patches() -> Iterator[None]:
         builder_cls.create_dot = original_dot
         for namespace, name, value in swapped:
             namespace[name] = value
+        for ns, before in saved:
+            for name, value in before.items():
+                if vars(ns).get(name) is not value:
+                    setattr(ns, name, value)
 
 
 @functools.cache

@@ -150,3 +150,19 @@ def test_gpu_route_align_ties_and_nan(rng):
 @pytest.mark.parametrize("m", [1, 80])
 def test_gpu_moe_layer_on_the_kernels(rng, m):
     test_moe_layer_on_the_kernels(rng, m)
+
+
+def test_interpreter_leaves_triton_language_as_it_was(rng):
+    """Triton's interpreter patches the builtins of the language modules that a helper's
+    globals name and never undoes it for helpers; the seam must, or a later real compile
+    in the same process (the AOT tests) builds interpreter tensors."""
+    if _launch.platform() != "cpu":
+        pytest.skip("the interpreter runs on CPU")
+    import triton.language as tl
+
+    namespaces = (tl, tl.standard, tl.core, tl.math, tl.core.tensor)
+    before = [dict(vars(ns)) for ns in namespaces]
+    _check(_logits(rng, 3, 8, F32), 2, None, 16)  # route+align: helpers from two kernel modules
+    for ns, saved in zip(namespaces, before):
+        changed = [name for name, value in saved.items() if vars(ns).get(name) is not value]
+        assert not changed, (ns, changed[:5])
