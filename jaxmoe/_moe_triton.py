@@ -263,16 +263,12 @@ def routed_moe(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, logits: j
     num_experts, two_i, _ = w1.shape
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group)
-    if logits.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        logits = logits.astype(jnp.float32)
+    logits, bias = _routing_triton.kernel_inputs(logits, correction_bias)
     scale = _routing_triton._static_float(routed_scaling_factor)
     spec = None
     config = None
-    if m * top_k and num_experts <= _routing_triton.MAX_EXPERTS and top_k <= _routing_triton.MAX_TOP_K:
+    if m * top_k and _routing_triton.kernel_serves(num_experts, top_k):
         config = _config.select_config(m, top_k, num_experts, d, two_i // 2, hidden_states.dtype, current_arch())
-        bias = None if correction_bias is None else jnp.asarray(correction_bias)
-        if bias is not None and bias.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-            bias = bias.astype(jnp.float32)
         spec = plan_route_align(m, num_experts, top_k, logits.dtype, config.block_m, **options,
                                 bias_dtype=None if bias is None else bias.dtype,
                                 routed_scaling_factor=1.0 if scale is None else scale)

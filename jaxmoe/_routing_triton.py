@@ -23,6 +23,8 @@ from jaxmoe._launch import KernelLaunch
 
 __all__ = [
     "route",
+    "kernel_inputs",
+    "kernel_serves",
     "router_sigmoid_top1",
     "plan_route",
     "plan_sigmoid_top1",
@@ -148,6 +150,27 @@ def _static_float(value: Any) -> float | None:
         return None
 
 
+def kernel_inputs(logits: jax.Array, correction_bias: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """The logits ``[..., E]`` and the bias ``[E]`` (or None) in dtypes the routing kernels
+    read: fp32, bf16 and fp16 as they are, any other dtype as fp32."""
+
+    def readable(x: jax.Array) -> jax.Array:
+        return x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
+
+    logits = readable(jnp.asarray(logits))
+    if correction_bias is None:
+        return logits, None
+    bias = jnp.asarray(correction_bias)
+    if bias.shape != (logits.shape[-1],):
+        raise ValueError(f"correction_bias must have shape ({logits.shape[-1]},), got {bias.shape}")
+    return logits, readable(bias)
+
+
+def kernel_serves(num_experts: int, top_k: int) -> bool:
+    """Whether the routing kernels take this size (beyond it the reference serves)."""
+    return num_experts <= MAX_EXPERTS and top_k <= MAX_TOP_K
+
+
 def route(
     logits: jax.Array,
     top_k: int,
@@ -170,11 +193,10 @@ def route(
     lead, e = logits.shape[:-1], logits.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
     k = int(top_k)
-    if logits.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        logits = logits.astype(jnp.float32)
+    logits, bias = kernel_inputs(logits, correction_bias)
     if m == 0:
         return jnp.zeros((*lead, k), jnp.float32), jnp.zeros((*lead, k), jnp.int32)
-    if e > MAX_EXPERTS or k > MAX_TOP_K:
+    if not kernel_serves(e, k):
         # Beyond what one row in registers can hold: the reference serves (DESIGN.md).
         from jaxmoe import reference
 
@@ -184,13 +206,6 @@ def route(
         )
         return w.reshape(*lead, k), ids.reshape(*lead, k)
     scale = _static_float(routed_scaling_factor)
-    bias = None
-    if correction_bias is not None:
-        bias = jnp.asarray(correction_bias)
-        if bias.shape != (e,):
-            raise ValueError(f"correction_bias must have shape ({e},), got {bias.shape}")
-        if bias.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-            bias = bias.astype(jnp.float32)
     spec = plan_route(
         m,
         e,
