@@ -1,11 +1,14 @@
 """``python -m jaxmoe bench``: one whole MoE layer, per implementation, against the roofline.
 
 What is timed: ``moe_layer`` (router matmul, routing, both expert GEMMs, combine) as a
-model runs it, inside one ``jax.jit`` that applies the layer to ``SETS`` different input
-batches chained as a residual stream (so activations are not all in cache, each
-application depends on the previous one, and dispatch overhead is amortised as in a
-real model), warm, median over ``--reps`` timed calls with ``block_until_ready``; the
-reported time is per layer application.
+model runs it: inside ``jax.jit``, applied to different input batches chained as a
+residual stream (so activations are not all in cache, and each application depends on
+the previous one). Two such jits, of ``SHORT`` and ``SETS`` layers, are timed in
+alternation, warm, ``--reps`` times each with ``block_until_ready``; the reported time per
+layer is the median paired difference / (SETS - SHORT): what one more layer costs in a
+jitted model. The fixed cost of a jit call (Python dispatch, argument handling), which a
+model pays once for all its layers, is reported apart as ``overhead_ms`` in the CSV/JSON
+(see :func:`time_layer_detail`).
 
 Peers in the same run: the jax.numpy reference (``implementation="reference"``) and a
 ``jax.lax.ragged_dot`` pipeline (sort rows by expert, gather, ragged_dot, activation,
@@ -39,7 +42,8 @@ from .models import PRESETS, ModelPreset
 
 PEAK_BYTES_PER_S = 3.0e12
 PEAK_FLOPS = 790e12
-SETS = 4
+SETS = 8  # input batches in the long chain
+SHORT = 2  # ... and in the short one
 IMPLEMENTATIONS = ("jaxmoe", "ragged_dot", "reference")
 DEFAULT_M = tuple(2**i for i in range(14))  # 1 .. 8192
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
@@ -60,6 +64,7 @@ class Row:
     efficiency: float | None
     status: str
     speedup: dict[str, float] = dataclasses.field(default_factory=dict)
+    overhead_ms: float | None = None  # fixed cost per jit call, not counted in time_ms
 
 
 def roofline(preset: ModelPreset, m: int, experts_hit: int, itemsize: int) -> tuple[float, float, float]:
@@ -101,29 +106,56 @@ def _layer_fn(impl: str, preset: ModelPreset, routing: dict[str, Any]) -> Callab
     return lambda p, x: moe_layer(p, x, implementation="triton" if impl == "jaxmoe" else "reference", **routing)
 
 
-def time_layer(fn: Callable, params: Any, xs: jax.Array, reps: int) -> float:
-    """Median seconds per layer application.
-
-    The ``SETS`` batches ``xs`` [SETS, M, D] go through the layer one after another as a
-    residual stream (x_s + layer(previous)), so each application depends on the last one,
-    as in a model: XLA cannot merge the applications and read the weights once for all.
-    """
+def _chain(fn: Callable, sets: int) -> Callable:
+    """jit of ``sets`` layer applications chained as a residual stream (x_s + layer(previous))."""
 
     @jax.jit
     def chain(p, xs):
         y = fn(p, xs[0])
-        for s in range(1, xs.shape[0]):
+        for s in range(1, sets):
             y = fn(p, xs[s] + y)
         return y
 
-    jax.block_until_ready(chain(params, xs))  # compile and warm up
-    jax.block_until_ready(chain(params, xs))
-    times = []
+    return chain
+
+
+def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int) -> tuple[float, float]:
+    """(seconds per layer application, fixed seconds per jit call) of ``fn``.
+
+    Two jitted chains apply the layer to the batches of ``xs`` [SETS, M, D] one after
+    another as a residual stream (x_s + layer(previous)): each application depends on the
+    last one, as in a model, so XLA cannot merge them and read the weights once for all;
+    the short chain uses the first ``SHORT`` batches, the long one all ``SETS``. They are
+    timed in alternation (``block_until_ready``, warm); the time per layer is the median of
+    the paired differences divided by ``SETS - SHORT``: the marginal cost of one more layer
+    in a jitted model. What every jit call pays once (Python dispatch, argument handling,
+    the first launch), which a model pays once for all its layers, is the intercept,
+    returned second. Where timer noise makes the difference meaningless (not positive, as
+    with the CPU interpreter), the long chain's time / ``SETS`` is returned instead, with
+    no intercept.
+    """
+    sets = xs.shape[0]
+    if sets <= SHORT:
+        raise ValueError(f"need more than {SHORT} input batches, got {sets}")
+    short, long = _chain(fn, SHORT), _chain(fn, sets)
+    for f in (short, long):  # compile and warm up
+        jax.block_until_ready(f(params, xs))
+        jax.block_until_ready(f(params, xs))
+    t_short, t_long = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(chain(params, xs))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / xs.shape[0]
+        for f, ts in ((short, t_short), (long, t_long)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(params, xs))
+            ts.append(time.perf_counter() - t0)
+    per_layer = statistics.median(b - a for a, b in zip(t_short, t_long)) / (sets - SHORT)
+    if per_layer <= 0:
+        return statistics.median(t_long) / sets, 0.0
+    return per_layer, max(statistics.median(t_short) - SHORT * per_layer, 0.0)
+
+
+def time_layer(fn: Callable, params: Any, xs: jax.Array, reps: int) -> float:
+    """Seconds per layer application (see :func:`time_layer_detail`)."""
+    return time_layer_detail(fn, params, xs, reps)[0]
 
 
 def _failure(exc: Exception) -> str:
@@ -170,8 +202,9 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
                     rows.append(row)
                     continue
                 p = params_rd if impl == "ragged_dot" else params
-                t = time_layer(_layer_fn(impl, preset, routing), p, xs, reps)
+                t, overhead = time_layer_detail(_layer_fn(impl, preset, routing), p, xs, reps)
                 row.time_ms = t * 1e3
+                row.overhead_ms = overhead * 1e3
                 row.tflops = flops / t / 1e12
                 row.bandwidth_gbs = nbytes / t / 1e9
                 row.efficiency = floor / t
@@ -211,10 +244,10 @@ def write_outputs(rows: Sequence[Row], prefix: str) -> list[str]:
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "impl", "M", "N", "K", "E", "top_k", "Time_(ms)", "TFLOPS", "Bandwidth_(GB/s)",
-                    "efficiency", "status", "speedup"])
+                    "efficiency", "status", "speedup", "overhead_ms"])
         for r in rows:
             w.writerow([r.model, r.impl, r.M, r.N, r.K, r.E, r.top_k, r.time_ms, r.tflops, r.bandwidth_gbs,
-                        r.efficiency, r.status, json.dumps(r.speedup)])
+                        r.efficiency, r.status, json.dumps(r.speedup), r.overhead_ms])
     written.append(prefix + ".csv")
     try:
         import matplotlib
@@ -263,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
     if on_cpu and any(n != "tiny" for n in models):
         print("note: on a CPU the kernels run in Triton's interpreter; only use small presets there", file=sys.stderr)
     print(f"jaxmoe bench on {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.dtype}: "
-          f"whole layer inside jax.jit, {SETS} input sets chained as a residual stream, warm, median of {reps}; "
+          f"whole layer inside jax.jit, time per layer = median over {reps} paired calls of (jit of {SETS} "
+          f"chained layers - jit of {SHORT}) / {SETS - SHORT}, warm, a different input batch per layer; "
           f"efficiency = roofline floor / time (3.0 TB/s, 790 TFLOP/s)", flush=True)
     rows: list[Row] = []
     start = time.perf_counter()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxmoe import _dispatch
@@ -138,3 +139,28 @@ def test_shipped_amd_tables_are_marked_untuned():
     for arch in ("gfx942", "gfx950"):
         table = json.loads((_config.config_dir() / f"{arch}.json").read_text())
         assert "UNTUNED" in table["_comment"] and len(table) > 1
+
+
+def test_bench_time_per_layer_excludes_the_fixed_cost_of_a_call(monkeypatch):
+    """The per-layer time is the slope between a short and a long chain: a fixed cost per
+    jit call (dispatch) lands in the intercept, not in the time per layer."""
+    import time
+
+    from jaxmoe import bench
+
+    fixed, per_layer = 0.030, 0.010
+
+    def fake_chain(fn, sets):
+        def call(params, xs):
+            time.sleep(fixed + sets * per_layer)
+            return xs
+
+        return call
+
+    monkeypatch.setattr(bench, "_chain", fake_chain)
+    xs = jnp.zeros((bench.SETS, 1, 4))
+    t, overhead = bench.time_layer_detail(None, None, xs, reps=3)
+    assert t == pytest.approx(per_layer, rel=0.25)
+    assert overhead == pytest.approx(fixed, abs=0.008)
+    with pytest.raises(ValueError, match="more than"):
+        bench.time_layer_detail(None, None, xs[: bench.SHORT], reps=1)
