@@ -15,7 +15,8 @@ Peers in the same run: the jax.numpy reference (``implementation="reference"``) 
 ragged_dot, weighted combine) with its weights pre-transposed to ragged_dot's layout
 outside the timed region. A peer that runs out of memory or fails is reported as such.
 
-Roofline (DESIGN.md): bytes = experts_hit * 3 * I * D * itemsize + 2 * M * D * itemsize,
+Roofline (DESIGN.md): bytes = experts_hit * 3 * I * D * itemsize + 2 * M * D * itemsize
+(experts_hit: distinct experts per timed layer, averaged, from that layer's own routing),
 flops = 2 * M * k * 3 * I * D, floor = max(bytes / 3.0e12, flops / 790e12) on one H100;
 efficiency = floor / time.
 """
@@ -65,9 +66,34 @@ class Row:
     status: str
     speedup: dict[str, float] = dataclasses.field(default_factory=dict)
     overhead_ms: float | None = None  # fixed cost per jit call, not counted in time_ms
+    experts_hit: float | None = None  # distinct experts per timed layer (mean), in the roofline
 
 
-def roofline(preset: ModelPreset, m: int, experts_hit: int, itemsize: int) -> tuple[float, float, float]:
+def experts_hit_per_layer(params: dict[str, jax.Array], xs: jax.Array, routing: dict[str, Any],
+                          num_experts: int) -> list[int]:
+    """Distinct experts each layer of the timed chain routes to.
+
+    Layer s reads ``xs[s] + (layer s-1's output)`` (the residual stream of
+    :func:`time_layer_detail`), so its routing, and the weight bytes it must read, differ
+    from those of ``xs[s]`` alone; the roofline counts what each layer really hits. The
+    outputs come from the default implementation (the kernels on a GPU).
+    """
+
+    @jax.jit
+    def chain_ids(p, xs):
+        ids_all, y = [], None
+        for s in range(xs.shape[0]):
+            x = xs[s] if y is None else xs[s] + y
+            logits = jnp.dot(x, p["router"], preferred_element_type=jnp.float32)
+            ids_all.append(reference.route(logits, **routing)[1])
+            y = moe_layer(p, x, **routing)
+        return jnp.stack(ids_all)
+
+    ids = np.asarray(chain_ids(params, xs))
+    return [int(np.unique(layer_ids[(layer_ids >= 0) & (layer_ids < num_experts)]).size) for layer_ids in ids]
+
+
+def roofline(preset: ModelPreset, m: int, experts_hit: float, itemsize: int) -> tuple[float, float, float]:
     """(bytes, flops, floor seconds) of one layer, as defined in DESIGN.md."""
     d, i = preset.hidden, preset.intermediate
     nbytes = experts_hit * 3 * i * d * itemsize + 2 * m * d * itemsize
@@ -186,15 +212,14 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
     rows: list[Row] = []
     for m in ms:
         xs = jax.random.normal(jax.random.key(m), (SETS, m, preset.hidden), jnp.float32).astype(dtype)
-        logits = jnp.dot(xs[0], params["router"], preferred_element_type=jnp.float32)
-        _, ids = reference.route(logits, **routing)
-        experts_hit = int(np.unique(np.asarray(ids)).size)
+        hits = experts_hit_per_layer(params, xs, routing, preset.experts)[SHORT:]  # the layers timed
+        experts_hit = float(np.mean(hits))
         nbytes, flops, floor = roofline(preset, m, experts_hit, itemsize)
         by_impl: dict[str, Row] = {}
         for impl in impls:
             progress(f"{preset.name} M={m} {impl} ...")
             row = Row(preset.name, impl, m, preset.intermediate, preset.hidden, preset.experts, preset.top_k,
-                      None, None, None, None, "ok")
+                      None, None, None, None, "ok", experts_hit=experts_hit)
             try:
                 if impl == "ragged_dot" and params_rd is None:
                     row.status = rd_status
@@ -244,10 +269,10 @@ def write_outputs(rows: Sequence[Row], prefix: str) -> list[str]:
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "impl", "M", "N", "K", "E", "top_k", "Time_(ms)", "TFLOPS", "Bandwidth_(GB/s)",
-                    "efficiency", "status", "speedup", "overhead_ms"])
+                    "efficiency", "status", "speedup", "overhead_ms", "experts_hit"])
         for r in rows:
             w.writerow([r.model, r.impl, r.M, r.N, r.K, r.E, r.top_k, r.time_ms, r.tflops, r.bandwidth_gbs,
-                        r.efficiency, r.status, json.dumps(r.speedup), r.overhead_ms])
+                        r.efficiency, r.status, json.dumps(r.speedup), r.overhead_ms, r.experts_hit])
     written.append(prefix + ".csv")
     try:
         import matplotlib

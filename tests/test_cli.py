@@ -164,3 +164,23 @@ def test_bench_time_per_layer_excludes_the_fixed_cost_of_a_call(monkeypatch):
     assert overhead == pytest.approx(fixed, abs=0.008)
     with pytest.raises(ValueError, match="more than"):
         bench.time_layer_detail(None, None, xs[: bench.SHORT], reps=1)
+
+
+def test_bench_counts_the_experts_each_chained_layer_hits():
+    """The roofline's weight bytes come from each timed layer's own routing: layer 0 sees
+    its batch alone, later layers the batch plus the previous layer's output."""
+    import numpy as np
+
+    from jaxmoe import bench, reference
+    from jaxmoe.layer import init_moe_params
+    from jaxmoe.models import PRESETS
+
+    p = PRESETS["tiny"]
+    params = init_moe_params(jax.random.key(0), hidden=p.hidden, intermediate=p.intermediate, experts=p.experts)
+    routing = p.routing_kwargs(jax.random.key(1))
+    xs = jax.random.normal(jax.random.key(2), (3, 5, p.hidden), jnp.float32).astype(jnp.bfloat16)
+    hits = bench.experts_hit_per_layer(params, xs, routing, p.experts)
+    assert len(hits) == 3 and all(1 <= h <= p.experts for h in hits)
+    for s, x in enumerate([xs[0], xs[1] + reference.moe_layer(params, xs[0], **routing)]):
+        _, ids = reference.route(jnp.dot(x, params["router"], preferred_element_type=jnp.float32), **routing)
+        assert hits[s] == np.unique(np.asarray(ids)).size
