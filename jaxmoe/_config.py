@@ -70,9 +70,13 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
                      dtype: Any, arch: str = "sm90") -> MoEConfig:
     """A sound default from the average rows per expert; untuned shapes land here."""
     rows_per_expert = num_tokens * top_k / max(min(num_experts, num_tokens * top_k), 1)
-    if rows_per_expert <= 16:
+    # Few rows per expert: the weights dominate, and an expert whose rows spill into a second
+    # row block has its weights streamed twice. Cover the busier experts too (mean + two
+    # standard deviations of the roughly Poisson row counts), not only the mean.
+    busy = rows_per_expert + 2.0 * rows_per_expert**0.5
+    if busy <= 16:
         block_m = 16
-    elif rows_per_expert <= 32:
+    elif busy <= 32:
         block_m = 32
     elif rows_per_expert <= 96:
         block_m = 64
