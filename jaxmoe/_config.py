@@ -82,9 +82,10 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
         block_m = 64
     else:
         block_m = 128
-    # Up to ~64 rows per expert the layer streams weights (tuning Mixtral-8x7B on an H100
-    # picked these narrow, deep tiles up to M=512); beyond that it computes.
-    small = block_m <= 32 or rows_per_expert <= 64
+    # Up to ~32 rows per expert the layer streams weights: narrow, deep tiles (measured on
+    # an H100 with the 64-row block: faster at 32 rows per expert on Mixtral-8x22B,
+    # gpt-oss-120b and Qwen3-235B; slower or even at 64 rows).
+    small = block_m <= 32 or rows_per_expert <= 32
     amd = arch.startswith("gfx")
     if small:
         # decode: weight streaming dominates; wide K tiles, few rows
