@@ -184,3 +184,25 @@ def test_bench_counts_the_experts_each_chained_layer_hits():
     for s, x in enumerate([xs[0], xs[1] + reference.moe_layer(params, xs[0], **routing)]):
         _, ids = reference.route(jnp.dot(x, params["router"], preferred_element_type=jnp.float32), **routing)
         assert hits[s] == np.unique(np.asarray(ids)).size
+
+
+def test_bench_counts_experts_with_the_reference_when_the_kernels_fail(monkeypatch):
+    """A kernel failure must not stop the benchmark before its cells can report it."""
+    from jaxmoe import bench
+    from jaxmoe.layer import init_moe_params
+    from jaxmoe.models import PRESETS
+
+    real = bench.moe_layer
+
+    def kernels_broken(params, x, *, implementation=None, **kw):
+        if implementation is None:
+            raise RuntimeError("kernel launch failed")
+        return real(params, x, implementation=implementation, **kw)
+
+    p = PRESETS["tiny"]
+    params = init_moe_params(jax.random.key(0), hidden=p.hidden, intermediate=p.intermediate, experts=p.experts)
+    routing = p.routing_kwargs(jax.random.key(1))
+    xs = jax.random.normal(jax.random.key(3), (3, 4, p.hidden), jnp.float32).astype(jnp.bfloat16)
+    want = bench.experts_hit_per_layer(params, xs, routing, p.experts)
+    monkeypatch.setattr(bench, "moe_layer", kernels_broken)
+    assert bench.experts_hit_per_layer(params, xs, routing, p.experts) == want
