@@ -352,20 +352,16 @@ def _interpreter_patches() -> Iterator[None]:
     except ImportError:
         pass
     namespaces = (tl, tl.standard, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base)
-    saved = [(ns, dict(vars(ns))) for ns in namespaces]
-    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    saved = [(ns, dict(vars(ns))) for ns in namespaces]  # restored below, twins included
     for module in (tl, tl.standard, tl.core, tl.math):
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction):
-                swapped.append((vars(module), name, value))
                 vars(module)[name] = _interpreted_twin(value)
     builder_cls.create_dot = create_dot
     try:
         yield
     finally:
         builder_cls.create_dot = original_dot
-        for namespace, name, value in swapped:
-            namespace[name] = value
         for ns, before in saved:
             for name, value in before.items():
                 if vars(ns).get(name) is not value:
