@@ -81,14 +81,12 @@ def experts_hit_per_layer(params: dict[str, jax.Array], xs: jax.Array, routing: 
     reference where the kernels fail (their own cells then report the failure).
     """
 
+    def route_ids(p, x):
+        return reference.route(jnp.dot(x, p["router"], preferred_element_type=jnp.float32), **routing)[1]
+
     def chain_ids(p, xs, implementation):
-        ids_all, y = [], None
-        for s in range(xs.shape[0]):
-            x = xs[s] if y is None else xs[s] + y
-            logits = jnp.dot(x, p["router"], preferred_element_type=jnp.float32)
-            ids_all.append(reference.route(logits, **routing)[1])
-            y = moe_layer(p, x, implementation=implementation, **routing)
-        return jnp.stack(ids_all)
+        layer = functools.partial(moe_layer, implementation=implementation, **routing)
+        return jnp.stack(_residual_stream(layer, p, xs, xs.shape[0], probe=lambda x: route_ids(p, x))[1])
 
     try:
         ids = np.asarray(jax.jit(functools.partial(chain_ids, implementation=None))(params, xs))
@@ -136,17 +134,22 @@ def _layer_fn(impl: str, preset: ModelPreset, routing: dict[str, Any]) -> Callab
     return lambda p, x: moe_layer(p, x, implementation="triton" if impl == "jaxmoe" else "reference", **routing)
 
 
+def _residual_stream(fn: Callable, p: Any, xs: jax.Array, sets: int,
+                     probe: Callable | None = None) -> tuple[jax.Array, list[Any]]:
+    """Apply ``fn`` to ``sets`` batches as a residual stream: layer s reads xs[s] + the
+    previous layer's output. Returns the last output and ``probe(x_s)`` of each layer's input."""
+    y, probed = None, []
+    for s in range(sets):
+        x = xs[s] if y is None else xs[s] + y
+        if probe is not None:
+            probed.append(probe(x))
+        y = fn(p, x)
+    return y, probed
+
+
 def _chain(fn: Callable, sets: int) -> Callable:
-    """jit of ``sets`` layer applications chained as a residual stream (x_s + layer(previous))."""
-
-    @jax.jit
-    def chain(p, xs):
-        y = fn(p, xs[0])
-        for s in range(1, sets):
-            y = fn(p, xs[s] + y)
-        return y
-
-    return chain
+    """jit of ``sets`` layer applications chained as a residual stream."""
+    return jax.jit(lambda p, xs: _residual_stream(fn, p, xs, sets)[0])
 
 
 def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int) -> tuple[float, float]:
