@@ -446,5 +446,9 @@ def compile_aot(spec: KernelLaunch, target: str) -> Any:
     options: dict[str, Any] = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     if AOT_TARGETS[target][0] == "hip":
         options.update(dict(spec.amd_options))
-    src = ASTSource(fn=spec.kernel, signature=spec.signature(), constexprs=dict(spec.constexprs))
+    # Every buffer is 16-byte aligned, as jax-triton tells the compiler on a real launch;
+    # without it loads are not vectorised and the K loop is not software-pipelined.
+    pointers = len(spec.args) + len(spec.outs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(pointers)}
+    src = ASTSource(fn=spec.kernel, signature=spec.signature(), constexprs=dict(spec.constexprs), attrs=attrs)
     return triton.compile(src, target=GPUTarget(*AOT_TARGETS[target]), options=options)

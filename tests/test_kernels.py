@@ -143,6 +143,62 @@ def test_public_entry_points_pick_kernels(rng):
     assert y.shape == xb.shape and rel_err(y, y_ref) <= 1e-2
 
 
+def _ids_with_counts(rng, counts) -> jax.Array:
+    """[sum(counts), 1] ids: expert e chosen by counts[e] rows, rows shuffled."""
+    ids = np.repeat(np.arange(len(counts)), counts)
+    return jnp.asarray(rng.permutation(ids).reshape(-1, 1), jnp.int32)
+
+
+# Rows per expert chosen so that expert tails land in each tile height: with BLOCK_M = 128,
+# 130 leaves 2 rows in the last block (quarter tile), 298 leaves 42 (half), 230 leaves 102
+# (full), 276 leaves 20 (quarter); with 64: 198 -> 6 (half), 228 -> 36 (full), 192 -> 64
+# (full), 207 -> 15 (half). Means >= SPLIT_TAIL_MIN_ROWS, so the split is on.
+TAIL_CASES = [(128, (130, 298, 230, 276)), (64, (198, 228, 192, 207))]
+
+
+def test_split_tail_only_where_compute_bound():
+    assert _moe_triton.split_tail(8 * 256, 8, 128) == 2  # Mixtral-8x7B M=1024: 256 rows per expert
+    assert _moe_triton.split_tail(8 * 256, 8, 64) == 1
+    assert _moe_triton.split_tail(8 * 256, 8, 32) == 0
+    assert _moe_triton.split_tail(32768, 256, 128) == 0  # DeepSeek-V3 M=4096: 128 rows per expert
+    assert _moe_triton.split_tail(300, 8, 128) == 0
+    assert _moe_triton.split_tail(8 * 2048, 8, 128) == 0  # Mixtral M=8192: 16 blocks per expert
+
+
+@pytest.mark.parametrize("block,counts", TAIL_CASES)
+def test_mostly_padding_blocks_split(rng, block, counts):
+    """Blocks whose rows fit a half or a quarter tile run that smaller tile; every row is still written."""
+    plan = _moe_triton.plan_fused_moe(sum(counts), 1, len(counts), 64, 32, jnp.bfloat16, "sm90",
+                                      config=MoEConfig(block, GemmTile(32, 32, 2, 4, 2), GemmTile(32, 32, 1, 4, 2)))
+    assert [dict(s.constexprs)["SPLIT_TAIL"] for s in plan[-2:]] == [_moe_triton.SPLIT_TAIL[block]] * 2 != [0, 0]
+    x, w1, w2, tw, _ = moe_inputs(rng, sum(counts), 64, 32, len(counts), 1, jnp.bfloat16)
+    ids = _ids_with_counts(rng, counts)
+    config = MoEConfig(block, GemmTile(32, 32, 2, 4, 2), GemmTile(32, 32, 1, 4, 2))
+    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
+    assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2
+
+
+def test_split_tail_any_padding_layout(rng):
+    """The tile height comes from the last valid position of a block, not from padding being last."""
+    counts, block = (130, 276), 128  # tail blocks 1 (2 rows) and 4 (20 rows)
+    assert _moe_triton.split_tail(sum(counts), len(counts), block) == 2
+    a = randn(rng, (sum(counts), 64), jnp.bfloat16)
+    b = randn(rng, (2, 48, 64), jnp.bfloat16, scale=0.125)
+    ids = _ids_with_counts(rng, counts)
+    sorted_ids, expert_ids, padded = reference.moe_align_block_size(ids, 2, block)
+    s = np.array(sorted_ids)
+    for blk in (1, 4):  # move one valid row of each tail block to the block's last position
+        lo = blk * block
+        assert s[lo] < sum(counts) <= s[lo + block - 1]
+        s[[lo, lo + block - 1]] = s[[lo + block - 1, lo]]
+    sorted_ids = jnp.asarray(s)
+    kwargs = dict(top_k=1, num_rows=sum(counts), block_size=block, topk_weights=None, activation=None)
+    out = poisoned_jit(lambda *x: ops.moe_gemm(*x, implementation="triton", **kwargs),
+                       a, b, sorted_ids, expert_ids, padded)
+    ref = reference.moe_gemm(a, b, sorted_ids, expert_ids, padded, **kwargs)
+    assert rel_err(out, ref) <= 1e-2
+
+
 # --------------------------------------------------------------------------- GPU only
 
 SEED_SHAPES = [  # (M, N=I, K=D, E, top_k): vLLM's and aiter's test shapes
@@ -196,6 +252,23 @@ def test_gpu_offsets_past_int32(rng):
     ref = reference.fused_moe(x[head].astype(jnp.float32), w1.astype(jnp.float32), w2.astype(jnp.float32),
                               tw[head], ids[head])
     assert rel_err(out[head], ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block,counts", TAIL_CASES)
+def test_gpu_mostly_padding_blocks_split(rng, block, counts):
+    """Tail tiles on the card, with the fast (8-warp, wide) tiles of the large-M configs."""
+    m, d, i = sum(counts), 1024, 512
+    x, w1, w2, tw, _ = moe_inputs(rng, m, d, i, len(counts), 1, jnp.bfloat16)
+    ids = _ids_with_counts(rng, counts)
+    config = MoEConfig(block, GemmTile(128, 64, 8, 8, 4), GemmTile(128, 64, 8, 8, 3))
+    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
+    assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_split_tail_any_padding_layout(rng):
+    test_split_tail_any_padding_layout(rng)
 
 
 @pytest.mark.gpu

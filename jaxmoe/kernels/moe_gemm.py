@@ -10,6 +10,12 @@ up tile (B rows N_OUT + n) together, as one dot over a B tile whose columns inte
 the two, and writes act(gate) * up, so the [rows, 2I] intermediate never reaches memory. With ``MUL_ROUTED_WEIGHT`` (stage 2) each row is
 scaled by its routing weight in fp32 before the store. Row offsets are int64: rows
 times strides can pass 2^31.
+
+Padding: every expert's rows are padded to a multiple of BLOCK_M, so an expert's last
+block is often mostly padding (with 130 rows and BLOCK_M = 128, the second block holds 2).
+With ``SPLIT_TAIL`` = s > 0, a block whose valid rows all sit in its first BLOCK_M / 2
+(or, for s = 2, BLOCK_M / 4) positions runs a tile of that many rows instead, so padding
+costs a half (or a quarter) of the multiply work it would.
 """
 
 import triton
@@ -45,37 +51,19 @@ def _activation(gate, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def moe_gemm_kernel(
-    a_ptr, b_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
-    c_ptr,
-    NUM_ROWS: tl.constexpr,  # M * top_k: rows of C; sorted ids >= NUM_ROWS are padding
-    N_OUT: tl.constexpr,  # columns of C (I when the activation is fused, else N)
-    K: tl.constexpr,
-    TOP_K: tl.constexpr,
+def _tile(
+    a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+    NUM_ROWS: tl.constexpr, N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
     stride_cm: tl.constexpr,
-    NUM_M_BLOCKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
-    NUM_XCDS: tl.constexpr,
-    FP32_IEEE: tl.constexpr,  # fp32 operands multiplied exactly, not rounded to TF32
+    FP32_IEEE: tl.constexpr,
 ):
-    num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
-    pid = _remap_for_xcds(tl.program_id(0), NUM_M_BLOCKS * num_n_blocks, NUM_XCDS)
-    # GROUP_SIZE_M row blocks share each column block in turn, so B tiles stay in L2.
-    per_group = GROUP_SIZE_M * num_n_blocks
-    first_m = (pid // per_group) * GROUP_SIZE_M
-    group_rows = tl.minimum(NUM_M_BLOCKS - first_m, GROUP_SIZE_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
-        return  # this row block holds no rows: the grid is sized for the worst case
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of ``expert``."""
+    offs_m = row0 + tl.arange(0, ROWS)
     rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
     row_mask = rows < NUM_ROWS
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
@@ -90,11 +78,11 @@ def moe_gemm_kernel(
         b_rows = pid_n * BLOCK_N + j // 2
         b_cols_ok = b_rows < N_OUT
         b_rows = b_rows + (j % 2) * N_OUT
-        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([ROWS, 2 * BLOCK_N], dtype=tl.float32)
     else:
         b_rows = offs_n
         b_cols_ok = n_mask
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     b_ptrs = b_base + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
 
     for k0 in range(0, K, BLOCK_K):
@@ -112,10 +100,67 @@ def moe_gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     if FUSE_ACTIVATION:
-        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+        gate, up = tl.split(tl.reshape(acc, [ROWS, BLOCK_N, 2]))
         acc = _activation(gate, ACTIVATION) * up
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
     c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def moe_gemm_kernel(
+    a_ptr, b_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
+    c_ptr,
+    NUM_ROWS: tl.constexpr,  # M * top_k: rows of C; sorted ids >= NUM_ROWS are padding
+    N_OUT: tl.constexpr,  # columns of C (I when the activation is fused, else N)
+    K: tl.constexpr,
+    TOP_K: tl.constexpr,
+    stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
+    stride_cm: tl.constexpr,
+    NUM_M_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    NUM_XCDS: tl.constexpr,
+    FP32_IEEE: tl.constexpr,  # fp32 operands multiplied exactly, not rounded to TF32
+    SPLIT_TAIL: tl.constexpr,  # 0, 1 or 2: how many times a mostly-padding block may halve its rows
+):
+    num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
+    pid = _remap_for_xcds(tl.program_id(0), NUM_M_BLOCKS * num_n_blocks, NUM_XCDS)
+    # GROUP_SIZE_M row blocks share each column block in turn, so B tiles stay in L2.
+    per_group = GROUP_SIZE_M * num_n_blocks
+    first_m = (pid // per_group) * GROUP_SIZE_M
+    group_rows = tl.minimum(NUM_M_BLOCKS - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    row0 = pid_m * BLOCK_M
+    if row0 >= tl.load(num_tokens_post_padded_ptr):
+        return  # this row block holds no rows: the grid is sized for the worst case
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    if SPLIT_TAIL > 0:
+        # Positions up to the last valid row of the block (any layout, not only padding last).
+        pos = tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_token_ids_ptr + row0 + pos)
+        used = tl.max(tl.where(ids < NUM_ROWS, pos, 0), axis=0) + 1
+        quarter = used <= BLOCK_M // 4
+        if SPLIT_TAIL < 2:
+            quarter = False  # compile-time: no quarter-height tile at all
+        if quarter:
+            _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+                  NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+                  BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+        elif used <= BLOCK_M // 2:
+            _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+                  NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+                  BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+        else:
+            _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+                  NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+                  BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+    else:
+        _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+              NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
