@@ -140,26 +140,24 @@ def moe_gemm_kernel(
         return  # this row block holds no rows: the grid is sized for the worst case
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
+    quarter = False  # compile-time False unless the kernel may split
+    half = False
     if SPLIT_TAIL > 0:
         # Positions up to the last valid row of the block (any layout, not only padding last).
         pos = tl.arange(0, BLOCK_M)
         ids = tl.load(sorted_token_ids_ptr + row0 + pos)
         used = tl.max(tl.where(ids < NUM_ROWS, pos, 0), axis=0) + 1
-        quarter = used <= BLOCK_M // 4
-        if SPLIT_TAIL < 2:
-            quarter = False  # compile-time: no quarter-height tile at all
-        if quarter:
-            _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-                  NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-                  BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
-        elif used <= BLOCK_M // 2:
-            _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-                  NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-                  BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
-        else:
-            _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-                  NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-                  BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+        half = used <= BLOCK_M // 2
+        if SPLIT_TAIL > 1:
+            quarter = used <= BLOCK_M // 4
+    if quarter:
+        _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+              NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+    elif half:
+        _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+              NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
     else:
         _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
               NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
