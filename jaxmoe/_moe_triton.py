@@ -25,14 +25,12 @@ from .ops import max_padded_rows
 ALIGN_CHUNK = 1024
 
 # How many times a GEMM program whose row block is mostly padding may halve its rows
-# (``SPLIT_TAIL`` of ``moe_gemm_kernel``), by BLOCK_M. Only where it paid on an H100: the
-# layer compute-bound (>= SPLIT_TAIL_MIN_ROWS rows per expert on average: there padding
-# rows cost multiply time, below weight streaming sets the pace) and the tails a sizeable
-# share of the work (at most SPLIT_TAIL_MAX_BLOCKS row blocks per expert). Measured, split
-# vs not: Mixtral-8x7B M=1024 1.592 vs 1.694 ms, M=2048 2.965 vs 3.095; Qwen3-30B M=8192
-# 1.400 vs 1.540; Mixtral-8x22B M=1024 3.008 vs 3.109; gpt-oss-120b M=8192 4.253 vs 4.356;
-# but Mixtral-8x7B M=8192 (16 blocks per expert) 10.69 vs 10.47 and DeepSeek-V3 at 32 and
-# 128 rows per expert 0.7-1 % slower.
+# (``SPLIT_TAIL`` of ``moe_gemm_kernel``), by BLOCK_M. Only where it paid on an H100 (split
+# vs not, alternated, medians): the layer compute-bound, >= SPLIT_TAIL_MIN_ROWS rows per
+# expert on average (Qwen3-30B M=4096 3 % faster, M=8192 2 %, Mixtral-8x7B M=1024 2 %;
+# below, weight streaming sets the pace: DeepSeek-V3 at 32 and 128 rows per expert was
+# 0.7-1 % slower), and the tails a sizeable share of the work, at most
+# SPLIT_TAIL_MAX_BLOCKS row blocks per expert (Mixtral-8x7B M=8192, 16 blocks: 2 % slower).
 SPLIT_TAIL = {64: 1, 128: 2, 256: 2}
 SPLIT_TAIL_MIN_ROWS = 192
 SPLIT_TAIL_MAX_BLOCKS = 4
