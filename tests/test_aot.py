@@ -13,16 +13,25 @@ from jaxmoe.models import PRESETS
 TARGETS = {"sm_90": "sm90", "gfx942": "gfx942", "gfx950": "gfx950"}
 MS = (1, 16, 128, 1024, 4096)
 DTYPES = (jnp.bfloat16, jnp.float32)  # fp16 tiles are the bf16 ones: same sizes, same code paths
-# constexprs that only size the problem: configs differing in these alone compile alike
+# constexprs that only size the problem: configs differing in these alone compile to the
+# same code up to constants (loop bounds, mask limits, strides), so one of them is compiled.
+# What changes the code is kept: the tile, dtypes, flags, whether K and N are whole tiles
+# (masks or not), a K loop shorter than the pipeline, and how rows divide by TOP_K (not at
+# all, a shift, a division).
 _SHAPE_ONLY = {"NUM_ROWS", "T", "MAX_BLOCKS", "NUM_M_BLOCKS", "NUM_CHUNKS", "stride_am", "stride_be",
-               "stride_bn", "stride_cm"}
+               "stride_bn", "stride_cm", "K", "N_OUT", "TOP_K"}
 
 
 def _key(spec: _launch.KernelLaunch):
     const = dict(spec.constexprs)
     shape_free = tuple((k, v) for k, v in spec.constexprs if k not in _SHAPE_ONLY)
-    even_k = const["K"] % const["BLOCK_K"] == 0 if "BLOCK_K" in const else None
-    return (spec.name, tuple(a.dtype.name for a in spec.args), shape_free, even_k, spec.num_warps, spec.num_stages)
+    tiling = None
+    if "BLOCK_K" in const:
+        top_k = const["TOP_K"]
+        tiling = (const["K"] % const["BLOCK_K"] == 0, const["N_OUT"] % const["BLOCK_N"] == 0,
+                  min(const["K"] // const["BLOCK_K"], spec.num_stages),
+                  "one" if top_k == 1 else "pow2" if top_k & (top_k - 1) == 0 else "other")
+    return (spec.name, tuple(a.dtype.name for a in spec.args), shape_free, tiling, spec.num_warps, spec.num_stages)
 
 
 def launches_for(arch: str) -> list[_launch.KernelLaunch]:
