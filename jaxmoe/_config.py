@@ -66,26 +66,50 @@ def shape_key(num_experts: int, hidden: int, intermediate: int, dtype: Any) -> s
     return f"E={num_experts},D={hidden},I={intermediate},dtype={np.dtype(dtype).name}"
 
 
+def rows_per_expert(num_rows: int, num_experts: int) -> float:
+    """Average sorted rows ((token, slot) pairs) per expert that can receive any."""
+    return num_rows / max(min(num_experts, num_rows), 1)
+
+
+# How many times a GEMM program whose row block is mostly padding may halve its rows
+# (``SPLIT_TAIL`` of ``moe_gemm_kernel``), by BLOCK_M. Only where it paid on an H100 (split
+# vs not, alternated, medians): the layer compute-bound, >= SPLIT_TAIL_MIN_ROWS rows per
+# expert on average (Qwen3-30B M=4096 3 % faster, M=8192 2 %, Mixtral-8x7B M=1024 2 %;
+# below, weight streaming sets the pace: DeepSeek-V3 at 32 and 128 rows per expert was
+# 0.7-1 % slower), and the tails a sizeable share of the work, at most
+# SPLIT_TAIL_MAX_BLOCKS row blocks per expert (Mixtral-8x7B M=8192, 16 blocks: 2 % slower).
+SPLIT_TAIL = {64: 1, 128: 2, 256: 2}
+SPLIT_TAIL_MIN_ROWS = 192
+SPLIT_TAIL_MAX_BLOCKS = 4
+
+
+def split_tail(num_rows: int, num_experts: int, block_m: int) -> int:
+    """``SPLIT_TAIL`` for a GEMM over ``num_rows`` sorted rows of ``num_experts`` experts."""
+    if not SPLIT_TAIL_MIN_ROWS <= rows_per_expert(num_rows, num_experts) <= SPLIT_TAIL_MAX_BLOCKS * block_m:
+        return 0
+    return SPLIT_TAIL.get(block_m, 0)
+
+
 def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                      dtype: Any, arch: str = "sm90") -> MoEConfig:
     """A sound default from the average rows per expert; untuned shapes land here."""
-    rows_per_expert = num_tokens * top_k / max(min(num_experts, num_tokens * top_k), 1)
+    rows = rows_per_expert(num_tokens * top_k, num_experts)
     # Few rows per expert: the weights dominate, and an expert whose rows spill into a second
     # row block has its weights streamed twice. Cover the busier experts too (mean + two
     # standard deviations of the roughly Poisson row counts), not only the mean.
-    busy = rows_per_expert + 2.0 * rows_per_expert**0.5
+    busy = rows + 2.0 * rows**0.5
     if busy <= 16:
         block_m = 16
     elif busy <= 32:
         block_m = 32
-    elif rows_per_expert <= 96:
+    elif rows <= 96:
         block_m = 64
     else:
         block_m = 128
     # Up to ~32 rows per expert the layer streams weights: narrow, deep tiles (measured on
     # an H100 with the 64-row block: faster at 32 rows per expert on Mixtral-8x22B,
     # gpt-oss-120b and Qwen3-235B; slower or even at 64 rows).
-    small = block_m <= 32 or rows_per_expert <= 32
+    small = block_m <= 32 or rows <= 32
     amd = arch.startswith("gfx")
     if small:
         # decode: weight streaming dominates; wide K tiles, few rows

@@ -24,25 +24,6 @@ from .ops import max_padded_rows
 # one launch (decode), beyond it three (count, offsets, scatter).
 ALIGN_CHUNK = 1024
 
-# How many times a GEMM program whose row block is mostly padding may halve its rows
-# (``SPLIT_TAIL`` of ``moe_gemm_kernel``), by BLOCK_M. Only where it paid on an H100 (split
-# vs not, alternated, medians): the layer compute-bound, >= SPLIT_TAIL_MIN_ROWS rows per
-# expert on average (Qwen3-30B M=4096 3 % faster, M=8192 2 %, Mixtral-8x7B M=1024 2 %;
-# below, weight streaming sets the pace: DeepSeek-V3 at 32 and 128 rows per expert was
-# 0.7-1 % slower), and the tails a sizeable share of the work, at most
-# SPLIT_TAIL_MAX_BLOCKS row blocks per expert (Mixtral-8x7B M=8192, 16 blocks: 2 % slower).
-SPLIT_TAIL = {64: 1, 128: 2, 256: 2}
-SPLIT_TAIL_MIN_ROWS = 192
-SPLIT_TAIL_MAX_BLOCKS = 4
-
-
-def split_tail(num_rows: int, num_experts: int, block_m: int) -> int:
-    """``SPLIT_TAIL`` for a GEMM over ``num_rows`` sorted rows of ``num_experts`` experts."""
-    rows_per_expert = num_rows / max(min(num_experts, num_rows), 1)
-    if not SPLIT_TAIL_MIN_ROWS <= rows_per_expert <= SPLIT_TAIL_MAX_BLOCKS * block_m:
-        return 0
-    return SPLIT_TAIL.get(block_m, 0)
-
 
 def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
@@ -149,7 +130,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
         "NUM_XCDS": _config.NUM_XCDS[arch],
         "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
-        "SPLIT_TAIL": split_tail(num_rows, num_experts, block_m),
+        "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m),
     }
     i32 = jnp.int32
     args = (

@@ -157,12 +157,12 @@ TAIL_CASES = [(128, (130, 298, 230, 276)), (64, (198, 228, 192, 207))]
 
 
 def test_split_tail_only_where_compute_bound():
-    assert _moe_triton.split_tail(8 * 256, 8, 128) == 2  # Mixtral-8x7B M=1024: 256 rows per expert
-    assert _moe_triton.split_tail(8 * 256, 8, 64) == 1
-    assert _moe_triton.split_tail(8 * 256, 8, 32) == 0
-    assert _moe_triton.split_tail(32768, 256, 128) == 0  # DeepSeek-V3 M=4096: 128 rows per expert
-    assert _moe_triton.split_tail(300, 8, 128) == 0
-    assert _moe_triton.split_tail(8 * 2048, 8, 128) == 0  # Mixtral M=8192: 16 blocks per expert
+    assert _config.split_tail(8 * 256, 8, 128) == 2  # Mixtral-8x7B M=1024: 256 rows per expert
+    assert _config.split_tail(8 * 256, 8, 64) == 1
+    assert _config.split_tail(8 * 256, 8, 32) == 0
+    assert _config.split_tail(32768, 256, 128) == 0  # DeepSeek-V3 M=4096: 128 rows per expert
+    assert _config.split_tail(300, 8, 128) == 0
+    assert _config.split_tail(8 * 2048, 8, 128) == 0  # Mixtral M=8192: 16 blocks per expert
 
 
 @pytest.mark.parametrize("block,counts", TAIL_CASES)
@@ -170,7 +170,7 @@ def test_mostly_padding_blocks_split(rng, block, counts):
     """Blocks whose rows fit a half or a quarter tile run that smaller tile; every row is still written."""
     plan = _moe_triton.plan_fused_moe(sum(counts), 1, len(counts), 64, 32, jnp.bfloat16, "sm90",
                                       config=MoEConfig(block, GemmTile(32, 32, 2, 4, 2), GemmTile(32, 32, 1, 4, 2)))
-    assert [dict(s.constexprs)["SPLIT_TAIL"] for s in plan[-2:]] == [_moe_triton.SPLIT_TAIL[block]] * 2 != [0, 0]
+    assert [dict(s.constexprs)["SPLIT_TAIL"] for s in plan[-2:]] == [_config.SPLIT_TAIL[block]] * 2 != [0, 0]
     x, w1, w2, tw, _ = moe_inputs(rng, sum(counts), 64, 32, len(counts), 1, jnp.bfloat16)
     ids = _ids_with_counts(rng, counts)
     config = MoEConfig(block, GemmTile(32, 32, 2, 4, 2), GemmTile(32, 32, 1, 4, 2))
@@ -181,7 +181,7 @@ def test_mostly_padding_blocks_split(rng, block, counts):
 def test_split_tail_any_padding_layout(rng):
     """The tile height comes from the last valid position of a block, not from padding being last."""
     counts, block = (130, 276), 128  # tail blocks 1 (2 rows) and 4 (20 rows)
-    assert _moe_triton.split_tail(sum(counts), len(counts), block) == 2
+    assert _config.split_tail(sum(counts), len(counts), block) == 2
     a = randn(rng, (sum(counts), 64), jnp.bfloat16)
     b = randn(rng, (2, 48, 64), jnp.bfloat16, scale=0.125)
     ids = _ids_with_counts(rng, counts)
