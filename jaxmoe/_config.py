@@ -122,6 +122,11 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
         warps = 8 if block_m == 128 else 4
         s1 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=warps, num_stages=3)
         s2 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=warps, num_stages=4)
+        if block_m == 128:
+            # A 128 x 256 stage-2 tile, as wide as stage 1's (whose BLOCK_N columns are gate
+            # and up): measured on an H100 0-10 % faster per layer at every 128-row shape
+            # tried (Mixtral-8x22B M=8192 18.6 -> 17.2 ms, Mixtral-8x7B M=1024 1.72 -> 1.55).
+            s2 = GemmTile(block_n=256, block_k=64, group_size_m=8, num_warps=8, num_stages=4)
     return MoEConfig(block_m, _fit(s1, block_m, dtype, arch, True), _fit(s2, block_m, dtype, arch, False))
 
 

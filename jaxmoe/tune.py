@@ -10,6 +10,7 @@ before shipping it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -39,6 +40,7 @@ TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
     (128, 128, 8, 8, 3),
     (256, 64, 8, 8, 3),
 )
+WIDE_STAGE2 = ((256, 64, 8, 8, 4), (256, 64, 8, 8, 3))
 
 
 def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype: Any, arch: str) -> list[MoEConfig]:
@@ -53,6 +55,13 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
                                _config._fit(tile, block_m, dtype, arch, False))
             if config not in out:
                 out.append(config)
+            if block_m == 128 and tile.num_warps == 8:
+                # stage 1's tile already spans 2 * BLOCK_N accumulator columns (gate and up):
+                # also pair it with stage-2 tiles that wide, which the shared list cannot
+                for wide in WIDE_STAGE2:
+                    config = dataclasses.replace(config, stage2=_config._fit(GemmTile(*wide), block_m, dtype, arch, False))
+                    if config not in out:
+                        out.append(config)
     return out
 
 

@@ -256,12 +256,13 @@ def test_gpu_offsets_past_int32(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block,counts", TAIL_CASES)
-def test_gpu_mostly_padding_blocks_split(rng, block, counts):
-    """Tail tiles on the card, with the fast (8-warp, wide) tiles of the large-M configs."""
+@pytest.mark.parametrize("stage2", [GemmTile(256, 64, 8, 8, 4), GemmTile(128, 64, 8, 8, 3)])
+def test_gpu_mostly_padding_blocks_split(rng, block, counts, stage2):
+    """Tail tiles on the card, with the 8-warp tiles of the large-M configs (stage 2 as wide as stage 1, or half)."""
     m, d, i = sum(counts), 1024, 512
     x, w1, w2, tw, _ = moe_inputs(rng, m, d, i, len(counts), 1, jnp.bfloat16)
     ids = _ids_with_counts(rng, counts)
-    config = MoEConfig(block, GemmTile(128, 64, 8, 8, 4), GemmTile(128, 64, 8, 8, 3))
+    config = MoEConfig(block, GemmTile(128, 64, 8, 8, 4), stage2)
     out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
     assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2
 
