@@ -120,6 +120,13 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     if k_b != k:
         raise ValueError(f"A has K={k} but B has K={k_b}")
     n_out = n // 2 if activation else n
+    need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, activation is not None)
+    if need > _config.SHARED_MEMORY_LIMIT[arch]:
+        # else the launch fails on the device with a driver error, or a compile error ahead of time
+        raise ValueError(
+            f"{tile} with BLOCK_M={block_m} needs {need} bytes of shared memory for its software pipeline, "
+            f"more than the {_config.SHARED_MEMORY_LIMIT[arch]} a program gets on {arch}: "
+            "use fewer num_stages or a smaller block_k or block_n")
     n_blocks = -(-n_out // tile.block_n)
     positions = num_blocks * block_m
     constexprs = {

@@ -130,6 +130,15 @@ def test_small_explicit_config(rng):
     assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2
 
 
+def test_tile_too_big_for_shared_memory_is_refused():
+    """A tile whose pipeline cannot fit is a clear ValueError, not a launch failure on the card."""
+    big = MoEConfig(64, GemmTile(128, 128, 8, 8, 3), GemmTile(128, 64, 8, 8, 3))  # stage 1: 240 KB
+    with pytest.raises(ValueError, match="shared memory"):
+        _moe_triton.plan_fused_moe(1024, 8, 256, 7168, 2048, jnp.bfloat16, "sm90", config=big)
+    fits = MoEConfig(128, GemmTile(128, 64, 8, 8, 4), GemmTile(256, 64, 8, 8, 4))  # 192 KB each
+    assert len(_moe_triton.plan_fused_moe(1024, 8, 256, 7168, 2048, jnp.bfloat16, "sm90", config=fits)) >= 3
+
+
 def test_public_entry_points_pick_kernels(rng):
     x, w1, w2, tw, ids = moe_inputs(rng, 8, 64, 32, 4, 2, jnp.bfloat16)
     import jaxmoe
