@@ -206,3 +206,23 @@ def test_bench_counts_experts_with_the_reference_when_the_kernels_fail(monkeypat
     want = bench.experts_hit_per_layer(params, xs, routing, p.experts)
     monkeypatch.setattr(bench, "moe_layer", kernels_broken)
     assert bench.experts_hit_per_layer(params, xs, routing, p.experts) == want
+
+
+@pytest.mark.parametrize("arch", ["sm90", "gfx942", "gfx950"])
+def test_tune_candidates_all_plan(arch):
+    """Every config the tuner would time can be planned on the arch (fits its shared memory),
+    and on sm90 the large-M search pairs 8-warp stage-1 tiles with the wide stage-2 tiles."""
+    import jax.numpy as jnp
+
+    from jaxmoe import _config, _moe_triton, tune
+
+    for m in (1, 64, 1024, 4096):
+        configs = tune.candidates(m, 2, 8, 4096, 14336, jnp.bfloat16, arch)
+        assert len(configs) == len(set(configs)) > 1
+        for config in configs:
+            _moe_triton.plan_fused_moe(m, 2, 8, 4096, 14336, jnp.bfloat16, arch, config=config)
+    if arch == "sm90":
+        for stage2 in tune.WIDE_STAGE2:
+            paired = {c.stage1 for c in tune.candidates(1024, 2, 8, 4096, 14336, jnp.bfloat16, arch)
+                      if c.block_m == 128 and c.stage2 == _config.GemmTile(*stage2)}
+            assert len(paired) >= 3 and all(t.num_warps == 8 for t in paired), (stage2, paired)
