@@ -40,7 +40,10 @@ TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
     (128, 128, 8, 8, 3),
     (256, 64, 8, 8, 3),
 )
-WIDE_STAGE2 = ((256, 64, 8, 8, 4), (256, 64, 8, 8, 3))
+# stage-2 tiles as wide as an 8-warp stage 1's accumulator (gate and up), tried with each
+# 8-warp stage-1 tile: the shared tile list cannot reach them, since a 256-column stage 1
+# does not fit the registers
+WIDE_STAGE2 = (_config.WIDE_STAGE2, dataclasses.replace(_config.WIDE_STAGE2, num_stages=3))
 
 
 def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype: Any, arch: str) -> list[MoEConfig]:
@@ -56,12 +59,10 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
             if config not in out:
                 out.append(config)
             if block_m == 128 and tile.num_warps == 8:
-                # stage 1's tile already spans 2 * BLOCK_N accumulator columns (gate and up):
-                # also pair it with stage-2 tiles that wide, which the shared list cannot
                 for wide in WIDE_STAGE2:
-                    config = dataclasses.replace(config, stage2=_config._fit(GemmTile(*wide), block_m, dtype, arch, False))
-                    if config not in out:
-                        out.append(config)
+                    paired = dataclasses.replace(config, stage2=_config._fit(wide, block_m, dtype, arch, False))
+                    if paired not in out:
+                        out.append(paired)
     return out
 
 

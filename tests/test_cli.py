@@ -214,7 +214,7 @@ def test_tune_candidates_all_plan(arch):
     and on sm90 the large-M search pairs 8-warp stage-1 tiles with the wide stage-2 tiles."""
     import jax.numpy as jnp
 
-    from jaxmoe import _config, _moe_triton, tune
+    from jaxmoe import _moe_triton, tune
 
     for m in (1, 64, 1024, 4096):
         configs = tune.candidates(m, 2, 8, 4096, 14336, jnp.bfloat16, arch)
@@ -224,5 +224,5 @@ def test_tune_candidates_all_plan(arch):
     if arch == "sm90":
         for stage2 in tune.WIDE_STAGE2:
             paired = {c.stage1 for c in tune.candidates(1024, 2, 8, 4096, 14336, jnp.bfloat16, arch)
-                      if c.block_m == 128 and c.stage2 == _config.GemmTile(*stage2)}
+                      if c.block_m == 128 and c.stage2 == stage2}
             assert len(paired) >= 3 and all(t.num_warps == 8 for t in paired), (stage2, paired)
