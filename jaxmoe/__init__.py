@@ -6,18 +6,21 @@ Public API::
     jaxmoe.fused_moe(x, w1, w2, topk_weights, topk_ids)   -> y
     jaxmoe.init_moe_params(key, hidden=, intermediate=, experts=) -> params
     jaxmoe.moe_layer(params, x, top_k=)                   -> y
-    jaxmoe.ops.moe_align_block_size / moe_gemm / max_padded_rows
+    jaxmoe.ops.align / grouped_gemm / moe_align_block_size / moe_gemm / max_padded_rows / router_sigmoid_top1
     jaxmoe.reference.*                                    (plain jax.numpy versions)
+    jaxmoe.RoutingData, jaxmoe.QuantizedWeights, jaxmoe.Numerics   (the data types)
 
-Every function takes ``implementation=None | "triton" | "reference"`` (not the reference
-module's) and composes with ``jax.jit``.
+Every op takes ``implementation=None | "triton" | "reference"`` (or a sequence of them)
+and composes with ``jax.jit``.
 """
 
 from jaxmoe import ops, reference
-from jaxmoe.fused_moe import fused_moe
 from jaxmoe.layer import init_moe_params, moe_layer
-from jaxmoe.routing import route
+from jaxmoe.ops.moe import fused_moe
+from jaxmoe.ops.routing import route
+from jaxmoe.types import Numerics, QuantizedWeights, RoutingData
 
 __version__ = "0.1.0"
 
-__all__ = ["route", "fused_moe", "moe_layer", "init_moe_params", "ops", "reference", "__version__"]
+__all__ = ["route", "fused_moe", "moe_layer", "init_moe_params", "ops", "reference", "RoutingData",
+           "QuantizedWeights", "Numerics", "__version__"]

@@ -1,39 +1,60 @@
-"""A functional, Flax-free MoE layer: parameters are a plain dict pytree."""
+"""A functional, Flax-free MoE layer: parameters are a plain dict pytree.
+
+One layer, as one visible flow::
+
+    x [..., D] -> x2d [M, D] -> logits = x2d @ router [M, E] (fp32)
+      -> route (top-k weights and ids) -> align (rows by expert) -> stage 1 (x @ w1, act)
+      -> stage 2 (h @ w2, routing weight) -> sum over k -> y [..., D]
+
+On the kernel path routing and alignment share one launch at decode sizes
+(:data:`jaxmoe.ops.moe.ROUTED_MOE`).
+"""
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxmoe import _dispatch, _validate
-from jaxmoe.fused_moe import fused_moe
-from jaxmoe.routing import route
+from jaxmoe.ops import checks
+from jaxmoe.ops.base import check_implementation
+from jaxmoe.ops.moe import ROUTED_MOE
 
 __all__ = ["init_moe_params", "moe_layer"]
 
 
-def init_moe_params(key, *, hidden, intermediate, experts, dtype=jnp.bfloat16):
+def init_moe_params(key: Any, *, hidden: int, intermediate: int, experts: int, dtype: Any = jnp.bfloat16
+                    ) -> dict[str, jax.Array]:
     """Random parameters of one MoE layer.
 
     Args:
-      key: a ``jax.random`` key.
-      hidden: ``D``; intermediate: ``I`` (per expert); experts: ``E``.
+      key: a ``jax.random`` key (a typed key from ``jax.random.key`` or a legacy uint32
+        ``PRNGKey``).
+      hidden: ``D``; intermediate: ``I`` (per expert); experts: ``E``; Python or numpy ints.
       dtype: dtype of every parameter (bf16 by default).
 
     Returns ``{"router": [D, E], "w1": [E, 2I, D], "w2": [E, D, I]}``, each drawn from a
     normal distribution scaled by ``1 / sqrt(fan_in)`` (``D`` for router and w1, ``I`` for w2).
     """
+    sizes = {}
     for name, v in (("hidden", hidden), ("intermediate", intermediate), ("experts", experts)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+        sizes[name] = int(v)
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    key_dtype = getattr(key, "dtype", None)
+    if key_dtype is None or not (jnp.issubdtype(key_dtype, jax.dtypes.prng_key)
+                                 or (key_dtype == jnp.uint32 and key.shape == (2,))):
+        raise TypeError(f"key must be a jax.random key (jax.random.key(seed)), got {type(key).__name__}"
+                        f"{'' if key_dtype is None else f' of dtype {key_dtype}'}")
     k_router, k_w1, k_w2 = jax.random.split(key, 3)
-    d, i, e = hidden, intermediate, experts
+    d, i, e = sizes["hidden"], sizes["intermediate"], sizes["experts"]
 
     def normal(k, shape, fan_in):
         return (jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
@@ -51,19 +72,19 @@ def init_moe_params(key, *, hidden, intermediate, experts, dtype=jnp.bfloat16):
 
 
 def moe_layer(
-    params,
-    x,
+    params: dict[str, Any],
+    x: Any,
     *,
-    top_k,
-    scoring="softmax",
-    renormalize=True,
-    activation="silu",
-    implementation=None,
-    num_expert_group=None,
-    topk_group=None,
-    correction_bias=None,
-    routed_scaling_factor=1.0,
-):
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    activation: str = "silu",
+    implementation: Any = None,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    correction_bias: Any = None,
+    routed_scaling_factor: Any = 1.0,
+) -> jax.Array:
     """One MoE layer: router matmul, :func:`jaxmoe.route`, :func:`jaxmoe.fused_moe`.
 
     Args:
@@ -74,34 +95,20 @@ def moe_layer(
       top_k, scoring, renormalize, num_expert_group, topk_group, correction_bias,
         routed_scaling_factor: routing options, see :func:`jaxmoe.route`.
       activation: ``"silu"`` or ``"gelu"``, see :func:`jaxmoe.fused_moe`.
-      implementation: None (best available), ``"triton"`` or ``"reference"``; used for
-        both the routing and the experts.
+      implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence
+        of them; used for both the routing and the experts.
 
     Returns an array of ``x``'s shape and dtype. The logits are
     ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision).
     """
-    _validate.check_implementation(implementation)
-    _validate.check_layer_args(params, x, top_k)
+    check_implementation(implementation)
+    checks.check_layer_args(params, x, top_k)
     x2d = x.reshape(-1, x.shape[-1])
     logits = jnp.dot(
         x2d, params["router"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
     )
-    options = dict(
-        scoring=scoring,
-        renormalize=renormalize,
-        num_expert_group=num_expert_group,
-        topk_group=topk_group,
-        correction_bias=correction_bias,
-        routed_scaling_factor=routed_scaling_factor,
-    )
-    routed = _dispatch.kernel_for("_moe_triton", "routed_moe", implementation)
-    if routed is not None:
-        # The kernels' own path: routing and alignment share one launch at decode sizes.
-        _validate.check_route_args(logits, top_k, **options)
-        _validate.check_activation(activation)
-        y = routed(x2d, params["w1"], params["w2"], logits, top_k, activation=activation, **options)
-    else:
-        topk_weights, topk_ids = route(logits, top_k, **options, implementation=implementation)
-        y = fused_moe(x2d, params["w1"], params["w2"], topk_weights, topk_ids, activation=activation,
-                      implementation=implementation)
+    y = ROUTED_MOE(x2d, params["w1"], params["w2"], logits, top_k, activation=activation, scoring=scoring,
+                   renormalize=renormalize, num_expert_group=num_expert_group, topk_group=topk_group,
+                   correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+                   implementation=implementation)
     return y.reshape(x.shape)

@@ -10,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import jax.numpy as jnp
 import pytest
 
-from jaxmoe import _config, _launch, _moe_triton
+from jaxmoe.backends import KernelLaunch, aot
+from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.moe import triton as moe_triton
 from jaxmoe.models import PRESETS
 
 TARGETS = {"sm_90": "sm90", "gfx942": "gfx942", "gfx950": "gfx950"}
@@ -19,13 +21,13 @@ DTYPES = (jnp.bfloat16, jnp.float32)  # fp16 tiles are the bf16 ones: same sizes
 # constexprs that only size the problem: configs differing in these alone compile to the
 # same code up to constants (loop bounds, mask limits, strides), so one of them is compiled.
 # What changes the code is kept: the tile, dtypes, flags, whether K and N are whole tiles
-# (masks or not), a K loop shorter than the pipeline, and how rows divide by TOP_K (not at
-# all, a shift, a division).
-_SHAPE_ONLY = {"NUM_ROWS", "T", "MAX_BLOCKS", "NUM_M_BLOCKS", "NUM_CHUNKS", "stride_am", "stride_be",
-               "stride_bn", "stride_cm", "K", "N_OUT", "TOP_K"}
+# (masks or not), a K loop shorter than the pipeline, how rows divide by TOP_K (not at
+# all, a shift, a division), and which runtime sizes equal 1 (a constant on a real launch).
+# Batch sizes are runtime arguments already, so they never multiply the compiles.
+_SHAPE_ONLY = {"stride_am", "stride_be", "stride_bn", "stride_cm", "K", "N_OUT", "TOP_K", "NUM_EXPERTS"}
 
 
-def _key(spec: _launch.KernelLaunch):
+def _key(spec: KernelLaunch):
     const = dict(spec.constexprs)
     shape_free = tuple((k, v) for k, v in spec.constexprs if k not in _SHAPE_ONLY)
     tiling = None
@@ -34,10 +36,12 @@ def _key(spec: _launch.KernelLaunch):
         tiling = (const["K"] % const["BLOCK_K"] == 0, const["N_OUT"] % const["BLOCK_N"] == 0,
                   min(const["K"] // const["BLOCK_K"], spec.num_stages),
                   "one" if top_k == 1 else "pow2" if top_k & (top_k - 1) == 0 else "other")
-    return (spec.name, tuple(a.dtype.name for a in spec.args), shape_free, tiling, spec.num_warps, spec.num_stages)
+    ones = tuple(int(v) == 1 for _, v in spec.scalars)
+    return (spec.name, tuple(a.dtype.name for a in spec.args), shape_free, tiling, ones, spec.num_warps,
+            spec.num_stages)
 
 
-def launches_for(arch: str) -> list[_launch.KernelLaunch]:
+def launches_for(arch: str) -> list[backends.KernelLaunch]:
     """The distinct launches fused_moe makes for every preset, M, dtype and activation on ``arch``,
     plus every entry of the arch's tuned config file."""
     seen: dict = {}
@@ -45,7 +49,7 @@ def launches_for(arch: str) -> list[_launch.KernelLaunch]:
         for m in MS:
             for dtype in DTYPES:
                 for activation in ("silu", "gelu"):
-                    for spec in _moe_triton.plan_fused_moe(m, preset.top_k, preset.experts, preset.hidden,
+                    for spec in moe_triton.plan_fused_moe(m, preset.top_k, preset.experts, preset.hidden,
                                                            preset.intermediate, dtype, arch, activation):
                         seen.setdefault(_key(spec), spec)
     tuned = _config._load(str(_config.config_dir() / f"{arch}.json"))
@@ -56,7 +60,7 @@ def launches_for(arch: str) -> list[_launch.KernelLaunch]:
         for m, entry in table.items():
             config = _config.MoEConfig.from_json(entry)
             k = top_k.get((e, d, i), 8)
-            for spec in _moe_triton.plan_fused_moe(int(m), k, e, d, i, dtype, arch, config=config):
+            for spec in moe_triton.plan_fused_moe(int(m), k, e, d, i, dtype, arch, config=config):
                 seen.setdefault(_key(spec), spec)
     return list(seen.values())
 
@@ -70,7 +74,7 @@ def test_every_moe_launch_compiles(target):
     # Compiles run two at a time: much of each is ptxas / the LLVM backend outside the GIL
     # (1.6x faster on 2 cores); results are checked here, in order.
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        compiled_all = list(pool.map(lambda spec: _launch.compile_aot(spec, target), specs))
+        compiled_all = list(pool.map(lambda spec: aot.compile_aot(spec, target), specs))
     for spec, compiled in zip(specs, compiled_all):
         binary = compiled.asm["cubin" if target == "sm_90" else "hsaco"]
         assert len(binary) > 0, spec

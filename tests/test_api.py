@@ -11,7 +11,7 @@ import pytest
 
 import jaxmoe
 from conftest import moe_inputs, randn, random_ids, rel_err
-from jaxmoe import _dispatch, models, ops, reference
+from jaxmoe import models, ops, reference
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -60,20 +60,6 @@ def test_route_traced_scaling_factor(rng):
     logits = randn(rng, (4, 8), F32)
     w = jax.jit(lambda l, s: jaxmoe.route(l, 2, routed_scaling_factor=s)[0])(logits, jnp.float32(2.5))
     np.testing.assert_allclose(np.asarray(w).sum(axis=1), 2.5, rtol=1e-6)
-
-
-def test_cpu_default_is_reference():
-    if jax.default_backend() == "cpu":
-        assert _dispatch.kernel_for("_moe_triton", "fused_moe", None) is None
-
-
-def test_missing_kernel_raises_only_when_forced(monkeypatch):
-    monkeypatch.setattr(_dispatch._launch, "resolve_implementation", lambda impl: "triton")
-    assert _dispatch.kernel_for("_no_such_kernel_module", "route", None) is None
-    with pytest.raises(NotImplementedError, match="not available"):
-        _dispatch.kernel_for("_no_such_kernel_module", "route", "triton")
-    with pytest.raises(NotImplementedError):
-        _dispatch.kernel_for("reference", "no_such_function", "triton")
 
 
 def test_init_moe_params():

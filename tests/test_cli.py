@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxmoe import _dispatch
+from jaxmoe.backends.platform import triton_available
 from jaxmoe.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_check_tiny_all_implementations():
     proc = _run("check", "--model", "tiny", "--m", "4", "--repeats", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _row(proc.stdout, "reference").rstrip().endswith("pass")
-    if _dispatch.triton_ready("_moe_triton", "fused_moe"):
+    if triton_available():
         assert _row(proc.stdout, "triton").rstrip().endswith("pass")
 
 
@@ -90,7 +90,7 @@ def test_bench_reports_a_peer_whose_weights_do_not_fit_and_goes_on(tmp_path, cap
     marks its cells and leaves the other implementations' cells alone."""
     if jax.default_backend() != "cpu":
         pytest.skip("CPU behaviour")
-    from jaxmoe import bench
+    from jaxmoe.tools import bench
 
     real = bench.jnp.swapaxes
 
@@ -119,7 +119,7 @@ def test_tune_refuses_cpu(capsys):
 def test_tune_seeds_an_untuned_table_without_a_gpu(tmp_path):
     import json
 
-    from jaxmoe import _config
+    from jaxmoe.ops.gemm import config as _config
 
     assert main(["tune", "--seed-heuristic", "gfx942", "--model", "mixtral-8x7b", "--m", "1", "--m", "4096",
                  "--out", str(tmp_path)]) == 0
@@ -134,7 +134,7 @@ def test_tune_seeds_an_untuned_table_without_a_gpu(tmp_path):
 def test_shipped_amd_tables_are_marked_untuned():
     import json
 
-    from jaxmoe import _config
+    from jaxmoe.ops.gemm import config as _config
 
     for arch in ("gfx942", "gfx950"):
         table = json.loads((_config.config_dir() / f"{arch}.json").read_text())
@@ -146,7 +146,7 @@ def test_bench_time_per_layer_excludes_the_fixed_cost_of_a_call(monkeypatch):
     jit call (dispatch) lands in the intercept, not in the time per layer."""
     import time
 
-    from jaxmoe import bench
+    from jaxmoe.tools import bench
 
     fixed, per_layer = 0.030, 0.010
 
@@ -171,7 +171,8 @@ def test_bench_counts_the_experts_each_chained_layer_hits():
     its batch alone, later layers the batch plus the previous layer's output."""
     import numpy as np
 
-    from jaxmoe import bench, reference
+    from jaxmoe import reference
+    from jaxmoe.tools import bench
     from jaxmoe.layer import init_moe_params
     from jaxmoe.models import PRESETS
 
@@ -188,7 +189,7 @@ def test_bench_counts_the_experts_each_chained_layer_hits():
 
 def test_bench_counts_experts_with_the_reference_when_the_kernels_fail(monkeypatch):
     """A kernel failure must not stop the benchmark before its cells can report it."""
-    from jaxmoe import bench
+    from jaxmoe.tools import bench
     from jaxmoe.layer import init_moe_params
     from jaxmoe.models import PRESETS
 
@@ -214,13 +215,14 @@ def test_tune_candidates_all_plan(arch):
     and on sm90 the large-M search pairs 8-warp stage-1 tiles with the wide stage-2 tiles."""
     import jax.numpy as jnp
 
-    from jaxmoe import _moe_triton, tune
+    from jaxmoe.ops.moe import triton as moe_triton
+    from jaxmoe.tools import tune
 
     for m in (1, 64, 1024, 4096):
         configs = tune.candidates(m, 2, 8, 4096, 14336, jnp.bfloat16, arch)
         assert len(configs) == len(set(configs)) > 1
         for config in configs:
-            _moe_triton.plan_fused_moe(m, 2, 8, 4096, 14336, jnp.bfloat16, arch, config=config)
+            moe_triton.plan_fused_moe(m, 2, 8, 4096, 14336, jnp.bfloat16, arch, config=config)
     if arch == "sm90":
         for stage2 in tune.WIDE_STAGE2:
             paired = {c.stage1 for c in tune.candidates(1024, 2, 8, 4096, 14336, jnp.bfloat16, arch)

@@ -16,14 +16,17 @@ import numpy as np
 import pytest
 from conftest import moe_inputs, randn, rel_err, tolerance
 
-from jaxmoe import _config, _launch, _moe_triton, ops, reference
-from jaxmoe._config import GemmTile, MoEConfig
+from jaxmoe import backends, ops, reference
+from jaxmoe.ops.alignment import triton as align_triton
+from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.gemm.config import GemmTile, MoEConfig
+from jaxmoe.ops.moe import triton as moe_triton
 
 ON_GPU = jax.default_backend() != "cpu"
 
 
 def poisoned_jit(fn, *args):
-    with _launch.poisoned_outputs():
+    with backends.poisoned_outputs():
         return jax.jit(fn)(*args)
 
 
@@ -57,7 +60,7 @@ ALIGN_CASES = [  # (M, k, E, block)
 @pytest.mark.parametrize("m,k,e,block", ALIGN_CASES)
 def test_align_matches_reference(rng, m, k, e, block):
     ids = jnp.asarray(rng.integers(-2, e + 2, size=(m, k)), jnp.int32)  # includes invalid ids
-    out = poisoned_jit(lambda i: _moe_triton.moe_align_block_size(i, e, block), ids)
+    out = poisoned_jit(lambda i: align_triton.moe_align_block_size(i, e, block), ids)
     ref = reference.moe_align_block_size(ids, e, block)
     for name, o, r in zip(("sorted_token_ids", "expert_ids", "num_tokens_post_padded"), out, ref):
         np.testing.assert_array_equal(np.asarray(o), np.asarray(r), err_msg=name)
@@ -105,7 +108,7 @@ FUSED_CASES.append((32, 512, 1024, 8, 2, jnp.bfloat16))  # the seed's first shap
 @pytest.mark.parametrize("m,d,i,e,k,dtype", FUSED_CASES)
 def test_fused_moe_matches_reference(rng, m, d, i, e, k, dtype):
     x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, dtype)
-    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a), x, w1, w2, tw, ids)
+    out = poisoned_jit(lambda *a: moe_triton.fused_moe(*a), x, w1, w2, tw, ids)
     ref = fp32_reference(x, w1, w2, tw, ids, "silu")
     assert out.shape == (m, d) and out.dtype == dtype
     assert rel_err(out, ref) <= tolerance(dtype)
@@ -116,7 +119,7 @@ def test_fused_moe_invalid_ids_and_empty_experts(rng, activation):
     m, d, i, e, k = 24, 64, 48, 16, 2
     x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, jnp.bfloat16, experts=[1, 5, 6])  # 13 empty experts
     ids = with_invalid_ids(ids, e)
-    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a, activation=activation), x, w1, w2, tw, ids)
+    out = poisoned_jit(lambda *a: moe_triton.fused_moe(*a, activation=activation), x, w1, w2, tw, ids)
     ref = fp32_reference(x, w1, w2, tw, ids, activation)
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
     assert rel_err(out, ref) <= 1e-2
@@ -126,7 +129,7 @@ def test_small_explicit_config(rng):
     """Tiles smaller than the problem in every direction, GROUP_SIZE_M > 1."""
     x, w1, w2, tw, ids = moe_inputs(rng, 40, 64, 64, 3, 3, jnp.bfloat16)
     config = MoEConfig(16, GemmTile(32, 32, 2, 4, 2), GemmTile(32, 32, 3, 4, 2))
-    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
+    out = poisoned_jit(lambda *a: moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
     assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2
 
 
@@ -134,9 +137,9 @@ def test_tile_too_big_for_shared_memory_is_refused():
     """A tile whose pipeline cannot fit is a clear ValueError, not a launch failure on the card."""
     big = MoEConfig(64, GemmTile(128, 128, 8, 8, 3), GemmTile(128, 64, 8, 8, 3))  # stage 1: 240 KB
     with pytest.raises(ValueError, match="shared memory"):
-        _moe_triton.plan_fused_moe(1024, 8, 256, 7168, 2048, jnp.bfloat16, "sm90", config=big)
+        moe_triton.plan_fused_moe(1024, 8, 256, 7168, 2048, jnp.bfloat16, "sm90", config=big)
     fits = MoEConfig(128, GemmTile(128, 64, 8, 8, 4), GemmTile(256, 64, 8, 8, 4))  # 192 KB each
-    assert len(_moe_triton.plan_fused_moe(1024, 8, 256, 7168, 2048, jnp.bfloat16, "sm90", config=fits)) >= 3
+    assert len(moe_triton.plan_fused_moe(1024, 8, 256, 7168, 2048, jnp.bfloat16, "sm90", config=fits)) >= 3
 
 
 def test_public_entry_points_pick_kernels(rng):
@@ -177,13 +180,13 @@ def test_split_tail_only_where_compute_bound():
 @pytest.mark.parametrize("block,counts", TAIL_CASES)
 def test_mostly_padding_blocks_split(rng, block, counts):
     """Blocks whose rows fit a half or a quarter tile run that smaller tile; every row is still written."""
-    plan = _moe_triton.plan_fused_moe(sum(counts), 1, len(counts), 64, 32, jnp.bfloat16, "sm90",
+    plan = moe_triton.plan_fused_moe(sum(counts), 1, len(counts), 64, 32, jnp.bfloat16, "sm90",
                                       config=MoEConfig(block, GemmTile(32, 32, 2, 4, 2), GemmTile(32, 32, 1, 4, 2)))
     assert [dict(s.constexprs)["SPLIT_TAIL"] for s in plan[-2:]] == [_config.SPLIT_TAIL[block]] * 2 != [0, 0]
     x, w1, w2, tw, _ = moe_inputs(rng, sum(counts), 64, 32, len(counts), 1, jnp.bfloat16)
     ids = _ids_with_counts(rng, counts)
     config = MoEConfig(block, GemmTile(32, 32, 2, 4, 2), GemmTile(32, 32, 1, 4, 2))
-    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
+    out = poisoned_jit(lambda *a: moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
     assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2
 
 
@@ -226,7 +229,7 @@ SEED_SHAPES = [  # (M, N=I, K=D, E, top_k): vLLM's and aiter's test shapes
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_gpu_seed_shapes(rng, m, n, kdim, e, k, dtype):
     x, w1, w2, tw, ids = moe_inputs(rng, m, kdim, n, e, k, dtype)
-    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a), x, w1, w2, tw, ids)
+    out = poisoned_jit(lambda *a: moe_triton.fused_moe(*a), x, w1, w2, tw, ids)
     ref = fp32_reference(x, w1, w2, tw, ids, "silu")
     assert rel_err(out, ref) <= tolerance(dtype)
 
@@ -236,7 +239,7 @@ def test_gpu_seed_shapes(rng, m, n, kdim, e, k, dtype):
 def test_gpu_invalid_ids_empty_experts(rng, activation):
     x, w1, w2, tw, ids = moe_inputs(rng, 200, 1024, 512, 64, 4, jnp.bfloat16, experts=list(range(0, 64, 5)))
     ids = with_invalid_ids(ids, 64)
-    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a, activation=activation), x, w1, w2, tw, ids)
+    out = poisoned_jit(lambda *a: moe_triton.fused_moe(*a, activation=activation), x, w1, w2, tw, ids)
     assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, activation)) <= 1e-2
 
 
@@ -252,7 +255,7 @@ def test_gpu_offsets_past_int32(rng):
     m, d, i, e, k = (1 << 21) + 4096, 128, 128, 8, 8
     assert m * k * i > 2**31
     x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, jnp.bfloat16)
-    out = jax.jit(lambda *a: _moe_triton.fused_moe(*a))(x, w1, w2, tw, ids)
+    out = jax.jit(lambda *a: moe_triton.fused_moe(*a))(x, w1, w2, tw, ids)
     tail = slice(m - 4096, m)  # the rows whose offsets pass 2^31
     ref = reference.fused_moe(x[tail].astype(jnp.float32), w1.astype(jnp.float32), w2.astype(jnp.float32),
                               tw[tail], ids[tail])
@@ -272,7 +275,7 @@ def test_gpu_mostly_padding_blocks_split(rng, block, counts, stage2):
     x, w1, w2, tw, _ = moe_inputs(rng, m, d, i, len(counts), 1, jnp.bfloat16)
     ids = _ids_with_counts(rng, counts)
     config = MoEConfig(block, GemmTile(128, 64, 8, 8, 4), stage2)
-    out = poisoned_jit(lambda *a: _moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
+    out = poisoned_jit(lambda *a: moe_triton.fused_moe(*a, config=config), x, w1, w2, tw, ids)
     assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2
 
 
@@ -288,16 +291,16 @@ def test_gpu_every_heuristic_bucket(rng):
     for m in (1, 40, 200, 2000):
         config = _config.heuristic_config(m, k, e, d, i, jnp.bfloat16)
         x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, jnp.bfloat16)
-        out = poisoned_jit(lambda *a, c=config: _moe_triton.fused_moe(*a, config=c), x, w1, w2, tw, ids)
+        out = poisoned_jit(lambda *a, c=config: moe_triton.fused_moe(*a, config=c), x, w1, w2, tw, ids)
         assert rel_err(out, fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2, (m, config)
 
 
 def test_no_tokens_launches_nothing(rng):
     """M = 0: empty results of the right shapes, through every kernel entry point."""
     x, w1, w2, tw, ids = moe_inputs(rng, 0, 64, 32, 4, 2, jnp.bfloat16)
-    out = jax.jit(lambda *a: _moe_triton.fused_moe(*a))(x, w1, w2, tw, ids)
+    out = jax.jit(lambda *a: moe_triton.fused_moe(*a))(x, w1, w2, tw, ids)
     assert out.shape == (0, 64) and out.dtype == jnp.bfloat16
-    sorted_ids, expert_ids, padded = _moe_triton.moe_align_block_size(ids, 4, 16)
+    sorted_ids, expert_ids, padded = align_triton.moe_align_block_size(ids, 4, 16)
     assert sorted_ids.shape == (0,) and expert_ids.shape == (0,) and int(padded[0]) == 0
     c = ops.moe_gemm(x, w1, sorted_ids, expert_ids, padded, top_k=2, num_rows=0, block_size=16,
                      activation="silu", implementation="triton")
@@ -335,7 +338,7 @@ def test_gpu_launch_payload_is_slim(rng):
     if not jax_triton.__version__.startswith("0.3."):
         pytest.skip(f"jax-triton {jax_triton.__version__} lowers to another custom call")
     x, w1, w2, tw, ids = moe_inputs(rng, 37, 256, 128, 8, 2, jnp.bfloat16)
-    fn = jax.jit(lambda *a: _moe_triton.fused_moe(*a))
+    fn = jax.jit(lambda *a: moe_triton.fused_moe(*a))
     payloads = _custom_call_payloads(fn.lower(x, w1, w2, tw, ids))
     assert len(payloads) >= 3  # align, stage 1, stage 2
     for payload in payloads:
@@ -343,5 +346,5 @@ def test_gpu_launch_payload_is_slim(rng):
         assert b"tt.func" not in payload, "TTIR left in the launch payload"
         assert not re.search(rb"^\s*\.loc\s", payload, re.M), "line info left in the PTX"
         assert b".debug_info" not in payload
-    assert rel_err(poisoned_jit(lambda *a: _moe_triton.fused_moe(*a), x, w1, w2, tw, ids),
+    assert rel_err(poisoned_jit(lambda *a: moe_triton.fused_moe(*a), x, w1, w2, tw, ids),
                    fp32_reference(x, w1, w2, tw, ids, "silu")) <= 1e-2

@@ -11,7 +11,9 @@ import pytest
 from conftest import rel_err
 from test_routing_kernels import GROUPED, _bias, _logits
 
-from jaxmoe import _launch, _moe_triton, moe_layer, reference
+from jaxmoe import backends, moe_layer, reference
+from jaxmoe.backends import aot
+from jaxmoe.ops.moe import triton as moe_triton
 from jaxmoe.layer import init_moe_params
 
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -30,13 +32,13 @@ CASES = {  # name: (M, E, k, routing options, with bias)
 def _route_align(logits, k, bias, block_size, **kw):
     m, e = logits.shape
     scale = kw.pop("routed_scaling_factor", 1.0)
-    spec = _moe_triton.plan_route_align(m, e, k, logits.dtype, block_size, **kw,
+    spec = moe_triton.plan_route_align(m, e, k, logits.dtype, block_size, **kw,
                                         bias_dtype=None if bias is None else bias.dtype,
                                         routed_scaling_factor=scale)
     assert spec is not None and spec.grid == (1,)
     bias_arg = bias if bias is not None else jnp.zeros((1,), F32)
-    with _launch.poisoned_outputs():
-        outs = jax.jit(lambda x, b: _launch.launch(spec, x, b))(logits, bias_arg)
+    with backends.poisoned_outputs():
+        outs = jax.jit(lambda x, b: backends.launch(spec, x, b))(logits, bias_arg)
     return jax.device_get(outs[:5])
 
 
@@ -76,11 +78,11 @@ def test_route_align_block_sizes_ties_and_nan(rng):
 
 def test_route_align_only_where_it_pays():
     # one program routes at most ROUTE_ALIGN_MAX_ROW_BLOCKS tiles and aligns at most ALIGN_CHUNK ids
-    assert _moe_triton.plan_route_align(1, 256, 8, F32, 16) is not None
-    assert _moe_triton.plan_route_align(16, 256, 8, F32, 16) is not None
-    assert _moe_triton.plan_route_align(64, 256, 8, F32, 16) is None  # 8 row blocks
-    assert _moe_triton.plan_route_align(513, 8, 2, F32, 16) is None  # 1026 ids
-    assert _moe_triton.plan_route_align(0, 8, 2, F32, 16) is None
+    assert moe_triton.plan_route_align(1, 256, 8, F32, 16) is not None
+    assert moe_triton.plan_route_align(16, 256, 8, F32, 16) is not None
+    assert moe_triton.plan_route_align(64, 256, 8, F32, 16) is None  # 8 row blocks
+    assert moe_triton.plan_route_align(513, 8, 2, F32, 16) is None  # 1026 ids
+    assert moe_triton.plan_route_align(0, 8, 2, F32, 16) is None
 
 
 def _count_triton_calls(fn, *args) -> int:
@@ -96,11 +98,11 @@ def test_moe_layer_on_the_kernels(rng, m):
     x = jnp.asarray(rng.standard_normal((m, 64)), F32)
     kw = dict(top_k=6, scoring="sigmoid", num_expert_group=8, topk_group=4,
               correction_bias=_bias(rng, 64), routed_scaling_factor=2.5)
-    with _launch.poisoned_outputs():
+    with backends.poisoned_outputs():
         got = jax.jit(lambda p, x: moe_layer(p, x, implementation="triton", **kw))(params, x)
     want = jax.jit(lambda p, x: moe_layer(p, x, implementation="reference", **kw))(params, x)
     assert rel_err(got, want) <= 1e-5
-    fused = _moe_triton.plan_route_align(m, 64, 6, F32, 16, scoring="sigmoid", num_expert_group=8,
+    fused = moe_triton.plan_route_align(m, 64, 6, F32, 16, scoring="sigmoid", num_expert_group=8,
                                          topk_group=4, bias_dtype=F32, routed_scaling_factor=2.5) is not None
     assert fused == (m == 1)
 
@@ -125,13 +127,13 @@ def test_route_align_compiles_aot(target):
             bias = kw.pop("correction_bias", None)
             k = kw.pop("top_k")
             for dtype in (F32, BF16):
-                spec = _moe_triton.plan_route_align(m, preset.experts, k, dtype, 16, **kw,
+                spec = moe_triton.plan_route_align(m, preset.experts, k, dtype, 16, **kw,
                                                     bias_dtype=None if bias is None else F32)
                 if spec is not None:
                     seen.setdefault((dtype, tuple(spec.constexprs[1:])), spec)
     assert len(seen) >= 8
     for spec in seen.values():
-        assert _launch.compile_aot(spec, target).asm, spec
+        assert aot.compile_aot(spec, target).asm, spec
 
 
 @pytest.mark.gpu
@@ -156,7 +158,7 @@ def test_interpreter_leaves_triton_language_as_it_was(rng):
     """Triton's interpreter patches the builtins of the language modules that a helper's
     globals name and never undoes it for helpers; the seam must, or a later real compile
     in the same process (the AOT tests) builds interpreter tensors."""
-    if _launch.platform() != "cpu":
+    if jax.default_backend() != "cpu":
         pytest.skip("the interpreter runs on CPU")
     import triton.language as tl
 

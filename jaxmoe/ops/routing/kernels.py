@@ -85,7 +85,7 @@ def _topk_route_block(
     bias_ptr,
     weights_ptr,
     ids_ptr,
-    M: tl.constexpr,
+    M,  # rows of the logits (a runtime argument)
     E: tl.constexpr,
     K: tl.constexpr,
     E_POW2: tl.constexpr,
@@ -206,9 +206,9 @@ def _topk_route_block(
 @triton.jit
 def topk_route_kernel(
     logits_ptr,
+    M,
     weights_ptr,
     ids_ptr,
-    M: tl.constexpr,
     E: tl.constexpr,
     K: tl.constexpr,
     E_POW2: tl.constexpr,
@@ -232,9 +232,9 @@ def topk_route_kernel(
 def topk_route_biased_kernel(
     logits_ptr,
     bias_ptr,
+    M,
     weights_ptr,
     ids_ptr,
-    M: tl.constexpr,
     E: tl.constexpr,
     K: tl.constexpr,
     E_POW2: tl.constexpr,
@@ -258,9 +258,9 @@ def topk_route_biased_kernel(
 def sigmoid_top1_kernel(
     x_ptr,
     w_ptr,
+    M,
     weights_ptr,
     ids_ptr,
-    M: tl.constexpr,
     D: tl.constexpr,
     E: tl.constexpr,
     E_POW2: tl.constexpr,

@@ -1,7 +1,7 @@
 """``python -m jaxmoe tune``: search block configs of ``fused_moe`` on the current GPU.
 
 For each M it times ``fused_moe`` (align + both GEMM stages + combine, routing excluded)
-with every candidate :class:`~jaxmoe._config.MoEConfig`, keeps the fastest, and merges the
+with every candidate :class:`~jaxmoe.ops.gemm.config.MoEConfig`, keeps the fastest, and merges the
 winners into ``<out>/<arch>.json`` (``jaxmoe/configs`` by default), the file
 ``select_config`` reads. Point ``JAXMOE_CONFIG_DIR`` at another ``--out`` to try a table
 before shipping it.
@@ -19,11 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _config, _moe_triton, reference
-from ._config import GemmTile, MoEConfig
-from .bench import DTYPES, time_layer
-from .layer import init_moe_params
-from .models import PRESETS
+from jaxmoe import reference
+from jaxmoe.layer import init_moe_params
+from jaxmoe.models import PRESETS
+from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.gemm.config import GemmTile, MoEConfig
+from jaxmoe.ops.moe import triton as moe_triton
+from jaxmoe.tools.bench import DTYPES, time_layer
 
 TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
     (16, 128, 1, 4, 4),
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if jax.default_backend() == "cpu":
         print("tune needs a GPU: it times real kernel launches", file=sys.stderr)
         return 2
-    arch = _moe_triton.current_arch()
+    arch = moe_triton.current_arch()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{arch}.json"
     table: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             best: tuple[float, MoEConfig] | None = None
             for config in candidates(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch):
                 def layer(prm, x, c=config):
-                    return _moe_triton.fused_moe(x, prm["w1"], prm["w2"], weights, ids, config=c)
+                    return moe_triton.fused_moe(x, prm["w1"], prm["w2"], weights, ids, config=c)
                 try:
                     t = time_layer(layer, params, xs, args.reps)
                 except Exception as exc:  # a config the compiler or the card refuses

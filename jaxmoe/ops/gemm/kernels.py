@@ -11,6 +11,11 @@ the two, and writes act(gate) * up, so the [rows, 2I] intermediate never reaches
 scaled by its routing weight in fp32 before the store. Row offsets are int64: rows
 times strides can pass 2^31.
 
+Bad routing data cannot make a program read or write out of bounds: a sorted id outside
+[0, num_rows) is padding, and a block whose expert is outside [0, NUM_EXPERTS) writes
+zeros to its rows. The number of rows is a runtime argument and the number of row blocks
+comes from the grid, so one compiled kernel serves every batch size of a config.
+
 Padding: every expert's rows are padded to a multiple of BLOCK_M, so an expert's last
 block is often mostly padding (with 130 rows and BLOCK_M = 128, the second block holds 2).
 With ``SPLIT_TAIL`` = s > 0, a block whose valid rows all sit in its first BLOCK_M / 2
@@ -23,7 +28,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _remap_for_xcds(pid, NUM_PROGRAMS: tl.constexpr, NUM_XCDS: tl.constexpr):
+def _remap_for_xcds(pid, num_programs, NUM_XCDS: tl.constexpr):
     """Make consecutive logical tiles run on one XCD (AMD MI300: 8 dies, each with its own L2).
 
     The hardware hands program ids to XCDs round-robin; this bijection gives XCD x a
@@ -31,8 +36,8 @@ def _remap_for_xcds(pid, NUM_PROGRAMS: tl.constexpr, NUM_XCDS: tl.constexpr):
     """
     if NUM_XCDS == 1:
         return pid
-    per_xcd = (NUM_PROGRAMS + NUM_XCDS - 1) // NUM_XCDS
-    full = NUM_PROGRAMS % NUM_XCDS  # XCDs that get per_xcd programs; the rest get one fewer
+    per_xcd = (num_programs + NUM_XCDS - 1) // NUM_XCDS
+    full = num_programs % NUM_XCDS  # XCDs that get per_xcd programs; the rest get one fewer
     if full == 0:
         full = NUM_XCDS
     xcd = pid % NUM_XCDS
@@ -51,9 +56,21 @@ def _activation(gate, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _zero_rows(sorted_token_ids_ptr, c_ptr, row0, pid_n, num_rows, N_OUT: tl.constexpr,
+               stride_cm: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Zeros in C's rows of sorted positions [row0, row0 + BLOCK_M), column block pid_n."""
+    rows = tl.load(sorted_token_ids_ptr + row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = (rows >= 0) & (rows < num_rows)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
+    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], zeros,
+             mask=row_mask[:, None] & (offs_n < N_OUT)[None, :])
+
+
+@triton.jit
 def _tile(
-    a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-    NUM_ROWS: tl.constexpr, N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
+    a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert, num_rows,
+    N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
     stride_cm: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -63,7 +80,7 @@ def _tile(
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of ``expert``."""
     offs_m = row0 + tl.arange(0, ROWS)
     rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
-    row_mask = rows < NUM_ROWS
+    row_mask = (rows >= 0) & (rows < num_rows)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
@@ -112,14 +129,14 @@ def _tile(
 @triton.jit
 def moe_gemm_kernel(
     a_ptr, b_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
+    num_rows,  # M * top_k: rows of C; sorted ids outside [0, num_rows) are padding
     c_ptr,
-    NUM_ROWS: tl.constexpr,  # M * top_k: rows of C; sorted ids >= NUM_ROWS are padding
     N_OUT: tl.constexpr,  # columns of C (I when the activation is fused, else N)
     K: tl.constexpr,
     TOP_K: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
     stride_cm: tl.constexpr,
-    NUM_M_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     NUM_XCDS: tl.constexpr,
@@ -127,11 +144,12 @@ def moe_gemm_kernel(
     SPLIT_TAIL: tl.constexpr,  # 0, 1 or 2: how many times a mostly-padding block may halve its rows
 ):
     num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
-    pid = _remap_for_xcds(tl.program_id(0), NUM_M_BLOCKS * num_n_blocks, NUM_XCDS)
+    num_programs = tl.num_programs(0)  # the grid is (row blocks x column blocks)
+    pid = _remap_for_xcds(tl.program_id(0), num_programs, NUM_XCDS)
     # GROUP_SIZE_M row blocks share each column block in turn, so B tiles stay in L2.
     per_group = GROUP_SIZE_M * num_n_blocks
     first_m = (pid // per_group) * GROUP_SIZE_M
-    group_rows = tl.minimum(NUM_M_BLOCKS - first_m, GROUP_SIZE_M)
+    group_rows = tl.minimum(num_programs // num_n_blocks - first_m, GROUP_SIZE_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
 
@@ -139,6 +157,9 @@ def moe_gemm_kernel(
     if row0 >= tl.load(num_tokens_post_padded_ptr):
         return  # this row block holds no rows: the grid is sized for the worst case
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if (expert < 0) | (expert >= NUM_EXPERTS):
+        _zero_rows(sorted_token_ids_ptr, c_ptr, row0, pid_n, num_rows, N_OUT, stride_cm, BLOCK_M, BLOCK_N)
+        return  # no such expert: its rows contribute nothing
 
     quarter = False  # compile-time False unless the kernel may split
     half = False
@@ -146,19 +167,19 @@ def moe_gemm_kernel(
         # Positions up to the last valid row of the block (any layout, not only padding last).
         pos = tl.arange(0, BLOCK_M)
         ids = tl.load(sorted_token_ids_ptr + row0 + pos)
-        used = tl.max(tl.where(ids < NUM_ROWS, pos, 0), axis=0) + 1
+        used = tl.max(tl.where((ids >= 0) & (ids < num_rows), pos, 0), axis=0) + 1
         half = used <= BLOCK_M // 2
         if SPLIT_TAIL > 1:
             quarter = used <= BLOCK_M // 4
     if quarter:
         _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
     elif half:
         _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
     else:
         _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              NUM_ROWS, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)

@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import reference
-from .layer import init_moe_params, moe_layer
-from .models import PRESETS, ModelPreset
+from jaxmoe import reference
+from jaxmoe.layer import init_moe_params, moe_layer
+from jaxmoe.models import PRESETS, ModelPreset
 
 PEAK_BYTES_PER_S = 3.0e12
 PEAK_FLOPS = 790e12

@@ -1,7 +1,8 @@
-"""Triton routing: plans :class:`~jaxmoe._launch.KernelLaunch`es and runs them.
+"""Triton routing: plans :class:`~jaxmoe.backends.launch.KernelLaunch`es and runs them.
 
 One launch per routing call, whatever the mode (softmax/sigmoid, bias, groups,
-renormalization, scaling all fold into compile-time switches of one kernel).
+renormalization, scaling all fold into compile-time switches of one kernel). The number
+of tokens is a runtime argument; the row-block height is one of a few size classes.
 
 Behaviour on bad numbers (the reference agrees): a NaN score counts as ``-inf`` when
 experts are chosen, so every id is in ``[0, E)``; the chosen expert's weight is its
@@ -18,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import _launch
-from jaxmoe._launch import KernelLaunch
+from jaxmoe.backends.launch import KernelLaunch, launch
 
 __all__ = [
     "route",
     "kernel_inputs",
     "kernel_serves",
+    "unsupported_route",
+    "unsupported_sigmoid_top1",
     "router_sigmoid_top1",
     "plan_route",
     "plan_sigmoid_top1",
@@ -47,7 +49,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _kernels() -> Any:
-    from jaxmoe.kernels import routing
+    from jaxmoe.ops.routing import kernels as routing
 
     return routing
 
@@ -66,10 +68,10 @@ def _route_blocks(m: int, e: int) -> RoutePlan:
     # Keep a block's [BLOCK_M, E_POW2] tile near 1K fp32 values (16 per thread at 2 warps),
     # then shrink BLOCK_M while that still leaves enough programs to fill the GPU. Measured
     # on an H100 at M=4096, E=256: 4 rows x 2 warps beat 8 x 4 and 2..32 rows x 1..8 warps.
+    # The row count picks one of a few block heights (a compiled kernel each), never more.
     block_m = max(1, 1024 // e_pow2)
     while block_m > 1 and -(-m // block_m) < _TARGET_PROGRAMS and block_m * e_pow2 > 256:
         block_m //= 2
-    block_m = max(1, min(block_m, _next_pow2(m)))
     tile = block_m * e_pow2
     num_warps = 2 if tile <= 1024 else 4 if tile <= 2048 else 8
     return RoutePlan(block_m, e_pow2, num_warps)
@@ -121,9 +123,9 @@ def plan_route(
         kernel=kernel,
         grid=(-(-m // plan.block_m),),
         args=args,
+        scalars=(("M", m),),
         outs=(jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((m, k), jnp.int32)),
         constexprs=(
-            ("M", m),
             ("E", e),
             ("K", k),
             ("E_POW2", plan.e_pow2),
@@ -171,6 +173,21 @@ def kernel_serves(num_experts: int, top_k: int) -> bool:
     return num_experts <= MAX_EXPERTS and top_k <= MAX_TOP_K
 
 
+def unsupported_route(logits: Any, top_k: int, **_: Any) -> str | None:
+    """Why the routing kernel cannot serve these arguments, or None."""
+    e = int(logits.shape[-1])
+    if not kernel_serves(e, int(top_k)):
+        return f"the kernel keeps a row of logits in registers: at most {MAX_EXPERTS} experts and top_k {MAX_TOP_K}"
+    return None
+
+
+def unsupported_sigmoid_top1(x: Any, w: Any, **_: Any) -> str | None:
+    """Why the fused top-1 router cannot serve these arguments, or None."""
+    if int(w.shape[1]) > MAX_TOP1_EXPERTS:
+        return f"the fused router keeps a [16, E] tile in registers: at most {MAX_TOP1_EXPERTS} experts"
+    return None
+
+
 def route(
     logits: jax.Array,
     top_k: int,
@@ -196,15 +213,6 @@ def route(
     logits, bias = kernel_inputs(logits, correction_bias)
     if m == 0:
         return jnp.zeros((*lead, k), jnp.float32), jnp.zeros((*lead, k), jnp.int32)
-    if not kernel_serves(e, k):
-        # Beyond what one row in registers can hold: the reference serves (DESIGN.md).
-        from jaxmoe import reference
-
-        w, ids = reference.route(
-            logits.reshape(m, e), k, scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
-            topk_group=topk_group, correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-        )
-        return w.reshape(*lead, k), ids.reshape(*lead, k)
     scale = _static_float(routed_scaling_factor)
     spec = plan_route(
         m,
@@ -219,7 +227,7 @@ def route(
         routed_scaling_factor=1.0 if scale is None else scale,
     )
     flat = logits.reshape(m, e)
-    weights, ids = _launch.launch(spec, flat, bias) if bias is not None else _launch.launch(spec, flat)
+    weights, ids = launch(spec, flat, bias) if bias is not None else launch(spec, flat)
     if scale is None:
         weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
     return weights.reshape(*lead, k), ids.reshape(*lead, k)
@@ -261,9 +269,9 @@ def plan_sigmoid_top1(
         kernel=_kernels().sigmoid_top1_kernel,
         grid=(-(-m // block_m),),
         args=(jax.ShapeDtypeStruct((m, d), x_dtype), jax.ShapeDtypeStruct((d, e), w_dtype)),
+        scalars=(("M", m),),
         outs=(jax.ShapeDtypeStruct((m, cols), jnp.float32), jax.ShapeDtypeStruct((m, cols), jnp.int32)),
         constexprs=(
-            ("M", m),
             ("D", d),
             ("E", e),
             ("E_POW2", e_pow2),
@@ -294,14 +302,10 @@ def router_sigmoid_top1(
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
     m, e = x.shape[0], w.shape[1]
     cols = 2 if shared_expert else 1
-    if e > MAX_TOP1_EXPERTS:
-        from jaxmoe import reference
-
-        return reference.router_sigmoid_top1(x, w, shared_expert=shared_expert)
     if m == 0:
         return jnp.zeros((0, cols), jnp.float32), jnp.zeros((0, cols), jnp.int32)
     spec = plan_sigmoid_top1(m, x.shape[1], e, x.dtype, w.dtype, shared_expert=shared_expert)
-    weights, ids = _launch.launch(spec, x, w)
+    weights, ids = launch(spec, x, w)
     return weights, ids
 
 
@@ -320,9 +324,7 @@ def aot_launches(
     seen: dict[Any, KernelLaunch] = {}
 
     def add(spec: KernelLaunch) -> None:
-        dtypes = tuple(jnp.dtype(a.dtype).name for a in spec.args)
-        key = (spec.name, dtypes, spec.constexprs[1:], spec.num_warps, spec.num_stages)
-        seen.setdefault(key, spec)
+        seen.setdefault(spec.code_key(), spec)
 
     for m in ms:
         for dt in dtypes:

@@ -1,4 +1,4 @@
-"""Argument checks shared by the public API, the reference and the Triton wrappers.
+"""Argument checks of every op, shared by the public API, the references and the kernels.
 
 Every check runs in plain Python on static shapes and dtypes, before any tracing work,
 and raises a ``ValueError`` (bad value or shape) or ``TypeError`` (bad type or dtype)
@@ -19,8 +19,10 @@ __all__ = [
     "FLOAT_DTYPES",
     "ACTIVATIONS",
     "SCORINGS",
-    "IMPLEMENTATIONS",
-    "check_implementation",
+    "as_ids",
+    "check_weights_like_ids",
+    "check_sigmoid_top1_args",
+    "check_grouped_gemm_args",
     "check_activation",
     "check_top_k",
     "check_block_size",
@@ -35,7 +37,6 @@ __all__ = [
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 ACTIVATIONS = ("silu", "gelu")
 SCORINGS = ("softmax", "sigmoid")
-IMPLEMENTATIONS = ("triton", "reference")
 
 
 def _shape_dtype(name: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
@@ -74,9 +75,36 @@ def _require_ndim(name: str, shape: tuple[int, ...], ndim: int, what: str) -> No
         raise ValueError(f"{name} must be {what} ({ndim}-D), got shape {list(shape)}")
 
 
-def check_implementation(implementation: Any) -> None:
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+def as_ids(ids: Any, name: str = "topk_ids") -> Any:
+    """Expert ids as int32, with ids outside the int32 range made invalid (-1) first.
+
+    Narrowing int64 ids by a plain cast would wrap ``2**32 + 1`` to expert 1; the range is
+    checked before narrowing, for numpy arrays (which ``jnp.asarray`` would narrow with
+    a wrap when x64 is off) and for 64-bit JAX arrays alike.
+    """
+    import jax.numpy as jnp_
+
+    if isinstance(ids, np.ndarray) or np.isscalar(ids):
+        ids = np.asarray(ids)
+        if ids.dtype.itemsize > 4 or ids.dtype == np.uint32:
+            info = np.iinfo(np.int32)
+            ids = np.where((ids < info.min) | (ids > info.max), -1, ids)
+        return jnp_.asarray(ids.astype(np.int32))
+    ids = jnp_.asarray(ids)
+    if ids.dtype == jnp_.int32:
+        return ids
+    if ids.dtype.itemsize > 4 or ids.dtype == jnp_.uint32:
+        info = np.iinfo(np.int32)
+        ids = jnp_.where((ids < info.min) | (ids > info.max), -1, ids)
+    return ids.astype(jnp_.int32)
+
+
+def check_weights_like_ids(topk_weights: Any, topk_ids: Any) -> None:
+    ws, wd = _shape_dtype("topk_weights", topk_weights)
+    ids, _ = _shape_dtype("topk_ids", topk_ids)
+    _require_float_dtype("topk_weights", wd)
+    if ws != ids:
+        raise ValueError(f"topk_weights must have the shape of topk_ids {list(ids)}, got {list(ws)}")
 
 
 def check_activation(activation: Any, *, optional: bool = False) -> None:
@@ -159,6 +187,13 @@ def check_fused_moe_args(
     hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, activation: Any = "silu"
 ) -> tuple[int, int, int, int, int]:
     """Checks :func:`jaxmoe.fused_moe`'s arguments; returns ``(M, D, E, I, k)``."""
+    from jaxmoe.types import QuantizedWeights
+
+    for name, w in (("w1", w1), ("w2", w2)):
+        if isinstance(w, QuantizedWeights) and w.scheme != "none":
+            raise NotImplementedError(f"{name}: weight scheme {w.scheme!r} is not implemented")
+    w1 = w1.values if isinstance(w1, QuantizedWeights) else w1
+    w2 = w2.values if isinstance(w2, QuantizedWeights) else w2
     xs, xd = _shape_dtype("hidden_states", hidden_states)
     _require_ndim("hidden_states", xs, 2, "[M, D]")
     _require_float_dtype("hidden_states", xd, FLOAT_DTYPES)
@@ -295,3 +330,39 @@ def check_layer_args(params: Any, x: Any, top_k: Any) -> tuple[int, int, int]:
         raise TypeError(f"x must have the dtype of params['w1'] ({wd}), got {xd}")
     check_top_k(top_k, e)
     return d, e, i
+
+
+def check_sigmoid_top1_args(x: Any, w: Any, *, shared_expert: Any = False) -> tuple[int, int, int]:
+    """Checks :func:`jaxmoe.ops.router_sigmoid_top1`'s arguments; returns ``(M, D, E)``."""
+    xs, xd = _shape_dtype("x", x)
+    _require_ndim("x", xs, 2, "[M, D]")
+    _require_float_dtype("x", xd, FLOAT_DTYPES)
+    ws, wd = _shape_dtype("w", w)
+    _require_ndim("w", ws, 2, "[D, E]")
+    _require_float_dtype("w", wd, FLOAT_DTYPES)
+    if xs[1] != ws[0]:
+        raise ValueError(f"x [M, D] and w [D, E] disagree on D: x{list(xs)}, w{list(ws)}")
+    if ws[1] < 1:
+        raise ValueError(f"w must have at least one expert column, got shape {list(ws)}")
+    if not isinstance(shared_expert, (bool, np.bool_)):
+        raise TypeError(f"shared_expert must be a bool, got {type(shared_expert).__name__}")
+    return xs[0], xs[1], ws[1]
+
+
+def check_grouped_gemm_args(a: Any, b: Any, routing: Any, *, topk_weights: Any = None, activation: Any = None,
+                            tile: Any = None) -> tuple[int, int, int, int]:
+    """Checks :func:`jaxmoe.ops.grouped_gemm`'s arguments; returns ``(E, N, K, N_out)``."""
+    from jaxmoe.types import RoutingData
+
+    if not isinstance(routing, RoutingData):
+        raise TypeError(f"routing must be a jaxmoe.RoutingData (from jaxmoe.ops.align), got {type(routing).__name__}")
+    e, n, kdim, n_out = check_moe_gemm_args(
+        a, b, routing.sorted_token_ids, routing.expert_ids, routing.num_tokens_post_padded,
+        top_k=routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1,
+        num_rows=routing.num_rows, block_size=routing.block_size, topk_weights=topk_weights, activation=activation)
+    if routing.num_experts != e:
+        raise ValueError(f"routing was aligned for {routing.num_experts} experts, b holds {e}")
+    if a.shape[0] not in (routing.num_tokens, routing.num_rows):
+        raise ValueError(f"a must hold the routing's {routing.num_tokens} tokens (stage 1) or its "
+                         f"{routing.num_rows} rows (stage 2), got {a.shape[0]} rows")
+    return e, n, kdim, n_out

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 ARCHS = ("sm90", "gfx942", "gfx950")
+PACKAGE_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"  # jaxmoe/configs
 
 # Shared memory (NVIDIA) / LDS (AMD) per program, bytes.
 SHARED_MEMORY_LIMIT = {"sm90": 227 * 1024, "gfx942": 64 * 1024, "gfx950": 160 * 1024}
@@ -151,7 +152,7 @@ def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool) -> Ge
 
 
 def config_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("JAXMOE_CONFIG_DIR", pathlib.Path(__file__).parent / "configs"))
+    return pathlib.Path(os.environ.get("JAXMOE_CONFIG_DIR", PACKAGE_CONFIGS))
 
 
 @functools.cache
@@ -162,6 +163,11 @@ def _load(path: str) -> dict[str, dict[str, Any]]:
     with open(p) as f:
         data = json.load(f)
     return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def log_configs() -> bool:
+    """``JAXMOE_LOG_CONFIG`` set to anything but empty or ``0``: print each config picked."""
+    return os.environ.get("JAXMOE_LOG_CONFIG", "").strip() not in ("", "0")
 
 
 def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
@@ -178,7 +184,7 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
         source = f"{arch}.json M<={bucket}" if below else f"{arch}.json M={bucket}"
     if config is None:
         config = heuristic_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
-    if os.environ.get("JAXMOE_LOG_CONFIG"):
+    if log_configs():
         print(f"jaxmoe: M={num_tokens} k={top_k} {shape_key(num_experts, hidden, intermediate, dtype)} "
               f"arch={arch} [{source}] {config}", file=sys.stderr)
     return config

@@ -1,0 +1,123 @@
+"""Triton's interpreter: what it gets wrong, put right while jaxmoe runs a kernel on a CPU.
+
+Written against Triton 3.6 to 3.9 (``TESTED``); on a version outside that range the
+patches are applied all the same (each checks the shape of what it replaces) and a
+warning says so. ``tests/test_compat.py`` checks each defect still exists in the
+unpatched interpreter, so a Triton that fixes one fails that test and the patch can go.
+
+* ``tl.dot`` on bf16: the interpreter stores bf16 as raw uint16 and multiplies those bit
+  patterns, so bf16 operands are widened to fp32 first (fp16 and fp32 multiply right).
+* fp32 -> bf16 casts: the interpreter truncates; a GPU rounds to nearest even. Left alone,
+  the CPU path's bf16 error would be about twice the GPU's, so the cast rounds to nearest
+  even (NaN stays NaN).
+* ``triton.language``'s own ``@jit`` functions (``tl.sort``, ``tl.cumsum``'s combine,
+  ``tl.max``, ...) were built compiled, since ``triton.jit`` decides at import; for the run
+  they are swapped for interpreted twins.
+* The interpreter patches the builtins of every ``triton.language`` module that a called
+  ``@jit`` helper's globals name, and never undoes that for helpers (``tl.core``, seen from
+  ``triton.language.standard``): a later real compile in the same process then built
+  interpreter tensors. Every ``triton.language`` namespace is put back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = ["patches", "TESTED", "round_f32_to_bf16_bits", "bf16_bits_to_f32"]
+
+TESTED = ((3, 6), (3, 9))  # inclusive range of (major, minor) versions
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def round_f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) of fp32 values, rounded to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if np.any(nan):
+        rounded = np.where(nan, ((bits >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
+    return rounded
+
+
+def _version() -> tuple[int, int]:
+    import triton
+
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    return major, minor
+
+
+@functools.cache
+def _warn_untested() -> None:
+    if not TESTED[0] <= _version() <= TESTED[1]:
+        import triton
+
+        warnings.warn(f"jaxmoe's interpreter patches were tested with Triton {TESTED[0]}-{TESTED[1]}, "
+                      f"this is {triton.__version__}: CPU results may be off", RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def _interpreted_twin(fn: Any) -> Any:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn.fn)
+
+
+@contextlib.contextmanager
+def patches() -> Iterator[None]:
+    """The interpreter, put right for the duration of one kernel run (not thread-safe:
+    callers hold a lock)."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    _warn_untested()
+    builder_cls = type(interpreter.interpreter_builder)
+    original_dot = builder_cls.create_dot
+    original_cast = builder_cls.cast_impl
+
+    def widen(handle: Any) -> np.ndarray:
+        if handle.dtype == tl.bfloat16:
+            return bf16_bits_to_f32(handle.data)
+        return handle.data.astype(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+            a = interpreter.TensorHandle(widen(a), tl.float32)
+            b = interpreter.TensorHandle(widen(b), tl.float32)
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(round_f32_to_bf16_bits(src.data), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    try:  # imported lazily by triton's argument specialisation; must see the real functions
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pass
+    namespaces = (tl, tl.standard, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base)
+    saved = [(ns, dict(vars(ns))) for ns in namespaces]  # restored below, twins included
+    for module in (tl, tl.standard, tl.core, tl.math):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                vars(module)[name] = _interpreted_twin(value)
+    builder_cls.create_dot = create_dot
+    builder_cls.cast_impl = cast_impl
+    try:
+        yield
+    finally:
+        builder_cls.create_dot = original_dot
+        builder_cls.cast_impl = original_cast
+        for ns, before in saved:
+            for name, value in before.items():
+                if vars(ns).get(name) is not value:
+                    setattr(ns, name, value)

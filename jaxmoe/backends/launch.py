@@ -1,0 +1,182 @@
+"""The one seam between JAX and Triton: a launch description, and where it runs.
+
+Every kernel launch in jaxmoe is a :class:`KernelLaunch` (kernel, grid, array and scalar
+arguments, outputs, compile-time constants, warps, stages), planned from static shapes by
+an op's ``triton.py``, and handed to :func:`launch`. Which backend runs it is decided when
+the computation is lowered, per device (``jax.lax.platform_dependent``):
+
+* ``cuda`` / ``rocm``: ``jax_triton.triton_call`` (:mod:`jaxmoe.backends.jax_triton`);
+* ``cpu``: Triton's interpreter on host memory through ``jax.pure_callback``
+  (:mod:`jaxmoe.backends.interpreter`), so the same kernel source runs under ``jax.jit``
+  anywhere, slowly.
+
+:mod:`jaxmoe.backends.aot` compiles the same description ahead of time for ``sm_90``,
+``gfx942`` and ``gfx950`` on a machine without a GPU.
+
+Kernel parameters follow jax-triton's convention: the input pointers in order, then the
+runtime scalars (sizes that vary with the batch, so one compiled kernel serves every
+batch size), then the output pointers, then the ``tl.constexpr`` parameters by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxmoe.backends import platform as _platform
+
+__all__ = ["KernelLaunch", "launch", "poisoned_outputs", "poison_on"]
+
+_TRITON_PTR_TYPES = {
+    "bfloat16": "*bf16",
+    "float16": "*fp16",
+    "float32": "*fp32",
+    "float64": "*fp64",
+    "int8": "*i8",
+    "int16": "*i16",
+    "int32": "*i32",
+    "int64": "*i64",
+    "uint8": "*u8",
+    "uint32": "*u32",
+    "bool": "*i1",
+    "float8_e4m3fn": "*fp8e4nv",
+    "float8_e4m3fnuz": "*fp8e4b8",
+    "float8_e5m2": "*fp8e5",
+}
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    """A complete, static description of one Triton kernel launch.
+
+    ``args`` and ``outs`` hold the shapes and dtypes of the array parameters (inputs, then
+    outputs, in kernel order); ``scalars`` the runtime int32 scalars by name, which the
+    kernel takes between its inputs and its outputs; ``constexprs`` the ``tl.constexpr``
+    values by name. ``amd_options`` holds AMD-only compiler knobs (``waves_per_eu``,
+    ``matrix_instr_nonkdim``, ``kpack``), used where the toolchain accepts them.
+    """
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[jax.ShapeDtypeStruct, ...]
+    outs: tuple[jax.ShapeDtypeStruct, ...]
+    constexprs: tuple[tuple[str, Any], ...] = ()
+    scalars: tuple[tuple[str, int], ...] = ()
+    num_warps: int = 4
+    num_stages: int = 2
+    amd_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.grid or any(int(g) < 1 for g in self.grid):
+            raise ValueError(f"grid must be positive, got {self.grid}")
+        if any(int(g) > INT32_MAX for g in self.grid):
+            raise ValueError(f"grid {self.grid} exceeds the launch limit")
+        for name, value in self.scalars:
+            if not 0 <= int(value) <= INT32_MAX:
+                raise ValueError(f"runtime scalar {name}={value} does not fit an int32")
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def signature(self) -> dict[str, str]:
+        """The Triton signature: parameter name to type, constexprs marked as such."""
+        names = self.kernel.arg_names
+        n_in, n_scalar, n_out = len(self.args), len(self.scalars), len(self.outs)
+        const = dict(self.constexprs)
+        sig: dict[str, str] = {}
+        for i, spec in enumerate(self.args):
+            sig[names[i]] = _TRITON_PTR_TYPES[np.dtype(spec.dtype).name]
+        for j, (name, _) in enumerate(self.scalars):
+            if names[n_in + j] != name:
+                raise ValueError(f"{self.name}: parameter {n_in + j} is {names[n_in + j]!r}, "
+                                 f"the launch passes the scalar {name!r} there")
+            sig[name] = "i32"
+        for i, spec in enumerate(self.outs):
+            sig[names[n_in + n_scalar + i]] = _TRITON_PTR_TYPES[np.dtype(spec.dtype).name]
+        first_const = n_in + n_scalar + n_out
+        for name in names[first_const:]:
+            if name not in const:
+                raise ValueError(f"{self.name}: no value for constexpr parameter {name!r}")
+            sig[name] = "constexpr"
+        unknown = set(const) - set(names[first_const:])
+        if unknown:
+            raise ValueError(f"{self.name}: unknown constexpr parameters {sorted(unknown)}")
+        return sig
+
+    def code_key(self) -> tuple[Any, ...]:
+        """What determines the compiled binary: launches with equal keys share one kernel.
+
+        Runtime scalars enter only as "equal to 1", which jax-triton (like Triton) turns
+        into a compile-time constant.
+        """
+        return (self.name, tuple(np.dtype(a.dtype).name for a in (*self.args, *self.outs)), self.constexprs,
+                tuple(int(v) == 1 for _, v in self.scalars), self.num_warps, self.num_stages, self.amd_options)
+
+
+# --------------------------------------------------------------------------- poison
+
+_POISON = threading.local()
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Trace launches whose outputs start out poisoned, for tests.
+
+    Under the interpreter every output starts as NaN (floats) or -0x5A5A5A5A (ints); on a
+    GPU jax-triton zeroes them first (it has no other fill), which on random inputs is as
+    good a witness of an unwritten row. Affects functions traced inside the block only.
+    """
+    prev = getattr(_POISON, "on", False)
+    _POISON.on = True
+    try:
+        yield
+    finally:
+        _POISON.on = prev
+
+
+def poison_on() -> bool:
+    return getattr(_POISON, "on", False)
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def launch(spec: KernelLaunch, *args: jax.Array) -> tuple[jax.Array, ...]:
+    """Run ``spec`` on ``args`` (JAX arrays matching ``spec.args``); returns the outputs.
+
+    Lowered for a GPU, the launch is a jax-triton custom call; lowered for a CPU, Triton's
+    interpreter runs the kernel on the host.
+    """
+    if len(args) != len(spec.args):
+        raise ValueError(f"{spec.name}: expected {len(spec.args)} arrays, got {len(args)}")
+    for i, (a, s) in enumerate(zip(args, spec.args)):
+        if tuple(a.shape) != tuple(s.shape) or a.dtype != s.dtype:
+            raise ValueError(
+                f"{spec.name}: argument {i} is {a.dtype}{list(a.shape)}, "
+                f"the launch was planned for {s.dtype}{list(s.shape)}"
+            )
+    spec.signature()  # validates the parameters against the kernel's
+    poison = poison_on()
+    from jaxmoe.backends import interpreter
+
+    def on_cpu(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+        return interpreter.launch(spec, arrays, poison)
+
+    gpus = [p for p in _platform.GPU_PLATFORMS if _platform._devices_of(p)]
+    if not gpus:
+        return on_cpu(*args)
+    from jaxmoe.backends import jax_triton
+
+    def on_gpu(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+        return jax_triton.launch(spec, arrays, poison)
+
+    return tuple(jax.lax.platform_dependent(*args, cpu=on_cpu, **{p: on_gpu for p in gpus}))

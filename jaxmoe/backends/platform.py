@@ -1,0 +1,69 @@
+"""Where kernels would run: the platform and the config arch of a device.
+
+A decision made while tracing cannot see the device a computation will be lowered for, so
+the public ops make the platform choice at lowering time (``jax.lax.platform_dependent``,
+see :mod:`jaxmoe.ops.base`); the arch needed for launch planning (tile tables, shared
+memory, XCD count) is then that of the platform's devices. Mixed GPU models of one
+platform in one process are not distinguished (jax-triton compiles for one device).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+__all__ = ["triton_available", "platform_of", "default_platform", "arch_for", "GPU_PLATFORMS"]
+
+GPU_PLATFORMS = ("cuda", "rocm")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the ``triton`` package imports here (Linux wheels only)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def platform_of(device: jax.Device) -> str:
+    """``"cuda"``, ``"rocm"`` or ``"cpu"`` for one device (other platforms by their name)."""
+    name = device.platform.lower()
+    if name == "gpu":  # older jaxlibs name both GPU platforms "gpu"
+        version = getattr(device.client, "platform_version", "").lower()
+        return "rocm" if ("rocm" in version or "hip" in version) else "cuda"
+    return name
+
+
+def default_platform() -> str:
+    """The platform of the device jax places new computations on (honours ``jax.default_device``)."""
+    device = jax.config.jax_default_device
+    if isinstance(device, str):  # a platform name
+        return "cuda" if device == "gpu" else device
+    if device is None:
+        device = jax.devices()[0]
+    return platform_of(device)
+
+
+@functools.cache
+def _devices_of(platform: str) -> tuple[jax.Device, ...]:
+    for backend in (platform, "gpu"):
+        try:
+            devices = tuple(d for d in jax.devices(backend) if platform_of(d) == platform)
+        except RuntimeError:
+            continue
+        if devices:
+            return devices
+    return ()
+
+
+def arch_for(platform: str) -> str:
+    """The config arch kernels are planned for on ``platform``: ``sm90`` on CUDA (and on a CPU,
+    whose interpreter runs the sm90 plans), ``gfx942``/``gfx950`` on ROCm by device kind."""
+    if platform != "rocm":
+        return "sm90"
+    devices = _devices_of("rocm")
+    kind = devices[0].device_kind.lower() if devices else ""
+    return "gfx950" if ("mi35" in kind or "gfx950" in kind) else "gfx942"

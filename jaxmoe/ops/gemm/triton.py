@@ -1,0 +1,122 @@
+"""Triton grouped GEMM: plans one ``moe_gemm_kernel`` launch and runs it.
+
+The layer's weight shapes (K, N, strides, top_k, expert count) are compile-time constants;
+the batch size (rows of C) is a runtime argument and the number of row blocks comes from
+the grid, so one compiled kernel serves every batch size that selects the same tile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.backends.launch import KernelLaunch, launch
+from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.gemm.config import GemmTile
+from jaxmoe.types import RoutingData
+
+__all__ = ["plan_gemm", "gemm", "grouped_gemm"]
+
+
+def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
+
+
+def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
+              top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str | None,
+              mul_routed_weight: bool, arch: str = "sm90") -> KernelLaunch:
+    """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert]."""
+    from jaxmoe.ops.gemm import kernels
+
+    a_rows, k = a_shape
+    num_experts, n, k_b = b_shape
+    if k_b != k:
+        raise ValueError(f"A has K={k} but B has K={k_b}")
+    n_out = n // 2 if activation else n
+    need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, activation is not None)
+    if need > _config.SHARED_MEMORY_LIMIT[arch]:
+        # else the launch fails on the device with a driver error, or a compile error ahead of time
+        raise ValueError(
+            f"{tile} with BLOCK_M={block_m} needs {need} bytes of shared memory for its software pipeline, "
+            f"more than the {_config.SHARED_MEMORY_LIMIT[arch]} a program gets on {arch}: "
+            "use fewer num_stages or a smaller block_k or block_n")
+    n_blocks = -(-n_out // tile.block_n)
+    positions = num_blocks * block_m
+    constexprs = {
+        "N_OUT": n_out, "K": k, "TOP_K": top_k, "NUM_EXPERTS": num_experts,
+        "stride_am": k, "stride_be": n * k, "stride_bn": k, "stride_bk": 1, "stride_cm": n_out,
+        "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
+        "GROUP_SIZE_M": tile.group_size_m, "FUSE_ACTIVATION": activation is not None,
+        "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
+        "NUM_XCDS": _config.NUM_XCDS[arch],
+        "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
+        "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m),
+    }
+    i32 = jnp.int32
+    args = (
+        _sds((a_rows, k), dtype), _sds((num_experts, n, k), dtype), _sds((positions,), i32),
+        _sds((num_blocks,), i32), _sds((1,), i32),
+        _sds((num_rows,) if mul_routed_weight else (1,), jnp.float32),
+    )
+    amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
+    return KernelLaunch(
+        kernels.moe_gemm_kernel, grid=(num_blocks * n_blocks,), args=args, scalars=(("num_rows", num_rows),),
+        outs=(_sds((num_rows, n_out), dtype),), constexprs=tuple(constexprs.items()),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        amd_options=tuple(amd.items()) if arch.startswith("gfx") else ())
+
+
+def gemm(a: jax.Array, b: jax.Array, routing: RoutingData, *, tile: GemmTile, arch: str,
+         topk_weights: jax.Array | None, activation: str | None) -> jax.Array:
+    """One launch over ``routing``'s layout. Rows no live sorted position covers are left
+    unwritten: the caller masks them (or, in the fused layer, never reads them)."""
+    top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
+    spec = plan_gemm(a_shape=a.shape, b_shape=b.shape, dtype=a.dtype, num_rows=routing.num_rows, top_k=top_k,
+                     block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
+                     mul_routed_weight=topk_weights is not None, arch=arch)
+    weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
+               else jnp.zeros((1,), jnp.float32))
+    (c,) = launch(spec, a, b, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
+                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights)
+    return c
+
+
+def covered_rows(routing: RoutingData) -> jax.Array:
+    """``[num_rows] bool``: rows that some sorted position below the padded count, in a block
+    of a valid expert, names (the rows a GEMM writes)."""
+    positions = jnp.arange(routing.sorted_token_ids.shape[0], dtype=jnp.int32)
+    block_expert = routing.expert_ids.astype(jnp.int32)[positions // routing.block_size]
+    ids = routing.sorted_token_ids.astype(jnp.int32)
+    live = ((positions < routing.num_tokens_post_padded.reshape(-1)[0].astype(jnp.int32))
+            & (block_expert >= 0) & (block_expert < routing.num_experts) & (ids >= 0) & (ids < routing.num_rows))
+    target = jnp.where(live, ids, routing.num_rows)
+    return jnp.zeros((routing.num_rows,), bool).at[target].set(True, mode="drop")
+
+
+def grouped_gemm(a: jax.Array, b: jax.Array, routing: RoutingData, *, topk_weights: jax.Array | None = None,
+                 activation: str | None = None, tile: GemmTile | None = None) -> jax.Array:
+    """Triton grouped GEMM; see :func:`jaxmoe.ops.grouped_gemm` for the contract (uncovered rows are 0)."""
+    from jaxmoe.backends.platform import arch_for, default_platform
+
+    n_out = b.shape[1] // 2 if activation else b.shape[1]
+    if routing.num_rows == 0 or routing.num_blocks == 0:  # no row block: every row is uncovered, so 0
+        return jnp.zeros((routing.num_rows, n_out), a.dtype)
+    arch = arch_for(default_platform())
+    if tile is None:
+        tile = stage_tile(a, b, routing, activation, arch)
+    c = gemm(a, b, routing, tile=tile, arch=arch, topk_weights=topk_weights, activation=activation)
+    return jnp.where(covered_rows(routing)[:, None], c, jnp.zeros((), c.dtype))
+
+
+def stage_tile(a: jax.Array, b: jax.Array, routing: RoutingData, activation: str | None, arch: str) -> GemmTile:
+    """The tile the fused layer would use for this GEMM: stage 1 (activation fused, ``b`` is
+    ``w1 [E, 2I, D]``) or stage 2 (``b`` is ``w2 [E, D, I]``), keyed by the layer's shape."""
+    e, n, k = (int(d) for d in b.shape)
+    m = max(routing.num_tokens, 1)
+    if activation:
+        tile = _config.select_config(m, routing.top_k, e, k, n // 2, a.dtype, arch).stage1
+    else:
+        tile = _config.select_config(m, routing.top_k, e, n, k, a.dtype, arch).stage2
+    return _config._fit(tile, routing.block_size, a.dtype, arch, activation is not None)

@@ -1,0 +1,69 @@
+"""The fused MoE: routed tokens through their experts' gated MLPs, summed over the slots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jaxmoe.ops import checks
+from jaxmoe.ops.base import Op, triton_implementation
+from jaxmoe.ops.moe import reference, triton
+from jaxmoe.ops.routing import reference as routing_reference
+
+__all__ = ["FUSED_MOE", "ROUTED_MOE", "fused_moe"]
+
+
+def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
+                  **routing: Any) -> None:
+    checks.check_route_args(logits, top_k, **routing)
+    checks.check_activation(activation)
+
+
+def _routed_reference(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
+                      **routing: Any) -> jax.Array:
+    topk_weights, topk_ids = routing_reference.route(logits, top_k, **routing)
+    return reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation)
+
+
+FUSED_MOE = Op("fused_moe", check=checks.check_fused_moe_args, reference=reference.fused_moe,
+               implementations=[triton_implementation(triton.fused_moe)])
+# Routing and experts as one op, so the kernels can route and align in one launch (decode).
+ROUTED_MOE = Op("routed_moe", check=_check_routed, reference=_routed_reference,
+                implementations=[triton_implementation(triton.routed_moe)])
+
+
+def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, *, activation: str = "silu",
+              implementation: Any = None) -> jax.Array:
+    """Apply each token's ``k`` routed experts and sum their weighted outputs.
+
+    Args:
+      hidden_states: ``[M, D]`` in bf16, fp16 or fp32.
+      w1: ``[E, 2I, D]`` in ``hidden_states``' dtype: per expert the gate rows (first I)
+        then the up rows (last I), PyTorch ``Linear`` ``[out, in]`` layout; or a
+        :class:`~jaxmoe.QuantizedWeights` of such values.
+      w2: ``[E, D, I]`` likewise.
+      topk_weights: ``[M, k]`` routing weights, any float dtype (used in fp32).
+      topk_ids: ``[M, k]`` expert ids, any integer dtype (used as int32; ids outside the
+        int32 range count as invalid).
+      activation: ``"silu"`` (``silu(gate) * up``) or ``"gelu"`` (``gelu(gate) * up``, the
+        exact erf-based gelu).
+      implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence
+        of them (the first that serves).
+
+    Returns:
+      ``[M, D]`` in ``hidden_states``' dtype:
+      ``y[t] = sum_j topk_weights[t, j] * w2[e] @ act(w1[e] @ x[t])`` with ``e = topk_ids[t, j]``.
+
+    Rounding model (the kernels and the reference agree on it): stage 1 accumulates
+    ``x @ w1[e].T`` in fp32, applies the activation in fp32 and rounds ``h`` to the input
+    dtype; stage 2 accumulates ``h @ w2[e].T`` in fp32, multiplies by the routing weight in
+    fp32 and rounds each (token, slot) row to the input dtype; the k rows are summed in
+    fp32 and rounded once more.
+
+    Invalid ids: an id outside ``[0, E)`` cannot be checked under ``jax.jit``; its
+    (token, slot) contributes nothing (a token whose ids are all invalid gets zeros).
+    ``M = 0`` returns an empty ``[0, D]`` array.
+    """
+    return FUSED_MOE(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+                     implementation=implementation)

@@ -1,0 +1,170 @@
+"""Triton fused MoE: alignment, stage 1 (gate/up with the activation), stage 2 (down with
+the routing weight), and the sum over the k slots; with the routing folded into the
+alignment's launch at decode sizes (:func:`routed_moe`).
+
+``plan_*`` functions return :class:`~jaxmoe.backends.launch.KernelLaunch` descriptions, used
+both to run and, in CI, to compile every kernel ahead of time for gfx942, gfx950 and sm_90.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.backends.launch import KernelLaunch, launch
+from jaxmoe.backends.platform import arch_for, default_platform
+from jaxmoe.ops import checks
+from jaxmoe.ops.alignment import triton as align_triton
+from jaxmoe.ops.alignment.reference import max_blocks
+from jaxmoe.ops.moe.reference import unwrap_weights
+from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.gemm import triton as gemm_triton
+from jaxmoe.ops.gemm.config import MoEConfig
+from jaxmoe.ops.routing import triton as routing_triton
+from jaxmoe.types import RoutingData
+
+__all__ = ["fused_moe", "routed_moe", "experts", "plan_route_align", "plan_fused_moe", "current_arch",
+           "ROUTE_ALIGN_MAX_ROW_BLOCKS"]
+
+
+def current_arch() -> str:
+    """The config arch kernels are planned for here (that of the default platform)."""
+    return arch_for(default_platform())
+
+
+def _layer_config(m: int, top_k: int, w1: jax.Array, dtype: Any, arch: str) -> MoEConfig:
+    num_experts, two_i, d = w1.shape
+    return _config.select_config(m, top_k, num_experts, d, two_i // 2, dtype, arch)
+
+
+def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Array, topk_ids: jax.Array, *,
+              activation: str = "silu", config: MoEConfig | None = None) -> jax.Array:
+    """Two-stage Triton MoE; shapes and contract as :func:`jaxmoe.fused_moe`. ``config``
+    overrides the tuned or heuristic block configuration (the tuner passes candidates)."""
+    w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
+    m, d = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    if m * top_k == 0:
+        return jnp.zeros((m, d), hidden_states.dtype)
+    arch = current_arch()
+    if config is None:
+        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch)
+    ids = checks.as_ids(topk_ids, "topk_ids")
+    layout = align_triton.moe_align_block_size(ids, w1.shape[0], config.block_m)
+    routing = RoutingData(*layout, topk_ids=ids, topk_weights=topk_weights.astype(jnp.float32),
+                          block_size=config.block_m, num_experts=w1.shape[0], top_k=top_k, num_rows=m * top_k)
+    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch)
+
+
+def experts(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *, config: MoEConfig,
+            activation: str, arch: str) -> jax.Array:
+    """Both GEMM stages and the sum over the k slots, on aligned rows."""
+    m, d = hidden_states.shape
+    top_k = routing.top_k
+    h = gemm_triton.gemm(hidden_states, w1, routing, tile=config.stage1, arch=arch, topk_weights=None,
+                         activation=activation)
+    y = gemm_triton.gemm(h, w2, routing, tile=config.stage2, arch=arch, topk_weights=routing.topk_weights,
+                         activation=None)
+    # Rows of out-of-range ids were never written: they contribute nothing.
+    ids = routing.topk_ids
+    valid = (ids >= 0) & (ids < routing.num_experts)
+    y = jnp.where(valid[..., None], y.reshape(m, top_k, d).astype(jnp.float32), 0.0)
+    return jnp.sum(y, axis=1).astype(hidden_states.dtype)
+
+
+# --------------------------------------------------------------------------- routing + experts
+
+ROUTE_ALIGN_MAX_ROW_BLOCKS = 2  # rows one program routes before two launches win
+
+
+def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, block_size: int, *,
+                     scoring: str = "softmax", renormalize: bool = True, num_expert_group: int | None = None,
+                     topk_group: int | None = None, bias_dtype: Any = None,
+                     routed_scaling_factor: float = 1.0) -> KernelLaunch | None:
+    """The single launch that routes ``[m, E]`` logits and aligns the chosen ids to
+    ``block_size`` rows, or None where a routing launch plus an alignment launch serve
+    better: more rows than one program routes in ``ROUTE_ALIGN_MAX_ROW_BLOCKS`` tiles, or
+    more ids than one program aligns."""
+    from jaxmoe.ops.moe import kernels
+
+    if m < 1:
+        return None
+    route = routing_triton.plan_route(m, num_experts, top_k, logits_dtype, scoring=scoring,
+                                      renormalize=renormalize, num_expert_group=num_expert_group,
+                                      topk_group=topk_group, bias_dtype=bias_dtype,
+                                      routed_scaling_factor=routed_scaling_factor)
+    num_rows = m * top_k
+    if num_rows > align_triton.ALIGN_CHUNK:
+        return None
+    cx = dict(route.constexprs)
+    block_m = max(1, 2048 // cx["E_POW2"])  # <= 16 fp32 values a thread at 4 warps
+    if -(-m // block_m) > ROUTE_ALIGN_MAX_ROW_BLOCKS:
+        return None
+    (align,) = align_triton.plan_align(num_rows, num_experts, block_size)
+    acx = dict(align.constexprs)
+    constexprs = {**cx, "BLOCK_M": block_m, "HAS_BIAS": bias_dtype is not None,
+                  **{key: acx[key] for key in ("NB", "LOG2_NB", "BLOCK_SIZE", "CHUNK", "FILL")}}
+    bias = route.args[1] if bias_dtype is not None else jax.ShapeDtypeStruct((1,), jnp.float32)
+    return KernelLaunch(kernels.route_align_kernel, grid=(1,), args=(route.args[0], bias),
+                        scalars=(("M", m), ("max_blocks", max_blocks(num_rows, num_experts, block_size))),
+                        outs=route.outs + align.outs, constexprs=tuple(constexprs.items()), num_warps=4,
+                        num_stages=1)
+
+
+def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, top_k: int, *,
+               activation: str = "silu", scoring: str = "softmax", renormalize: bool = True,
+               num_expert_group: int | None = None, topk_group: int | None = None,
+               correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0) -> jax.Array:
+    """Routing then experts, ``fused_moe(x, w1, w2, *route(logits, top_k, ...))``, with the
+    routing and the alignment in one launch where the batch is small (decode). Beyond what
+    the routing kernel serves (``E > 4096`` or ``top_k > 64``) the reference routes and the
+    kernels compute the experts."""
+    w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
+    m, d = hidden_states.shape
+    num_experts = w1.shape[0]
+    options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
+                   topk_group=topk_group)
+    logits, bias = routing_triton.kernel_inputs(logits, correction_bias)
+    scale = routing_triton._static_float(routed_scaling_factor)
+    arch = current_arch()
+    spec = None
+    config = None
+    if m * top_k and routing_triton.kernel_serves(num_experts, top_k):
+        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch)
+        spec = plan_route_align(m, num_experts, top_k, logits.dtype, config.block_m, **options,
+                                bias_dtype=None if bias is None else bias.dtype,
+                                routed_scaling_factor=1.0 if scale is None else scale)
+    if spec is None:
+        from jaxmoe.ops.routing import ROUTE
+
+        route = ROUTE.implementations["triton" if routing_triton.kernel_serves(num_experts, top_k) else "reference"]
+        weights, ids = route.fn(logits, top_k, **options, correction_bias=correction_bias,
+                                routed_scaling_factor=routed_scaling_factor)
+        return fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config)
+    bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
+    weights, ids, sorted_ids, expert_ids, padded, *_ = launch(spec, logits, bias_arg)
+    if scale is None:
+        weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
+    routing = RoutingData(sorted_ids, expert_ids, padded, topk_ids=ids, topk_weights=weights,
+                          block_size=config.block_m, num_experts=num_experts, top_k=top_k, num_rows=m * top_k)
+    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch)
+
+
+def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
+                   arch: str, activation: str = "silu", config: MoEConfig | None = None) -> list[KernelLaunch]:
+    """Every launch ``fused_moe`` makes for these shapes on ``arch`` (for AOT compilation)."""
+    if config is None:
+        config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+    num_rows = num_tokens * top_k
+    blocks = max_blocks(num_rows, num_experts, config.block_m)
+    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks, arch=arch)
+    return [
+        *align_triton.plan_align(num_rows, num_experts, config.block_m),
+        gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=(num_experts, 2 * intermediate, hidden),
+                              top_k=top_k, tile=config.stage1, activation=activation, mul_routed_weight=False,
+                              **common),
+        gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=(num_experts, hidden, intermediate),
+                              top_k=1, tile=config.stage2, activation=None, mul_routed_weight=True, **common),
+    ]
