@@ -25,7 +25,7 @@ from jaxmoe.ops.gemm.config import MoEConfig
 from jaxmoe.ops.routing import triton as routing_triton
 from jaxmoe.types import RoutingData
 
-__all__ = ["fused_moe", "routed_moe", "experts", "plan_route_align", "plan_fused_moe", "current_arch",
+__all__ = ["fused_moe", "routed_moe", "experts", "plan_route_align", "plan_fused_moe", "plan_routed_moe", "current_arch",
            "ROUTE_ALIGN_MAX_ROW_BLOCKS"]
 
 
@@ -168,3 +168,21 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, i
         gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=(num_experts, hidden, intermediate),
                               top_k=1, tile=config.stage2, activation=None, mul_routed_weight=True, **common),
     ]
+
+
+def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
+                    arch: str, *, activation: str = "silu", logits_dtype: Any = jnp.float32, scoring: str = "softmax",
+                    renormalize: bool = True, num_expert_group: int | None = None, topk_group: int | None = None,
+                    bias_dtype: Any = None, routed_scaling_factor: float = 1.0) -> list[KernelLaunch]:
+    """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes."""
+    if num_tokens * top_k == 0:
+        return []
+    options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
+                   topk_group=topk_group, bias_dtype=bias_dtype, routed_scaling_factor=routed_scaling_factor)
+    config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+    experts_plan = plan_fused_moe(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, activation,
+                                  config=config)
+    fused = plan_route_align(num_tokens, num_experts, top_k, logits_dtype, config.block_m, **options)
+    if fused is not None:
+        return [fused, *experts_plan[-2:]]
+    return [routing_triton.plan_route(num_tokens, num_experts, top_k, logits_dtype, **options), *experts_plan]

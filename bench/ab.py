@@ -1,0 +1,73 @@
+"""Alternate two jaxmoe source trees on the same bench cells, to compare their speed.
+
+    python bench/ab.py --a OLD_TREE --b NEW_TREE --model qwen3-30b-a3b --m 1 --m 1024 [--rounds 2] [--reps 10]
+
+Each round runs ``python -m jaxmoe bench --impl jaxmoe`` once per tree (A then B, then B
+then A in the next round, so neither side always runs first), each in its own process
+with that tree first on ``PYTHONPATH``; the table gives each side's median time per
+layer over the rounds and B / A. Differences smaller than the spread between rounds are
+noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def run_side(tree: str, models: list[str], ms: list[int], reps: int, out: str) -> dict[tuple[str, int], float]:
+    cmd = [sys.executable, "-m", "jaxmoe", "bench", "--impl", "jaxmoe", "--reps", str(reps), "--out", out]
+    for model in models:
+        cmd += ["--model", model]
+    for m in ms:
+        cmd += ["--m", str(m)]
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(out + ".json") as f:
+        rows = json.load(f)
+    return {(r["model"], r["M"]): r["time_ms"] for r in rows if r["time_ms"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--a", required=True, help="source tree A (holds jaxmoe/)")
+    p.add_argument("--b", required=True, help="source tree B")
+    p.add_argument("--model", action="append", required=True)
+    p.add_argument("--m", type=int, action="append", required=True)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", default=None, help="write the table as JSON here")
+    args = p.parse_args()
+    times: dict[str, dict[tuple[str, int], list[float]]] = {"A": {}, "B": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = (("A", args.a), ("B", args.b)) if r % 2 == 0 else (("B", args.b), ("A", args.a))
+            for side, tree in order:
+                res = run_side(tree, args.model, args.m, args.reps, os.path.join(tmp, f"{side}{r}"))
+                for cell, t in res.items():
+                    times[side].setdefault(cell, []).append(t)
+                print(f"round {r} {side}: " + ", ".join(f"{c[0]} M={c[1]} {t:.4f} ms" for c, t in res.items()),
+                      file=sys.stderr, flush=True)
+    rows = []
+    print(f"{'model':<16}{'M':>6}{'A ms':>10}{'B ms':>10}{'B/A':>8}  spread A, B (max/min over rounds)")
+    for cell in sorted(times["A"], key=lambda c: (c[0], c[1])):
+        a, b = times["A"][cell], times["B"].get(cell, [])
+        if not b:
+            continue
+        ma, mb = statistics.median(a), statistics.median(b)
+        rows.append({"model": cell[0], "M": cell[1], "a_ms": a, "b_ms": b, "ratio": mb / ma})
+        print(f"{cell[0]:<16}{cell[1]:>6}{ma:>10.4f}{mb:>10.4f}{mb / ma:>8.3f}  "
+              f"{max(a) / min(a):.3f}, {max(b) / min(b):.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

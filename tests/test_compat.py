@@ -1,0 +1,82 @@
+"""Each patch in ``jaxmoe._compat`` still answers a defect that exists, on the versions installed.
+
+When a new Triton or jax-triton fixes a defect (or changes what a patch replaces), a test
+here fails: the patch is then unnecessary or wrong, and goes or is rewritten.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmoe._compat import triton_interpreter
+
+triton = pytest.importorskip("triton")
+
+
+def _handles():
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    return tl, interpreter, type(interpreter.interpreter_builder)
+
+
+def test_installed_triton_is_in_the_tested_range():
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    assert triton_interpreter.TESTED[0] <= (major, minor) <= triton_interpreter.TESTED[1], (
+        f"Triton {triton.__version__}: check the interpreter defects below and widen TESTED")
+
+
+def test_interpreter_still_multiplies_bf16_bit_patterns():
+    """Unpatched, a bf16 dot multiplies the raw uint16 patterns; patched, the values."""
+    tl, interpreter, builder = _handles()
+    a = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    bits = triton_interpreter.round_f32_to_bf16_bits(a)
+    ha, hb = interpreter.TensorHandle(bits, tl.bfloat16), interpreter.TensorHandle(bits.copy(), tl.bfloat16)
+    acc = interpreter.TensorHandle(np.zeros((2, 2), np.float32), tl.float32)
+    raw = builder.create_dot(interpreter.interpreter_builder, ha, hb, acc, None, 0).data
+    assert not np.allclose(raw, a @ a), "the interpreter's bf16 dot is right now: drop the widening patch"
+    with triton_interpreter.patches():
+        fixed = builder.create_dot(interpreter.interpreter_builder, ha, hb, acc, None, 0).data
+    np.testing.assert_allclose(fixed, a @ a)
+
+
+def test_interpreter_still_truncates_fp32_to_bf16():
+    """Unpatched, fp32 -> bf16 truncates; patched, it rounds to nearest even as a GPU does."""
+    tl, interpreter, builder = _handles()
+    x = np.array([1.0 + 0.75 * 2.0**-7, -(1.0 + 0.75 * 2.0**-7), 1.0 + 0.5 * 2.0**-7, np.nan, 3.0e38],
+                 np.float32)
+    src = interpreter.TensorHandle(x, tl.float32)
+    truncated = triton_interpreter.bf16_bits_to_f32(builder.cast_impl(interpreter.interpreter_builder, src,
+                                                                      tl.bfloat16).data)
+    assert truncated[0] == 1.0, "the interpreter rounds fp32 -> bf16 now: drop the rounding patch"
+    with triton_interpreter.patches():
+        got = builder.cast_impl(interpreter.interpreter_builder, src, tl.bfloat16).data
+    want = np.asarray(jax.numpy.asarray(x).astype(jax.numpy.bfloat16).view(np.uint16))
+    np.testing.assert_array_equal(got[:3], want[:3])  # nearest, ties to even
+    assert np.isnan(triton_interpreter.bf16_bits_to_f32(got)[3])
+    np.testing.assert_array_equal(got[4], want[4])
+
+
+def test_patches_are_undone():
+    tl, interpreter, builder = _handles()
+    before = (builder.create_dot, builder.cast_impl, dict(vars(tl)))
+    with triton_interpreter.patches():
+        assert builder.cast_impl is not before[1]
+    assert (builder.create_dot, builder.cast_impl) == before[:2]
+    assert all(vars(tl).get(k) is v for k, v in before[2].items())
+
+
+@pytest.mark.gpu
+def test_gpu_jax_triton_payload_patch_still_finds_its_internals():
+    """On jax-triton 0.3.x the payload patch must find what it replaces (else it silently
+    does nothing and every launch pays the large payload again)."""
+    import jax_triton
+
+    from jaxmoe._compat import jax_triton as compat
+
+    if not jax_triton.__version__.startswith(compat.PATCHED_VERSIONS):
+        assert not compat.slim_payload_applies(jax_triton)
+        pytest.skip(f"jax-triton {jax_triton.__version__} builds another payload; the patch is not applied")
+    assert compat.slim_payload_applies(jax_triton)
