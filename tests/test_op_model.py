@@ -26,11 +26,16 @@ def test_every_op_lists_the_reference_and_the_kernels():
             op.implementations["cuda"] = op.implementations["triton"]  # an immutable mapping
 
 
-@pytest.mark.skipif(not ON_CPU_ONLY, reason="where a GPU exists the default is chosen per device when lowering")
-def test_default_is_the_reference_without_a_gpu(rng):
+def test_default_follows_the_default_device(rng):
+    """None picks for the device jax places the computation on: the reference on a CPU
+    (also under ``jax.default_device(cpu)`` on a GPU machine), the kernels on a GPU."""
     x, w1, w2, tw, ids = moe_inputs(rng, 4, 16, 8, 4, 2, jnp.float32)
-    chosen = ops.OPS["fused_moe"].resolve(None, x, w1, w2, tw, ids)
-    assert [impl.name for impl in chosen] == ["reference"]
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert [i.name for i in ops.OPS["fused_moe"].resolve(None, x, w1, w2, tw, ids)] == ["reference"]
+        y = jaxmoe.fused_moe(x, w1, w2, tw, ids)
+    assert rel_err(y, jaxmoe.fused_moe(x, w1, w2, tw, ids, implementation="reference")) == 0.0
+    want = "reference" if ON_CPU_ONLY else "triton"
+    assert [i.name for i in ops.OPS["fused_moe"].resolve(None, x, w1, w2, tw, ids)] == [want]
 
 
 def test_a_sequence_means_the_first_that_serves(rng, monkeypatch):

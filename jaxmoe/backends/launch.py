@@ -2,8 +2,8 @@
 
 Every kernel launch in jaxmoe is a :class:`KernelLaunch` (kernel, grid, array and scalar
 arguments, outputs, compile-time constants, warps, stages), planned from static shapes by
-an op's ``triton.py``, and handed to :func:`launch`. Which backend runs it is decided when
-the computation is lowered, per device (``jax.lax.platform_dependent``):
+an op's ``triton.py``, and handed to :func:`launch`, which runs it on the platform of the
+device jax places the computation on (``jax.default_device``, else the default backend):
 
 * ``cuda`` / ``rocm``: ``jax_triton.triton_call`` (:mod:`jaxmoe.backends.jax_triton`);
 * ``cpu``: Triton's interpreter on host memory through ``jax.pure_callback``
@@ -153,8 +153,10 @@ def poison_on() -> bool:
 def launch(spec: KernelLaunch, *args: jax.Array) -> tuple[jax.Array, ...]:
     """Run ``spec`` on ``args`` (JAX arrays matching ``spec.args``); returns the outputs.
 
-    Lowered for a GPU, the launch is a jax-triton custom call; lowered for a CPU, Triton's
-    interpreter runs the kernel on the host.
+    On a GPU the launch is a jax-triton custom call; on a CPU Triton's interpreter runs the
+    kernel on the host. The choice is made while tracing, not with
+    ``jax.lax.platform_dependent``: on the H200 its conditional stayed in the compiled
+    program and cost 2-3 % per layer at M = 1024-4096 and ~13 us at decode.
     """
     if len(args) != len(spec.args):
         raise ValueError(f"{spec.name}: expected {len(spec.args)} arrays, got {len(args)}")
@@ -166,17 +168,10 @@ def launch(spec: KernelLaunch, *args: jax.Array) -> tuple[jax.Array, ...]:
             )
     spec.signature()  # validates the parameters against the kernel's
     poison = poison_on()
+    if _platform.default_platform() in _platform.GPU_PLATFORMS:
+        from jaxmoe.backends import jax_triton
+
+        return jax_triton.launch(spec, args, poison)
     from jaxmoe.backends import interpreter
 
-    def on_cpu(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-        return interpreter.launch(spec, arrays, poison)
-
-    gpus = [p for p in _platform.GPU_PLATFORMS if _platform._devices_of(p)]
-    if not gpus:
-        return on_cpu(*args)
-    from jaxmoe.backends import jax_triton
-
-    def on_gpu(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-        return jax_triton.launch(spec, arrays, poison)
-
-    return tuple(jax.lax.platform_dependent(*args, cpu=on_cpu, **{p: on_gpu for p in gpus}))
+    return interpreter.launch(spec, args, poison)

@@ -1,10 +1,11 @@
 """Where kernels would run: the platform and the config arch of a device.
 
-A decision made while tracing cannot see the device a computation will be lowered for, so
-the public ops make the platform choice at lowering time (``jax.lax.platform_dependent``,
-see :mod:`jaxmoe.ops.base`); the arch needed for launch planning (tile tables, shared
-memory, XCD count) is then that of the platform's devices. Mixed GPU models of one
-platform in one process are not distinguished (jax-triton compiles for one device).
+The platform is that of the device jax places new computations on: ``jax.default_device``
+when set (a device or a platform name), else the default backend's first device, never a
+fixed ``jax.devices()[0]``. Under ``shard_map`` on a mesh of GPUs that is a GPU. The arch
+used for launch planning (tile tables, shared memory, XCD count) is that of the platform's
+devices; mixed GPU models of one platform in one process are not told apart (jax-triton
+compiles for one device).
 """
 
 from __future__ import annotations

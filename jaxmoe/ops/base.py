@@ -2,10 +2,10 @@
 
 An :class:`Op` is called like the function it stands for, plus ``implementation=``:
 
-* ``None``: the best available. Where a GPU platform and Triton exist, the choice between
-  the kernels and the reference is made when the computation is lowered, per device
-  (``jax.lax.platform_dependent``): a jit placed on a CPU runs the reference, one placed on
-  a GPU the kernels. Elsewhere the reference runs.
+* ``None``: the best available for the device jax places the computation on
+  (``jax.default_device`` if set, else the default backend's): the kernels on a CUDA or
+  ROCm GPU when they serve the arguments, the reference elsewhere (so
+  ``with jax.default_device(cpu):`` runs the reference on a GPU machine).
 * a name (``"triton"``, ``"reference"``): that implementation, or an error saying why it
   cannot serve these arguments here (``"triton"`` on a CPU runs Triton's interpreter).
 * a sequence of names: the first that can serve these arguments.
@@ -21,8 +21,6 @@ import dataclasses
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import jax
 
 from jaxmoe.backends import platform as _platform
 
@@ -109,14 +107,13 @@ class Op:
         return impl.available() or impl.supports(*args, **kwargs)
 
     def resolve(self, implementation: Any, *args: Any, **kwargs: Any) -> list[Implementation]:
-        """The implementations a call would run, by lowering platform (the first serves all
-        platforms but those the others are for). Raises when none can serve."""
+        """``[the implementation]`` a call with these arguments runs; raises when none can serve."""
         check_implementation(implementation, tuple(self.implementations))
         if implementation is None:
+            plat = _platform.default_platform()
             kernels = [impl for impl in self.implementations.values()
-                       if impl.default_on and any(_platform._devices_of(p) for p in impl.default_on)
-                       and not self._unavailable(impl, args, kwargs)]
-            return [self.implementations[REFERENCE], *kernels[:1]]
+                       if plat in impl.default_on and not self._unavailable(impl, args, kwargs)]
+            return kernels[:1] or [self.implementations[REFERENCE]]
         names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
         reasons = []
         for name in names:
@@ -132,11 +129,5 @@ class Op:
     def __call__(self, *args: Any, implementation: Any = None, **kwargs: Any) -> Any:
         check_implementation(implementation, tuple(self.implementations))
         self.check(*args, **kwargs)
-        chosen = self.resolve(implementation, *args, **kwargs)
-        if len(chosen) == 1:
-            return chosen[0].fn(*args, **kwargs)
-        reference, kernel = chosen
-        # Closures, no operands: the arguments may hold Python values as well as arrays.
-        branches = {p: (lambda f=kernel.fn: f(*args, **kwargs)) for p in kernel.default_on
-                    if _platform._devices_of(p)}
-        return jax.lax.platform_dependent(default=lambda: reference.fn(*args, **kwargs), **branches)
+        (chosen,) = self.resolve(implementation, *args, **kwargs)
+        return chosen.fn(*args, **kwargs)
