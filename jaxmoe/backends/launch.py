@@ -154,9 +154,7 @@ def launch(spec: KernelLaunch, *args: jax.Array) -> tuple[jax.Array, ...]:
     """Run ``spec`` on ``args`` (JAX arrays matching ``spec.args``); returns the outputs.
 
     On a GPU the launch is a jax-triton custom call; on a CPU Triton's interpreter runs the
-    kernel on the host. The choice is made while tracing, not with
-    ``jax.lax.platform_dependent``: on the H200 its conditional stayed in the compiled
-    program and cost 2-3 % per layer at M = 1024-4096 and ~13 us at decode.
+    kernel on the host. The choice is made while tracing, for the default device.
     """
     if len(args) != len(spec.args):
         raise ValueError(f"{spec.name}: expected {len(spec.args)} arrays, got {len(args)}")

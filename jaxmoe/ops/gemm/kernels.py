@@ -56,20 +56,8 @@ def _activation(gate, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _zero_rows(sorted_token_ids_ptr, c_ptr, row0, pid_n, num_rows, N_OUT: tl.constexpr,
-               stride_cm: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Zeros in C's rows of sorted positions [row0, row0 + BLOCK_M), column block pid_n."""
-    rows = tl.load(sorted_token_ids_ptr + row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = (rows >= 0) & (rows < num_rows)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
-    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], zeros,
-             mask=row_mask[:, None] & (offs_n < N_OUT)[None, :])
-
-
-@triton.jit
 def _tile(
-    a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert, num_rows,
+    a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert, expert_ok, num_rows,
     N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
     stride_cm: tl.constexpr,
@@ -81,6 +69,8 @@ def _tile(
     offs_m = row0 + tl.arange(0, ROWS)
     rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
     row_mask = (rows >= 0) & (rows < num_rows)
+    # rows of a block without a valid expert multiply zeros (a row limit of 0 masks them all)
+    a_mask = (rows >= 0) & (rows < num_rows * expert_ok.to(tl.int64))
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
@@ -107,7 +97,7 @@ def _tile(
             k_mask = tl.full([BLOCK_K], True, tl.int1)
         else:
             k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
         if FP32_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -157,9 +147,10 @@ def moe_gemm_kernel(
     if row0 >= tl.load(num_tokens_post_padded_ptr):
         return  # this row block holds no rows: the grid is sized for the worst case
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if (expert < 0) | (expert >= NUM_EXPERTS):
-        _zero_rows(sorted_token_ids_ptr, c_ptr, row0, pid_n, num_rows, N_OUT, stride_cm, BLOCK_M, BLOCK_N)
-        return  # no such expert: its rows contribute nothing
+    # No such expert: the block's rows are written as zeros through the one code path
+    # (its A rows load as zeros against expert 0's weights, read in bounds).
+    expert_ok = (expert >= 0) & (expert < NUM_EXPERTS)
+    expert = tl.where(expert_ok, expert, 0)
 
     quarter = False  # compile-time False unless the kernel may split
     half = False
@@ -173,13 +164,13 @@ def moe_gemm_kernel(
             quarter = used <= BLOCK_M // 4
     if quarter:
         _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
     elif half:
         _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
     else:
         _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
