@@ -1,4 +1,6 @@
-"""The public API: dispatch, jax.jit, presets, parameter init, and every bad-input error."""
+"""The public API as a whole: exports, the default dispatch under jax.jit, presets and parameter
+init. Each op's own cases and bad-input errors live in its family's module (test_routing.py,
+test_alignment.py, test_gemm.py, test_moe.py, test_layer.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from conftest import moe_inputs, randn, random_ids, rel_err
+from conftest import moe_inputs, randn, rel_err
 from jaxmoe import models, ops, reference
 
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -90,152 +92,3 @@ def test_model_presets():
     assert ids.shape == (3, 8)
     with pytest.raises(ValueError, match="unknown model"):
         models.get_preset("gpt-5")
-
-
-# ----------------------------------------------------------------------------- bad input
-
-
-def _moe(rng, m=4, d=16, i=8, e=4, k=2, dtype=F32):
-    return moe_inputs(rng, m, d, i, e, k, dtype)
-
-
-ROUTE_ERRORS = [
-    (dict(top_k=0), ValueError, "top_k"),
-    (dict(top_k=9), ValueError, "top_k"),
-    (dict(top_k=2.0), TypeError, "top_k"),
-    (dict(scoring="relu"), ValueError, "scoring"),
-    (dict(renormalize="yes"), TypeError, "renormalize"),
-    (dict(num_expert_group=4), ValueError, "topk_group"),
-    (dict(num_expert_group=3, topk_group=1), ValueError, "num_expert_group"),
-    (dict(num_expert_group=4, topk_group=5), ValueError, "topk_group"),
-    (dict(num_expert_group=4, topk_group=1, top_k=3), ValueError, "top_k"),
-    (dict(correction_bias=jnp.zeros(7)), ValueError, "correction_bias"),
-    (dict(correction_bias=jnp.zeros(8, jnp.int32)), TypeError, "correction_bias"),
-    (dict(routed_scaling_factor="2"), TypeError, "routed_scaling_factor"),
-    (dict(implementation="cuda"), ValueError, "implementation"),
-]
-
-
-@pytest.mark.parametrize("kwargs,exc,name", ROUTE_ERRORS, ids=[f"{e[2]}-{i}" for i, e in enumerate(ROUTE_ERRORS)])
-def test_route_errors(kwargs, exc, name, rng):
-    kwargs = {"top_k": 2, **kwargs}
-    top_k = kwargs.pop("top_k")
-    logits = randn(rng, (5, 8), F32)
-    for fn in (jaxmoe.route, reference.route):
-        if fn is reference.route and "implementation" in kwargs:
-            continue
-        with pytest.raises(exc, match=name):
-            fn(logits, top_k, **kwargs)
-
-
-def test_route_logits_errors(rng):
-    with pytest.raises(TypeError, match="logits"):
-        jaxmoe.route(jnp.zeros((4, 8), jnp.int32), 2)
-    with pytest.raises(ValueError, match="logits"):
-        jaxmoe.route(jnp.zeros((4, 2, 8)), 2)
-    with pytest.raises(TypeError, match="logits"):
-        jaxmoe.route([[1.0, 2.0]], 1)
-
-
-def _fused_moe_errors(rng):
-    x, w1, w2, tw, ti = _moe(rng)
-    return [
-        ("x-ndim", (x[None], w1, w2, tw, ti), {}, ValueError, "hidden_states"),
-        ("x-int", (x.astype(jnp.int32), w1, w2, tw, ti), {}, TypeError, "hidden_states"),
-        ("w1-dtype", (x, w1.astype(BF16), w2, tw, ti), {}, TypeError, "w1"),
-        ("w2-dtype", (x, w1, w2.astype(BF16), tw, ti), {}, TypeError, "w2"),
-        ("w1-D", (x, w1[:, :, :8], w2, tw, ti), {}, ValueError, "w1"),
-        ("w1-odd", (x, w1[:, :15], w2, tw, ti), {}, ValueError, "w1"),
-        ("w2-shape", (x, w1, w2[:, :, :4], tw, ti), {}, ValueError, "w2"),
-        ("w2-E", (x, w1, w2[:3], tw, ti), {}, ValueError, "w2"),
-        ("ids-float", (x, w1, w2, tw, tw), {}, TypeError, "topk_ids"),
-        ("ids-bool", (x, w1, w2, tw, ti > 0), {}, TypeError, "topk_ids"),
-        ("weights-int", (x, w1, w2, ti, ti), {}, TypeError, "topk_weights"),
-        ("ids-shape", (x, w1, w2, tw, ti[:, :1]), {}, ValueError, "topk_ids"),
-        ("weights-M", (x, w1, w2, tw[:3], ti[:3]), {}, ValueError, "topk_weights"),
-        ("k>E", (x, w1, w2, jnp.ones((4, 5)), jnp.zeros((4, 5), jnp.int32)), {}, ValueError, "top_k"),
-        ("activation", (x, w1, w2, tw, ti), {"activation": "relu"}, ValueError, "activation"),
-        ("implementation", (x, w1, w2, tw, ti), {"implementation": "gpu"}, ValueError, "implementation"),
-    ]
-
-
-@pytest.mark.parametrize("case", range(16))
-def test_fused_moe_errors(case, rng):
-    label, args, kwargs, exc, name = _fused_moe_errors(rng)[case]
-    with pytest.raises(exc, match=name):
-        jaxmoe.fused_moe(*args, **kwargs)
-    if "implementation" not in kwargs:
-        with pytest.raises(exc, match=name):
-            reference.fused_moe(*args, **kwargs)
-
-
-def test_fused_moe_errors_are_raised_before_tracing(rng):
-    x, w1, w2, tw, ti = _moe(rng)
-    with pytest.raises(TypeError, match="w1"):
-        jax.jit(jaxmoe.fused_moe)(x, w1.astype(BF16), w2, tw, ti)
-
-
-def test_align_errors(rng):
-    ids = random_ids(rng, 6, 2, 4)
-    with pytest.raises(ValueError, match="block_size"):
-        ops.moe_align_block_size(ids, 4, 24)
-    with pytest.raises(ValueError, match="block_size"):
-        ops.moe_align_block_size(ids, 4, 8)
-    with pytest.raises(TypeError, match="topk_ids"):
-        ops.moe_align_block_size(ids.astype(F32), 4, 16)
-    with pytest.raises(ValueError, match="topk_ids"):
-        ops.moe_align_block_size(ids.reshape(-1), 4, 16)
-    with pytest.raises(ValueError, match="num_experts"):
-        ops.moe_align_block_size(ids, 0, 16)
-    with pytest.raises(TypeError, match="num_experts"):
-        ops.moe_align_block_size(ids, 4.0, 16)
-    with pytest.raises(ValueError, match="implementation"):
-        ops.moe_align_block_size(ids, 4, 16, implementation="x")
-
-
-def test_moe_gemm_errors(rng):
-    m, k, e, bs = 6, 2, 4, 16
-    ids = random_ids(rng, m, k, e)
-    align = reference.moe_align_block_size(ids, e, bs)
-    a, b = randn(rng, (m, 16), F32), randn(rng, (e, 10, 16), F32)
-    ok = dict(top_k=k, num_rows=m * k, block_size=bs)
-    ops.moe_gemm(a, b, *align, **ok)
-    bad = [
-        ((a, b.astype(BF16), *align), ok, TypeError, "b"),
-        ((a.astype(jnp.int32), b, *align), ok, TypeError, "a"),
-        ((a, b[:, :, :8], *align), ok, ValueError, "b"),
-        ((a, b, align[0].astype(F32), *align[1:]), ok, TypeError, "sorted_token_ids"),
-        ((a, b, align[0][:-1], *align[1:]), ok, ValueError, "sorted_token_ids"),
-        ((a, b, align[0], align[1][:-1], align[2]), ok, ValueError, "expert_ids"),
-        ((a, b, *align[:2], align[2].reshape(())), ok, ValueError, "num_tokens_post_padded"),
-        ((a, b, *align), {**ok, "num_rows": m * k + 1}, ValueError, "num_rows"),
-        ((a, b, *align), {**ok, "top_k": 0}, ValueError, "top_k"),
-        ((a, b, *align), {**ok, "block_size": 32}, ValueError, "sorted_token_ids|expert_ids"),
-        ((a, b[:, :9], *align), {**ok, "activation": "silu"}, ValueError, "even"),
-        ((a, b, *align), {**ok, "activation": "tanh"}, ValueError, "activation"),
-        ((a, b, *align), {**ok, "topk_weights": jnp.ones((m, 3))}, ValueError, "topk_weights"),
-        ((a, b, *align), {**ok, "topk_weights": jnp.ones((m, k), jnp.int32)}, TypeError, "topk_weights"),
-        ((a, b, *align), {**ok, "implementation": "fast"}, ValueError, "implementation"),
-    ]
-    for args, kwargs, exc, name in bad:
-        with pytest.raises(exc, match=name):
-            ops.moe_gemm(*args, **kwargs)
-
-
-def test_moe_layer_errors(rng):
-    p = jaxmoe.init_moe_params(jax.random.key(0), hidden=16, intermediate=8, experts=4, dtype=F32)
-    x = randn(rng, (3, 16), F32)
-    with pytest.raises(ValueError, match="x"):
-        jaxmoe.moe_layer(p, randn(rng, (3, 15), F32), top_k=2)
-    with pytest.raises(TypeError, match="x"):
-        jaxmoe.moe_layer(p, x.astype(BF16), top_k=2)
-    with pytest.raises(ValueError, match="top_k"):
-        jaxmoe.moe_layer(p, x, top_k=5)
-    with pytest.raises(TypeError, match="params"):
-        jaxmoe.moe_layer({"w1": p["w1"]}, x, top_k=2)
-    with pytest.raises(ValueError, match="implementation"):
-        jaxmoe.moe_layer(p, x, top_k=2, implementation="nope")
-    with pytest.raises(ValueError, match="scoring"):
-        jaxmoe.moe_layer(p, x, top_k=2, scoring="max")
-    with pytest.raises(ValueError, match="activation"):
-        jaxmoe.moe_layer(p, x, top_k=2, activation="relu")
