@@ -77,7 +77,14 @@ class RouteTests(OpTests):
 
     def check(self, x, k, b=None, **kw):
         """Ids equal to the oracle's; weights to fp32 rounding, NaN exactly where the oracle's are
-        (a row without a usable score)."""
+        (a row without a usable score).
+
+        Scores are fp32 by contract, and two experts whose scores are equal in fp32 but not in
+        float64 (sigmoid saturates) go to the lower id: at large M a few rows then order two
+        ids differently from the float64 oracle. So a kernel's ids must equal the fp32
+        reference's (jitted, as the kernels run) exactly, and the oracle's in all but at most
+        0.1 % of the rows.
+        """
         got_w, got_ids = self.route(x, k, b, **kw)
         m, e = x.shape
         assert got_ids.dtype == np.int32 and got_w.dtype == np.float32
@@ -85,8 +92,17 @@ class RouteTests(OpTests):
         assert ((got_ids >= 0) & (got_ids < e)).all(), "out-of-range expert id"
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf rows in float64
             want_w, want_ids = oracle.route(to_f64(x), k, **kw, correction_bias=None if b is None else to_f64(b))
-        np.testing.assert_array_equal(got_ids, want_ids)
-        np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-30, equal_nan=True)
+        if self.implementation != "reference":
+            # under jit as the kernel runs: an eager reference rounds its fp32 softmax unfused
+            ref_w, ref_ids = jax.jit(lambda x, b: jaxmoe.route(x, k, correction_bias=b, **kw,
+                                                               implementation="reference"))(x, b)
+            np.testing.assert_array_equal(got_ids, np.asarray(ref_ids))
+            np.testing.assert_allclose(got_w, np.asarray(ref_w), rtol=1e-5, atol=1e-30, equal_nan=True)
+        same = (got_ids == want_ids).all(axis=1)
+        if m * k <= 4096:  # small cases: no fp32 tie is expected, the oracle must agree everywhere
+            assert same.all(), np.flatnonzero(~same)[:10]
+        assert same.mean() >= 0.999, f"{(~same).sum()} of {m} rows route differently from the oracle"
+        np.testing.assert_allclose(got_w[same], want_w[same], rtol=1e-5, atol=1e-30, equal_nan=True)
         return got_w, got_ids
 
     @pytest.mark.parametrize("e,k", EK_CASES)
