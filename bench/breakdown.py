@@ -21,7 +21,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxmoe import _config, _moe_triton, moe_layer, reference, route  # noqa: E402
+from jaxmoe import moe_layer, ops, reference, route  # noqa: E402
+from jaxmoe.ops.gemm import config as _config  # noqa: E402
+from jaxmoe.ops.gemm import triton as gemm_triton  # noqa: E402
+from jaxmoe.ops.moe import triton as moe_triton  # noqa: E402
 from jaxmoe.layer import init_moe_params  # noqa: E402
 from jaxmoe.models import PRESETS  # noqa: E402
 
@@ -57,27 +60,28 @@ def main() -> None:
             logits = jnp.einsum("smd,de->sme", xs, params["router"], preferred_element_type=jnp.float32)
             w, ids = jax.vmap(lambda lg: reference.route(lg, **routing))(logits)
             cfg = _config.select_config(m, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
-                                        _moe_triton.current_arch())
+                                        moe_triton.current_arch())
             layer = per_call_us(lambda prm, xs: [moe_layer(prm, xs[s], implementation="triton", **routing)
                                                  for s in range(CALLS)], params, xs)
             fused = per_call_us(lambda prm, xs, w, ids: [
-                _moe_triton.fused_moe(xs[s], prm["w1"], prm["w2"], w[s], ids[s]) for s in range(CALLS)],
+                moe_triton.fused_moe(xs[s], prm["w1"], prm["w2"], w[s], ids[s]) for s in range(CALLS)],
                 params, xs, w, ids)
             rkw = {k: v for k, v in routing.items() if k != "top_k"}
             rt = per_call_us(lambda lg: [route(lg[s], p.top_k, implementation="triton", **rkw)
                                          for s in range(CALLS)], logits)
-            al = per_call_us(lambda ids: [_moe_triton.moe_align_block_size(ids[s], p.experts, cfg.block_m)
+            al = per_call_us(lambda ids: [ops.moe_align_block_size(ids[s], p.experts, cfg.block_m,
+                                                                   implementation="triton")
                                           for s in range(CALLS)], ids)
-            aligned = [_moe_triton.moe_align_block_size(ids[s], p.experts, cfg.block_m) for s in range(CALLS)]
+            aligned = [ops.align(ids[s], p.experts, cfg.block_m, topk_weights=w[s], implementation="triton")
+                       for s in range(CALLS)]
             h0 = jnp.zeros((m * p.top_k, p.intermediate), jnp.bfloat16) + 0.01
-            common = dict(num_rows=m * p.top_k, block_m=cfg.block_m)
+            arch = moe_triton.current_arch()
             s1 = per_call_us(lambda prm, xs: [
-                _moe_triton._gemm(xs[s], prm["w1"], *aligned[s], top_k=p.top_k, tile=cfg.stage1,
-                                  topk_weights=None, activation="silu", **common) for s in range(CALLS)],
-                params, xs)
+                gemm_triton.gemm(xs[s], prm["w1"], aligned[s], tile=cfg.stage1, arch=arch, topk_weights=None,
+                                 activation="silu") for s in range(CALLS)], params, xs)
             s2 = per_call_us(lambda prm, h, w: [
-                _moe_triton._gemm(h, prm["w2"], *aligned[s], top_k=1, tile=cfg.stage2, topk_weights=w[s],
-                                  activation=None, **common) for s in range(CALLS)], params, h0, w)
+                gemm_triton.gemm(h, prm["w2"], aligned[s], tile=cfg.stage2, arch=arch, topk_weights=w[s],
+                                 activation=None) for s in range(CALLS)], params, h0, w)
             hit = len(set(jnp.unique(ids[0]).tolist()))
             nbytes = hit * 3 * p.intermediate * p.hidden * 2 + 2 * m * p.hidden * 2
             floor = max(nbytes / 3.0e12, 2 * m * p.top_k * 3 * p.intermediate * p.hidden / 790e12) * 1e6

@@ -34,7 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxmoe import _routing_triton, reference  # noqa: E402
+from jaxmoe import reference  # noqa: E402
+from jaxmoe.ops.routing import triton as routing_triton  # noqa: E402
 
 _TRIVIAL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
 
@@ -103,7 +104,7 @@ def bench_topk(args) -> None:
     for e, k in ((8, 2), (128, 8), (256, 8)):
         for m in args.ms:
             inputs = [(jnp.asarray(rng.standard_normal((m, e)), jnp.float32).astype(jnp.bfloat16),) for _ in range(args.graph_r)]
-            tri = lambda x, k=k: _routing_triton.route(x, k)  # noqa: E731
+            tri = lambda x, k=k: routing_triton.route(x, k)  # noqa: E731
             lax = lambda x, k=k: lax_topk_route(x, k)  # noqa: E731
             status = check_route(jax.jit(tri)(*inputs[0]), jax.jit(lambda x: reference.route(x, k))(*inputs[0]))
             tg, tc = time_fn(tri, inputs, args.reps, args.graph_r)
@@ -125,7 +126,7 @@ def bench_grouped(args) -> None:
              jnp.asarray(0.1 * rng.standard_normal(256), jnp.float32))
             for _ in range(args.graph_r)
         ]
-        tri = lambda x, b: _routing_triton.route(x, 8, correction_bias=b, **kw)  # noqa: E731
+        tri = lambda x, b: routing_triton.route(x, 8, correction_bias=b, **kw)  # noqa: E731
         ref = lambda x, b: reference.route(x, 8, correction_bias=b, **kw)  # noqa: E731
         status = check_route(jax.jit(tri)(*inputs[0]), jax.jit(ref)(*inputs[0]))
         tg, tc = time_fn(tri, inputs, args.reps, args.graph_r)
@@ -159,7 +160,7 @@ def bench_top1(args) -> None:
                  jnp.asarray(rng.standard_normal((d, e)) * 3 / np.sqrt(d), jnp.float32).astype(jnp.bfloat16))
                 for _ in range(min(args.graph_r, 8))
             ]
-            tri = lambda x, w: _routing_triton.router_sigmoid_top1(x, w, shared_expert=True)  # noqa: E731
+            tri = lambda x, w: routing_triton.router_sigmoid_top1(x, w, shared_expert=True)  # noqa: E731
             ref = lambda x, w: jnp_sigmoid_top1(x, w, shared_expert=True)  # noqa: E731
             gw, gi = map(np.asarray, jax.jit(tri)(*inputs[0]))
             # float64 truth; near-ties (best two within 1e-5) may go either way.
