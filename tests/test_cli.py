@@ -137,7 +137,7 @@ def test_shipped_amd_tables_are_marked_untuned():
     from jaxmoe.ops.gemm import config as _config
 
     for arch in ("gfx942", "gfx950"):
-        table = json.loads((_config.config_dir() / f"{arch}.json").read_text())
+        table = json.loads((_config.PACKAGE_CONFIGS / f"{arch}.json").read_text())
         assert "UNTUNED" in table["_comment"] and len(table) > 1
 
 
