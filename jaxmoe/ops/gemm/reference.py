@@ -67,4 +67,5 @@ def grouped_gemm(a, b, routing: RoutingData, *, topk_weights=None, activation=No
 
         return jax.lax.cond(jnp.any(expert_of_row == ex), compute, lambda c: c, c)
 
-    return jax.lax.fori_loop(0, e, one_expert, jnp.zeros((num_rows, n_out), out_dtype))
+    # zeros_like: the carry has a's type, so the loop also runs inside shard_map (varying a)
+    return jax.lax.fori_loop(0, e, one_expert, jnp.zeros_like(a, shape=(num_rows, n_out)))

@@ -63,7 +63,8 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
         return jax.lax.cond(jnp.any(ids == ex), compute, lambda r: r, rows)
 
     # One [D] row per (token, slot); a slot with an out-of-range id is never written.
-    rows = jax.lax.fori_loop(0, e, one_expert, jnp.zeros((m, ids.shape[1], d), compute_dtype))
+    # zeros_like: the carry has x's type, so the loop also runs inside shard_map (varying x)
+    rows = jax.lax.fori_loop(0, e, one_expert, jnp.zeros_like(x, shape=(m, ids.shape[1], d)))
     return rows.astype(jnp.float32).sum(axis=1).astype(compute_dtype)
 
 
