@@ -114,6 +114,15 @@ def test_fused_moe_matches_reference(rng, m, d, i, e, k, dtype):
     assert rel_err(out, ref) <= tolerance(dtype)
 
 
+@pytest.mark.parametrize("m", [5, 700])  # the one-launch alignment and the chunked one
+def test_fused_moe_outside_jit(rng, m):
+    """Called eagerly the runtime sizes reach the kernels as scalars (on a CPU, Triton's
+    interpreter uses them as Python indices: see jaxmoe._compat.triton_interpreter)."""
+    x, w1, w2, tw, ids = moe_inputs(rng, m, 32, 16, 4, 2, jnp.float32)
+    out = moe_triton.fused_moe(x, w1, w2, tw, ids)
+    assert rel_err(out, reference.fused_moe(x, w1, w2, tw, ids)) <= 1e-4
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_fused_moe_invalid_ids_and_empty_experts(rng, activation):
     m, d, i, e, k = 24, 64, 48, 16, 2
