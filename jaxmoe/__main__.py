@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line on stderr (exit 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
@@ -37,12 +45,20 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxmoe", description="jaxmoe: Triton MoE kernels for JAX")
+    from jaxmoe import __version__
+    from jaxmoe.tools import CommandError
+
+    parser = _Parser(prog="python -m jaxmoe", description="jaxmoe: Triton MoE kernels for JAX")
+    parser.add_argument("--version", action="version", version=f"jaxmoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as err:
+        print(f"python -m jaxmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def init_moe_params(key: Any, *, hidden: int, intermediate: int, experts: int, d
       key: a ``jax.random`` key (a typed key from ``jax.random.key`` or a legacy uint32
         ``PRNGKey``).
       hidden: ``D``; intermediate: ``I`` (per expert); experts: ``E``; Python or numpy ints.
-      dtype: dtype of every parameter (bf16 by default).
+      dtype: dtype of every parameter: bf16 (the default), fp16 or fp32.
 
     Returns ``{"router": [D, E], "w1": [E, 2I, D], "w2": [E, D, I]}``, each drawn from a
     normal distribution scaled by ``1 / sqrt(fan_in)`` (``D`` for router and w1, ``I`` for w2).
@@ -45,14 +45,20 @@ def init_moe_params(key: Any, *, hidden: int, intermediate: int, experts: int, d
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
         sizes[name] = int(v)
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be one of bfloat16, float16, float32, got {dtype!r}") from None
+    if dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of bfloat16, float16, float32 (what the layer runs in), got {dtype}")
     key_dtype = getattr(key, "dtype", None)
-    if key_dtype is None or not (jnp.issubdtype(key_dtype, jax.dtypes.prng_key)
-                                 or (key_dtype == jnp.uint32 and key.shape == (2,))):
+    typed = key_dtype is not None and jnp.issubdtype(key_dtype, jax.dtypes.prng_key)
+    if key_dtype is None or not (typed or key_dtype == jnp.uint32):
         raise TypeError(f"key must be a jax.random key (jax.random.key(seed)), got {type(key).__name__}"
                         f"{'' if key_dtype is None else f' of dtype {key_dtype}'}")
+    if key.shape != (() if typed else (2,)):
+        what = "a key array of shape" if typed else "a uint32 array (a legacy PRNGKey is [2]) of shape"
+        raise ValueError(f"key must be one jax.random key (jax.random.key(seed)), got {what} {list(key.shape)}")
     k_router, k_w1, k_w2 = jax.random.split(key, 3)
     d, i, e = sizes["hidden"], sizes["intermediate"], sizes["experts"]
 

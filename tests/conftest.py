@@ -3,6 +3,8 @@ visible skipping of GPU-only tests on a CPU."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import zlib
 
 import jax
@@ -12,6 +14,12 @@ import pytest
 
 # Tolerances of the norm-wise relative error ||out - ref|| / ||ref||, by output dtype.
 TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-4}
+
+
+def pytest_configure(config):
+    # Tuned tables in the user's config directory (where `python -m jaxmoe tune` writes) must
+    # neither change what the tests run nor be written by them.
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="jaxmoe-tests-config-")
 
 
 def pytest_collection_modifyitems(config, items):

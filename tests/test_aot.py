@@ -52,7 +52,7 @@ def launches_for(arch: str) -> list[backends.KernelLaunch]:
                     for spec in moe_triton.plan_fused_moe(m, preset.top_k, preset.experts, preset.hidden,
                                                            preset.intermediate, dtype, arch, activation):
                         seen.setdefault(_key(spec), spec)
-    tuned = _config._load(str(_config.config_dir() / f"{arch}.json"))
+    tuned = _config._load(str(_config.PACKAGE_CONFIGS / f"{arch}.json"))
     top_k = {(p.experts, p.hidden, p.intermediate): p.top_k for p in PRESETS.values()}
     for shape, table in tuned.items():
         e, d, i = (int(part.split("=")[1]) for part in shape.split(",")[:3])

@@ -137,7 +137,7 @@ def test_shipped_amd_tables_are_marked_untuned():
     from jaxmoe.ops.gemm import config as _config
 
     for arch in ("gfx942", "gfx950"):
-        table = json.loads((_config.config_dir() / f"{arch}.json").read_text())
+        table = json.loads((_config.PACKAGE_CONFIGS / f"{arch}.json").read_text())
         assert "UNTUNED" in table["_comment"] and len(table) > 1
 
 
@@ -228,3 +228,198 @@ def test_tune_candidates_all_plan(arch):
             paired = {c.stage1 for c in tune.candidates(1024, 2, 8, 4096, 14336, jnp.bfloat16, arch)
                       if c.block_m == 128 and c.stage2 == stage2}
             assert len(paired) >= 3 and all(t.num_warps == 8 for t in paired), (stage2, paired)
+
+
+# ----------------------------------------------------------------------------- bad command lines
+
+
+def _main_rc(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        return exc.code
+
+
+def _bad_lines(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    not_json = tmp_path / "not.json"
+    not_json.write_text("{")
+    dense = tmp_path / "dense.json"
+    dense.write_text('{"hidden_size": 64, "intermediate_size": 128}')
+    return {
+        "check --impl ,": ["check", "--impl", ","],
+        "check --impl ' , '": ["check", "--impl", " , "],
+        "check --m 0": ["check", "--m", "0", "--impl", "reference"],
+        "check --repeats 0": ["check", "--repeats", "0"],
+        "bench --m 0": ["bench", "--m", "0"],
+        "bench --m -1": ["bench", "--m", "-1"],
+        "bench --m x": ["bench", "--m", "x"],
+        "bench --reps -3": ["bench", "--reps", "-3"],
+        "bench --impl ,": ["bench", "--impl", ","],
+        "bench --impl unknown": ["bench", "--impl", "jaxmoe,fast"],
+        "bench --out unwritable": ["bench", "--model", "tiny", "--out", str(blocker / "bench")],
+        "bench --out missing dir": ["bench", "--model", "tiny", "--out", str(tmp_path / "no" / "such" / "b")],
+        "tune --m -1": ["tune", "--model", "tiny", "--m", "-1"],
+        "tune --reps 0": ["tune", "--model", "tiny", "--reps", "0"],
+        "tune without a layer": ["tune", "--seed-heuristic", "sm90"],
+        "tune --shape three numbers": ["tune", "--shape", "8,2,64", "--seed-heuristic", "sm90"],
+        "tune --shape k > E": ["tune", "--shape", "2,4,64,64", "--seed-heuristic", "sm90"],
+        "tune --shape words": ["tune", "--shape", "E,k,D,I", "--seed-heuristic", "sm90"],
+        "tune --config missing": ["tune", "--config", str(tmp_path / "none.json"), "--seed-heuristic", "sm90"],
+        "tune --config not JSON": ["tune", "--config", str(not_json), "--seed-heuristic", "sm90"],
+        "tune --config not MoE": ["tune", "--config", str(dense), "--seed-heuristic", "sm90"],
+        "tune --out unwritable": ["tune", "--model", "tiny", "--seed-heuristic", "sm90", "--out", str(blocker)],
+    }
+
+
+BAD_LINES = [
+    "check --impl ,", "check --impl ' , '", "check --m 0", "check --repeats 0", "bench --m 0", "bench --m -1",
+    "bench --m x", "bench --reps -3", "bench --impl ,", "bench --impl unknown", "bench --out unwritable",
+    "bench --out missing dir", "tune --m -1", "tune --reps 0", "tune without a layer", "tune --shape three numbers",
+    "tune --shape k > E", "tune --shape words", "tune --config missing", "tune --config not JSON",
+    "tune --config not MoE", "tune --out unwritable",
+]
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_bad_command_line_ends_in_one_line_and_a_nonzero_exit(case, tmp_path, capsys):
+    argv = _bad_lines(tmp_path)[case]
+    assert _main_rc(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in captured.err, captured.err
+    assert "implementation" not in captured.out  # nothing was run
+
+
+def test_bad_command_lines_leave_no_traceback_as_a_module(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args in (["check", "--impl", ","], ["bench", "--out", str(blocker / "b")], ["tune", "--m", "-1"]):
+        proc = _run(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_version():
+    import jaxmoe
+
+    proc = _run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"jaxmoe {jaxmoe.__version__}", proc.stdout + proc.stderr
+
+
+def test_check_impl_is_comma_separated_and_repeatable(capsys):
+    assert main(["check", "--impl", " reference, ", "--impl", "reference", "--m", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("reference ") for line in out.splitlines()) == 1
+
+
+def test_bench_impl_takes_the_same_comma_separated_form(tmp_path, capsys):
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU behaviour")
+    import json
+
+    prefix = str(tmp_path / "b")
+    assert main(["bench", "--model", "tiny", "--m", "1", "--reps", "1", "--impl", "reference,ragged_dot",
+                 "--out", prefix]) == 0
+    assert {r["impl"] for r in json.loads((tmp_path / "b.json").read_text())} == {"reference", "ragged_dot"}
+
+
+# ----------------------------------------------------------------------------- tune: where tables go
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("JAXMOE_CONFIG_DIR", raising=False)
+    return tmp_path / "xdg" / "jaxmoe"
+
+
+def test_tune_writes_the_user_dir_by_default_and_the_runtime_reads_it(user_dir, capsys, monkeypatch):
+    from jaxmoe.ops.gemm import config as _config
+
+    shipped = {p.name: p.read_bytes() for p in _config.PACKAGE_CONFIGS.glob("*.json")}
+    assert main(["tune", "--seed-heuristic", "sm90", "--shape", "8,2,256,512", "--m", "1", "--m", "64"]) == 0
+    path = user_dir / "sm90.json"
+    assert f"wrote {path}" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in _config.PACKAGE_CONFIGS.glob("*.json")} == shipped
+    assert set(json_load(path)["E=8,D=256,I=512,dtype=bfloat16"]) == {"1", "64"}
+    monkeypatch.setenv("JAXMOE_LOG_CONFIG", "1")
+    _config.select_config(100, 2, 8, 256, 512, "bfloat16", "sm90")
+    assert f"[{path} M<=64]" in capsys.readouterr().err
+
+
+def test_tune_writes_jaxmoe_config_dir_when_set(user_dir, tmp_path, monkeypatch):
+    env_dir = tmp_path / "env"
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(env_dir))
+    assert main(["tune", "--seed-heuristic", "gfx950", "--shape", "4,1,64,32", "--m", "8"]) == 0
+    assert (env_dir / "gfx950.json").exists() and not user_dir.exists()
+
+
+def test_tune_refuses_to_overwrite_a_malformed_table(user_dir, capsys):
+    user_dir.mkdir(parents=True)
+    (user_dir / "sm90.json").write_text("[]")
+    assert main(["tune", "--seed-heuristic", "sm90", "--shape", "8,2,64,64"]) == 2
+    err = capsys.readouterr().err
+    assert str(user_dir / "sm90.json") in err and len(err.strip().splitlines()) == 1
+    assert (user_dir / "sm90.json").read_text() == "[]"
+
+
+HF_CONFIGS = {
+    "mixtral": ({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2, "hidden_size": 256,
+                 "intermediate_size": 512}, (8, 2, 256, 512)),
+    "qwen3_moe": ({"model_type": "qwen3_moe", "num_experts": 16, "num_experts_per_tok": 4, "hidden_size": 128,
+                   "moe_intermediate_size": 64, "intermediate_size": 1024, "norm_topk_prob": True}, (16, 4, 128, 64)),
+    "deepseek_v3": ({"model_type": "deepseek_v3", "n_routed_experts": 32, "num_experts_per_tok": 4,
+                     "hidden_size": 128, "moe_intermediate_size": 32, "intermediate_size": 2048, "n_group": 4,
+                     "topk_group": 2, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                     "routed_scaling_factor": 2.5}, (32, 4, 128, 32)),
+    "multimodal": ({"model_type": "llava", "text_config": {"num_local_experts": 4, "num_experts_per_tok": 1,
+                                                           "hidden_size": 64, "intermediate_size": 96}},
+                   (4, 1, 64, 96)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_tune_reads_a_hugging_face_config(name, user_dir, tmp_path):
+    import json
+
+    config, (e, k, d, i) = HF_CONFIGS[name]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert main(["tune", "--seed-heuristic", "sm90", "--config", str(path), "--m", "4"]) == 0
+    table = json_load(user_dir / "sm90.json")
+    from jaxmoe.ops.gemm import config as _config
+
+    want = _config.heuristic_config(4, k, e, d, i, "bfloat16", "sm90")
+    assert _config.MoEConfig.from_json(table[f"E={e},D={d},I={i},dtype=bfloat16"]["4"]) == want
+
+
+def test_hugging_face_routing_fields():
+    from jaxmoe.models import from_hf_config
+
+    p = from_hf_config(HF_CONFIGS["deepseek_v3"][0])
+    assert (p.scoring, p.num_expert_group, p.topk_group, p.correction_bias, p.routed_scaling_factor) == (
+        "sigmoid", 4, 2, True, 2.5)
+    logits = jnp.zeros((3, p.experts), jnp.float32)
+    import jaxmoe
+
+    _, ids = jaxmoe.route(logits, **p.routing_kwargs())
+    assert ids.shape == (3, 4)
+    m = from_hf_config(HF_CONFIGS["mixtral"][0])
+    assert (m.scoring, m.num_expert_group, m.correction_bias, m.renormalize) == ("softmax", None, False, True)
+    with pytest.raises(ValueError, match="topk_group"):
+        from_hf_config({**HF_CONFIGS["deepseek_v3"][0], "topk_group": 9})
+    with pytest.raises(ValueError, match="hidden_size"):
+        from_hf_config({**HF_CONFIGS["mixtral"][0], "hidden_size": "256"})
+
+
+def test_tune_takes_several_layer_sources_at_once(user_dir):
+    assert main(["tune", "--seed-heuristic", "gfx942", "--model", "tiny", "--shape", "4,2,64,32", "--m", "2"]) == 0
+    assert {"E=8,D=128,I=256,dtype=bfloat16", "E=4,D=64,I=32,dtype=bfloat16"} <= set(json_load(user_dir / "gfx942.json"))
+
+
+def json_load(path):
+    import json
+
+    return json.loads(Path(path).read_text())

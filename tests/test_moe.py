@@ -316,3 +316,12 @@ def test_fused_moe_errors_are_raised_before_tracing(rng):
     x, w1, w2, tw, ti = moe_inputs(rng, 4, 16, 8, 4, 2, F32)
     with pytest.raises(TypeError, match="w1"):
         jax.jit(jaxmoe.fused_moe)(x, w1.astype(BF16), w2, tw, ti)
+
+
+@pytest.mark.parametrize("m", [5, 700])  # the one-launch alignment and the chunked one
+def test_fused_moe_outside_jit(rng, m):
+    """Called eagerly the runtime sizes reach the kernels as scalars (on a CPU, Triton's
+    interpreter uses them as Python indices: see jaxmoe._compat.triton_interpreter)."""
+    x, w1, w2, tw, ids = moe_inputs(rng, m, 32, 16, 4, 2, jnp.float32)
+    out = moe_triton.fused_moe(x, w1, w2, tw, ids)
+    assert rel_err(out, reference.fused_moe(x, w1, w2, tw, ids)) <= 1e-4

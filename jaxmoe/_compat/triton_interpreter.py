@@ -17,6 +17,10 @@ unpatched interpreter, so a Triton that fixes one fails that test and the patch 
   ``@jit`` helper's globals name, and never undoes that for helpers (``tl.core``, seen from
   ``triton.language.standard``): a later real compile in the same process then built
   interpreter tensors. Every ``triton.language`` namespace is put back afterwards.
+* A scalar kernel argument used as a Python index (``range(n)`` on a runtime ``n``): Triton
+  3.6 converts the interpreter's one-element array with ``int(array)``, which NumPy >= 2.5
+  refuses for arrays of one dimension; the conversion squeezes the array first, as later
+  Triton versions do.
 """
 
 from __future__ import annotations
@@ -110,13 +114,21 @@ def patches() -> Iterator[None]:
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction):
                 vars(module)[name] = _interpreted_twin(value)
+    original_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
     builder_cls.create_dot = create_dot
     builder_cls.cast_impl = cast_impl
+    interpreter._patch_lang_tensor = patch_lang_tensor
     try:
         yield
     finally:
         builder_cls.create_dot = original_dot
         builder_cls.cast_impl = original_cast
+        interpreter._patch_lang_tensor = original_patch_tensor
         for ns, before in saved:
             for name, value in before.items():
                 if vars(ns).get(name) is not value:

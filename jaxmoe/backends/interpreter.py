@@ -93,10 +93,15 @@ def run(spec: KernelLaunch, arrays: Sequence[np.ndarray], poison: bool) -> list[
     in_ptrs = [_HostPointer(a, types[i][1:]) for i, a in enumerate(inputs)]
     out_ptrs = [_HostPointer(a, types[n_in + n_scalar + i][1:]) for i, a in enumerate(outs)]
     scalars = [int(v) for _, v in spec.scalars]
-    fn = _interpreted(spec.kernel)
     grid = tuple(int(g) for g in spec.grid)
-    with _LOCK, triton_interpreter.patches():
-        HostGridExecutor(fn.rewrite(), fn.arg_names, grid)(*in_ptrs, *scalars, *out_ptrs, **dict(spec.constexprs))
+    # One run at a time, the kernel's interpreted module built under the same lock: host
+    # callbacks of several devices (shard_map over CPU devices) run on several threads, and
+    # a second thread must not see the module half executed.
+    with _LOCK:
+        fn = _interpreted(spec.kernel)
+        with triton_interpreter.patches():
+            HostGridExecutor(fn.rewrite(), fn.arg_names, grid)(*in_ptrs, *scalars, *out_ptrs,
+                                                               **dict(spec.constexprs))
     return outs
 
 

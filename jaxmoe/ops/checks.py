@@ -27,6 +27,7 @@ __all__ = [
     "check_top_k",
     "check_block_size",
     "check_route_args",
+    "check_experts_args",
     "check_fused_moe_args",
     "check_align_args",
     "check_moe_gemm_args",
@@ -183,10 +184,8 @@ def check_route_args(
     return m, e
 
 
-def check_fused_moe_args(
-    hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, activation: Any = "silu"
-) -> tuple[int, int, int, int, int]:
-    """Checks :func:`jaxmoe.fused_moe`'s arguments; returns ``(M, D, E, I, k)``."""
+def check_experts_args(hidden_states: Any, w1: Any, w2: Any) -> tuple[int, int, int, int]:
+    """Checks the tokens and the expert weights of a fused MoE; returns ``(M, D, E, I)``."""
     from jaxmoe.types import QuantizedWeights
 
     for name, w in (("w1", w1), ("w2", w2)):
@@ -198,6 +197,8 @@ def check_fused_moe_args(
     _require_ndim("hidden_states", xs, 2, "[M, D]")
     _require_float_dtype("hidden_states", xd, FLOAT_DTYPES)
     m, d = xs
+    if d < 1:
+        raise ValueError(f"hidden_states must be [M, D] with D >= 1, got shape {list(xs)}")
     w1s, w1d = _shape_dtype("w1", w1)
     _require_ndim("w1", w1s, 3, "[E, 2I, D]")
     w2s, w2d = _shape_dtype("w2", w2)
@@ -215,6 +216,14 @@ def check_fused_moe_args(
         raise ValueError(f"w2 must be [E, D, I] = {[e, d, i]} to match w1 {list(w1s)}, got {list(w2s)}")
     if e < 1:
         raise ValueError("w1 must hold at least one expert")
+    return m, d, e, i
+
+
+def check_fused_moe_args(
+    hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, activation: Any = "silu"
+) -> tuple[int, int, int, int, int]:
+    """Checks :func:`jaxmoe.fused_moe`'s arguments; returns ``(M, D, E, I, k)``."""
+    m, d, e, i = check_experts_args(hidden_states, w1, w2)
     ws, wd = _shape_dtype("topk_weights", topk_weights)
     _require_ndim("topk_weights", ws, 2, "[M, k]")
     _require_float_dtype("topk_weights", wd)
@@ -266,6 +275,8 @@ def check_moe_gemm_args(
     if bd != ad:
         raise TypeError(f"b must have the dtype of a ({ad}), got {bd}")
     e, n, kdim = bs_
+    if e < 1 or n < 1:
+        raise ValueError(f"b must be [E, N, K] with E >= 1 and N >= 1, got {list(bs_)}")
     if kdim != as_[1]:
         raise ValueError(f"b must be [E, N, K] with K = a.shape[1] = {as_[1]}, got {list(bs_)}")
     k = _require_int("top_k", top_k)
@@ -310,12 +321,25 @@ def check_params(params: Any) -> tuple[int, int, int]:
     rs, rd = _shape_dtype("params['router']", params["router"])
     _require_ndim("params['router']", rs, 2, "[D, E]")
     _require_float_dtype("params['router']", rd)
-    w1s, _ = _shape_dtype("params['w1']", params["w1"])
-    _require_ndim("params['w1']", w1s, 3, "[E, 2I, D]")
     d, e = rs
+    if d < 1 or e < 1:
+        raise ValueError(f"params['router'] must be [D, E] with D >= 1 and E >= 1, got {list(rs)}")
+    w1s, w1d = _shape_dtype("params['w1']", params["w1"])
+    _require_ndim("params['w1']", w1s, 3, "[E, 2I, D]")
     if w1s[0] != e or w1s[2] != d:
         raise ValueError(f"params['w1'] must be [E, 2I, D] = [{e}, 2I, {d}] to match params['router'] {list(rs)}, got {list(w1s)}")
-    return d, e, w1s[1] // 2
+    if w1s[1] % 2 or w1s[1] == 0:
+        raise ValueError(f"params['w1'] must be [E, 2I, D] (gate rows then up rows): its dim 1 must be even and > 0, "
+                         f"got {w1s[1]}")
+    i = w1s[1] // 2
+    w2s, w2d = _shape_dtype("params['w2']", params["w2"])
+    _require_ndim("params['w2']", w2s, 3, "[E, D, I]")
+    if w2s != (e, d, i):
+        raise ValueError(f"params['w2'] must be [E, D, I] = {[e, d, i]} to match params['w1'] {list(w1s)}, "
+                         f"got {list(w2s)}")
+    if w2d != w1d:
+        raise TypeError(f"params['w2'] must have the dtype of params['w1'] ({w1d}), got {w2d}")
+    return d, e, i
 
 
 def check_layer_args(params: Any, x: Any, top_k: Any) -> tuple[int, int, int]:
@@ -354,8 +378,14 @@ def check_grouped_gemm_args(a: Any, b: Any, routing: Any, *, topk_weights: Any =
     """Checks :func:`jaxmoe.ops.grouped_gemm`'s arguments; returns ``(E, N, K, N_out)``."""
     from jaxmoe.types import RoutingData
 
+    from jaxmoe.ops.gemm.config import GemmTile
+
     if not isinstance(routing, RoutingData):
         raise TypeError(f"routing must be a jaxmoe.RoutingData (from jaxmoe.ops.align), got {type(routing).__name__}")
+    as_, _ = _shape_dtype("a", a)
+    _require_ndim("a", as_, 2, "[A_rows, K]")
+    if tile is not None and not isinstance(tile, GemmTile):
+        raise TypeError(f"tile must be None or a jaxmoe.ops.gemm.GemmTile, got {type(tile).__name__}")
     e, n, kdim, n_out = check_moe_gemm_args(
         a, b, routing.sorted_token_ids, routing.expert_ids, routing.num_tokens_post_padded,
         top_k=routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1,

@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -41,6 +42,7 @@ import numpy as np
 from jaxmoe import reference
 from jaxmoe.layer import init_moe_params, moe_layer
 from jaxmoe.models import PRESETS, ModelPreset
+from jaxmoe.tools import CommandError, implementations, positive_int
 
 PEAK_BYTES_PER_S = 3.0e12
 PEAK_FLOPS = 790e12
@@ -308,22 +310,47 @@ def write_outputs(rows: Sequence[Row], prefix: str) -> list[str]:
     return written
 
 
+def _write(rows: Sequence[Row], prefix: str) -> list[str]:
+    try:
+        return write_outputs(rows, prefix)
+    except OSError as err:
+        raise CommandError(f"--out {prefix!r}: cannot write the results: {err}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", choices=sorted(PRESETS), help="preset(s); default: all but tiny "
                    "on a GPU, tiny on a CPU")
-    p.add_argument("--m", type=int, action="append", help="batch size(s) M; default 1, 2, 4, ... 8192 "
+    p.add_argument("--m", type=positive_int, action="append", help="batch size(s) M; default 1, 2, 4, ... 8192 "
                    "(on a CPU: 1, 8)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--impl", action="append", choices=IMPLEMENTATIONS, help="implementation(s); default all")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per cell (default 20 on GPU, 2 on CPU)")
+    p.add_argument("--impl", action="append", metavar="NAME[,NAME...]",
+                   help=f"implementations, comma-separated or repeated, from {', '.join(IMPLEMENTATIONS)}; "
+                        "default all")
+    p.add_argument("--reps", type=positive_int, default=None,
+                   help="timed calls per cell (default 20 on GPU, 2 on CPU)")
     p.add_argument("--out", default="bench_results", help="prefix of the .json/.csv/.png files written")
 
 
+def _check_writable(prefix: str) -> None:
+    """Fail before any timing if the result files cannot be written."""
+    for suffix in (".json", ".csv"):
+        path = prefix + suffix
+        existed = os.path.exists(path)
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as err:
+            raise CommandError(f"--out {prefix!r}: cannot write {path}: {err.strerror or err}") from None
+        if not existed:
+            os.remove(path)
+
+
 def run(args: argparse.Namespace) -> int:
+    impls = implementations(args.impl, IMPLEMENTATIONS) or list(IMPLEMENTATIONS)
+    _check_writable(args.out)
     on_cpu = jax.default_backend() == "cpu"
     models = args.model or (["tiny"] if on_cpu else [n for n in PRESETS if n != "tiny"])
     ms = args.m or ([1, 8] if on_cpu else list(DEFAULT_M))
-    impls = args.impl or list(IMPLEMENTATIONS)
     reps = args.reps or (2 if on_cpu else 20)
     if on_cpu and any(n != "tiny" for n in models):
         print("note: on a CPU the kernels run in Triton's interpreter; only use small presets there", file=sys.stderr)
@@ -338,8 +365,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  [{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
         rows += bench_model(PRESETS[name], ms, impls, DTYPES[args.dtype], reps, progress)
-        write_outputs(rows, args.out)  # after each model: a run cut short keeps what it measured
+        _write(rows, args.out)  # after each model: a run cut short keeps what it measured
     print(format_table(rows))
-    files = write_outputs(rows, args.out)
+    files = _write(rows, args.out)
     print("wrote " + ", ".join(files))
     return 0

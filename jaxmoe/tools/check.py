@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
+
+from jaxmoe.tools import implementations, positive_int
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4}
@@ -29,11 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="run one MoE layer with each implementation and compare with the reference")
     p.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="layer shape and routing (default: mixtral-8x7b on a GPU, tiny on a CPU)")
-    p.add_argument("--m", type=int, default=None, help="tokens (default: 128 on a GPU, 16 on a CPU)")
+    p.add_argument("--m", type=positive_int, default=None, help="tokens (default: 128 on a GPU, 16 on a CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation and weight dtype")
-    p.add_argument("--impl", default=None,
-                   help="comma-separated implementations to run (default: reference, and triton when available)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default: adaptive, 3..20)")
+    p.add_argument("--impl", action="append", default=None, metavar="NAME[,NAME...]",
+                   help="implementations to run, comma-separated or repeated: implementation= values of "
+                        "moe_layer such as reference, triton (default: reference, and triton when available)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed runs per implementation (default: adaptive, 3..20)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=check)
 
@@ -75,6 +78,7 @@ def check(args: argparse.Namespace) -> int:
     from jaxmoe.backends.platform import default_platform, triton_available
     from jaxmoe.models import get_preset
 
+    chosen = implementations(args.impl)  # before any work: `--impl ,` names nothing
     on_cpu = jax.default_backend() == "cpu"
     model = args.model or ("tiny" if on_cpu else "mixtral-8x7b")
     preset = get_preset(model)
@@ -84,14 +88,11 @@ def check(args: argparse.Namespace) -> int:
         notes.append(f"on a CPU, {model} is scaled down to tiny matrices (D={CPU_HIDDEN}, I={CPU_INTERMEDIATE}); "
                      "its experts, top_k and routing are kept")
     m = args.m if args.m is not None else (16 if on_cpu else 128)
-    if m < 1:
-        print("error: --m must be >= 1", file=sys.stderr)
-        return 2
     dtype = jnp.dtype(DTYPES[args.dtype])
     tol = TOLERANCE[args.dtype]
 
-    if args.impl:
-        impls = [s.strip() for s in args.impl.split(",") if s.strip()]
+    if chosen:
+        impls = chosen
     else:
         impls = ["reference"]
         if triton_available():

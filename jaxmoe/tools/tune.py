@@ -1,10 +1,12 @@
 """``python -m jaxmoe tune``: search block configs of ``fused_moe`` on the current GPU.
 
-For each M it times ``fused_moe`` (align + both GEMM stages + combine, routing excluded)
-with every candidate :class:`~jaxmoe.ops.gemm.config.MoEConfig`, keeps the fastest, and merges the
-winners into ``<out>/<arch>.json`` (``jaxmoe/configs`` by default), the file
-``select_config`` reads. Point ``JAXMOE_CONFIG_DIR`` at another ``--out`` to try a table
-before shipping it.
+For each layer shape (``--model`` presets, ``--shape E,k,D,I``, ``--config`` Hugging Face
+model configs) and each M it times ``fused_moe`` (align + both GEMM stages + combine,
+routing excluded) with every candidate :class:`~jaxmoe.ops.gemm.config.MoEConfig`, keeps
+the fastest, and merges the winners into ``<out>/<arch>.json``. By default ``<out>`` is
+``$JAXMOE_CONFIG_DIR`` if set, else the user config directory (``$XDG_CONFIG_HOME/jaxmoe``
+or ``~/.config/jaxmoe``): both are read by ``select_config`` before the package's own
+tables (see :mod:`jaxmoe.ops.gemm.config`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,11 +24,14 @@ import jax.numpy as jnp
 
 from jaxmoe import reference
 from jaxmoe.layer import init_moe_params
-from jaxmoe.models import PRESETS
+from jaxmoe.models import PRESETS, ModelPreset, from_hf_config
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile, MoEConfig
 from jaxmoe.ops.moe import triton as moe_triton
+from jaxmoe.tools import CommandError, positive_int
 from jaxmoe.tools.bench import DTYPES, time_layer
+
+DEFAULT_M = (1, 16, 128, 1024, 4096)
 
 TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
     (16, 128, 1, 4, 4),
@@ -69,55 +75,107 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append", required=True, choices=sorted(PRESETS))
-    p.add_argument("--m", type=int, action="append", help="M values to tune (default 1 16 128 1024 4096)")
+    p.add_argument("--model", action="append", choices=sorted(PRESETS), help="a preset layer shape (repeatable)")
+    p.add_argument("--shape", action="append", metavar="E,k,D,I",
+                   help="a layer shape: experts, experts per token, hidden size, intermediate size (repeatable)")
+    p.add_argument("--config", action="append", metavar="CONFIG_JSON",
+                   help="a Hugging Face model config.json whose MoE layer to tune (repeatable)")
+    p.add_argument("--m", type=positive_int, action="append", help="M values to tune (default 1 16 128 1024 4096)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--out", default=None, help="directory of <arch>.json (default: the package's configs)")
+    p.add_argument("--reps", type=positive_int, default=10)
+    p.add_argument("--out", default=None,
+                   help="directory of <arch>.json (default: $JAXMOE_CONFIG_DIR if set, else the user config "
+                        "directory, $XDG_CONFIG_HOME/jaxmoe or ~/.config/jaxmoe)")
     p.add_argument("--seed-heuristic", choices=_config.ARCHS, metavar="ARCH",
                    help="write the heuristic's configs for ARCH, marked untuned, without timing anything "
                         "(no GPU needed): a starting table for a GPU that has not been tuned yet")
 
 
-def seed_heuristic(arch: str, models: list[str], ms: tuple[int, ...], dtype: Any, path: pathlib.Path) -> None:
-    """Write the heuristic's pick for each model and M into ``path``, marked untuned."""
-    table: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+def parse_shape(text: str) -> ModelPreset:
+    """``"E,k,D,I"`` as a softmax-routed :class:`ModelPreset`; :class:`CommandError` if malformed."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        e, k, d, i = (int(p) for p in parts)
+    except ValueError:
+        raise CommandError(f"--shape {text!r}: expected four integers E,k,D,I "
+                           "(experts, experts per token, hidden size, intermediate size)") from None
+    if min(e, k, d, i) < 1 or k > e:
+        raise CommandError(f"--shape {text!r}: need E, k, D, I >= 1 and k <= E")
+    return ModelPreset(f"E={e},k={k},D={d},I={i}", experts=e, top_k=k, hidden=d, intermediate=i)
+
+
+def layers(args: argparse.Namespace) -> list[ModelPreset]:
+    """The layer shapes named by ``--model``, ``--shape`` and ``--config``, in that order."""
+    presets = [PRESETS[name] for name in args.model or ()]
+    presets += [parse_shape(text) for text in args.shape or ()]
+    for path in args.config or ():
+        try:
+            presets.append(from_hf_config(path))
+        except ValueError as err:
+            raise CommandError(f"--config {err}") from None
+    if not presets:
+        raise CommandError("name the layers to tune with --model, --shape E,k,D,I or --config config.json")
+    return presets
+
+
+def seed_heuristic(arch: str, models: Sequence[str | ModelPreset], ms: tuple[int, ...], dtype: Any,
+                   path: pathlib.Path) -> None:
+    """Write the heuristic's pick for each model (a preset or its name) and M into ``path``, marked untuned."""
+    table: dict[str, Any] = _read_table(path)
     table["_comment"] = (f"UNTUNED: seeded from the heuristic by `python -m jaxmoe tune --seed-heuristic {arch}`; "
                          "run `python -m jaxmoe tune` on the GPU to replace it")
-    for name in models:
-        p = PRESETS[name]
+    for model in models:
+        p = PRESETS[model] if isinstance(model, str) else model
         entry = table.setdefault(_config.shape_key(p.experts, p.hidden, p.intermediate, dtype), {})
         for m in ms:
             entry[str(m)] = _config.heuristic_config(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype,
                                                      arch).to_json()
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    _config._load.cache_clear()
+    _write_table(path, table)
     print(f"wrote {path}")
+
+
+def _read_table(path: pathlib.Path) -> dict[str, Any]:
+    """The table already at ``path`` (checked: a malformed one is reported, not overwritten)."""
+    if not path.exists():
+        return {}
+    try:
+        _config._load(str(path))
+    except ValueError as err:
+        raise CommandError(f"{err}; fix or remove it first") from None
+    return json.loads(path.read_text())
+
+
+def _write_table(path: pathlib.Path, table: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    except OSError as err:
+        raise CommandError(f"cannot write {path}: {err.strerror or err}") from None
+    _config._load.cache_clear()
 
 
 def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
+    presets = layers(args)
+    ms = tuple(args.m or DEFAULT_M)
     out_dir = pathlib.Path(args.out) if args.out else _config.config_dir()
     if args.seed_heuristic:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        seed_heuristic(args.seed_heuristic, args.model, tuple(args.m or (1, 16, 128, 1024, 4096)), dtype,
-                       out_dir / f"{args.seed_heuristic}.json")
+        seed_heuristic(args.seed_heuristic, presets, ms, dtype, out_dir / f"{args.seed_heuristic}.json")
         return 0
     if jax.default_backend() == "cpu":
-        print("tune needs a GPU: it times real kernel launches", file=sys.stderr)
+        print("tune needs a GPU: it times real kernel launches (--seed-heuristic ARCH needs none)", file=sys.stderr)
         return 2
     arch = moe_triton.current_arch()
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{arch}.json"
-    table: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    table: dict[str, Any] = _read_table(path)
     table.setdefault("_comment", f"tuned by `python -m jaxmoe tune` on {jax.devices()[0].device_kind}")
-    for name in args.model:
-        p = PRESETS[name]
+    for p in presets:
+        name = p.name
         params = init_moe_params(jax.random.key(0), hidden=p.hidden, intermediate=p.intermediate,
                                  experts=p.experts, dtype=dtype)
         routing = p.routing_kwargs(jax.random.key(1))
         entry = table.setdefault(_config.shape_key(p.experts, p.hidden, p.intermediate, dtype), {})
-        for m in args.m or (1, 16, 128, 1024, 4096):
+        for m in ms:
             xs = jax.random.normal(jax.random.key(m), (4, m, p.hidden), jnp.float32).astype(dtype)
             logits = jnp.dot(xs[0], params["router"], preferred_element_type=jnp.float32)
             weights, ids = reference.route(logits, **routing)
@@ -136,7 +194,6 @@ def run(args: argparse.Namespace) -> int:
             if best is not None:
                 entry[str(m)] = best[1].to_json()
                 print(f"{name} M={m}: best {best[0] * 1e3:.4f} ms {best[1]}", flush=True)
-            path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    _config._load.cache_clear()
+            _write_table(path, table)
     print(f"wrote {path}")
     return 0

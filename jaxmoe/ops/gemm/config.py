@@ -7,8 +7,17 @@ they walk the same padded blocks) and one :class:`GemmTile` per stage. Tuned fil
     {"E=8,D=4096,I=14336,dtype=bfloat16": {"1": {"block_m": 16, "stage1": {...}, "stage2": {...}}, "64": ...}}
 
 keyed by the layer shape and then by M buckets (the entry with the largest bucket <= M is
-used). ``JAXMOE_CONFIG_DIR`` points at another directory of such files (what ``tune``
-writes); ``JAXMOE_LOG_CONFIG=1`` prints the config each call picks.
+used). Tables are looked up in this order, the first ``<arch>.json`` that names the layer
+shape winning (:func:`config_dirs`):
+
+1. ``$JAXMOE_CONFIG_DIR``, when set;
+2. the user directory, ``$XDG_CONFIG_HOME/jaxmoe`` or ``~/.config/jaxmoe``, where
+   ``python -m jaxmoe tune`` writes by default (:func:`user_config_dir`);
+3. the package's own tables, ``jaxmoe/configs``.
+
+Shapes that no table names use :func:`heuristic_config`. Every table is checked as it is
+read: a malformed file raises a ``ValueError`` naming the file and the entry.
+``JAXMOE_LOG_CONFIG=1`` prints the config each call picks.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -151,18 +161,124 @@ def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool) -> Ge
     return tile
 
 
+def user_config_dir() -> pathlib.Path:
+    """``$XDG_CONFIG_HOME/jaxmoe`` (an absolute ``XDG_CONFIG_HOME``), else ``~/.config/jaxmoe``."""
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = pathlib.Path(xdg) if xdg and os.path.isabs(xdg) else pathlib.Path.home() / ".config"
+    return base / "jaxmoe"
+
+
 def config_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("JAXMOE_CONFIG_DIR", PACKAGE_CONFIGS))
+    """Where ``python -m jaxmoe tune`` writes by default: ``$JAXMOE_CONFIG_DIR`` if set, else
+    :func:`user_config_dir` (both are read before the package's tables)."""
+    env = os.environ.get("JAXMOE_CONFIG_DIR", "")
+    return pathlib.Path(env) if env else user_config_dir()
+
+
+def config_dirs() -> list[pathlib.Path]:
+    """The directories :func:`select_config` reads, first match wins: ``$JAXMOE_CONFIG_DIR``
+    (when set), the user directory, then the package's tables."""
+    dirs = []
+    env = os.environ.get("JAXMOE_CONFIG_DIR", "")
+    if env:
+        dirs.append(pathlib.Path(env))
+    dirs += [user_config_dir(), PACKAGE_CONFIGS]
+    return list(dict.fromkeys(dirs))
+
+
+_SHAPE_KEY = re.compile(r"E=[1-9][0-9]*,D=[1-9][0-9]*,I=[1-9][0-9]*,dtype=(bfloat16|float16|float32)")
+_TILE_FIELDS = tuple(f.name for f in dataclasses.fields(GemmTile))
+_TILE_REQUIRED = ("block_n", "block_k")
+_POWER_OF_TWO = ("block_n", "block_k", "num_warps")
+
+
+def _table_error(path: str, where: str, what: str) -> ValueError:
+    return ValueError(f"jaxmoe config table {path}: {where}: {what}")
+
+
+def _check_int(path: str, where: str, name: str, v: Any, *, power_of_two: bool = False, minimum: int = 1) -> None:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _table_error(path, where, f"{name} must be an integer, got {type(v).__name__} {v!r}")
+    if v < minimum:
+        raise _table_error(path, where, f"{name} must be >= {minimum}, got {v}")
+    if power_of_two and v & (v - 1):
+        raise _table_error(path, where, f"{name} must be a power of two, got {v}")
+
+
+def _check_tile(path: str, where: str, tile: Any) -> None:
+    if not isinstance(tile, dict):
+        raise _table_error(path, where, f"must be an object of {list(_TILE_FIELDS)}, got {type(tile).__name__}")
+    unknown = sorted(set(tile) - set(_TILE_FIELDS))
+    if unknown:
+        raise _table_error(path, where, f"unknown keys {unknown} (known: {list(_TILE_FIELDS)})")
+    missing = [f for f in _TILE_REQUIRED if f not in tile]
+    if missing:
+        raise _table_error(path, where, f"missing {missing}")
+    for name, v in tile.items():
+        _check_int(path, where, name, v, power_of_two=name in _POWER_OF_TWO,
+                   minimum=16 if name in _TILE_REQUIRED else 1)  # tl.dot tiles are >= 16
+
+
+def check_entry(path: str, where: str, entry: Any) -> MoEConfig:
+    """One ``{"block_m", "stage1", "stage2"}`` entry of a table as a :class:`MoEConfig`, or a
+    ``ValueError`` naming ``path`` and ``where``."""
+    if not isinstance(entry, dict):
+        raise _table_error(path, where, f"must be an object with block_m, stage1, stage2, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - {"block_m", "stage1", "stage2"})
+    if unknown:
+        raise _table_error(path, where, f"unknown keys {unknown} (known: ['block_m', 'stage1', 'stage2'])")
+    missing = [f for f in ("block_m", "stage1", "stage2") if f not in entry]
+    if missing:
+        raise _table_error(path, where, f"missing {missing}")
+    _check_int(path, where, "block_m", entry["block_m"], power_of_two=True, minimum=16)
+    for stage in ("stage1", "stage2"):
+        _check_tile(path, f"{where} {stage}", entry[stage])
+    return MoEConfig.from_json(entry)
+
+
+def check_table(path: str, data: Any) -> dict[str, dict[str, Any]]:
+    """A parsed ``<arch>.json`` checked entry by entry, without its ``_``-prefixed comment keys."""
+    if not isinstance(data, dict):
+        raise _table_error(path, "top level", f"must be an object keyed by layer shape, got {type(data).__name__}")
+    out = {}
+    for shape, buckets in data.items():
+        if shape.startswith("_"):
+            continue
+        if not _SHAPE_KEY.fullmatch(shape):
+            raise _table_error(path, f"key {shape!r}", "a layer shape must read 'E=<int>,D=<int>,I=<int>,"
+                               "dtype=<bfloat16|float16|float32>'")
+        if not isinstance(buckets, dict) or not buckets:
+            raise _table_error(path, f"entry {shape!r}", "must be a non-empty object keyed by M bucket")
+        for bucket, entry in buckets.items():
+            if not re.fullmatch(r"[0-9]+", bucket):
+                raise _table_error(path, f"entry {shape!r}", f"M bucket {bucket!r} is not a non-negative integer")
+            check_entry(path, f"entry {shape!r} M bucket {bucket!r}", entry)
+        out[shape] = buckets
+    return out
 
 
 @functools.cache
+def _parse(path: str, stamp: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"jaxmoe config table {path}: not valid JSON: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"jaxmoe config table {path}: cannot be read: {err}") from None
+    return check_table(path, data)
+
+
 def _load(path: str) -> dict[str, dict[str, Any]]:
-    p = pathlib.Path(path)
-    if not p.exists():
+    """The checked table at ``path`` ({} if there is none), re-read when the file changes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
         return {}
-    with open(p) as f:
-        data = json.load(f)
-    return {k: v for k, v in data.items() if not k.startswith("_")}
+    return _parse(path, (st.st_mtime_ns, st.st_size))
+
+
+_load.cache_clear = _parse.cache_clear  # type: ignore[attr-defined]
 
 
 def log_configs() -> bool:
@@ -172,16 +288,21 @@ def log_configs() -> bool:
 
 def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                   dtype: Any, arch: str = "sm90") -> MoEConfig:
-    """The tuned config for this shape and M if the arch's JSON has one, else the heuristic."""
-    table = _load(str(config_dir() / f"{arch}.json")).get(shape_key(num_experts, hidden, intermediate, dtype))
+    """The tuned config for this shape and M from the first table that names the shape
+    (see :func:`config_dirs`), else the heuristic."""
+    key = shape_key(num_experts, hidden, intermediate, dtype)
     source = "heuristic"
     config = None
-    if table:
-        buckets = sorted(int(m) for m in table)
-        below = [m for m in buckets if m <= num_tokens]
-        bucket = below[-1] if below else buckets[0]
-        config = MoEConfig.from_json(table[str(bucket)])
-        source = f"{arch}.json M<={bucket}" if below else f"{arch}.json M={bucket}"
+    for directory in config_dirs():
+        path = directory / f"{arch}.json"
+        table = _load(str(path)).get(key)
+        if table:
+            buckets = {int(m): entry for m, entry in table.items()}
+            below = [m for m in sorted(buckets) if m <= num_tokens]
+            bucket = below[-1] if below else min(buckets)
+            config = MoEConfig.from_json(buckets[bucket])
+            source = f"{path} M<={bucket}" if below else f"{path} M={bucket}"
+            break
     if config is None:
         config = heuristic_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
     if log_configs():

@@ -54,13 +54,18 @@ def grouped_gemm(a, b, routing: RoutingData, *, topk_weights=None, activation=No
 
     def one_expert(ex, c):
         def compute(c):
-            y = dot_t(a, b[ex])[source_row]  # [num_rows, N] fp32: expert ex on every row
+            mine = expert_of_row == ex  # [num_rows]
+            # Rows of a that no row of ex reads enter as zeros: their values (a NaN, say)
+            # reach neither this expert's output nor the gradient of b[ex].
+            used = jnp.zeros(a.shape[0], bool).at[source_row].max(mine)
+            y = dot_t(jnp.where(used[:, None], a, jnp.zeros((), a.dtype)), b[ex])[source_row]  # [num_rows, N] fp32
             if activation is not None:
                 y = apply_activation(activation, y[:, : n // 2]) * y[:, n // 2 :]
             if topk_weights is not None:
-                y = y * row_weight[:, None]
-            return jnp.where((expert_of_row == ex)[:, None], y.astype(out_dtype), c)
+                y = y * jnp.where(mine, row_weight, 0.0)[:, None]
+            return jnp.where(mine[:, None], y.astype(out_dtype), c)
 
         return jax.lax.cond(jnp.any(expert_of_row == ex), compute, lambda c: c, c)
 
-    return jax.lax.fori_loop(0, e, one_expert, jnp.zeros((num_rows, n_out), out_dtype))
+    # zeros_like: the carry has a's type, so the loop also runs inside shard_map (varying a)
+    return jax.lax.fori_loop(0, e, one_expert, jnp.zeros_like(a, shape=(num_rows, n_out)))

@@ -16,7 +16,11 @@ __all__ = ["FUSED_MOE", "ROUTED_MOE", "fused_moe"]
 
 def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
                   **routing: Any) -> None:
-    checks.check_route_args(logits, top_k, **routing)
+    m, _, e, _ = checks.check_experts_args(x, w1, w2)
+    lm, le = checks.check_route_args(logits, top_k, **routing)
+    if (lm, le) != (m, e):
+        raise ValueError(f"logits must be [M, E] = [{m}, {e}] (tokens of hidden_states, experts of w1), "
+                         f"got {[lm, le]}")
     checks.check_activation(activation)
 
 

@@ -1,8 +1,11 @@
 """``jax.numpy`` reference of the fused MoE (the contract the kernels are held to).
 
 Written for clarity, never for speed, but feasible in memory at real model shapes: no
-per-token copy of expert weights is gathered; each expert is applied densely to all rows
-and the result kept only where the routing says so. It rounds where the kernels round
+per-token copy of expert weights is gathered; each expert is applied densely to all rows,
+the rows of tokens not routed to it zeroed first, and the result kept only where the
+routing says so. Zeroing the inputs (not only masking the outputs) keeps the gradient of
+one expert's weights free of other tokens' values: a NaN or Inf in one token reaches
+only the gradients of the experts it is routed to. It rounds where the kernels round
 (see :func:`jaxmoe.fused_moe`), so tests can stay tight.
 """
 
@@ -46,16 +49,22 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
 
     def one_expert(ex, rows):
         def compute(rows):
-            gate_up = dot_t(x, w1[ex].astype(compute_dtype))  # [M, 2I] fp32
+            slot = ids == ex  # [M, k]
+            # Tokens not routed to ex enter as zeros (and weigh 0): nothing of theirs, not
+            # even a NaN, reaches this expert's output or its weights' gradient.
+            xe = jnp.where(jnp.any(slot, axis=1)[:, None], x, jnp.zeros((), compute_dtype))
+            we = jnp.where(slot, weights, 0.0)
+            gate_up = dot_t(xe, w1[ex].astype(compute_dtype))  # [M, 2I] fp32
             h = (apply_activation(activation, gate_up[:, :i]) * gate_up[:, i:]).astype(compute_dtype)
             y = dot_t(h, w2[ex].astype(compute_dtype))  # [M, D] fp32
-            y = (y[:, None, :] * weights[:, :, None]).astype(compute_dtype)  # [M, k, D]
-            return jnp.where((ids == ex)[:, :, None], y, rows)
+            y = (y[:, None, :] * we[:, :, None]).astype(compute_dtype)  # [M, k, D]
+            return jnp.where(slot[:, :, None], y, rows)
 
         return jax.lax.cond(jnp.any(ids == ex), compute, lambda r: r, rows)
 
     # One [D] row per (token, slot); a slot with an out-of-range id is never written.
-    rows = jax.lax.fori_loop(0, e, one_expert, jnp.zeros((m, ids.shape[1], d), compute_dtype))
+    # zeros_like: the carry has x's type, so the loop also runs inside shard_map (varying x)
+    rows = jax.lax.fori_loop(0, e, one_expert, jnp.zeros_like(x, shape=(m, ids.shape[1], d)))
     return rows.astype(jnp.float32).sum(axis=1).astype(compute_dtype)
 
 

@@ -1,0 +1,121 @@
+"""Tuned config tables: the lookup order and a clear error for every malformed table."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from jaxmoe.ops.gemm import config as _config
+
+SHAPE = "E=8,D=4096,I=14336,dtype=bfloat16"
+TILE = {"block_n": 64, "block_k": 128, "group_size_m": 1, "num_warps": 4, "num_stages": 3}
+ENTRY = {"block_m": 16, "stage1": dict(TILE), "stage2": dict(TILE)}
+
+
+def _table(**changes):
+    return {"_comment": "test", SHAPE: {"1": copy.deepcopy(ENTRY), **changes}}
+
+
+def _bad(path_fn):
+    t = _table()
+    path_fn(t)
+    return t
+
+
+MALFORMED = {
+    # name: (file text, what the message must name besides the file)
+    "invalid JSON": ('{"E=8": {', "not valid JSON"),
+    "list at top level": (json.dumps([ENTRY]), "top level"),
+    "missing stage2": (json.dumps(_bad(lambda t: t[SHAPE]["1"].pop("stage2"))), "'stage2'"),
+    "unknown entry key": (json.dumps(_bad(lambda t: t[SHAPE]["1"].update(blockm=16))), "'blockm'"),
+    "unknown tile key": (json.dumps(_bad(lambda t: t[SHAPE]["1"]["stage1"].update(warps=4))), "'warps'"),
+    "block_n not a power of two": (json.dumps(_bad(lambda t: t[SHAPE]["1"]["stage1"].update(block_n=96))),
+                                   "block_n"),
+    "block_k zero": (json.dumps(_bad(lambda t: t[SHAPE]["1"]["stage2"].update(block_k=0))), "block_k"),
+    "block_m zero": (json.dumps(_bad(lambda t: t[SHAPE]["1"].update(block_m=0))), "block_m"),
+    "block_m not a power of two": (json.dumps(_bad(lambda t: t[SHAPE]["1"].update(block_m=48))), "block_m"),
+    "string value": (json.dumps(_bad(lambda t: t[SHAPE]["1"]["stage1"].update(num_warps="4"))), "num_warps"),
+    "string block_m": (json.dumps(_bad(lambda t: t[SHAPE]["1"].update(block_m="16"))), "block_m"),
+    "non-integer bucket": (json.dumps(_bad(lambda t: t[SHAPE].update({"1.5": copy.deepcopy(ENTRY)}))), "'1.5'"),
+    "word bucket": (json.dumps(_bad(lambda t: t[SHAPE].update({"small": copy.deepcopy(ENTRY)}))), "'small'"),
+    "entry not an object": (json.dumps({SHAPE: [ENTRY]}), SHAPE),
+    "malformed shape key": (json.dumps({"E=8,D=4096": {"1": ENTRY}}), "E=8,D=4096"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_table_names_the_file_and_entry(name, tmp_path):
+    text, what = MALFORMED[name]
+    path = tmp_path / "sm90.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        _config._load(str(path))
+    msg = str(err.value)
+    assert str(path) in msg and what in msg, msg
+    if name not in ("invalid JSON", "list at top level", "malformed shape key"):
+        assert SHAPE in msg, msg  # the entry, by shape (and bucket where there is one)
+
+
+@pytest.mark.parametrize("name", ["missing stage2", "string value", "non-integer bucket"])
+def test_select_config_reports_a_malformed_table_in_the_config_dir(name, tmp_path, monkeypatch):
+    text, what = MALFORMED[name]
+    (tmp_path / "sm90.json").write_text(text)
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="sm90.json") as err:
+        _config.select_config(1, 2, 8, 4096, 14336, "bfloat16", "sm90")
+    assert what in str(err.value)
+
+
+def test_shipped_tables_are_well_formed():
+    for arch in _config.ARCHS:
+        table = _config._load(str(_config.PACKAGE_CONFIGS / f"{arch}.json"))
+        assert table and all(_config._SHAPE_KEY.fullmatch(k) for k in table)
+
+
+def test_lookup_order_env_dir_then_user_dir_then_package(tmp_path, monkeypatch):
+    env_dir, xdg = tmp_path / "env", tmp_path / "xdg"
+    user_dir = xdg / "jaxmoe"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.delenv("JAXMOE_CONFIG_DIR", raising=False)
+    assert _config.user_config_dir() == user_dir
+    assert _config.config_dir() == user_dir  # where tune writes by default
+    assert _config.config_dirs() == [user_dir, _config.PACKAGE_CONFIGS]
+    packaged = _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90")  # from sm90.json
+
+    def write(directory, block_m):
+        directory.mkdir(parents=True, exist_ok=True)
+        entry = dict(copy.deepcopy(ENTRY), block_m=block_m)
+        (directory / "sm90.json").write_text(json.dumps({SHAPE: {"1": entry}}))
+
+    write(user_dir, 32)
+    assert _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90").block_m == 32
+    # a shape the user table does not name still comes from the package's table
+    other = _config.select_config(1, 8, 128, 2048, 768, "bfloat16", "sm90")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "none"))
+    assert other == _config.select_config(1, 8, 128, 2048, 768, "bfloat16", "sm90")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+
+    write(env_dir, 64)
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(env_dir))
+    assert _config.config_dirs() == [env_dir, user_dir, _config.PACKAGE_CONFIGS]
+    assert _config.config_dir() == env_dir
+    assert _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90").block_m == 64
+    monkeypatch.delenv("JAXMOE_CONFIG_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "none"))
+    assert _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90") == packaged
+
+
+def test_home_config_dir_without_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _config.user_config_dir() == tmp_path / ".config" / "jaxmoe"
+
+
+def test_a_rewritten_table_is_read_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+    path = tmp_path / "sm90.json"
+    for block_m in (32, 128):
+        path.write_text(json.dumps({SHAPE: {"1": dict(copy.deepcopy(ENTRY), block_m=block_m)}}))
+        assert _config.select_config(1, 2, 8, 4096, 14336, "bfloat16", "sm90").block_m == block_m
