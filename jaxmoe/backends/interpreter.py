@@ -93,9 +93,11 @@ def run(spec: KernelLaunch, arrays: Sequence[np.ndarray], poison: bool) -> list[
     in_ptrs = [_HostPointer(a, types[i][1:]) for i, a in enumerate(inputs)]
     out_ptrs = [_HostPointer(a, types[n_in + n_scalar + i][1:]) for i, a in enumerate(outs)]
     scalars = [int(v) for _, v in spec.scalars]
-    fn = _interpreted(spec.kernel)
     grid = tuple(int(g) for g in spec.grid)
     with _LOCK, triton_interpreter.patches():
+        # Under the lock: the devices of a shard_map run their callbacks on concurrent threads,
+        # and _interpreted publishes its module copy in sys.modules before executing it.
+        fn = _interpreted(spec.kernel)
         HostGridExecutor(fn.rewrite(), fn.arg_names, grid)(*in_ptrs, *scalars, *out_ptrs, **dict(spec.constexprs))
     return outs
 

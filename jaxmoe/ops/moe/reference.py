@@ -29,6 +29,23 @@ def unwrap_weights(w: Any) -> Any:
     return jnp.asarray(w)
 
 
+def _varying_like(value, *inputs):
+    """``value`` made varying over every manual (shard_map) mesh axis that one of ``inputs``
+    varies over; ``value`` itself outside shard_map."""
+    axes = set().union(*(_vma(a) for a in inputs))
+    missing = tuple(sorted(axes - _vma(value)))
+    return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def _vma(a) -> frozenset:
+    """The manual mesh axes ``a`` varies over (``.vma`` in older jax, ``.mat.varying`` in newer)."""
+    aval = jax.typeof(a)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
+    return frozenset(vma)
+
+
 def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, compute_dtype):
     """The two-stage MoE, one expert at a time, rounding to ``compute_dtype`` where the kernels round.
 
@@ -55,7 +72,10 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
         return jax.lax.cond(jnp.any(ids == ex), compute, lambda r: r, rows)
 
     # One [D] row per (token, slot); a slot with an out-of-range id is never written.
-    rows = jax.lax.fori_loop(0, e, one_expert, jnp.zeros((m, ids.shape[1], d), compute_dtype))
+    # Under shard_map the zeros must vary over the manual axes the inputs vary over, or the
+    # loop carry and the cond's branches would differ in type from the computed rows.
+    rows = _varying_like(jnp.zeros((m, ids.shape[1], d), compute_dtype), x, w1, w2, weights, ids)
+    rows = jax.lax.fori_loop(0, e, one_expert, rows)
     return rows.astype(jnp.float32).sum(axis=1).astype(compute_dtype)
 
 
