@@ -117,8 +117,8 @@ def moe_layer(
         one); None picks the one :func:`jaxmoe.parallel.choose_schedule` models as sending
         fewer bytes. See ``docs/parallel.md``.
 
-    Returns an array of ``x``'s shape and dtype (on a mesh: sharded over the token axes
-    when ``x`` is 2-D). The logits are
+    Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
+    ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
     ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision).
     """
     if mesh is not None:

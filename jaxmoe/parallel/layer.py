@@ -122,6 +122,11 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
                    routed_scaling_factor=routed_scaling_factor)
     d, e, i = check_sharded_layer_args(params, x, top_k, axes, schedule, activation=activation, **routing)
     x = jnp.asarray(x)
+    plain = x.ndim == 2 and x.shape[0] % (axes.dp * axes.ep) == 0
+    if not plain:
+        # Explicit meshes type-check reshapes and uneven slices of sharded dims: an input that
+        # needs either is handled replicated (an all-gather where it was sharded).
+        x = place(x, mesh, P())
     x2d = x.reshape(-1, d)
     m = x2d.shape[0]
     shards = axes.dp * axes.ep
@@ -148,9 +153,9 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
         return _local_layer(a, axes, schedule, e, static_scale and routed_scaling_factor, **options)
 
     y = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=axes.token_spec)(arrays)
-    if m_pad != m:
-        y = y[:m]
-    return y.reshape(x.shape)
+    if not plain:
+        y = place(y, mesh, P())[:m].reshape(x.shape)
+    return y
 
 
 def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_experts: int, static_scale: Any, *,
