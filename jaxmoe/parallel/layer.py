@@ -175,7 +175,14 @@ def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_exp
                      implementation=implementation)
 
     def experts(x, weights, local_ids):
-        return fused_moe(x, w1, a["w2"], weights, local_ids, activation=activation, implementation=implementation)
+        k = local_ids.shape[1]
+        if k <= e_loc:
+            return fused_moe(x, w1, a["w2"], weights, local_ids, activation=activation, implementation=implementation)
+        # More slots than local experts (the op takes k <= E): one row per (token, slot), which
+        # rounds each slot's row as the op does, then the op's fp32 sum over the slots.
+        rows = fused_moe(jnp.repeat(x, k, axis=0), w1, a["w2"], weights.reshape(-1, 1), local_ids.reshape(-1, 1),
+                         activation=activation, implementation=implementation)
+        return rows.reshape(-1, k, rows.shape[-1]).astype(jnp.float32).sum(axis=1).astype(x.dtype)
 
     x = a["x"]
     if schedule == "allgather":
