@@ -6,6 +6,8 @@ Public API::
     jaxmoe.fused_moe(x, w1, w2, topk_weights, topk_ids)   -> y
     jaxmoe.init_moe_params(key, hidden=, intermediate=, experts=) -> params
     jaxmoe.moe_layer(params, x, top_k=)                   -> y
+    jaxmoe.moe_layer(params, x, top_k=, mesh=, expert_axis=, tensor_axis=, data_axis=)  (docs/parallel.md)
+    jaxmoe.parallel.shard_params / communication_bytes / choose_schedule
     jaxmoe.ops.align / grouped_gemm / moe_align_block_size / moe_gemm / max_padded_rows / router_sigmoid_top1
     jaxmoe.reference.*                                    (plain jax.numpy versions)
     jaxmoe.RoutingData, jaxmoe.QuantizedWeights, jaxmoe.Numerics   (the data types)
@@ -14,7 +16,7 @@ Every op takes ``implementation=None | "triton" | "reference"`` (or a sequence o
 and composes with ``jax.jit``.
 """
 
-from jaxmoe import ops, reference
+from jaxmoe import ops, parallel, reference
 from jaxmoe.layer import init_moe_params, moe_layer
 from jaxmoe.ops.moe import fused_moe
 from jaxmoe.ops.routing import route
@@ -22,5 +24,5 @@ from jaxmoe.types import Numerics, QuantizedWeights, RoutingData
 
 __version__ = "0.1.0"
 
-__all__ = ["route", "fused_moe", "moe_layer", "init_moe_params", "ops", "reference", "RoutingData",
+__all__ = ["route", "fused_moe", "moe_layer", "init_moe_params", "ops", "parallel", "reference", "RoutingData",
            "QuantizedWeights", "Numerics", "__version__"]

@@ -90,6 +90,11 @@ def moe_layer(
     topk_group: int | None = None,
     correction_bias: Any = None,
     routed_scaling_factor: Any = 1.0,
+    mesh: Any = None,
+    expert_axis: str | None = None,
+    tensor_axis: str | None = None,
+    data_axis: str | None = None,
+    schedule: str | None = None,
 ) -> jax.Array:
     """One MoE layer: router matmul, :func:`jaxmoe.route`, :func:`jaxmoe.fused_moe`.
 
@@ -104,9 +109,34 @@ def moe_layer(
       implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence
         of them; used for both the routing and the experts.
 
-    Returns an array of ``x``'s shape and dtype. The logits are
+      mesh: a ``jax.sharding.Mesh`` to run on (None: no sharding), with the names of its
+        axes that carry the experts (``expert_axis``: ``w1``/``w2`` sharded over ``E``, the
+        tokens over it too), the intermediate dim (``tensor_axis``: each device holds
+        ``I / tp`` gate rows with the matching up rows and ``w2`` columns) and the batch
+        (``data_axis``: tokens sharded over it). ``E`` must divide by the expert degree and
+        ``I`` by the tensor degree; any ``M`` is padded to a multiple of the token shards.
+        ``params['w1']`` may then also be its split view ``[E, 2, I, D]``, as
+        :func:`jaxmoe.parallel.shard_params` places it; unplaced arrays are sharded by the call.
+      schedule: with an ``expert_axis``, ``"allgather"`` (all-gather the tokens, every device
+        applies its experts to all of them, reduce-scatter) or ``"all_to_all"`` (send each
+        token only to the devices of its experts, with a worst-case buffer that never drops
+        one); None picks the one :func:`jaxmoe.parallel.choose_schedule` models as sending
+        fewer bytes. See ``docs/parallel.md``.
+
+    Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
+    ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
     ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision).
     """
+    if mesh is not None:
+        from jaxmoe.parallel.layer import sharded_moe_layer
+
+        return sharded_moe_layer(params, x, top_k=top_k, mesh=mesh, expert_axis=expert_axis,
+                                 tensor_axis=tensor_axis, data_axis=data_axis, schedule=schedule, scoring=scoring,
+                                 renormalize=renormalize, activation=activation, implementation=implementation,
+                                 num_expert_group=num_expert_group, topk_group=topk_group,
+                                 correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor)
+    if expert_axis is not None or tensor_axis is not None or data_axis is not None or schedule is not None:
+        raise ValueError("expert_axis, tensor_axis, data_axis and schedule need a mesh (mesh=...)")
     check_implementation(implementation)
     checks.check_layer_args(params, x, top_k)
     x2d = x.reshape(-1, x.shape[-1])

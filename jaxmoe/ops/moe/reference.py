@@ -32,6 +32,26 @@ def unwrap_weights(w: Any) -> Any:
     return jnp.asarray(w)
 
 
+def _varying_like(values, *others):
+    """``values`` (a tuple) each made varying over every manual (shard_map) mesh axis that one
+    of ``values`` or ``others`` varies over; unchanged outside shard_map."""
+    axes = set().union(*(_vma(a) for a in (*values, *others)))
+    out = []
+    for v in values:
+        missing = tuple(sorted(axes - _vma(v)))
+        out.append(jax.lax.pcast(v, missing, to="varying") if missing else v)
+    return tuple(out)
+
+
+def _vma(a) -> frozenset:
+    """The manual mesh axes ``a`` varies over (``.vma`` in older jax, ``.mat.varying`` in newer)."""
+    aval = jax.typeof(a)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
+    return frozenset(vma)
+
+
 def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, compute_dtype):
     """The two-stage MoE, one expert at a time, rounding to ``compute_dtype`` where the kernels round.
 
@@ -46,6 +66,10 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     x = hidden_states.astype(compute_dtype)
     ids = checks.as_ids(topk_ids, "topk_ids")
     weights = topk_weights.astype(jnp.float32)
+    # Under shard_map every operand is made to vary over the same manual axes here, outside
+    # the loop: an implicit cast inside the cond would transpose to a psum inside a branch
+    # that only some devices take, and the backward would hang.
+    x, w1, w2, weights, ids = _varying_like((x, w1, w2, weights, ids))
 
     def one_expert(ex, rows):
         def compute(rows):
@@ -63,8 +87,10 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
         return jax.lax.cond(jnp.any(ids == ex), compute, lambda r: r, rows)
 
     # One [D] row per (token, slot); a slot with an out-of-range id is never written.
-    # zeros_like: the carry has x's type, so the loop also runs inside shard_map (varying x)
-    rows = jax.lax.fori_loop(0, e, one_expert, jnp.zeros_like(x, shape=(m, ids.shape[1], d)))
+    # Under shard_map the zeros must vary over the manual axes the inputs vary over, or the
+    # loop carry and the cond's branches would differ in type from the computed rows.
+    (rows,) = _varying_like((jnp.zeros((m, ids.shape[1], d), compute_dtype),), x)
+    rows = jax.lax.fori_loop(0, e, one_expert, rows)
     return rows.astype(jnp.float32).sum(axis=1).astype(compute_dtype)
 
 

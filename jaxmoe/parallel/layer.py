@@ -1,0 +1,201 @@
+"""The MoE layer on a device mesh: experts over one axis, the intermediate dim over another,
+tokens over the expert axis and a data axis.
+
+Per device, with ``n`` expert-parallel devices, ``E_loc = E / n`` local experts and
+``T`` local tokens::
+
+    allgather:   x [T, D] -all_gather-> [n*T, D] -> router, route (all E experts)
+                 -> fused MoE on the local experts (ids of other devices are out of range)
+                 -psum_scatter-> [T, D] -psum over tensor-> y
+    all_to_all:  x [T, D] -> router, route -> dispatch (all_to_all, T rows per destination)
+                 -> fused MoE on the local experts -> combine (all_to_all) -> sum over
+                 destinations [T, D] -psum over tensor-> y
+
+The router is replicated, so every token is routed over all ``E`` experts exactly as on
+one device. With a tensor axis of ``tp`` devices each device holds, of every local expert,
+``I / tp`` gate rows and the matching ``I / tp`` up rows of ``w1`` (and those columns of
+``w2``): its partial output is a sum over its slice of the intermediate dim.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxmoe.ops import checks
+from jaxmoe.ops.base import check_implementation
+from jaxmoe.ops.moe import fused_moe
+from jaxmoe.ops.routing import route
+from jaxmoe.parallel import comm
+from jaxmoe.parallel.dispatch import combine, dispatch, plan_dispatch
+from jaxmoe.parallel.mesh import MeshAxes, place, resolve_axes
+
+__all__ = ["sharded_moe_layer", "shard_params", "check_sharded_layer_args"]
+
+
+def _split_w1(w1: Any) -> Any:
+    """``w1`` in the split layout ``[E, 2, I, D]`` (gate rows, up rows), a view of ``[E, 2I, D]``."""
+    if w1.ndim == 4:
+        return w1
+    e, two_i, d = w1.shape
+    return w1.reshape(e, 2, two_i // 2, d)
+
+
+def check_sharded_layer_args(params: Any, x: Any, top_k: Any, axes: MeshAxes, schedule: Any, *, activation: str,
+                             **routing: Any) -> tuple[int, int, int]:
+    """Check everything before tracing; returns ``(D, E, I)``.
+
+    ``params['w1']`` may be ``[E, 2I, D]`` or its split view ``[E, 2, I, D]``.
+    """
+    if not isinstance(params, dict) or not {"router", "w1", "w2"} <= set(params):
+        raise TypeError("params must be a dict with keys 'router', 'w1', 'w2' (see jaxmoe.init_moe_params)")
+    w1 = params["w1"]
+    shape = tuple(getattr(w1, "shape", ()))
+    if len(shape) == 4:
+        if shape[1] != 2:
+            raise ValueError(f"params['w1'] must be [E, 2I, D] or its split view [E, 2, I, D], got {list(shape)}")
+        flat = {**params, "w1": jax.ShapeDtypeStruct((shape[0], 2 * shape[2], shape[3]), w1.dtype)}
+    else:
+        flat = params
+    d, e, i = checks.check_layer_args(flat, x, top_k)
+    w2s = tuple(getattr(params["w2"], "shape", ()))
+    if w2s != (e, d, i):
+        raise ValueError(f"params['w2'] must be [E, D, I] = {[e, d, i]}, got {list(w2s)}")
+    if jnp.dtype(params["w2"].dtype) != jnp.dtype(w1.dtype):
+        raise TypeError(f"params['w2'] must have the dtype of params['w1'] ({w1.dtype}), got {params['w2'].dtype}")
+    checks.check_route_args(jax.ShapeDtypeStruct((1, e), jnp.float32), top_k, **routing)
+    checks.check_activation(activation)
+    if e % axes.ep:
+        raise ValueError(f"the {e} experts cannot be split evenly over expert_axis={axes.expert!r} "
+                         f"of {axes.ep} devices")
+    if i % axes.tp:
+        raise ValueError(f"the intermediate size I={i} cannot be split evenly over tensor_axis={axes.tensor!r} "
+                         f"of {axes.tp} devices")
+    if schedule is not None and schedule not in comm.SCHEDULES:
+        raise ValueError(f"schedule must be None or one of {comm.SCHEDULES}, got {schedule!r}")
+    return d, e, i
+
+
+def shard_params(params: dict[str, Any], mesh: Any, *, expert_axis: str | None = None,
+                 tensor_axis: str | None = None) -> dict[str, jax.Array]:
+    """``params`` placed for :func:`jaxmoe.moe_layer` on ``mesh``.
+
+    Returns ``{"router": [D, E] replicated, "w1": [E, 2, I, D] sharded
+    P(expert_axis, None, tensor_axis, None), "w2": [E, D, I] sharded P(expert_axis, None,
+    tensor_axis)}``, dtypes kept. ``w1`` comes in its split view (``w1.reshape(E, 2, I, D)``)
+    because no sharding of ``[E, 2I, D]`` gives each tensor-parallel device its gate rows
+    and its up rows together; ``moe_layer`` takes either form.
+    """
+    axes = resolve_axes(mesh, expert_axis, tensor_axis, None) if (expert_axis or tensor_axis) else None
+    if axes is None:
+        axes = MeshAxes(mesh)
+    w1 = _split_w1(params["w1"])
+    e, i = w1.shape[0], w1.shape[2]
+    if e % axes.ep:
+        raise ValueError(f"the {e} experts cannot be split evenly over expert_axis={expert_axis!r} of {axes.ep} devices")
+    if i % axes.tp:
+        raise ValueError(f"the intermediate size I={i} cannot be split evenly over tensor_axis={tensor_axis!r} "
+                         f"of {axes.tp} devices")
+
+    def put(a, spec):
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    return {"router": put(params["router"], P()), "w1": put(w1, axes.w1_spec),
+            "w2": put(params["w2"], axes.w2_spec)}
+
+
+def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, expert_axis: str | None = None,
+                      tensor_axis: str | None = None, data_axis: str | None = None, schedule: str | None = None,
+                      scoring: str = "softmax", renormalize: bool = True, activation: str = "silu",
+                      implementation: Any = None, num_expert_group: int | None = None,
+                      topk_group: int | None = None, correction_bias: Any = None,
+                      routed_scaling_factor: Any = 1.0) -> jax.Array:
+    """:func:`jaxmoe.moe_layer` on ``mesh``; see there for the arguments and the result."""
+    check_implementation(implementation)
+    axes = resolve_axes(mesh, expert_axis, tensor_axis, data_axis)
+    routing = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
+                   topk_group=topk_group, correction_bias=correction_bias,
+                   routed_scaling_factor=routed_scaling_factor)
+    d, e, i = check_sharded_layer_args(params, x, top_k, axes, schedule, activation=activation, **routing)
+    x = jnp.asarray(x)
+    plain = x.ndim == 2 and x.shape[0] % (axes.dp * axes.ep) == 0
+    if not plain:
+        # Explicit meshes type-check reshapes and uneven slices of sharded dims: an input that
+        # needs either is handled replicated (an all-gather where it was sharded).
+        x = place(x, mesh, P())
+    x2d = x.reshape(-1, d)
+    m = x2d.shape[0]
+    shards = axes.dp * axes.ep
+    m_pad = -(-max(m, 1) // shards) * shards
+    if schedule is None:
+        schedule = comm.choose_schedule(m_pad, d, top_k, e, ep=axes.ep, tp=axes.tp, dp=axes.dp, dtype=x.dtype)
+    if m_pad != m:
+        # Zero tokens: their expert outputs are exactly zero (act(0) * 0) and are cut off below.
+        x2d = jnp.concatenate([x2d, jnp.zeros((m_pad - m, d), x2d.dtype)])
+
+    # Arrays travel as explicit arguments; static routing options stay in the closure.
+    static_scale = isinstance(routed_scaling_factor, numbers.Real)
+    arrays = {"x": x2d, "router": params["router"], "w1": _split_w1(params["w1"]), "w2": params["w2"]}
+    specs = {"x": axes.token_spec, "router": P(), "w1": axes.w1_spec, "w2": axes.w2_spec}
+    if correction_bias is not None:
+        arrays["bias"], specs["bias"] = jnp.asarray(correction_bias), P()
+    if not static_scale:
+        arrays["scale"], specs["scale"] = jnp.asarray(routed_scaling_factor), P()
+    arrays = {k: place(v, mesh, specs[k]) for k, v in arrays.items()}
+    options = dict(top_k=top_k, scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
+                   topk_group=topk_group, activation=activation, implementation=implementation)
+
+    def body(a: dict[str, jax.Array]) -> jax.Array:
+        return _local_layer(a, axes, schedule, e, static_scale and routed_scaling_factor, **options)
+
+    y = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=axes.token_spec)(arrays)
+    if not plain:
+        y = place(y, mesh, P())[:m].reshape(x.shape)
+    return y
+
+
+def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_experts: int, static_scale: Any, *,
+                 top_k: int, scoring: str, renormalize: bool, num_expert_group: int | None,
+                 topk_group: int | None, activation: str, implementation: Any) -> jax.Array:
+    """One device's part of the layer (inside shard_map): ``x [T, D]`` to ``y [T, D]``."""
+    e_loc = num_experts // axes.ep
+    w1 = a["w1"]
+    w1 = w1.reshape(w1.shape[0], -1, w1.shape[-1])  # [E_loc, 2 * I/tp, D]: this device's gate rows, then up rows
+    first = 0 if axes.expert is None else jax.lax.axis_index(axes.expert) * e_loc
+    scale = a["scale"] if "scale" in a else static_scale
+
+    def routed(x):
+        logits = jnp.dot(x, a["router"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+        return route(logits, top_k, scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
+                     topk_group=topk_group, correction_bias=a.get("bias"), routed_scaling_factor=scale,
+                     implementation=implementation)
+
+    def experts(x, weights, local_ids):
+        k = local_ids.shape[1]
+        if k <= e_loc:
+            return fused_moe(x, w1, a["w2"], weights, local_ids, activation=activation, implementation=implementation)
+        # More slots than local experts (the op takes k <= E): one row per (token, slot), which
+        # rounds each slot's row as the op does, then the op's fp32 sum over the slots.
+        rows = fused_moe(jnp.repeat(x, k, axis=0), w1, a["w2"], weights.reshape(-1, 1), local_ids.reshape(-1, 1),
+                         activation=activation, implementation=implementation)
+        return rows.reshape(-1, k, rows.shape[-1]).astype(jnp.float32).sum(axis=1).astype(x.dtype)
+
+    x = a["x"]
+    if schedule == "allgather":
+        x_all = x if axes.expert is None else jax.lax.all_gather(x, axes.expert, tiled=True)  # [n*T, D]
+        weights, ids = routed(x_all)
+        y = experts(x_all, weights, ids - first)  # ids of other devices fall outside [0, E_loc)
+        if axes.expert is not None:
+            y = jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0, tiled=True)  # [T, D]
+    else:
+        weights, ids = routed(x)
+        plan = plan_dispatch(ids, e_loc, axes.ep)
+        x_recv, w_recv, ids_recv, _ = dispatch(plan, x, weights, axes.expert)
+        y = combine(plan, experts(x_recv, w_recv, ids_recv), axes.expert)
+    if axes.tensor is not None:
+        y = jax.lax.psum(y, axes.tensor)
+    return y

@@ -1,0 +1,360 @@
+"""Multi-device checks of jaxmoe.parallel, run by tests/test_parallel.py in a subprocess with
+8 host CPU devices (XLA_FLAGS must be set before jax is imported, which the test process
+has already done with one device).
+
+    python tests/parallel_worker.py OUT.json [CASE ...]
+
+writes ``{case: {"ok": bool, "detail": str, "seconds": float}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+CASES: dict[str, object] = {}  # name -> check function, filled by @case below
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------- helpers (jax imported in main)
+
+def _setup():
+    global jax, jnp, np, jaxmoe, P, Mesh
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    import jaxmoe
+
+
+MIXTRAL = dict(experts=8, top_k=2, hidden=32, intermediate=16)
+DEEPSEEK = dict(experts=256, top_k=8, hidden=32, intermediate=16)
+
+
+def _deepseek_routing(bias):
+    return dict(scoring="sigmoid", num_expert_group=8, topk_group=4, correction_bias=bias, routed_scaling_factor=2.5)
+
+
+def _mesh(shape, names):
+    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
+    return Mesh(devices, names)
+
+
+def _layer(preset, m, seed=0, lead=None):
+    params = jaxmoe.init_moe_params(jax.random.key(seed), hidden=preset["hidden"], intermediate=preset["intermediate"],
+                                    experts=preset["experts"], dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(seed + 1), (m, preset["hidden"]), jnp.float32)
+    return params, x if lead is None else x.reshape(*lead, preset["hidden"])
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _compare(params, x, mesh, axes, top_k, routing=None, schedules=("allgather", "all_to_all"),
+             implementation="reference", tol=1e-5, jit=True):
+    routing = routing or {}
+    want = jaxmoe.moe_layer(params, x, top_k=top_k, implementation="reference", **routing)
+    details = []
+    for schedule in schedules:
+        def f(p, x):
+            return jaxmoe.moe_layer(p, x, top_k=top_k, mesh=mesh, schedule=schedule, implementation=implementation,
+                                    **axes, **routing)
+        got = (jax.jit(f) if jit else f)(params, x)
+        assert got.shape == x.shape and got.dtype == x.dtype, (got.shape, got.dtype)
+        err = _rel(got, want)
+        details.append(f"{schedule}: rel err {err:.1e}")
+        assert err <= tol, details
+    return "; ".join(details)
+
+
+def _skew_bias(e, favoured):
+    # A bias used for the selection only: every token picks the favoured experts.
+    return jnp.zeros((e,), jnp.float32).at[jnp.asarray(favoured)].set(100.0)
+
+
+# --------------------------------------------------------------------------- layer equals the single-device layer
+
+@case
+def mixtral_ep_1_2_4_8():
+    params, x = _layer(MIXTRAL, 24)
+    out = []
+    for n in (1, 2, 4, 8):
+        out.append(f"ep={n}: " + _compare(params, x, _mesh((n,), ("ep",)), dict(expert_axis="ep"), 2))
+    return " | ".join(out)
+
+
+@case
+def mixtral_ep4_tp2():
+    params, x = _layer(MIXTRAL, 24, seed=2)
+    return _compare(params, x, _mesh((4, 2), ("ep", "tp")), dict(expert_axis="ep", tensor_axis="tp"), 2)
+
+
+@case
+def mixtral_dp2_ep4():
+    params, x = _layer(MIXTRAL, 24, seed=4)
+    return _compare(params, x, _mesh((2, 4), ("dp", "ep")), dict(expert_axis="ep", data_axis="dp"), 2)
+
+
+@case
+def mixtral_dp2_ep2_tp2():
+    params, x = _layer(MIXTRAL, 24, seed=6)
+    return _compare(params, x, _mesh((2, 2, 2), ("dp", "ep", "tp")),
+                    dict(expert_axis="ep", tensor_axis="tp", data_axis="dp"), 2)
+
+
+@case
+def mixtral_tp8_and_dp8_alone():
+    params, x = _layer(MIXTRAL, 24, seed=8)
+    a = _compare(params, x, _mesh((8,), ("tp",)), dict(tensor_axis="tp"), 2)
+    b = _compare(params, x, _mesh((8,), ("dp",)), dict(data_axis="dp"), 2)
+    return f"tp=8: {a} | dp=8: {b}"
+
+
+@case
+def mixtral_padded_tokens_and_batch_dims():
+    """M = 13 over 8 token shards (padded to 16), and x [3, 5, D]; also without jax.jit."""
+    params, x = _layer(MIXTRAL, 13, seed=10)
+    mesh = _mesh((8,), ("ep",))
+    a = _compare(params, x, mesh, dict(expert_axis="ep"), 2)
+    params, x3 = _layer(MIXTRAL, 15, seed=12, lead=(3, 5))
+    b = _compare(params, x3, _mesh((2, 4), ("dp", "ep")), dict(expert_axis="ep", data_axis="dp"), 2, jit=False)
+    c = _compare(params, x3[:1, :1], mesh, dict(expert_axis="ep"), 2)  # one token, 8 devices
+    return f"M=13: {a} | [3,5,D] eager: {b} | M=1: {c}"
+
+
+@case
+def mixtral_explicit_mesh_shard_params():
+    """jax.make_mesh (Explicit axes) with params placed by shard_params ([E, 2, I, D] w1)."""
+    params, x = _layer(MIXTRAL, 24, seed=14)
+    mesh = jax.make_mesh((4, 2), ("ep", "tp"))
+    placed = jaxmoe.parallel.shard_params(params, mesh, expert_axis="ep", tensor_axis="tp")
+    assert placed["w1"].shape == (8, 2, 16, 32)
+    shard = placed["w1"].addressable_shards[1]  # ep 0, tp 1: gate rows 8..15 and up rows 24..31
+    np.testing.assert_array_equal(np.asarray(shard.data).reshape(-1, 32),
+                                  np.concatenate([params["w1"][:2, 8:16], params["w1"][:2, 24:32]], 1).reshape(-1, 32))
+    want = jaxmoe.moe_layer(params, x, top_k=2, implementation="reference")
+    out = []
+    for schedule in ("allgather", "all_to_all"):
+        got = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, mesh=mesh, expert_axis="ep", tensor_axis="tp",
+                                                   schedule=schedule, implementation="reference"))(placed, x)
+        err = _rel(got, want)
+        assert err <= 1e-5 and got.sharding.spec == P("ep", None), (err, got.sharding)
+        out.append(f"{schedule}: rel err {err:.1e}, out {got.sharding.spec}")
+    return "; ".join(out)
+
+
+@case
+def deepseek_ep8_and_ep4_tp2():
+    params, x = _layer(DEEPSEEK, 16, seed=20)
+    bias = 0.1 * jax.random.normal(jax.random.key(21), (256,), jnp.float32)
+    routing = _deepseek_routing(bias)
+    a = _compare(params, x, _mesh((8,), ("ep",)), dict(expert_axis="ep"), 8, routing)
+    b = _compare(params, x, _mesh((4, 2), ("ep", "tp")), dict(expert_axis="ep", tensor_axis="tp"), 8, routing,
+                 schedules=("all_to_all",))
+    return f"ep=8: {a} | ep=4 x tp=2: {b}"
+
+
+# --------------------------------------------------------------------------- skewed routing, token counts
+
+def _dispatch_counts(x, topk_ids, e, n):
+    """Run plan_dispatch/dispatch on an n-device mesh; returns per device (recv_counts, the
+    (token, global expert) pairs received)."""
+    mesh = _mesh((n,), ("ep",))
+    e_loc = e // n
+
+    def body(x, ids):
+        plan = jaxmoe.parallel.plan_dispatch(ids, e_loc, n)
+        x_recv, _, ids_recv, counts = jaxmoe.parallel.dispatch(plan, x, jnp.ones(ids.shape, jnp.float32), "ep")
+        glob = jnp.where(ids_recv >= 0, ids_recv + jax.lax.axis_index("ep") * e_loc, -1)
+        return x_recv[None], glob[None], counts[None]
+
+    xs, ids, counts = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), P("ep")),
+                                            out_specs=(P("ep"), P("ep"), P("ep"))))(x, topk_ids)
+    return np.asarray(xs), np.asarray(ids), np.asarray(counts)
+
+
+def _count_tokens(topk_ids, e, n):
+    """Every (token, slot) arrives exactly once, at the device owning its expert."""
+    m, k = topk_ids.shape
+    token = (jnp.arange(m, dtype=jnp.float32) + 1)[:, None] * jnp.ones((1, 4), jnp.float32)  # x row = token + 1
+    xs, ids, counts = _dispatch_counts(token, topk_ids, e, n)
+    t = m // n
+    got = []
+    for dev in range(n):
+        for src in range(n):
+            rows = slice(src * t, (src + 1) * t)
+            c = counts[dev, src]
+            assert (xs[dev, rows][c:] == 0).all() and (ids[dev, rows][c:] == -1).all(), "rows past the count"
+            for r in range(src * t, src * t + c):
+                tok = int(xs[dev, r, 0]) - 1
+                assert 0 <= tok < m
+                for ex in ids[dev, r]:
+                    if ex >= 0:
+                        assert ex // (e // n) == dev, "expert received by a device that does not own it"
+                        got.append((tok, int(ex)))
+    want = sorted((tok, int(ex)) for tok in range(m) for ex in np.asarray(topk_ids)[tok])
+    assert sorted(got) == want, f"{len(got)} (token, expert) pairs arrived, {len(want)} sent"
+    return counts.sum(axis=1)  # rows each device received
+
+
+@case
+def token_count_uniform():
+    rng = np.random.default_rng(0)
+    out = []
+    for e, k, n in ((8, 2, 4), (8, 2, 8), (256, 8, 8)):
+        m = 32
+        ids = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(m)]), jnp.int32)
+        recv = _count_tokens(ids, e, n)
+        out.append(f"E={e} k={k} ep={n}: {m * k} pairs arrived, rows received per device {recv.tolist()}")
+    return " | ".join(out)
+
+
+@case
+def skewed_routing_mixtral():
+    """All tokens to device 0's experts (0, 1): three of four devices receive nothing."""
+    params, x = _layer(MIXTRAL, 24, seed=30)
+    routing = dict(correction_bias=_skew_bias(8, [0, 1]))
+    _, ids = jaxmoe.route(x @ params["router"], 2, **routing)
+    assert set(np.asarray(ids).ravel().tolist()) == {0, 1}
+    recv = _count_tokens(ids, 8, 4)
+    assert recv.tolist() == [24, 0, 0, 0], recv
+    a = _compare(params, x, _mesh((4,), ("ep",)), dict(expert_axis="ep"), 2, routing)
+    b = _compare(params, x, _mesh((4, 2), ("ep", "tp")), dict(expert_axis="ep", tensor_axis="tp"), 2, routing)
+    return f"rows received {recv.tolist()}; ep=4: {a} | ep=4 x tp=2: {b}"
+
+
+@case
+def skewed_routing_deepseek():
+    """Group 0 (experts 0..31, device 0 of 8) wins every token."""
+    params, x = _layer(DEEPSEEK, 16, seed=40)
+    routing = _deepseek_routing(_skew_bias(256, list(range(8))))
+    _, ids = jaxmoe.route(x @ params["router"], 8, **{k: v for k, v in routing.items()})
+    assert (np.asarray(ids) < 32).all()
+    recv = _count_tokens(ids, 256, 8)
+    assert recv.tolist() == [16] + [0] * 7, recv
+    a = _compare(params, x, _mesh((8,), ("ep",)), dict(expert_axis="ep"), 8, routing)
+    return f"rows received {recv.tolist()}; ep=8: {a}"
+
+
+# --------------------------------------------------------------------------- gradients
+
+def _grads(params, x, top_k, routing, **kw):
+    def loss(p, x):
+        y = jaxmoe.moe_layer(p, x, top_k=top_k, implementation="reference", **routing, **kw)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+
+def _compare_grads(params, x, top_k, routing, mesh, axes):
+    want = _grads(params, x, top_k, routing)
+    out = []
+    for schedule in ("allgather", "all_to_all"):
+        got = _grads(params, x, top_k, routing, mesh=mesh, schedule=schedule, **axes)
+        errs = {name: _rel(g, w) for name, g, w in zip(("router", "w1", "w2"), *(
+            [t[0][n] for n in ("router", "w1", "w2")] for t in (got, want)))}
+        errs["x"] = _rel(got[1], want[1])
+        assert max(errs.values()) <= 1e-5, (schedule, errs)
+        out.append(f"{schedule}: max rel err {max(errs.values()):.1e}")
+    return "; ".join(out)
+
+
+@case
+def grad_mixtral_dp2_ep2_tp2():
+    params, x = _layer(MIXTRAL, 16, seed=50)
+    return _compare_grads(params, x, 2, {}, _mesh((2, 2, 2), ("dp", "ep", "tp")),
+                          dict(expert_axis="ep", tensor_axis="tp", data_axis="dp"))
+
+
+@case
+def grad_deepseek_ep8():
+    params, x = _layer(DEEPSEEK, 16, seed=52)
+    bias = 0.1 * jax.random.normal(jax.random.key(53), (256,), jnp.float32)
+    return _compare_grads(params, x, 8, _deepseek_routing(bias), _mesh((8,), ("ep",)), dict(expert_axis="ep"))
+
+
+# --------------------------------------------------------------------------- Triton's interpreter inside shard_map
+
+@case
+def triton_interpreter_mixtral():
+    params, x = _layer(MIXTRAL, 16, seed=60)
+    a = _compare(params, x, _mesh((4,), ("ep",)), dict(expert_axis="ep"), 2, implementation="triton")
+    b = _compare(params, x, _mesh((2, 2), ("ep", "tp")), dict(expert_axis="ep", tensor_axis="tp"), 2,
+                 implementation="triton", schedules=("all_to_all",))
+    return f"ep=4: {a} | ep=2 x tp=2: {b}"
+
+
+# --------------------------------------------------------------------------- errors, before tracing
+
+@case
+def errors():
+    import pytest
+
+    params, x = _layer(MIXTRAL, 8)
+    mesh = _mesh((4, 2), ("ep", "tp"))
+    calls = [
+        (ValueError, "expert_axis='experts' is not an axis", dict(mesh=mesh, expert_axis="experts")),
+        (ValueError, "different axes", dict(mesh=mesh, expert_axis="ep", tensor_axis="ep")),
+        (ValueError, "at least one", dict(mesh=mesh)),
+        (TypeError, "jax.sharding.Mesh", dict(mesh="ep", expert_axis="ep")),
+        (TypeError, "mesh axis name", dict(mesh=mesh, expert_axis=0)),
+        (ValueError, "schedule", dict(mesh=mesh, expert_axis="ep", schedule="ring")),
+        (ValueError, "need a mesh", dict(expert_axis="ep")),
+    ]
+    for err, match, kw in calls:
+        with pytest.raises(err, match=match):
+            jaxmoe.moe_layer(params, x, top_k=2, **kw)
+    p6 = jaxmoe.init_moe_params(jax.random.key(0), hidden=32, intermediate=6, experts=6, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="6 experts cannot be split evenly over expert_axis='ep' of 4"):
+        jaxmoe.moe_layer(p6, x, top_k=2, mesh=mesh, expert_axis="ep")
+    with pytest.raises(ValueError, match="I=6 cannot be split evenly over tensor_axis='tp8' of 8"):
+        jaxmoe.moe_layer(p6, x, top_k=2, mesh=_mesh((8,), ("tp8",)), tensor_axis="tp8")
+    with pytest.raises(ValueError, match="w2"):
+        jaxmoe.moe_layer({**params, "w2": params["w2"][:, :, :8]}, x, top_k=2, mesh=mesh, expert_axis="ep")
+    with pytest.raises(ValueError, match="top_k"):
+        jaxmoe.moe_layer(params, x, top_k=9, mesh=mesh, expert_axis="ep")
+    with pytest.raises(ValueError, match="split evenly"):
+        jaxmoe.parallel.shard_params(p6, mesh, expert_axis="ep")
+    # raised before tracing: nothing reaches shard_map under jit either
+    with pytest.raises(ValueError, match="is not an axis"):
+        jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, mesh=mesh, expert_axis="e"))(params, x)
+    return f"{len(calls) + 6} error cases"
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str]) -> int:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # this checkout's jaxmoe, not an installed one (running a script puts tests/ first on sys.path)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _setup()
+    assert jaxmoe.__file__.startswith(sys.path[0]), jaxmoe.__file__
+    assert len(jax.devices()) == 8, jax.devices()
+    out, names = argv[0], argv[1:] or list(CASES)
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        try:
+            detail, ok = str(CASES[name]()), True
+        except Exception:  # reported per case by the test process
+            detail, ok = traceback.format_exc(limit=6), False
+        results[name] = {"ok": ok, "detail": detail, "seconds": round(time.perf_counter() - start, 2)}
+        print(f"{name}: {'ok' if ok else 'FAIL'} ({results[name]['seconds']} s) {detail}", flush=True)
+        with open(out, "w") as f:
+            json.dump(results, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

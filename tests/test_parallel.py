@@ -1,0 +1,95 @@
+"""Expert, tensor and data parallelism (jaxmoe.parallel, moe_layer(mesh=...)).
+
+The multi-device checks run once, in a subprocess with 8 host CPU devices
+(tests/parallel_worker.py; this process keeps its one device), and each case is reported
+as a test of its own. The communication model and a 1-device mesh run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import jaxmoe
+import parallel_worker
+from jaxmoe.parallel import choose_schedule, communication_bytes
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, WORKER, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    if not out.exists():
+        pytest.fail(f"the 8-device worker wrote no results (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", list(parallel_worker.CASES))
+def test_multi_device(results, name):
+    """One of tests/parallel_worker.py's cases on 8 CPU devices (its docstring says what)."""
+    assert name in results, f"{name} did not run (the worker stopped early)"
+    r = results[name]
+    assert r["ok"], r["detail"]
+
+
+def test_one_device_mesh_reference():
+    params = jaxmoe.init_moe_params(jax.random.key(0), hidden=16, intermediate=8, experts=4, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (5, 16), jnp.float32)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
+    want = jaxmoe.moe_layer(params, x, top_k=2, implementation="reference")
+    for schedule in ("allgather", "all_to_all", None):
+        got = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, mesh=mesh, expert_axis="ep", schedule=schedule,
+                                                   implementation="reference"))(params, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["allgather", "all_to_all"])
+def test_gpu_one_device_mesh_kernels(schedule):
+    """A 1-device mesh through the real Triton kernels inside shard_map."""
+    params = jaxmoe.init_moe_params(jax.random.key(0), hidden=64, intermediate=32, experts=8, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (16, 64), jnp.float32)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
+    want = jaxmoe.moe_layer(params, x, top_k=2, implementation="reference")
+    got = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, mesh=mesh, expert_axis="ep", schedule=schedule,
+                                               implementation="triton"))(params, x)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= 1e-5
+
+
+def test_communication_model():
+    """Mixtral-like: 4096 tokens, D=4096, bf16, over 8 expert devices: T = 512 rows each."""
+    c = communication_bytes(4096, 4096, 2, 8, ep=8, dtype=jnp.bfloat16)
+    row = 4096 * 2
+    assert c["allgather"].dispatch == c["allgather"].combine == 7 * 512 * row
+    assert c["all_to_all"].dispatch == 7 * (512 * (row + 16) + 4)
+    assert c["all_to_all"].combine == 7 * 512 * row
+    assert c["allgather"].buffer_rows == c["all_to_all"].buffer_rows == 8 * 512
+    # ragged: a token reaches a given other device with p = 1 - C(7, 2) / C(8, 2) = 1/4
+    assert c["all_to_all_ragged"].combine == round(7 * 512 * 0.25 * row)
+    assert c["allgather"].tensor == 0
+    t = communication_bytes(4096, 4096, 2, 8, ep=4, tp=2, dp=2, dtype=jnp.float32)
+    assert t["allgather"].tensor == t["all_to_all"].tensor == 2 * 1 * 512 * 4096 * 4 // 2
+    assert communication_bytes(64, 8, 2, 8, ep=1)["all_to_all"].total == 0
+
+
+def test_choose_schedule():
+    # The dense all_to_all moves the allgather's rows plus their ids and weights: allgather wins.
+    for ep in (1, 2, 8):
+        assert choose_schedule(1024, 512, 8, 256, ep=ep) == "allgather"
+    with pytest.raises(ValueError, match="divide"):
+        communication_bytes(64, 8, 2, 6, ep=4)
+    with pytest.raises(ValueError, match="tokens"):
+        communication_bytes(0, 8, 2, 8, ep=1)
