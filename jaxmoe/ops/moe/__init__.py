@@ -8,7 +8,7 @@ import jax
 
 from jaxmoe.ops import checks
 from jaxmoe.ops.base import Op, triton_implementation
-from jaxmoe.ops.moe import reference, triton
+from jaxmoe.ops.moe import backward, reference, triton
 from jaxmoe.ops.routing import reference as routing_reference
 
 __all__ = ["FUSED_MOE", "ROUTED_MOE", "fused_moe"]
@@ -27,10 +27,14 @@ def _routed_reference(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, acti
 
 
 FUSED_MOE = Op("fused_moe", check=checks.check_fused_moe_args, reference=reference.fused_moe,
-               implementations=[triton_implementation(triton.fused_moe)])
+               implementations=[triton_implementation(triton.fused_moe)],
+               vjp=(backward.experts_fwd, backward.experts_bwd))
+# Both kernel paths are differentiable: a jax.custom_vjp on the experts (its rules are the
+# ops' vjp) and the routing weights recomputed in jnp at the chosen ids (ops/moe/backward.py).
 # Routing and experts as one op, so the kernels can route and align in one launch (decode).
 ROUTED_MOE = Op("routed_moe", check=_check_routed, reference=_routed_reference,
-                implementations=[triton_implementation(triton.routed_moe)])
+                implementations=[triton_implementation(triton.routed_moe)],
+                vjp=(backward.experts_fwd, backward.experts_bwd))
 
 
 def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, *, activation: str = "silu",
