@@ -100,6 +100,10 @@ def moe_layer(
 
     Returns an array of ``x``'s shape and dtype. The logits are
     ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision).
+
+    Differentiable in ``params`` and ``x`` on every implementation: the gradient reaches
+    the router through the routing weights (the chosen ids are constants, so
+    ``correction_bias`` gets none); on the kernels the experts' backward is Triton.
     """
     check_implementation(implementation)
     checks.check_layer_args(params, x, top_k)

@@ -28,13 +28,14 @@ def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
 def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
               top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str | None,
               mul_routed_weight: bool, arch: str = "sm90", transpose_b: bool = False,
-              out_dtype: Any = None) -> KernelLaunch:
+              out_dtype: Any = None, split_tail: bool = True) -> KernelLaunch:
     """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert].
 
     ``b_shape`` is B's stored shape: ``[E, N, K]``, or with ``transpose_b`` ``[E, K, N]``
     (B read transposed through its strides, no copy: the backward's ``dy @ w2[e]`` and
     ``d gate_up @ w1[e]``). ``out_dtype`` is C's dtype (default ``dtype``; fp32 keeps the
-    accumulator unrounded).
+    accumulator unrounded). ``split_tail=False`` keeps mostly-padding blocks at full height
+    (the backward's GEMMs: one compiled kernel fewer per tile).
     """
     from jaxmoe.ops.gemm import kernels
 
@@ -67,7 +68,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
         "NUM_XCDS": _config.NUM_XCDS[arch],
         "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
-        "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m),
+        "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m) if split_tail else 0,
     }
     i32 = jnp.int32
     args = (
@@ -85,14 +86,14 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
 
 def gemm(a: jax.Array, b: jax.Array, routing: RoutingData, *, tile: GemmTile, arch: str,
          topk_weights: jax.Array | None, activation: str | None, transpose_b: bool = False,
-         out_dtype: Any = None) -> jax.Array:
+         out_dtype: Any = None, split_tail: bool = True) -> jax.Array:
     """One launch over ``routing``'s layout. Rows no live sorted position covers are left
     unwritten: the caller masks them (or, in the fused layer, never reads them)."""
     top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
     spec = plan_gemm(a_shape=a.shape, b_shape=b.shape, dtype=a.dtype, num_rows=routing.num_rows, top_k=top_k,
                      block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
                      mul_routed_weight=topk_weights is not None, arch=arch, transpose_b=transpose_b,
-                     out_dtype=out_dtype)
+                     out_dtype=out_dtype, split_tail=split_tail)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
     (c,) = launch(spec, a, b, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
@@ -194,9 +195,9 @@ def act_backward(a: jax.Array, w1: jax.Array, dh: jax.Array, routing: RoutingDat
 WEIGHT_GRAD_TILE = (64, 64, 4, 2)
 
 
-def _weight_grad_rows(block_m: int, dtype: Any) -> int:
+def _weight_grad_rows(block_m: int) -> int:
     # A step's rows must divide BLOCK_M (an expert's run is whole blocks) and be >= 16 (tl.dot).
-    return min(block_m, 64 if jnp.dtype(dtype).itemsize <= 2 else 32)
+    return min(block_m, 32)
 
 
 def plan_weight_grad(*, g_shape: tuple[int, int], a_shape: tuple[int, int], num_experts: int, dtype: Any,
@@ -209,7 +210,7 @@ def plan_weight_grad(*, g_shape: tuple[int, int], a_shape: tuple[int, int], num_
 
     (g_rows, n), (a_rows, k) = g_shape, a_shape
     block_n, block_k, num_warps, num_stages = WEIGHT_GRAD_TILE
-    block_r = _weight_grad_rows(block_m, dtype)
+    block_r = _weight_grad_rows(block_m)
     if block_m % block_r or block_r < 16:
         raise ValueError(f"BLOCK_M={block_m} must be a multiple of 16 for the weight gradient")
     constexprs = {

@@ -8,7 +8,8 @@ sorted by expert::
     y[f]   = w[f] * (h[f] @ w2[e].T)                              stage 2   [M*k, D]
     out[t] = sum_j y[t*k + j]                                               [M, D]
 
-Backward, for ``dout [M, D]``, every GEMM a Triton launch over the forward's row layout:
+Backward, for ``dout [M, D]``, every GEMM a Triton launch over the forward's row layout, with
+one tile per BLOCK_M, dtype and arch (:func:`~jaxmoe.ops.gemm.config.backward_tile`):
 
 1. ``g[f] = dout[t] @ w2[e]`` (``moe_gemm_kernel``, ``w2`` read transposed through its
    strides, fp32 out), unweighted; then in jnp ``d w[f] = <g[f], h[f]>`` (equal to
@@ -41,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
 from jaxmoe.ops.gemm.config import MoEConfig
 from jaxmoe.ops.routing import reference as routing_reference
@@ -123,18 +125,20 @@ def experts_bwd(static: _Static, residuals, dout):
         h = _stage1(x, w1, routing, config, static.activation, arch)
     valid = _valid(routing).reshape(-1, 1)  # rows of invalid ids are unwritten by every GEMM: masked
 
+    tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False)
+    fused_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=True)
     # 1. stage 2: g = dy @ w2[e] (unweighted, fp32), d w = <g, h>, dh = w * g
-    g = gemm_triton.gemm(dout, w2, routing, tile=config.stage1, arch=arch, topk_weights=None, activation=None,
-                         transpose_b=True, out_dtype=jnp.float32)
+    g = gemm_triton.gemm(dout, w2, routing, tile=tile, arch=arch, topk_weights=None, activation=None,
+                         transpose_b=True, out_dtype=jnp.float32, split_tail=False)
     g = jnp.where(valid, g, 0.0)
     d_weights = jnp.where(valid[:, 0], jnp.sum(g * h.astype(jnp.float32), axis=-1), 0.0)
     dh = (g * topk_weights.reshape(-1, 1).astype(jnp.float32)).astype(x.dtype)
     # 2. stage 1: d gate_up through the activation's derivative
-    d_gate_up = gemm_triton.act_backward(x, w1, dh, routing, tile=config.stage1, arch=arch,
+    d_gate_up = gemm_triton.act_backward(x, w1, dh, routing, tile=fused_tile, arch=arch,
                                          activation=static.activation)
     # 3. dx: d gate_up @ w1[e], summed over the slots in fp32
-    dx_rows = gemm_triton.gemm(d_gate_up, w1, routing, tile=config.stage2, arch=arch, topk_weights=None,
-                               activation=None, transpose_b=True, out_dtype=jnp.float32)
+    dx_rows = gemm_triton.gemm(d_gate_up, w1, routing, tile=tile, arch=arch, topk_weights=None,
+                               activation=None, transpose_b=True, out_dtype=jnp.float32, split_tail=False)
     dx = jnp.sum(jnp.where(valid, dx_rows, 0.0).reshape(m, k, d), axis=1).astype(x.dtype)
     # 4. weight gradients, per expert over its own rows
     dw2 = gemm_triton.weight_grad(dout, h, routing, out_dtype=w2.dtype, topk_weights=topk_weights)

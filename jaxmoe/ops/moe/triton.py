@@ -26,7 +26,8 @@ from jaxmoe.ops.gemm.config import MoEConfig
 from jaxmoe.ops.routing import triton as routing_triton
 from jaxmoe.types import RoutingData
 
-__all__ = ["fused_moe", "routed_moe", "experts", "plan_route_align", "plan_fused_moe", "plan_routed_moe", "current_arch",
+__all__ = ["fused_moe", "routed_moe", "experts", "plan_route_align", "plan_fused_moe", "plan_fused_moe_backward",
+           "plan_routed_moe", "current_arch",
            "ROUTE_ALIGN_MAX_ROW_BLOCKS"]
 
 
@@ -184,6 +185,38 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, i
                               **common),
         gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=(num_experts, hidden, intermediate),
                               top_k=1, tile=config.stage2, activation=None, mul_routed_weight=True, **common),
+    ]
+
+
+def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+                            dtype: Any, arch: str, activation: str = "silu", config: MoEConfig | None = None
+                            ) -> list[KernelLaunch]:
+    """Every launch the backward of ``fused_moe`` makes for these shapes on ``arch`` (for AOT
+    compilation): stage 2 backward, stage 1 backward, dx, d w2, d w1. With ``remat`` it also
+    repeats the forward's stage-1 launch, already among :func:`plan_fused_moe`'s."""
+    if config is None:
+        config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+    num_rows = num_tokens * top_k
+    blocks = max_blocks(num_rows, num_experts, config.block_m)
+    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks)
+    grad = dict(num_experts=num_experts, dtype=dtype, out_dtype=dtype, num_rows=num_rows, block_m=config.block_m,
+                num_blocks=blocks)
+    tile = _config.backward_tile(config.block_m, dtype, arch, fused=False)
+    fused_tile = _config.backward_tile(config.block_m, dtype, arch, fused=True)
+    return [
+        gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=(num_experts, hidden, intermediate),
+                              top_k=top_k, tile=tile, activation=None, mul_routed_weight=False,
+                              transpose_b=True, out_dtype=jnp.float32, split_tail=False, arch=arch, **common),
+        gemm_triton.plan_act_backward(a_shape=(num_tokens, hidden),
+                                      b_shape=(num_experts, 2 * intermediate, hidden), top_k=top_k,
+                                      tile=fused_tile, activation=activation, arch=arch, **common),
+        gemm_triton.plan_gemm(a_shape=(num_rows, 2 * intermediate), b_shape=(num_experts, 2 * intermediate, hidden),
+                              top_k=1, tile=tile, activation=None, mul_routed_weight=False,
+                              transpose_b=True, out_dtype=jnp.float32, split_tail=False, arch=arch, **common),
+        gemm_triton.plan_weight_grad(g_shape=(num_tokens, hidden), a_shape=(num_rows, intermediate),
+                                     top_k_g=top_k, top_k_a=1, mul_routed_weight=True, **grad),
+        gemm_triton.plan_weight_grad(g_shape=(num_rows, 2 * intermediate), a_shape=(num_tokens, hidden),
+                                     top_k_g=1, top_k_a=top_k, mul_routed_weight=False, **grad),
     ]
 
 
