@@ -126,6 +126,10 @@ def moe_layer(
     Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
     ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
     ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision).
+
+    Differentiable in ``params`` and ``x`` on every implementation: the gradient reaches
+    the router through the routing weights (the chosen ids are constants, so
+    ``correction_bias`` gets none); on the kernels the experts' backward is Triton.
     """
     if mesh is not None:
         from jaxmoe.parallel.layer import sharded_moe_layer

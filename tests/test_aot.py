@@ -24,7 +24,12 @@ DTYPES = (jnp.bfloat16, jnp.float32)  # fp16 tiles are the bf16 ones: same sizes
 # (masks or not), a K loop shorter than the pipeline, how rows divide by TOP_K (not at
 # all, a shift, a division), and which runtime sizes equal 1 (a constant on a real launch).
 # Batch sizes are runtime arguments already, so they never multiply the compiles.
-_SHAPE_ONLY = {"stride_am", "stride_be", "stride_bn", "stride_cm", "K", "N_OUT", "TOP_K", "NUM_EXPERTS"}
+_SHAPE_ONLY = {"stride_am", "stride_be", "stride_bn", "stride_bk", "stride_cm", "stride_gm", "K", "N_OUT", "TOP_K",
+               "TOP_K_G", "TOP_K_A", "NUM_EXPERTS"}
+
+
+def _rows_class(top_k: int) -> str:
+    return "one" if top_k == 1 else "pow2" if top_k & (top_k - 1) == 0 else "other"
 
 
 def _key(spec: KernelLaunch):
@@ -32,13 +37,14 @@ def _key(spec: KernelLaunch):
     shape_free = tuple((k, v) for k, v in spec.constexprs if k not in _SHAPE_ONLY)
     tiling = None
     if "BLOCK_K" in const:
-        top_k = const["TOP_K"]
         tiling = (const["K"] % const["BLOCK_K"] == 0, const["N_OUT"] % const["BLOCK_N"] == 0,
-                  min(const["K"] // const["BLOCK_K"], spec.num_stages),
-                  "one" if top_k == 1 else "pow2" if top_k & (top_k - 1) == 0 else "other")
+                  # the GEMMs' K loop against the pipeline (the weight gradient loops over rows)
+                  None if "BLOCK_R" in const else min(const["K"] // const["BLOCK_K"], spec.num_stages),
+                  tuple(_rows_class(const[k]) for k in ("TOP_K", "TOP_K_G", "TOP_K_A") if k in const),
+                  const.get("stride_bk", 1) == 1)  # B read transposed (the backward) or not
     ones = tuple(int(v) == 1 for _, v in spec.scalars)
-    return (spec.name, tuple(a.dtype.name for a in spec.args), shape_free, tiling, ones, spec.num_warps,
-            spec.num_stages)
+    return (spec.name, tuple(a.dtype.name for a in (*spec.args, *spec.outs)), shape_free, tiling, ones,
+            spec.num_warps, spec.num_stages)
 
 
 def launches_for(arch: str) -> list[backends.KernelLaunch]:
@@ -65,11 +71,22 @@ def launches_for(arch: str) -> list[backends.KernelLaunch]:
     return list(seen.values())
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_every_moe_launch_compiles(target):
+def backward_launches_for(arch: str) -> list[KernelLaunch]:
+    """The distinct launches the backward of fused_moe makes for every preset, M, dtype and
+    activation on ``arch`` (its tiles depend on BLOCK_M, dtype and arch only, so few)."""
+    seen: dict = {}
+    for preset in PRESETS.values():
+        for m in MS:
+            for dtype in DTYPES:
+                for activation in ("silu", "gelu"):
+                    for spec in moe_triton.plan_fused_moe_backward(m, preset.top_k, preset.experts, preset.hidden,
+                                                                    preset.intermediate, dtype, arch, activation):
+                        seen.setdefault(_key(spec), spec)
+    return list(seen.values())
+
+
+def _compile_all(specs: list[KernelLaunch], target: str) -> None:
     arch = TARGETS[target]
-    specs = launches_for(arch)
-    assert len(specs) > 10
     limit = _config.SHARED_MEMORY_LIMIT[arch]
     # Compiles run two at a time: much of each is ptxas / the LLVM backend outside the GIL
     # (1.6x faster on 2 cores); results are checked here, in order.
@@ -79,6 +96,20 @@ def test_every_moe_launch_compiles(target):
         binary = compiled.asm["cubin" if target == "sm_90" else "hsaco"]
         assert len(binary) > 0, spec
         assert compiled.metadata.shared <= limit, (spec.name, dict(spec.constexprs), compiled.metadata.shared)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_moe_launch_compiles(target):
+    specs = launches_for(TARGETS[target])
+    assert len(specs) > 10
+    _compile_all(specs, target)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_moe_backward_launch_compiles(target):
+    specs = backward_launches_for(TARGETS[target])
+    assert {spec.name for spec in specs} == {"moe_gemm_kernel", "moe_gemm_act_bwd_kernel", "moe_weight_grad_kernel"}
+    _compile_all(specs, target)
 
 
 def test_heuristic_buckets_cover_every_block_m():

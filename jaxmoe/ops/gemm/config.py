@@ -145,6 +145,17 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
     return MoEConfig(block_m, _fit(s1, block_m, dtype, arch, True), _fit(s2, block_m, dtype, arch, False))
 
 
+# The backward's GEMM tile (stage-2 backward, stage-1 backward, dx), one per BLOCK_M, dtype
+# and arch, fitted to shared memory: the backward adds few compiled kernels whatever the
+# forward's tuned tiles are. Not yet tuned on a GPU.
+BACKWARD_TILE = GemmTile(block_n=64, block_k=64, group_size_m=8, num_warps=4, num_stages=3)
+
+
+def backward_tile(block_m: int, dtype: Any, arch: str, fused: bool) -> GemmTile:
+    """The backward's tile for rows of ``block_m`` (``fused``: the stage-1 backward, two B tiles)."""
+    return _fit(BACKWARD_TILE, block_m, dtype, arch, fused)
+
+
 def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool) -> GemmTile:
     """Shrink stages, then BLOCK_K, until the tile fits the arch's shared memory."""
     itemsize = np.dtype(dtype).itemsize

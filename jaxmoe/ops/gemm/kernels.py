@@ -174,3 +174,157 @@ def moe_gemm_kernel(
         _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
               expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _activation_and_derivative(gate, ACTIVATION: tl.constexpr):
+    """``(act(gate), act'(gate))`` in fp32, the same act as :func:`_activation`."""
+    if ACTIVATION == "silu":
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+        return gate * sig, sig * (1.0 + gate * (1.0 - sig))
+    else:  # "gelu", exact (erf) form: act' = Phi(g) + g * phi(g)
+        cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        return gate * cdf, cdf + gate * 0.3989422804014327 * tl.exp(-0.5 * gate * gate)
+
+
+@triton.jit
+def moe_gemm_act_bwd_kernel(
+    a_ptr, b_ptr, dh_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+    num_rows,  # M * top_k: rows of dh and C; sorted ids outside [0, num_rows) are padding
+    c_ptr,
+    N_OUT: tl.constexpr,  # I: columns of dh; C has 2 * N_OUT
+    K: tl.constexpr,
+    TOP_K: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    ACTIVATION: tl.constexpr, NUM_XCDS: tl.constexpr, FP32_IEEE: tl.constexpr,
+):
+    """Stage 1 backward: the gate/up gradients of ``h = act(gate) * up``, rows by expert.
+
+    Recomputes the stage-1 pre-activation tile exactly as ``moe_gemm_kernel`` does
+    (``gate_up[f] = A[f // TOP_K] @ B[e].T``, gate and up columns interleaved in one dot),
+    then, in the epilogue, with ``dh[f]``:
+
+        C[f, n]         = dh[f, n] * act'(gate[f, n]) * up[f, n]      (d gate)
+        C[f, N_OUT + n] = dh[f, n] * act(gate[f, n])                  (d up)
+
+    so neither the pre-activation nor its gradient before the cast reaches memory. Rows of
+    a block without a valid expert are written as zeros (their A rows and dh load as zeros).
+    """
+    num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
+    num_programs = tl.num_programs(0)
+    pid = _remap_for_xcds(tl.program_id(0), num_programs, NUM_XCDS)
+    per_group = GROUP_SIZE_M * num_n_blocks
+    first_m = (pid // per_group) * GROUP_SIZE_M
+    group_rows = tl.minimum(num_programs // num_n_blocks - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    row0 = pid_m * BLOCK_M
+    if row0 >= tl.load(num_tokens_post_padded_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    expert_ok = (expert >= 0) & (expert < NUM_EXPERTS)
+    expert = tl.where(expert_ok, expert, 0)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
+    row_mask = (rows >= 0) & (rows < num_rows)
+    a_mask = (rows >= 0) & (rows < num_rows * expert_ok.to(tl.int64))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_OUT
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
+    j = tl.arange(0, 2 * BLOCK_N)
+    b_rows = pid_n * BLOCK_N + j // 2
+    b_cols_ok = b_rows < N_OUT
+    b_rows = b_rows + (j % 2) * N_OUT
+    b_ptrs = b_ptr + expert * stride_be + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if K % BLOCK_K == 0:
+            k_mask = tl.full([BLOCK_K], True, tl.int1)
+        else:
+            k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
+        if FP32_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    act, act_grad = _activation_and_derivative(gate, ACTIVATION)
+    tile_mask = a_mask[:, None] & n_mask[None, :]
+    dh = tl.load(dh_ptr + rows[:, None] * N_OUT + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    store_mask = row_mask[:, None] & n_mask[None, :]
+    c_ptrs = c_ptr + rows[:, None] * (2 * N_OUT) + offs_n[None, :]
+    tl.store(c_ptrs, (dh * act_grad * up).to(c_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(c_ptrs + N_OUT, (dh * act).to(c_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def moe_weight_grad_kernel(
+    g_ptr, a_ptr, sorted_token_ids_ptr, expert_offsets_ptr, topk_weights_ptr,
+    num_rows,  # M * top_k; sorted ids outside [0, num_rows) are padding
+    c_ptr,
+    N_OUT: tl.constexpr,  # rows of each expert's gradient (columns of G)
+    K: tl.constexpr,  # columns of each expert's gradient (columns of A)
+    TOP_K_G: tl.constexpr,  # row f reads G[f // TOP_K_G]
+    TOP_K_A: tl.constexpr,  # and A[f // TOP_K_A]
+    NUM_EXPERTS: tl.constexpr,
+    stride_gm: tl.constexpr, stride_am: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr, FP32_IEEE: tl.constexpr,
+):
+    """Grouped weight gradient: ``C[e] = sum over e's sorted rows f of G[f]^T A[f]``.
+
+    ``C[e, n, k] = sum_f w_f * G[f // TOP_K_G, n] * A[f // TOP_K_A, k]`` over the rows f at
+    sorted positions ``[expert_offsets[e], expert_offsets[e + 1])`` (``w_f`` the routing
+    weight with ``MUL_ROUTED_WEIGHT``, else 1). Each program owns one (BLOCK_N x BLOCK_K)
+    tile of one expert and walks that expert's positions BLOCK_R at a time in order: no
+    atomics, the same sums in the same order on every run, and an expert without rows
+    gets zeros. Only the expert's own rows are read, so a NaN in one token reaches only
+    the experts it is routed to. Offsets are int64 (rows times strides, and experts times
+    N_OUT * K, can pass 2^31).
+    """
+    num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
+    num_k_blocks: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    pid = tl.program_id(0)
+    expert = pid // (num_n_blocks * num_k_blocks)
+    rest = pid % (num_n_blocks * num_k_blocks)
+    pid_n = rest // num_k_blocks
+    pid_k = rest % num_k_blocks
+
+    start = tl.load(expert_offsets_ptr + expert)
+    end = tl.load(expert_offsets_ptr + expert + 1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N_OUT
+    k_mask = offs_k < K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for p in range(start, end, BLOCK_R):
+        pos = p + tl.arange(0, BLOCK_R)
+        pos_ok = pos < end
+        rows = tl.load(sorted_token_ids_ptr + pos, mask=pos_ok, other=-1).to(tl.int64)
+        ok = pos_ok & (rows >= 0) & (rows < num_rows)
+        g = tl.load(g_ptr + (rows // TOP_K_G)[:, None] * stride_gm + offs_n[None, :],
+                    mask=ok[:, None] & n_mask[None, :], other=0.0)
+        if MUL_ROUTED_WEIGHT:
+            weight = tl.load(topk_weights_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+            g = (g.to(tl.float32) * weight[:, None]).to(g_ptr.dtype.element_ty)
+        a = tl.load(a_ptr + (rows // TOP_K_A)[:, None] * stride_am + offs_k[None, :],
+                    mask=ok[:, None] & k_mask[None, :], other=0.0)
+        if FP32_IEEE:
+            acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(g), a, acc)
+    c_ptrs = (c_ptr + expert.to(tl.int64) * (N_OUT * K) + offs_n.to(tl.int64)[:, None] * K
+              + offs_k[None, :])
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])

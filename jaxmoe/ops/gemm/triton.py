@@ -17,7 +17,8 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile
 from jaxmoe.types import RoutingData
 
-__all__ = ["plan_gemm", "gemm", "grouped_gemm"]
+__all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_backward", "act_backward", "plan_weight_grad",
+           "weight_grad", "expert_offsets", "WEIGHT_GRAD_TILE"]
 
 
 def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
@@ -26,12 +27,27 @@ def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
 
 def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
               top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str | None,
-              mul_routed_weight: bool, arch: str = "sm90") -> KernelLaunch:
-    """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert]."""
+              mul_routed_weight: bool, arch: str = "sm90", transpose_b: bool = False,
+              out_dtype: Any = None, split_tail: bool = True) -> KernelLaunch:
+    """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert].
+
+    ``b_shape`` is B's stored shape: ``[E, N, K]``, or with ``transpose_b`` ``[E, K, N]``
+    (B read transposed through its strides, no copy: the backward's ``dy @ w2[e]`` and
+    ``d gate_up @ w1[e]``). ``out_dtype`` is C's dtype (default ``dtype``; fp32 keeps the
+    accumulator unrounded). ``split_tail=False`` keeps mostly-padding blocks at full height
+    (the backward's GEMMs: one compiled kernel fewer per tile).
+    """
     from jaxmoe.ops.gemm import kernels
 
     a_rows, k = a_shape
-    num_experts, n, k_b = b_shape
+    if transpose_b:
+        num_experts, k_b, n = b_shape
+        stride_bn, stride_bk = 1, n
+    else:
+        num_experts, n, k_b = b_shape
+        stride_bn, stride_bk = k, 1
+    if transpose_b and activation:
+        raise ValueError("the fused activation reads gate and up rows of an untransposed B")
     if k_b != k:
         raise ValueError(f"A has K={k} but B has K={k_b}")
     n_out = n // 2 if activation else n
@@ -46,36 +62,38 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     positions = num_blocks * block_m
     constexprs = {
         "N_OUT": n_out, "K": k, "TOP_K": top_k, "NUM_EXPERTS": num_experts,
-        "stride_am": k, "stride_be": n * k, "stride_bn": k, "stride_bk": 1, "stride_cm": n_out,
+        "stride_am": k, "stride_be": n * k, "stride_bn": stride_bn, "stride_bk": stride_bk, "stride_cm": n_out,
         "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
         "GROUP_SIZE_M": tile.group_size_m, "FUSE_ACTIVATION": activation is not None,
         "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
         "NUM_XCDS": _config.NUM_XCDS[arch],
         "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
-        "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m),
+        "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m) if split_tail else 0,
     }
     i32 = jnp.int32
     args = (
-        _sds((a_rows, k), dtype), _sds((num_experts, n, k), dtype), _sds((positions,), i32),
+        _sds((a_rows, k), dtype), _sds(b_shape, dtype), _sds((positions,), i32),
         _sds((num_blocks,), i32), _sds((1,), i32),
         _sds((num_rows,) if mul_routed_weight else (1,), jnp.float32),
     )
     amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
     return KernelLaunch(
         kernels.moe_gemm_kernel, grid=(num_blocks * n_blocks,), args=args, scalars=(("num_rows", num_rows),),
-        outs=(_sds((num_rows, n_out), dtype),), constexprs=tuple(constexprs.items()),
+        outs=(_sds((num_rows, n_out), out_dtype or dtype),), constexprs=tuple(constexprs.items()),
         num_warps=tile.num_warps, num_stages=tile.num_stages,
         amd_options=tuple(amd.items()) if arch.startswith("gfx") else ())
 
 
 def gemm(a: jax.Array, b: jax.Array, routing: RoutingData, *, tile: GemmTile, arch: str,
-         topk_weights: jax.Array | None, activation: str | None) -> jax.Array:
+         topk_weights: jax.Array | None, activation: str | None, transpose_b: bool = False,
+         out_dtype: Any = None, split_tail: bool = True) -> jax.Array:
     """One launch over ``routing``'s layout. Rows no live sorted position covers are left
     unwritten: the caller masks them (or, in the fused layer, never reads them)."""
     top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
     spec = plan_gemm(a_shape=a.shape, b_shape=b.shape, dtype=a.dtype, num_rows=routing.num_rows, top_k=top_k,
                      block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
-                     mul_routed_weight=topk_weights is not None, arch=arch)
+                     mul_routed_weight=topk_weights is not None, arch=arch, transpose_b=transpose_b,
+                     out_dtype=out_dtype, split_tail=split_tail)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
     (c,) = launch(spec, a, b, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
@@ -120,3 +138,123 @@ def stage_tile(a: jax.Array, b: jax.Array, routing: RoutingData, activation: str
     else:
         tile = _config.select_config(m, routing.top_k, e, n, k, a.dtype, arch).stage2
     return _config._fit(tile, routing.block_size, a.dtype, arch, activation is not None)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
+                      top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str,
+                      arch: str = "sm90") -> KernelLaunch:
+    """Stage 1 backward, ``moe_gemm_act_bwd_kernel``: ``d gate_up [num_rows, 2I]`` from A
+    ``[a_rows, K]`` (rows ``f // top_k``), ``B = w1 [E, 2I, K]`` and ``dh [num_rows, I]``,
+    all in ``dtype``; the stage-1 tile (its pipeline needs the forward's shared memory)."""
+    from jaxmoe.ops.gemm import kernels
+
+    a_rows, k = a_shape
+    num_experts, n, k_b = b_shape
+    if k_b != k or n % 2:
+        raise ValueError(f"need A [rows, K] and B [E, 2I, K], got A{list(a_shape)} and B{list(b_shape)}")
+    need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, True)
+    if need > _config.SHARED_MEMORY_LIMIT[arch]:
+        raise ValueError(f"{tile} with BLOCK_M={block_m} needs {need} bytes of shared memory, more than the "
+                         f"{_config.SHARED_MEMORY_LIMIT[arch]} a program gets on {arch}")
+    n_out = n // 2
+    constexprs = {
+        "N_OUT": n_out, "K": k, "TOP_K": top_k, "NUM_EXPERTS": num_experts,
+        "stride_am": k, "stride_be": n * k, "stride_bn": k,
+        "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_SIZE_M": tile.group_size_m,
+        "ACTIVATION": activation, "NUM_XCDS": _config.NUM_XCDS[arch], "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
+    }
+    i32 = jnp.int32
+    args = (_sds((a_rows, k), dtype), _sds(b_shape, dtype), _sds((num_rows, n_out), dtype),
+            _sds((num_blocks * block_m,), i32), _sds((num_blocks,), i32), _sds((1,), i32))
+    amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
+    return KernelLaunch(
+        kernels.moe_gemm_act_bwd_kernel, grid=(num_blocks * -(-n_out // tile.block_n),), args=args,
+        scalars=(("num_rows", num_rows),), outs=(_sds((num_rows, n), dtype),),
+        constexprs=tuple(constexprs.items()), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        amd_options=tuple(amd.items()) if arch.startswith("gfx") else ())
+
+
+def act_backward(a: jax.Array, w1: jax.Array, dh: jax.Array, routing: RoutingData, *, tile: GemmTile, arch: str,
+                 activation: str) -> jax.Array:
+    """``d gate_up [num_rows, 2I]`` in ``a``'s dtype (gate columns then up columns); rows no
+    live sorted position covers are left unwritten."""
+    top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
+    spec = plan_act_backward(a_shape=a.shape, b_shape=w1.shape, dtype=a.dtype, num_rows=routing.num_rows,
+                             top_k=top_k, block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile,
+                             activation=activation, arch=arch)
+    (c,) = launch(spec, a, w1, dh, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
+                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32))
+    return c
+
+
+# The weight-gradient tile: (BLOCK_N, BLOCK_K, num_warps, num_stages), one for every shape
+# so the backward adds few compiled kernels; BLOCK_R (rows a step) follows BLOCK_M.
+WEIGHT_GRAD_TILE = (64, 64, 4, 2)
+
+
+def _weight_grad_rows(block_m: int) -> int:
+    # A step's rows must divide BLOCK_M (an expert's run is whole blocks) and be >= 16 (tl.dot).
+    return min(block_m, 32)
+
+
+def plan_weight_grad(*, g_shape: tuple[int, int], a_shape: tuple[int, int], num_experts: int, dtype: Any,
+                     out_dtype: Any, num_rows: int, top_k_g: int, top_k_a: int, block_m: int, num_blocks: int,
+                     mul_routed_weight: bool) -> KernelLaunch:
+    """The grouped weight gradient, ``moe_weight_grad_kernel``: ``C [E, N, K]`` in
+    ``out_dtype`` from ``G [g_rows, N]`` and ``A [a_rows, K]`` (both ``dtype``), one program
+    per output tile. One tile for every target: at most 32 KiB of shared memory."""
+    from jaxmoe.ops.gemm import kernels
+
+    (g_rows, n), (a_rows, k) = g_shape, a_shape
+    block_n, block_k, num_warps, num_stages = WEIGHT_GRAD_TILE
+    block_r = _weight_grad_rows(block_m)
+    if block_m % block_r or block_r < 16:
+        raise ValueError(f"BLOCK_M={block_m} must be a multiple of 16 for the weight gradient")
+    constexprs = {
+        "N_OUT": n, "K": k, "TOP_K_G": top_k_g, "TOP_K_A": top_k_a, "NUM_EXPERTS": num_experts,
+        "stride_gm": n, "stride_am": k, "BLOCK_R": block_r, "BLOCK_N": block_n, "BLOCK_K": block_k,
+        "MUL_ROUTED_WEIGHT": mul_routed_weight, "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
+    }
+    i32 = jnp.int32
+    args = (_sds(g_shape, dtype), _sds(a_shape, dtype), _sds((num_blocks * block_m,), i32),
+            _sds((num_experts + 1,), i32), _sds((num_rows if mul_routed_weight else 1,), jnp.float32))
+    grid = num_experts * -(-n // block_n) * -(-k // block_k)
+    return KernelLaunch(kernels.moe_weight_grad_kernel, grid=(grid,), args=args, scalars=(("num_rows", num_rows),),
+                        outs=(_sds((num_experts, n, k), out_dtype),), constexprs=tuple(constexprs.items()),
+                        num_warps=num_warps, num_stages=num_stages)
+
+
+def expert_offsets(routing: RoutingData) -> jax.Array:
+    """``[E + 1] int32``: expert e's rows sit at sorted positions ``[off[e], off[e + 1])``.
+
+    Relies on the layout's contract: the used blocks (below ``num_tokens_post_padded``) come
+    grouped by ascending expert id. Blocks of ids outside ``[0, E)`` count for no expert.
+    """
+    e = routing.num_experts
+    blocks = jnp.arange(routing.num_blocks, dtype=jnp.int32)
+    ids = routing.expert_ids.astype(jnp.int32)
+    used = ((blocks * routing.block_size < routing.num_tokens_post_padded.reshape(-1)[0].astype(jnp.int32))
+            & (ids >= 0) & (ids < e))
+    counts = jnp.zeros((e + 1,), jnp.int32).at[jnp.where(used, ids, e)].add(1)[:e]
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)]) * routing.block_size
+
+
+def weight_grad(g: jax.Array, a: jax.Array, routing: RoutingData, *, out_dtype: Any,
+                topk_weights: jax.Array | None = None) -> jax.Array:
+    """``C [E, N, K]``: per expert, the sum over its rows f of ``w_f * G[f]^T A[f]``, where
+    a ``[M, *]`` operand is read at row ``f // top_k`` and a ``[M * top_k, *]`` one at ``f``.
+    Deterministic; an expert without rows gets zeros."""
+    def top_k_of(x: jax.Array) -> int:
+        return routing.top_k if x.shape[0] * routing.top_k == routing.num_rows else 1
+
+    spec = plan_weight_grad(g_shape=g.shape, a_shape=a.shape, num_experts=routing.num_experts, dtype=a.dtype,
+                            out_dtype=out_dtype, num_rows=routing.num_rows, top_k_g=top_k_of(g), top_k_a=top_k_of(a),
+                            block_m=routing.block_size, num_blocks=routing.num_blocks,
+                            mul_routed_weight=topk_weights is not None)
+    weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
+               else jnp.zeros((1,), jnp.float32))
+    (c,) = launch(spec, g, a, routing.sorted_token_ids.astype(jnp.int32), expert_offsets(routing), weights)
+    return c

@@ -8,7 +8,7 @@ import jax
 
 from jaxmoe.ops import checks
 from jaxmoe.ops.base import Op, triton_implementation
-from jaxmoe.ops.moe import reference, triton
+from jaxmoe.ops.moe import backward, reference, triton
 from jaxmoe.ops.routing import reference as routing_reference
 
 __all__ = ["FUSED_MOE", "ROUTED_MOE", "fused_moe"]
@@ -30,11 +30,15 @@ def _routed_reference(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, acti
     return reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation)
 
 
+# Both kernel paths are differentiable: a jax.custom_vjp on the experts (its rules are the
+# ops' vjp) and the routing weights recomputed in jnp at the chosen ids (ops/moe/backward.py).
 FUSED_MOE = Op("fused_moe", check=checks.check_fused_moe_args, reference=reference.fused_moe,
-               implementations=[triton_implementation(triton.fused_moe)])
+               implementations=[triton_implementation(triton.fused_moe)],
+               vjp=(backward.experts_fwd, backward.experts_bwd))
 # Routing and experts as one op, so the kernels can route and align in one launch (decode).
 ROUTED_MOE = Op("routed_moe", check=_check_routed, reference=_routed_reference,
-                implementations=[triton_implementation(triton.routed_moe)])
+                implementations=[triton_implementation(triton.routed_moe)],
+                vjp=(backward.experts_fwd, backward.experts_bwd))
 
 
 def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, *, activation: str = "silu",
@@ -68,6 +72,11 @@ def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids:
     Invalid ids: an id outside ``[0, E)`` cannot be checked under ``jax.jit``; its
     (token, slot) contributes nothing (a token whose ids are all invalid gets zeros).
     ``M = 0`` returns an empty ``[0, D]`` array.
+
+    Gradients: differentiable in ``hidden_states``, ``w1``, ``w2`` and ``topk_weights``
+    (``jax.grad``, ``jax.vjp``, ``jax.checkpoint``); the reference by JAX's autodiff, the
+    kernels by Triton kernels (:mod:`jaxmoe.ops.moe.backward`, which lists what the forward
+    saves). Invalid ids get zero gradients; experts without rows zero weight gradients.
     """
     return FUSED_MOE(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
                      implementation=implementation)

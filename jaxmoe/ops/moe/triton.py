@@ -18,6 +18,7 @@ from jaxmoe.backends.platform import arch_for, default_platform
 from jaxmoe.ops import checks
 from jaxmoe.ops.alignment import triton as align_triton
 from jaxmoe.ops.alignment.reference import max_blocks
+from jaxmoe.ops.moe import backward
 from jaxmoe.ops.moe.reference import unwrap_weights
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
@@ -25,7 +26,8 @@ from jaxmoe.ops.gemm.config import MoEConfig
 from jaxmoe.ops.routing import triton as routing_triton
 from jaxmoe.types import RoutingData
 
-__all__ = ["fused_moe", "routed_moe", "experts", "plan_route_align", "plan_fused_moe", "plan_routed_moe", "current_arch",
+__all__ = ["fused_moe", "routed_moe", "experts", "plan_route_align", "plan_fused_moe", "plan_fused_moe_backward",
+           "plan_routed_moe", "current_arch",
            "ROUTE_ALIGN_MAX_ROW_BLOCKS"]
 
 
@@ -40,9 +42,13 @@ def _layer_config(m: int, top_k: int, w1: jax.Array, dtype: Any, arch: str) -> M
 
 
 def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Array, topk_ids: jax.Array, *,
-              activation: str = "silu", config: MoEConfig | None = None) -> jax.Array:
+              activation: str = "silu", config: MoEConfig | None = None, remat: bool = False) -> jax.Array:
     """Two-stage Triton MoE; shapes and contract as :func:`jaxmoe.fused_moe`. ``config``
-    overrides the tuned or heuristic block configuration (the tuner passes candidates)."""
+    overrides the tuned or heuristic block configuration (the tuner passes candidates).
+
+    Differentiable in ``hidden_states``, ``w1``, ``w2`` and ``topk_weights`` through Triton
+    kernels (:mod:`jaxmoe.ops.moe.backward`, which says what is saved); ``remat=True``
+    recomputes stage 1's output ``[M*k, I]`` in the backward instead of saving it."""
     w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
     m, d = hidden_states.shape
     top_k = topk_ids.shape[1]
@@ -55,23 +61,15 @@ def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Arra
     layout = align_triton.moe_align_block_size(ids, w1.shape[0], config.block_m)
     routing = RoutingData(*layout, topk_ids=ids, topk_weights=topk_weights.astype(jnp.float32),
                           block_size=config.block_m, num_experts=w1.shape[0], top_k=top_k, num_rows=m * top_k)
-    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch)
+    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat)
 
 
 def experts(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *, config: MoEConfig,
-            activation: str, arch: str) -> jax.Array:
-    """Both GEMM stages and the sum over the k slots, on aligned rows."""
-    m, d = hidden_states.shape
-    top_k = routing.top_k
-    h = gemm_triton.gemm(hidden_states, w1, routing, tile=config.stage1, arch=arch, topk_weights=None,
-                         activation=activation)
-    y = gemm_triton.gemm(h, w2, routing, tile=config.stage2, arch=arch, topk_weights=routing.topk_weights,
-                         activation=None)
-    # Rows of out-of-range ids were never written: they contribute nothing.
-    ids = routing.topk_ids
-    valid = (ids >= 0) & (ids < routing.num_experts)
-    y = jnp.where(valid[..., None], y.reshape(m, top_k, d).astype(jnp.float32), 0.0)
-    return jnp.sum(y, axis=1).astype(hidden_states.dtype)
+            activation: str, arch: str, remat: bool = False) -> jax.Array:
+    """Both GEMM stages and the sum over the k slots, on aligned rows; differentiable by the
+    Triton backward of :mod:`jaxmoe.ops.moe.backward` (``remat``: see there)."""
+    return backward.experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch,
+                            remat=remat)
 
 
 # --------------------------------------------------------------------------- routing + experts
@@ -116,18 +114,30 @@ def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, bl
 def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, top_k: int, *,
                activation: str = "silu", scoring: str = "softmax", renormalize: bool = True,
                num_expert_group: int | None = None, topk_group: int | None = None,
-               correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0) -> jax.Array:
+               correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0,
+               remat: bool = False) -> jax.Array:
     """Routing then experts, ``fused_moe(x, w1, w2, *route(logits, top_k, ...))``, with the
     routing and the alignment in one launch where the batch is small (decode). Beyond what
     the routing kernel serves (``E > 4096`` or ``top_k > 64``) the reference routes and the
-    kernels compute the experts."""
+    kernels compute the experts.
+
+    Differentiable in ``hidden_states``, ``w1``, ``w2``, ``logits`` and a traced
+    ``routed_scaling_factor``: the experts by the Triton backward, the routing weights by
+    differentiating their recomputation at the chosen ids
+    (:func:`~jaxmoe.ops.moe.backward.routing_weights`); ``correction_bias`` gets none."""
     w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
     m, d = hidden_states.shape
     num_experts = w1.shape[0]
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group)
-    logits, bias = routing_triton.kernel_inputs(logits, correction_bias)
     scale = routing_triton._static_float(routed_scaling_factor)
+    weight_options = dict(scoring=scoring, renormalize=renormalize,
+                          routed_scaling_factor=1.0 if scale is None else scale)
+    diff_logits = logits
+    # The kernels see constants: the gradient reaches the logits through routing_weights only.
+    logits, bias = routing_triton.kernel_inputs(jax.lax.stop_gradient(logits),
+                                                None if correction_bias is None
+                                                else jax.lax.stop_gradient(correction_bias))
     arch = current_arch()
     spec = None
     config = None
@@ -139,17 +149,25 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     if spec is None:
         from jaxmoe.ops.routing import ROUTE
 
-        route = ROUTE.implementations["triton" if routing_triton.kernel_serves(num_experts, top_k) else "reference"]
-        weights, ids = route.fn(logits, top_k, **options, correction_bias=correction_bias,
-                                routed_scaling_factor=routed_scaling_factor)
-        return fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config)
+        if not routing_triton.kernel_serves(num_experts, top_k):  # the reference routes, differentiably
+            weights, ids = ROUTE.implementations["reference"].fn(
+                diff_logits, top_k, **options, correction_bias=correction_bias,
+                routed_scaling_factor=routed_scaling_factor)
+            return fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat)
+        weights, ids = ROUTE.implementations["triton"].fn(logits, top_k, **options, correction_bias=bias,
+                                                          routed_scaling_factor=1.0 if scale is None else scale)
+        weights = backward.routing_weights(diff_logits, ids, weights, **weight_options)
+        if scale is None:
+            weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
+        return fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat)
     bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
     weights, ids, sorted_ids, expert_ids, padded, *_ = launch(spec, logits, bias_arg)
+    weights = backward.routing_weights(diff_logits, ids, weights, **weight_options)
     if scale is None:
         weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
     routing = RoutingData(sorted_ids, expert_ids, padded, topk_ids=ids, topk_weights=weights,
                           block_size=config.block_m, num_experts=num_experts, top_k=top_k, num_rows=m * top_k)
-    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch)
+    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat)
 
 
 def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
@@ -167,6 +185,38 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, i
                               **common),
         gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=(num_experts, hidden, intermediate),
                               top_k=1, tile=config.stage2, activation=None, mul_routed_weight=True, **common),
+    ]
+
+
+def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+                            dtype: Any, arch: str, activation: str = "silu", config: MoEConfig | None = None
+                            ) -> list[KernelLaunch]:
+    """Every launch the backward of ``fused_moe`` makes for these shapes on ``arch`` (for AOT
+    compilation): stage 2 backward, stage 1 backward, dx, d w2, d w1. With ``remat`` it also
+    repeats the forward's stage-1 launch, already among :func:`plan_fused_moe`'s."""
+    if config is None:
+        config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+    num_rows = num_tokens * top_k
+    blocks = max_blocks(num_rows, num_experts, config.block_m)
+    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks)
+    grad = dict(num_experts=num_experts, dtype=dtype, out_dtype=dtype, num_rows=num_rows, block_m=config.block_m,
+                num_blocks=blocks)
+    tile = _config.backward_tile(config.block_m, dtype, arch, fused=False)
+    fused_tile = _config.backward_tile(config.block_m, dtype, arch, fused=True)
+    return [
+        gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=(num_experts, hidden, intermediate),
+                              top_k=top_k, tile=tile, activation=None, mul_routed_weight=False,
+                              transpose_b=True, out_dtype=jnp.float32, split_tail=False, arch=arch, **common),
+        gemm_triton.plan_act_backward(a_shape=(num_tokens, hidden),
+                                      b_shape=(num_experts, 2 * intermediate, hidden), top_k=top_k,
+                                      tile=fused_tile, activation=activation, arch=arch, **common),
+        gemm_triton.plan_gemm(a_shape=(num_rows, 2 * intermediate), b_shape=(num_experts, 2 * intermediate, hidden),
+                              top_k=1, tile=tile, activation=None, mul_routed_weight=False,
+                              transpose_b=True, out_dtype=jnp.float32, split_tail=False, arch=arch, **common),
+        gemm_triton.plan_weight_grad(g_shape=(num_tokens, hidden), a_shape=(num_rows, intermediate),
+                                     top_k_g=top_k, top_k_a=1, mul_routed_weight=True, **grad),
+        gemm_triton.plan_weight_grad(g_shape=(num_rows, 2 * intermediate), a_shape=(num_tokens, hidden),
+                                     top_k_g=1, top_k_a=top_k, mul_routed_weight=False, **grad),
     ]
 
 

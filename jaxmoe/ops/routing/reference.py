@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jaxmoe.ops import checks
 
-__all__ = ["route", "router_sigmoid_top1"]
+__all__ = ["route", "router_sigmoid_top1", "weights_at"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -61,6 +61,19 @@ def route(
         topk_weights = topk_weights / topk_weights.sum(axis=-1, keepdims=True)
     topk_weights = topk_weights * jnp.asarray(routed_scaling_factor, jnp.float32)
     return topk_weights.astype(jnp.float32), topk_ids.astype(jnp.int32)
+
+
+def weights_at(logits, topk_ids, *, scoring="softmax", renormalize=True, routed_scaling_factor=1.0):
+    """The routing weights ``[M, k] float32`` of given ids ``[M, k]``: what :func:`route`
+    computes once it has chosen them (scores of all ``E`` logits, taken at the ids,
+    renormalized, scaled). Differentiable in ``logits`` (and a traced scale); the ids, and
+    hence grouping and ``correction_bias``, enter as constants."""
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
+    weights = jnp.take_along_axis(scores, jnp.asarray(topk_ids).astype(jnp.int32), axis=-1)
+    if renormalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights * jnp.asarray(routed_scaling_factor, jnp.float32)
 
 
 def router_sigmoid_top1(x, w, *, shared_expert=False):

@@ -1,0 +1,198 @@
+"""Gradients of the fused MoE's kernel path: a ``jax.custom_vjp`` around the experts, and
+the routing weights' gradient to the router logits.
+
+Forward (:func:`experts`, the data flow of :mod:`jaxmoe.ops.moe.triton`), rows ``f = t * k + j``
+sorted by expert::
+
+    h[f]   = act(x[t] @ w1[e].T [:I]) * (x[t] @ w1[e].T [I:])      stage 1   [M*k, I]
+    y[f]   = w[f] * (h[f] @ w2[e].T)                              stage 2   [M*k, D]
+    out[t] = sum_j y[t*k + j]                                               [M, D]
+
+Backward, for ``dout [M, D]``, every GEMM a Triton launch over the forward's row layout, with
+one tile per BLOCK_M, dtype and arch (:func:`~jaxmoe.ops.gemm.config.backward_tile`):
+
+1. ``g[f] = dout[t] @ w2[e]`` (``moe_gemm_kernel``, ``w2`` read transposed through its
+   strides, fp32 out), unweighted; then in jnp ``d w[f] = <g[f], h[f]>`` (equal to
+   ``<dout[t], h[f] @ w2[e].T>``, the unweighted stage-2 row dotted with dy, without a
+   second GEMM or saved y rows) and ``dh[f] = w[f] * g[f]``, rounded to the input dtype.
+2. ``d gate_up[f]`` (``moe_gemm_act_bwd_kernel``): stage 1's pre-activation recomputed
+   tile by tile from ``x`` and ``w1``, the activation's derivative applied to ``dh`` in the
+   epilogue; ``[M*k, 2I]`` in the input dtype.
+3. ``dx[t] = sum_j d gate_up[t*k + j] @ w1[e]`` (``moe_gemm_kernel``, ``w1`` transposed, fp32
+   rows, summed over the slots in jnp).
+4. ``d w2[e] = sum_f (w[f] dout[t])^T h[f]`` and ``d w1[e] = sum_f d gate_up[f]^T x[t]``
+   (``moe_weight_grad_kernel``: one program per output tile, rows in a fixed order).
+
+Residuals: the inputs (``x``, ``w1``, ``w2``, the fp32 routing weights, the ids), the
+layout (sorted ids, block experts, padded count) and stage 1's output ``h [M*k, I]`` in
+the input dtype. With ``remat=True`` ``h`` is not saved: the backward runs stage 1 again
+(one more launch, bitwise the same ``h``). Stage 1's pre-activation ``[M*k, 2I]`` is never
+saved in either mode (step 2 recomputes it).
+
+Rows of ids outside ``[0, E)`` get zero gradients (their x rows and weights); experts
+without rows get zero weight gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.gemm import triton as gemm_triton
+from jaxmoe.ops.gemm.config import MoEConfig
+from jaxmoe.ops.routing import reference as routing_reference
+from jaxmoe.types import RoutingData
+
+__all__ = ["experts", "experts_forward", "experts_fwd", "experts_bwd", "routing_weights"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What the custom_vjp's rules need besides arrays (hashable: a nondiff argument)."""
+
+    config: MoEConfig
+    activation: str
+    arch: str
+    remat: bool
+    block_size: int
+    num_experts: int
+    top_k: int
+    num_rows: int
+
+
+def _routing(static: _Static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids
+             ) -> RoutingData:
+    return RoutingData(sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids=topk_ids,
+                       topk_weights=topk_weights, block_size=static.block_size, num_experts=static.num_experts,
+                       top_k=static.top_k, num_rows=static.num_rows)
+
+
+def _valid(routing: RoutingData) -> jax.Array:
+    """``[M, k] bool``: slots whose id names an expert (the rows the GEMMs write)."""
+    ids = routing.topk_ids
+    return (ids >= 0) & (ids < routing.num_experts)
+
+
+def _stage1(x: jax.Array, w1: jax.Array, routing: RoutingData, config: MoEConfig, activation: str, arch: str
+            ) -> jax.Array:
+    return gemm_triton.gemm(x, w1, routing, tile=config.stage1, arch=arch, topk_weights=None, activation=activation)
+
+
+def experts_forward(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *, config: MoEConfig,
+                    activation: str, arch: str) -> tuple[jax.Array, jax.Array]:
+    """Both GEMM stages and the sum over the k slots: ``(out [M, D], h [M*k, I])`` in x's dtype."""
+    m, d = x.shape
+    h = _stage1(x, w1, routing, config, activation, arch)
+    y = gemm_triton.gemm(h, w2, routing, tile=config.stage2, arch=arch, topk_weights=routing.topk_weights,
+                         activation=None)
+    # Rows of out-of-range ids were never written: they contribute nothing.
+    y = jnp.where(_valid(routing)[..., None], y.reshape(m, routing.top_k, d).astype(jnp.float32), 0.0)
+    return jnp.sum(y, axis=1).astype(x.dtype), h
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _experts(static: _Static, x, w1, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+             topk_ids):
+    routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
+    out, _ = experts_forward(x, w1, w2, routing, config=static.config, activation=static.activation,
+                             arch=static.arch)
+    return out
+
+
+def experts_fwd(static: _Static, x, w1, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+                 topk_ids):
+    routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
+    out, h = experts_forward(x, w1, w2, routing, config=static.config, activation=static.activation,
+                             arch=static.arch)
+    residuals = (x, w1, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids,
+                 None if static.remat else h)
+    return out, residuals
+
+
+def experts_bwd(static: _Static, residuals, dout):
+    x, w1, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids, h = residuals
+    routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
+    config, arch = static.config, static.arch
+    m, d = x.shape
+    k = static.top_k
+    dout = dout.astype(x.dtype)
+    if h is None:
+        h = _stage1(x, w1, routing, config, static.activation, arch)
+    valid = _valid(routing).reshape(-1, 1)  # rows of invalid ids are unwritten by every GEMM: masked
+
+    tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False)
+    fused_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=True)
+    # 1. stage 2: g = dy @ w2[e] (unweighted, fp32), d w = <g, h>, dh = w * g
+    g = gemm_triton.gemm(dout, w2, routing, tile=tile, arch=arch, topk_weights=None, activation=None,
+                         transpose_b=True, out_dtype=jnp.float32, split_tail=False)
+    g = jnp.where(valid, g, 0.0)
+    d_weights = jnp.where(valid[:, 0], jnp.sum(g * h.astype(jnp.float32), axis=-1), 0.0)
+    dh = (g * topk_weights.reshape(-1, 1).astype(jnp.float32)).astype(x.dtype)
+    # 2. stage 1: d gate_up through the activation's derivative
+    d_gate_up = gemm_triton.act_backward(x, w1, dh, routing, tile=fused_tile, arch=arch,
+                                         activation=static.activation)
+    # 3. dx: d gate_up @ w1[e], summed over the slots in fp32
+    dx_rows = gemm_triton.gemm(d_gate_up, w1, routing, tile=tile, arch=arch, topk_weights=None,
+                               activation=None, transpose_b=True, out_dtype=jnp.float32, split_tail=False)
+    dx = jnp.sum(jnp.where(valid, dx_rows, 0.0).reshape(m, k, d), axis=1).astype(x.dtype)
+    # 4. weight gradients, per expert over its own rows
+    dw2 = gemm_triton.weight_grad(dout, h, routing, out_dtype=w2.dtype, topk_weights=topk_weights)
+    dw1 = gemm_triton.weight_grad(d_gate_up, x, routing, out_dtype=w1.dtype)
+    d_weights = d_weights.reshape(topk_weights.shape).astype(topk_weights.dtype)
+    return dx, dw1, dw2, d_weights, None, None, None, None
+
+
+_experts.defvjp(experts_fwd, experts_bwd)
+
+
+def experts(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *, config: MoEConfig,
+            activation: str, arch: str, remat: bool = False) -> jax.Array:
+    """Both GEMM stages and the sum over the k slots, on aligned rows: ``[M, D]`` in x's dtype.
+
+    Differentiable in ``x [M, D]``, ``w1 [E, 2I, D]``, ``w2 [E, D, I]`` and
+    ``routing.topk_weights [M, k] float32`` by the Triton backward of this module;
+    ``remat`` recomputes stage 1's output in the backward instead of saving it.
+    """
+    static = _Static(config, activation, arch, bool(remat), routing.block_size, routing.num_experts, routing.top_k,
+                     routing.num_rows)
+    return _experts(static, x, w1, w2, routing.topk_weights, routing.sorted_token_ids, routing.expert_ids,
+                    routing.num_tokens_post_padded, routing.topk_ids)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _kernel_weights(logits, topk_ids, kernel_weights, options):
+    return kernel_weights
+
+
+@_kernel_weights.defjvp
+def _kernel_weights_jvp(options, primals, tangents):
+    logits, topk_ids, kernel_weights = primals
+    d_logits = tangents[0]
+    _, d_weights = jax.jvp(lambda lg: routing_reference.weights_at(lg, topk_ids, **dict(options)), (logits,),
+                           (d_logits,))
+    return kernel_weights, d_weights
+
+
+def routing_weights(logits: jax.Array, topk_ids: jax.Array, kernel_weights: jax.Array, *, scoring: str,
+                    renormalize: bool, routed_scaling_factor: float) -> jax.Array:
+    """The routing kernel's weights ``[M, k] float32``, differentiable in ``logits [M, E]``.
+
+    The value is ``kernel_weights`` as they are (the kernel's and the gradient path's
+    forward agree bitwise); the derivative is that of
+    :func:`~jaxmoe.ops.routing.reference.weights_at` at the chosen ids (softmax or sigmoid
+    scores, renormalized or not, times the static ``routed_scaling_factor``). Ids are
+    constants: grouping and the correction bias change which experts are chosen, never
+    the derivative, so the bias gets no gradient. The kernel must have been given
+    ``jax.lax.stop_gradient`` of the logits.
+    """
+    options = (("scoring", scoring), ("renormalize", bool(renormalize)),
+               ("routed_scaling_factor", float(routed_scaling_factor)))
+    return _kernel_weights(logits, topk_ids, kernel_weights, options)
