@@ -297,3 +297,19 @@ def test_errors(tmp_path, rng):
     (bad_index / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="names model-00002-of-00002.safetensors"):
         load_layer(bad_index, layer=LAYER)
+
+
+def test_example_runs(tmp_path, rng):
+    """examples/load_layer.py loads a layer and prints the output's shape and norm."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = write_checkpoint(tmp_path / "q3", "qwen3_moe", make_tensors(rng, "qwen3_moe", ml_dtypes.bfloat16))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    out = subprocess.run([sys.executable, str(root / "examples" / "load_layer.py"), str(path), "--layer", "1",
+                          "--implementation", "reference"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "shape=(8, 32) dtype=bfloat16 norm=" in out.stdout
