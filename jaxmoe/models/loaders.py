@@ -77,6 +77,14 @@ class _Tensors:
                     if name != "__metadata__":
                         self.files[name] = file
         self.path = path
+        self._headers: dict[Path, dict[str, Any]] = {}
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype name of a tensor (``"BF16"``, ``"F32"``, ``"F8_E4M3"``...)."""
+        file = self.files[name]
+        if file not in self._headers:  # one header read per shard, however many tensors it holds
+            self._headers[file] = _header(file)
+        return self._headers[file][name]["dtype"]
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -88,7 +96,7 @@ class _Tensors:
         if name not in self.files:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
         file = self.files[name]
-        stored = _header(file)[name]["dtype"]
+        stored = self.dtype(name)
         try:
             with safe_open(str(file), framework="np") as f:
                 value = f.get_tensor(name)
@@ -175,6 +183,7 @@ def _check_sparse_layer(config: dict[str, Any], family: str, layer: int) -> None
 
 
 def _check_not_quantized(config: dict[str, Any], tensors: _Tensors, base: str) -> None:
+    """Refuse quantized checkpoints: the loader reads bf16, fp16 and fp32 weights only."""
     quant = config.get("quantization_config") or {}
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method == "fp8" or any(name.startswith(base) and name.endswith("weight_scale_inv") for name in tensors.files):
@@ -249,8 +258,7 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
     top_k = int(_require(config, "num_experts_per_tok", family))
     tensors = _Tensors(path)
     base = f"model.layers.{layer}.{fam.prefix}"
-    if family == "deepseek_v3":
-        _check_not_quantized(config, tensors, base)
+    _check_not_quantized(config, tensors, base)
 
     router = tensors.get(base + "gate.weight")
     if router.ndim != 2 or router.shape[0] != num_experts:
