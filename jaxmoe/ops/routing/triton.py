@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.backends.launch import KernelLaunch, launch
+from jaxmoe.ops import checks
 
 __all__ = [
     "route",
@@ -112,10 +113,9 @@ def plan_route(
             raise ValueError(f"topk_group must be in [1, num_expert_group={groups}], got {topk_groups}")
         if topk_groups == groups:
             groups, topk_groups = 1, 1  # every group survives: plain top-k
-    if group_scoring is not None and group_scoring not in ("max", "top2_sum"):
-        raise ValueError(f"group_scoring must be None, 'max' or 'top2_sum', got {group_scoring!r}")
-    if group_scoring is None:
-        group_scoring = "max" if bias_dtype is None else "top2_sum"
+    if group_scoring is not None and group_scoring not in checks.GROUP_SCORINGS:
+        raise ValueError(f"group_scoring must be None or one of {checks.GROUP_SCORINGS}, got {group_scoring!r}")
+    group_scoring = checks.resolve_group_scoring(group_scoring, bias_dtype)  # only whether a bias exists counts
     # Without groups the rule is moot: one compiled kernel serves both.
     group_top2 = groups > 1 and group_scoring == "top2_sum"
     plan = _route_blocks(m, e)
