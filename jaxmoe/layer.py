@@ -7,7 +7,8 @@ One layer, as one visible flow::
       -> stage 2 (h @ w2, routing weight) -> sum over k -> y [..., D]
 
 On the kernel path routing and alignment share one launch at decode sizes
-(:data:`jaxmoe.ops.moe.ROUTED_MOE`).
+(:data:`jaxmoe.ops.moe.ROUTED_MOE`). Shared experts (``params["shared"]``) are a dense
+``jax.numpy`` MLP beside the routed launch, added to its output; they are not fused.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxmoe.ops import checks
 from jaxmoe.ops.base import check_implementation
+from jaxmoe.ops.gemm.reference import apply_activation
 from jaxmoe.ops.moe import ROUTED_MOE
 
 __all__ = ["init_moe_params", "moe_layer"]
@@ -77,6 +79,51 @@ def init_moe_params(key: Any, *, hidden: int, intermediate: int, experts: int, d
     }
 
 
+def _check_shared(params: dict[str, Any], d: int, dtype: Any) -> None:
+    """Checks the optional ``params["shared"]`` and ``params["shared_gate"]``."""
+    shared = params.get("shared")
+    if "shared_gate" in params and shared is None:
+        raise ValueError("params['shared_gate'] needs params['shared'] (the shared experts it gates)")
+    if shared is None:
+        return
+    if not isinstance(shared, dict) or not {"w1", "w2"} <= set(shared):
+        raise TypeError("params['shared'] must be a dict with keys 'w1' [S, 2Is, D] and 'w2' [S, D, Is]")
+    w1, w2 = shared["w1"], shared["w2"]
+    for name, w in (("w1", w1), ("w2", w2)):
+        if getattr(w, "ndim", None) != 3:
+            raise ValueError(f"params['shared']['{name}'] must be 3-D, got shape {getattr(w, 'shape', None)}")
+        if jnp.dtype(w.dtype) != jnp.dtype(dtype):
+            raise TypeError(f"params['shared']['{name}'] must have the dtype of params['w1'] ({jnp.dtype(dtype)}), "
+                            f"got {w.dtype}")
+    s, two_i, dw = w1.shape
+    if dw != d or two_i % 2 or two_i == 0:
+        raise ValueError(f"params['shared']['w1'] must be [S, 2Is, D={d}], got {list(w1.shape)}")
+    if tuple(w2.shape) != (s, d, two_i // 2):
+        raise ValueError(f"params['shared']['w2'] must be [S, D, Is] = {[s, d, two_i // 2]}, got {list(w2.shape)}")
+    if "shared_gate" in params:
+        g = params["shared_gate"]
+        if tuple(getattr(g, "shape", ())) != (d, 1):
+            raise ValueError(f"params['shared_gate'] must be [D, 1] = [{d}, 1], got {getattr(g, 'shape', None)}")
+
+
+def _shared_experts(params: dict[str, Any], x2d: jax.Array, activation: str) -> jax.Array:
+    """The shared experts' summed output ``[M, D]`` in fp32 (gated when ``shared_gate`` is given).
+
+    Per expert: ``h = act(x @ gate.T) * (x @ up.T)`` accumulated in fp32 and rounded to the
+    input dtype (the rounding model of :func:`jaxmoe.fused_moe`), then ``h @ w2.T`` in fp32.
+    """
+    w1, w2 = params["shared"]["w1"], params["shared"]["w2"]
+    i = w1.shape[1] // 2
+    hi = jax.lax.Precision.HIGHEST
+    gate_up = jnp.einsum("md,sjd->smj", x2d, w1, preferred_element_type=jnp.float32, precision=hi)
+    h = (apply_activation(activation, gate_up[..., :i]) * gate_up[..., i:]).astype(x2d.dtype)
+    out = jnp.einsum("smi,sdi->md", h, w2, preferred_element_type=jnp.float32, precision=hi)
+    if "shared_gate" in params:
+        g = jnp.dot(x2d, params["shared_gate"], preferred_element_type=jnp.float32, precision=hi)
+        out = jax.nn.sigmoid(g) * out
+    return out
+
+
 def moe_layer(
     params: dict[str, Any],
     x: Any,
@@ -90,24 +137,35 @@ def moe_layer(
     topk_group: int | None = None,
     correction_bias: Any = None,
     routed_scaling_factor: Any = 1.0,
+    group_scoring: str | None = None,
+    return_routing: bool = False,
     mesh: Any = None,
     expert_axis: str | None = None,
     tensor_axis: str | None = None,
     data_axis: str | None = None,
     schedule: str | None = None,
-) -> jax.Array:
-    """One MoE layer: router matmul, :func:`jaxmoe.route`, :func:`jaxmoe.fused_moe`.
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """One MoE layer: router matmul, :func:`jaxmoe.route`, :func:`jaxmoe.fused_moe`, plus
+    optional shared experts.
 
     Args:
       params: a dict from :func:`init_moe_params` (``router [D, E]``, ``w1 [E, 2I, D]``,
-        ``w2 [E, D, I]``).
+        ``w2 [E, D, I]``), optionally with shared experts
+        ``"shared": {"w1": [S, 2Is, D], "w2": [S, D, Is]}`` (gate rows then up rows, in
+        ``w1``'s dtype) applied to every token and added to the routed output, and
+        ``"shared_gate": [D, 1]`` (Qwen2-MoE) scaling their sum by ``sigmoid(x @ shared_gate)``.
+        Shared experts are a dense ``jax.numpy`` MLP on every implementation, computed
+        beside the routed launch (not fused into it).
       x: ``[..., D]`` in ``w1``'s dtype (bf16, fp16 or fp32); leading dims are flattened
         into tokens and restored.
       top_k, scoring, renormalize, num_expert_group, topk_group, correction_bias,
-        routed_scaling_factor: routing options, see :func:`jaxmoe.route`.
-      activation: ``"silu"`` or ``"gelu"``, see :func:`jaxmoe.fused_moe`.
+        routed_scaling_factor, group_scoring: routing options, see :func:`jaxmoe.route`.
+      activation: ``"silu"`` or ``"gelu"``, see :func:`jaxmoe.fused_moe` (shared experts
+        use it too).
       implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence
         of them; used for both the routing and the experts.
+      return_routing: also return the routing, for auxiliary losses (load balancing,
+        router z-loss) without a second router pass.
 
       mesh: a ``jax.sharding.Mesh`` to run on (None: no sharding), with the names of its
         axes that carry the experts (``expert_axis``: ``w1``/``w2`` sharded over ``E``, the
@@ -123,9 +181,15 @@ def moe_layer(
         one); None picks the one :func:`jaxmoe.parallel.choose_schedule` models as sending
         fewer bytes. See ``docs/parallel.md``.
 
+      The mesh path takes neither shared experts nor ``return_routing``.
+
     Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
     ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
-    ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision).
+    ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision). With
+    ``return_routing``: ``(y, routing)`` where ``routing`` is ``{"logits": [M, E] float32,
+    "topk_ids": [M, top_k] int32, "topk_weights": [M, top_k] float32}`` over the ``M``
+    flattened tokens. With shared experts the routed output (in ``x``'s dtype) and the fp32
+    shared output are added in fp32 and rounded once.
 
     Differentiable in ``params`` and ``x`` on every implementation: the gradient reaches
     the router through the routing weights (the chosen ids are constants, so
@@ -133,6 +197,17 @@ def moe_layer(
     """
     if mesh is not None:
         from jaxmoe.parallel.layer import sharded_moe_layer
+
+        if return_routing or "shared" in params or "shared_gate" in params:
+            raise NotImplementedError("moe_layer(mesh=...) takes neither shared experts nor return_routing=True; "
+                                      "run those without a mesh")
+        if group_scoring is not None:
+            from jaxmoe.ops import checks as _checks
+
+            if _checks.resolve_group_scoring(group_scoring, correction_bias) != \
+                    _checks.resolve_group_scoring(None, correction_bias):
+                raise NotImplementedError(f"moe_layer(mesh=...): group_scoring={group_scoring!r} differs from the "
+                                          "default rule for these arguments, which the sharded layer applies")
 
         return sharded_moe_layer(params, x, top_k=top_k, mesh=mesh, expert_axis=expert_axis,
                                  tensor_axis=tensor_axis, data_axis=data_axis, schedule=schedule, scoring=scoring,
@@ -142,13 +217,23 @@ def moe_layer(
     if expert_axis is not None or tensor_axis is not None or data_axis is not None or schedule is not None:
         raise ValueError("expert_axis, tensor_axis, data_axis and schedule need a mesh (mesh=...)")
     check_implementation(implementation)
-    checks.check_layer_args(params, x, top_k)
+    d, _, _ = checks.check_layer_args(params, x, top_k)
+    _check_shared(params, d, params["w1"].dtype)
+    if not isinstance(return_routing, bool):
+        raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
     x2d = x.reshape(-1, x.shape[-1])
     logits = jnp.dot(
         x2d, params["router"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
     )
-    y = ROUTED_MOE(x2d, params["w1"], params["w2"], logits, top_k, activation=activation, scoring=scoring,
-                   renormalize=renormalize, num_expert_group=num_expert_group, topk_group=topk_group,
-                   correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-                   implementation=implementation)
-    return y.reshape(x.shape)
+    out = ROUTED_MOE(x2d, params["w1"], params["w2"], logits, top_k, activation=activation, scoring=scoring,
+                     renormalize=renormalize, num_expert_group=num_expert_group, topk_group=topk_group,
+                     correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+                     group_scoring=group_scoring, return_routing=return_routing,
+                     implementation=implementation)
+    y, topk_weights, topk_ids = out if return_routing else (out, None, None)
+    if params.get("shared") is not None:
+        y = (y.astype(jnp.float32) + _shared_experts(params, x2d, activation)).astype(y.dtype)
+    y = y.reshape(x.shape)
+    if return_routing:
+        return y, {"logits": logits, "topk_ids": topk_ids, "topk_weights": topk_weights}
+    return y

@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.ops import checks
 from jaxmoe.ops.alignment.reference import moe_align_block_size
 from jaxmoe.ops.gemm.reference import grouped_gemm
 from jaxmoe.ops.moe.reference import fused_moe
@@ -33,15 +32,13 @@ def moe_gemm(a, b, sorted_token_ids, expert_ids, num_tokens_post_padded, *, top_
 
 def moe_layer(params: Any, x: Any, *, top_k: int, scoring: str = "softmax", renormalize: bool = True,
               activation: str = "silu", num_expert_group: int | None = None, topk_group: int | None = None,
-              correction_bias: Any = None, routed_scaling_factor: Any = 1.0) -> jax.Array:
-    """Reference of :func:`jaxmoe.moe_layer` (see there for the contract)."""
-    x = jnp.asarray(x)
-    checks.check_layer_args(params, x, top_k)
-    x2d = x.reshape(-1, x.shape[-1])
-    logits = jnp.dot(x2d, params["router"], preferred_element_type=jnp.float32,
-                     precision=jax.lax.Precision.HIGHEST)
-    topk_weights, topk_ids = route(logits, top_k, scoring=scoring, renormalize=renormalize,
-                                   num_expert_group=num_expert_group, topk_group=topk_group,
-                                   correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor)
-    y = fused_moe(x2d, params["w1"], params["w2"], topk_weights, topk_ids, activation=activation)
-    return y.reshape(x.shape)
+              correction_bias: Any = None, routed_scaling_factor: Any = 1.0, group_scoring: str | None = None,
+              return_routing: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Reference of :func:`jaxmoe.moe_layer` (see there for the contract, shared experts and
+    ``return_routing`` included): the layer with every op on its ``jax.numpy`` reference."""
+    from jaxmoe.layer import moe_layer as layer
+
+    return layer(params, jnp.asarray(x), top_k=top_k, scoring=scoring, renormalize=renormalize,
+                 activation=activation, num_expert_group=num_expert_group, topk_group=topk_group,
+                 correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+                 group_scoring=group_scoring, return_routing=return_routing, implementation="reference")

@@ -17,7 +17,9 @@ def activation(name: str, gate: np.ndarray) -> np.ndarray:
 
 
 def route(logits, top_k, *, scoring="softmax", renormalize=True, num_expert_group=None, topk_group=None,
-          correction_bias=None, routed_scaling_factor=1.0):
+          correction_bias=None, routed_scaling_factor=1.0, group_scoring=None):
+    if group_scoring is None:
+        group_scoring = "max" if correction_bias is None else "top2_sum"
     logits = np.asarray(logits, np.float64)
     m, e = logits.shape
     bias = np.zeros(e) if correction_bias is None else np.asarray(correction_bias, np.float64)
@@ -37,7 +39,7 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, num_expert_grou
             group_score = []
             for g in range(num_expert_group):
                 members = sorted(biased[g * size:(g + 1) * size], reverse=True)
-                s = sum(members[:2]) if correction_bias is not None else members[0]
+                s = sum(members[:2]) if group_scoring == "top2_sum" else members[0]
                 group_score.append(-math.inf if math.isnan(s) else s)
             kept = sorted(range(num_expert_group), key=lambda g: (-group_score[g], g))[:topk_group]
             allowed = {x for g in kept for x in range(g * size, (g + 1) * size)}

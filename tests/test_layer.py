@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxmoe
@@ -57,6 +58,43 @@ class MoeLayerTests(OpTests):
                   routed_scaling_factor=2.5)
         assert rel_err(self.layer(params, x, top_k=6, **kw), oracle_layer(params, x, 6, **kw)) <= 1e-5
 
+    def test_return_routing(self, rng):
+        """(y, routing): the layer's own logits, ids and weights, and the same y as without."""
+        d, i, e, k = 32, 16, 16, 4
+        params = init_moe_params(jax.random.key(5), hidden=d, intermediate=i, experts=e, dtype=BF16)
+        kw = dict(top_k=k, scoring="sigmoid", num_expert_group=4, topk_group=2, correction_bias=bias(rng, e),
+                  group_scoring="top2_sum")
+        x = randn(rng, (2, 3, d), BF16)
+        y, routing = self.jit(lambda p, x: jaxmoe.moe_layer(p, x, **kw, **self.impl, return_routing=True), params, x)
+        assert y.shape == x.shape and set(routing) == {"logits", "topk_ids", "topk_weights"}
+        assert routing["logits"].shape == (6, e) and routing["logits"].dtype == F32
+        assert routing["topk_ids"].shape == routing["topk_weights"].shape == (6, k)
+        want_logits = to_f64(x).reshape(6, d) @ to_f64(params["router"])
+        assert rel_err(routing["logits"], want_logits) <= 1e-6
+        rkw = {n: v for n, v in kw.items() if n != "top_k"}
+        want_w, want_ids = oracle.route(want_logits, k, **{**rkw, "correction_bias": to_f64(kw["correction_bias"])})
+        assert (routing["topk_ids"] == want_ids).all()
+        assert rel_err(routing["topk_weights"], want_w) <= 1e-5
+        assert rel_err(y, self.layer(params, x, **kw)) == 0.0
+
+    @pytest.mark.parametrize("gated", [False, True], ids=["shared", "shared-gated"])
+    def test_shared_experts(self, rng, gated):
+        """Shared experts added to every token (Qwen2-MoE's sigmoid gate when ``gated``)."""
+        d, i, e, k, s, i_s = 32, 16, 8, 2, 2, 24
+        params = init_moe_params(jax.random.key(7), hidden=d, intermediate=i, experts=e, dtype=F32)
+        params["shared"] = {"w1": randn(rng, (s, 2 * i_s, d), F32, d ** -0.5),
+                            "w2": randn(rng, (s, d, i_s), F32, i_s ** -0.5)}
+        if gated:
+            params["shared_gate"] = randn(rng, (d, 1), F32, d ** -0.5)
+        x = randn(rng, (5, d), F32)
+        want = oracle_layer(params, x, k)
+        x64 = to_f64(x)
+        shared = oracle.fused_moe(x64, to_f64(params["shared"]["w1"]), to_f64(params["shared"]["w2"]),
+                                  np.ones((5, s)), np.tile(np.arange(s), (5, 1)))
+        if gated:
+            shared = shared / (1.0 + np.exp(-(x64 @ to_f64(params["shared_gate"]))))
+        assert rel_err(self.layer(params, x, top_k=k), want + shared) <= 1e-5
+
 
 class TestMoeLayerReference(MoeLayerTests):
     implementation = "reference"
@@ -97,3 +135,23 @@ def test_moe_layer_errors(rng):
         jaxmoe.moe_layer(p, x, top_k=2, scoring="max")
     with pytest.raises(ValueError, match="activation"):
         jaxmoe.moe_layer(p, x, top_k=2, activation="relu")
+
+
+def test_shared_expert_errors(rng):
+    p = init_moe_params(jax.random.key(0), hidden=16, intermediate=8, experts=4, dtype=F32)
+    x = randn(rng, (3, 16), F32)
+    good = {"w1": randn(rng, (1, 12, 16), F32), "w2": randn(rng, (1, 16, 6), F32)}
+    with pytest.raises(ValueError, match="shared_gate.*needs"):
+        jaxmoe.moe_layer({**p, "shared_gate": randn(rng, (16, 1), F32)}, x, top_k=2)
+    with pytest.raises(TypeError, match=r"shared'\] must be a dict"):
+        jaxmoe.moe_layer({**p, "shared": good["w1"]}, x, top_k=2)
+    with pytest.raises(ValueError, match=r"\['w2'\] must be \[S, D, Is\]"):
+        jaxmoe.moe_layer({**p, "shared": {**good, "w2": randn(rng, (1, 16, 5), F32)}}, x, top_k=2)
+    with pytest.raises(TypeError, match="dtype"):
+        jaxmoe.moe_layer({**p, "shared": {**good, "w1": good["w1"].astype(BF16)}}, x, top_k=2)
+    with pytest.raises(ValueError, match=r"shared_gate'\] must be \[D, 1\]"):
+        jaxmoe.moe_layer({**p, "shared": good, "shared_gate": randn(rng, (1, 16), F32)}, x, top_k=2)
+    with pytest.raises(TypeError, match="return_routing"):
+        jaxmoe.moe_layer(p, x, top_k=2, return_routing=1)
+    with pytest.raises(ValueError, match="group_scoring"):
+        jaxmoe.moe_layer(p, x, top_k=2, group_scoring="sum")

@@ -25,6 +25,11 @@ CASES = {  # name: (M, E, k, routing options, with bias)
                                      routed_scaling_factor=2.5), True),
     "deepseek-v2": (5, 160, 6, dict(scoring="softmax", renormalize=False, num_expert_group=8, topk_group=3), False),
     "odd": (3, 6, 6, {}, False),
+    # explicit group rules, each where the default would pick the other
+    "top2-sum-no-bias": (4, 32, 4, dict(scoring="sigmoid", num_expert_group=8, topk_group=2,
+                                        group_scoring="top2_sum"), False),
+    "max-with-bias": (4, 32, 4, dict(scoring="sigmoid", num_expert_group=8, topk_group=2,
+                                     group_scoring="max"), True),
 }
 
 

@@ -140,6 +140,21 @@ class RouteTests(OpTests):
             x, k, b, kw = _grouped_case(rng, m, dtype, case)
             self.check(x, k, b, **kw)
 
+    @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+    @pytest.mark.parametrize("group_scoring", ["max", "top2_sum"])
+    def test_group_scoring(self, rng, group_scoring, with_bias):
+        """An explicit group rule, with and without a bias (both rules against the default's
+        opposite); the two rules must pick different experts somewhere, or the test proves nothing."""
+        for e, groups, dtype in ((16, 4, F32), (24, 6, BF16)):  # 24/6: groups not a power of two
+            x = logits(rng, 16, e, dtype)
+            b = bias(rng, e) if with_bias else None
+            kw = dict(scoring="sigmoid", num_expert_group=groups, topk_group=2, routed_scaling_factor=2.5)
+            _, ids = self.check(x, 4, b, **kw, group_scoring=group_scoring)
+            other = {"max": "top2_sum", "top2_sum": "max"}[group_scoring]
+            _, other_ids = oracle.route(to_f64(x), 4, **kw, group_scoring=other,
+                                        correction_bias=None if b is None else to_f64(b))
+            assert (ids != other_ids).any(), "the two group rules chose the same experts"
+
     def test_biased_ungrouped_and_bf16_bias(self, rng):
         self.check(logits(rng, 21, 128), 8, bias(rng, 128), scoring="sigmoid", renormalize=True)
         self.check(logits(rng, 21, 128, BF16), 8, bias(rng, 128, BF16), scoring="softmax", renormalize=False)

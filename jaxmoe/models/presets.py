@@ -30,6 +30,7 @@ class ModelPreset:
     topk_group: int | None = None
     correction_bias: bool = False
     routed_scaling_factor: float = 1.0
+    group_scoring: str | None = None  # None: jaxmoe.route's default rule
 
     def scaled(self, hidden: int, intermediate: int) -> "ModelPreset":
         """The same experts and routing with smaller matrices (for CPUs)."""
@@ -45,6 +46,8 @@ class ModelPreset:
             topk_group=self.topk_group,
             routed_scaling_factor=self.routed_scaling_factor,
         )
+        if self.group_scoring is not None:
+            kw["group_scoring"] = self.group_scoring
         if self.correction_bias:
             key = jax.random.key(0) if key is None else key
             kw["correction_bias"] = 0.1 * jax.random.normal(key, (self.experts,), jnp.float32)
@@ -68,6 +71,7 @@ PRESETS: dict[str, ModelPreset] = {
             topk_group=4,
             correction_bias=True,
             routed_scaling_factor=2.5,
+            group_scoring="top2_sum",
         ),
         ModelPreset("qwen3-30b-a3b", experts=128, top_k=8, hidden=2048, intermediate=768, renormalize=True),
         ModelPreset("mixtral-8x22b", experts=8, top_k=2, hidden=6144, intermediate=16384, renormalize=True),

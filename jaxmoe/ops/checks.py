@@ -38,6 +38,15 @@ __all__ = [
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 ACTIVATIONS = ("silu", "gelu")
 SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORINGS = ("max", "top2_sum")
+
+
+def resolve_group_scoring(group_scoring: str | None, correction_bias: Any) -> str:
+    """The group score rule routing applies: ``group_scoring`` when given, else
+    ``"top2_sum"`` with a ``correction_bias`` (DeepSeek-V3) and ``"max"`` without (V2)."""
+    if group_scoring is not None:
+        return group_scoring
+    return "max" if correction_bias is None else "top2_sum"
 
 
 def _shape_dtype(name: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
@@ -140,6 +149,7 @@ def check_route_args(
     topk_group: Any = None,
     correction_bias: Any = None,
     routed_scaling_factor: Any = 1.0,
+    group_scoring: Any = None,
 ) -> tuple[int, int]:
     """Checks :func:`jaxmoe.route`'s arguments; returns ``(M, E)``."""
     shape, dtype = _shape_dtype("logits", logits)
@@ -160,6 +170,8 @@ def check_route_args(
         raise TypeError(
             f"routed_scaling_factor must be a number or a float scalar array, got {type(routed_scaling_factor).__name__}"
         )
+    if group_scoring is not None and group_scoring not in GROUP_SCORINGS:
+        raise ValueError(f"group_scoring must be None or one of {GROUP_SCORINGS}, got {group_scoring!r}")
     if (num_expert_group is None) != (topk_group is None):
         raise ValueError(
             "num_expert_group and topk_group must be given together (grouped routing) or not at all, "

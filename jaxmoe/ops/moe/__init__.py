@@ -15,19 +15,25 @@ __all__ = ["FUSED_MOE", "ROUTED_MOE", "fused_moe"]
 
 
 def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
-                  **routing: Any) -> None:
+                  return_routing: bool = False, **routing: Any) -> None:
     m, _, e, _ = checks.check_experts_args(x, w1, w2)
     lm, le = checks.check_route_args(logits, top_k, **routing)
     if (lm, le) != (m, e):
         raise ValueError(f"logits must be [M, E] = [{m}, {e}] (tokens of hidden_states, experts of w1), "
                          f"got {[lm, le]}")
     checks.check_activation(activation)
+    if not isinstance(return_routing, bool):
+        raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
 
 
 def _routed_reference(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
-                      **routing: Any) -> jax.Array:
+                      return_routing: bool = False, **routing: Any
+                      ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    """``fused_moe(x, w1, w2, *route(logits, ...))``; with ``return_routing`` also the
+    ``topk_weights [M, k]`` f32 and ``topk_ids [M, k]`` i32 it used."""
     topk_weights, topk_ids = routing_reference.route(logits, top_k, **routing)
-    return reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation)
+    y = reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation)
+    return (y, topk_weights, topk_ids) if return_routing else y
 
 
 # Both kernel paths are differentiable: a jax.custom_vjp on the experts (its rules are the

@@ -22,7 +22,7 @@ def route_align_kernel(
     E: tl.constexpr, K: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, G_POW2: tl.constexpr, SCALE: tl.constexpr,
-    NB: tl.constexpr, LOG2_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    GROUP_TOP2: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CHUNK: tl.constexpr, FILL: tl.constexpr,
 ):
     """logits [M, E] (+ bias [E]) -> topk_weights [M, K] f32, topk_ids [M, K] i32 and the
@@ -31,7 +31,7 @@ def route_align_kernel(
         _topk_route_block(
             rb, logits_ptr, bias_ptr, weights_ptr, ids_ptr,
             M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2,
-            SCALE,
+            SCALE, GROUP_TOP2,
         )
     tl.debug_barrier()  # the ids stored above are read back by other threads below
     _align_single(ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,

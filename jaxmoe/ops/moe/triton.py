@@ -80,7 +80,8 @@ ROUTE_ALIGN_MAX_ROW_BLOCKS = 2  # rows one program routes before two launches wi
 def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, block_size: int, *,
                      scoring: str = "softmax", renormalize: bool = True, num_expert_group: int | None = None,
                      topk_group: int | None = None, bias_dtype: Any = None,
-                     routed_scaling_factor: float = 1.0) -> KernelLaunch | None:
+                     routed_scaling_factor: float = 1.0, group_scoring: str | None = None
+                     ) -> KernelLaunch | None:
     """The single launch that routes ``[m, E]`` logits and aligns the chosen ids to
     ``block_size`` rows, or None where a routing launch plus an alignment launch serve
     better: more rows than one program routes in ``ROUTE_ALIGN_MAX_ROW_BLOCKS`` tiles, or
@@ -92,7 +93,7 @@ def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, bl
     route = routing_triton.plan_route(m, num_experts, top_k, logits_dtype, scoring=scoring,
                                       renormalize=renormalize, num_expert_group=num_expert_group,
                                       topk_group=topk_group, bias_dtype=bias_dtype,
-                                      routed_scaling_factor=routed_scaling_factor)
+                                      routed_scaling_factor=routed_scaling_factor, group_scoring=group_scoring)
     num_rows = m * top_k
     if num_rows > align_triton.ALIGN_CHUNK:
         return None
@@ -115,11 +116,12 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
                activation: str = "silu", scoring: str = "softmax", renormalize: bool = True,
                num_expert_group: int | None = None, topk_group: int | None = None,
                correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0,
-               remat: bool = False) -> jax.Array:
+               remat: bool = False, group_scoring: str | None = None, return_routing: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Routing then experts, ``fused_moe(x, w1, w2, *route(logits, top_k, ...))``, with the
     routing and the alignment in one launch where the batch is small (decode). Beyond what
     the routing kernel serves (``E > 4096`` or ``top_k > 64``) the reference routes and the
-    kernels compute the experts.
+    kernels compute the experts. ``return_routing`` returns ``(y, topk_weights, topk_ids)``.
 
     Differentiable in ``hidden_states``, ``w1``, ``w2``, ``logits`` and a traced
     ``routed_scaling_factor``: the experts by the Triton backward, the routing weights by
@@ -129,7 +131,7 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     m, d = hidden_states.shape
     num_experts = w1.shape[0]
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
-                   topk_group=topk_group)
+                   topk_group=topk_group, group_scoring=group_scoring)
     scale = routing_triton._static_float(routed_scaling_factor)
     weight_options = dict(scoring=scoring, renormalize=renormalize,
                           routed_scaling_factor=1.0 if scale is None else scale)
@@ -153,13 +155,14 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
             weights, ids = ROUTE.implementations["reference"].fn(
                 diff_logits, top_k, **options, correction_bias=correction_bias,
                 routed_scaling_factor=routed_scaling_factor)
-            return fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat)
-        weights, ids = ROUTE.implementations["triton"].fn(logits, top_k, **options, correction_bias=bias,
-                                                          routed_scaling_factor=1.0 if scale is None else scale)
-        weights = backward.routing_weights(diff_logits, ids, weights, **weight_options)
-        if scale is None:
-            weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
-        return fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat)
+        else:
+            weights, ids = ROUTE.implementations["triton"].fn(logits, top_k, **options, correction_bias=bias,
+                                                              routed_scaling_factor=1.0 if scale is None else scale)
+            weights = backward.routing_weights(diff_logits, ids, weights, **weight_options)
+            if scale is None:
+                weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
+        y = fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat)
+        return (y, weights, ids) if return_routing else y
     bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
     weights, ids, sorted_ids, expert_ids, padded, *_ = launch(spec, logits, bias_arg)
     weights = backward.routing_weights(diff_logits, ids, weights, **weight_options)
@@ -167,7 +170,8 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
         weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
     routing = RoutingData(sorted_ids, expert_ids, padded, topk_ids=ids, topk_weights=weights,
                           block_size=config.block_m, num_experts=num_experts, top_k=top_k, num_rows=m * top_k)
-    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat)
+    y = experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat)
+    return (y, weights, ids) if return_routing else y
 
 
 def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
@@ -223,12 +227,14 @@ def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidde
 def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
                     arch: str, *, activation: str = "silu", logits_dtype: Any = jnp.float32, scoring: str = "softmax",
                     renormalize: bool = True, num_expert_group: int | None = None, topk_group: int | None = None,
-                    bias_dtype: Any = None, routed_scaling_factor: float = 1.0) -> list[KernelLaunch]:
+                    bias_dtype: Any = None, routed_scaling_factor: float = 1.0,
+                    group_scoring: str | None = None) -> list[KernelLaunch]:
     """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes."""
     if num_tokens * top_k == 0:
         return []
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
-                   topk_group=topk_group, bias_dtype=bias_dtype, routed_scaling_factor=routed_scaling_factor)
+                   topk_group=topk_group, bias_dtype=bias_dtype, routed_scaling_factor=routed_scaling_factor,
+                   group_scoring=group_scoring)
     config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
     experts_plan = plan_fused_moe(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, activation,
                                   config=config)

@@ -30,6 +30,7 @@ def route(
     topk_group: int | None = None,
     correction_bias: Any = None,
     routed_scaling_factor: Any = 1.0,
+    group_scoring: str | None = None,
     implementation: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pick ``top_k`` experts per token and their weights.
@@ -43,13 +44,16 @@ def route(
       num_expert_group, topk_group: grouped routing (DeepSeek-V2/V3); both or neither.
         The E experts form ``num_expert_group`` groups of consecutive ids (it must divide
         E); only the best ``topk_group`` groups compete, and ``top_k`` must be at most
-        ``topk_group * E / num_expert_group``. A group's score is the max of its experts'
-        scores (V2), or, when ``correction_bias`` is given, the sum of its two best biased
-        scores (V3).
+        ``topk_group * E / num_expert_group``. A group's score follows ``group_scoring``.
       correction_bias: optional ``[E]`` float bias added to the scores for the selection
         only (DeepSeek-V3's load-balancing bias); the weights use the unbiased scores.
       routed_scaling_factor: multiplies the weights, after the renormalization (a number or
         a float scalar array, which may be traced).
+      group_scoring: how grouped routing scores a group: ``"max"`` (the best of its
+        experts' biased scores, DeepSeek-V2) or ``"top2_sum"`` (the sum of its two best
+        biased scores, DeepSeek-V3; a one-expert group scores that expert). None (the
+        default) picks ``"top2_sum"`` when ``correction_bias`` is given, else ``"max"``.
+        Ignored without groups.
       implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence of
         them (the first that serves these arguments). The kernel takes up to 4096 experts
         and ``top_k <= 64``.
@@ -69,7 +73,8 @@ def route(
     """
     return ROUTE(logits, top_k, scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                  topk_group=topk_group, correction_bias=correction_bias,
-                 routed_scaling_factor=routed_scaling_factor, implementation=implementation)
+                 routed_scaling_factor=routed_scaling_factor, group_scoring=group_scoring,
+                 implementation=implementation)
 
 
 def router_sigmoid_top1(x: Any, w: Any, *, shared_expert: bool = False, implementation: Any = None

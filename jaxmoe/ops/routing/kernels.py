@@ -98,6 +98,7 @@ def _topk_route_block(
     TOPK_GROUP: tl.constexpr,
     G_POW2: tl.constexpr,
     SCALE: tl.constexpr,
+    GROUP_TOP2: tl.constexpr,
 ):
     """Route rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) of the logits."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -134,8 +135,8 @@ def _topk_route_block(
             # Power-of-two groups tile the row exactly: reduce each group along a third axis.
             gkeys3 = tl.reshape(keys, (BLOCK_M, NUM_GROUPS, GROUP_SIZE))
             best1 = tl.reduce(gkeys3, 2, tl.standard._elementwise_max)
-            if HAS_BIAS and GROUP_SIZE > 1:
-                # DeepSeek-V3: a group scores the sum of its two best biased scores.
+            if GROUP_TOP2 and GROUP_SIZE > 1:
+                # group_scoring="top2_sum" (DeepSeek-V3): the sum of its two best (biased) scores.
                 rest = tl.where(gkeys3 == best1[:, :, None], _NO_KEY, gkeys3)
                 best2 = tl.reduce(rest, 2, tl.standard._elementwise_max)
                 group_scores = _key_score(best1) + _key_score(best2)
@@ -148,11 +149,11 @@ def _topk_route_block(
                 in_g = (lane_group == g)[None, :] & available
                 gkeys = tl.where(in_g, keys, _NO_KEY)
                 best1 = _rmax(gkeys)
-                if HAS_BIAS and GROUP_SIZE > 1:
+                if GROUP_TOP2 and GROUP_SIZE > 1:
                     best2 = _rmax(tl.where(gkeys == best1[:, None], _NO_KEY, gkeys))
                     gscore = _key_score(best1) + _key_score(best2)
                 else:
-                    # DeepSeek-V2 (and one-expert groups): a group scores its best expert's score.
+                    # group_scoring="max" (DeepSeek-V2), and one-expert groups: the best expert's score.
                     gscore = _key_score(best1)
                 group_scores = tl.where(gcol[None, :] == g, gscore[:, None], group_scores)
         group_scores = tl.where(group_scores == group_scores, group_scores, float("-inf"))
@@ -220,11 +221,12 @@ def topk_route_kernel(
     TOPK_GROUP: tl.constexpr,
     G_POW2: tl.constexpr,
     SCALE: tl.constexpr,
+    GROUP_TOP2: tl.constexpr,
 ):
     """logits [M, E] -> topk_weights [M, K] f32, topk_ids [M, K] i32 (no bias)."""
     _topk_route_block(
         tl.program_id(0).to(tl.int64), logits_ptr, logits_ptr, weights_ptr, ids_ptr,
-        M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, False, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2, SCALE,
+        M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, False, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2, SCALE, GROUP_TOP2,
     )
 
 
@@ -246,11 +248,12 @@ def topk_route_biased_kernel(
     TOPK_GROUP: tl.constexpr,
     G_POW2: tl.constexpr,
     SCALE: tl.constexpr,
+    GROUP_TOP2: tl.constexpr,
 ):
     """logits [M, E], correction_bias [E] -> topk_weights [M, K] f32, topk_ids [M, K] i32."""
     _topk_route_block(
         tl.program_id(0).to(tl.int64), logits_ptr, bias_ptr, weights_ptr, ids_ptr,
-        M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, True, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2, SCALE,
+        M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, True, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2, SCALE, GROUP_TOP2,
     )
 
 

@@ -22,6 +22,7 @@ def route(
     topk_group=None,
     correction_bias=None,
     routed_scaling_factor=1.0,
+    group_scoring=None,
 ):
     """Reference of :func:`jaxmoe.route` (see there for the full contract)."""
     logits = jnp.asarray(logits)
@@ -34,6 +35,7 @@ def route(
         topk_group=topk_group,
         correction_bias=correction_bias,
         routed_scaling_factor=routed_scaling_factor,
+        group_scoring=group_scoring,
     )
     m, e = logits.shape
     logits = logits.astype(jnp.float32)
@@ -46,9 +48,9 @@ def route(
 
     if num_expert_group is not None:
         groups = choice.reshape(m, num_expert_group, e // num_expert_group)
-        if correction_bias is None:  # DeepSeek-V2: a group is as good as its best expert
-            group_scores = groups.max(axis=-1)
-        else:  # DeepSeek-V3: the sum of its two best biased scores
+        if checks.resolve_group_scoring(group_scoring, correction_bias) == "max":
+            group_scores = groups.max(axis=-1)  # DeepSeek-V2: a group is as good as its best expert
+        else:  # DeepSeek-V3: the sum of its two best (biased) scores
             group_scores = jax.lax.top_k(groups, min(2, groups.shape[-1]))[0].sum(axis=-1)
         group_scores = jnp.where(jnp.isnan(group_scores), -jnp.inf, group_scores)
         _, kept = jax.lax.top_k(group_scores, topk_group)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.backends.launch import KernelLaunch, launch
+from jaxmoe.ops import checks
 
 __all__ = [
     "route",
@@ -89,9 +90,11 @@ def plan_route(
     topk_group: int | None = None,
     bias_dtype: Any = None,
     routed_scaling_factor: float = 1.0,
+    group_scoring: str | None = None,
 ) -> KernelLaunch:
     """The launch that routes ``m`` rows of ``[m, num_experts]`` logits (``bias_dtype``
-    None means no ``correction_bias``)."""
+    None means no ``correction_bias``; ``group_scoring`` None means the default rule of
+    :func:`jaxmoe.ops.checks.resolve_group_scoring`)."""
     e, k = int(num_experts), int(top_k)
     if scoring not in _SCORINGS:
         raise ValueError(f"scoring must be one of {sorted(_SCORINGS)}, got {scoring!r}")
@@ -110,6 +113,11 @@ def plan_route(
             raise ValueError(f"topk_group must be in [1, num_expert_group={groups}], got {topk_groups}")
         if topk_groups == groups:
             groups, topk_groups = 1, 1  # every group survives: plain top-k
+    if group_scoring is not None and group_scoring not in checks.GROUP_SCORINGS:
+        raise ValueError(f"group_scoring must be None or one of {checks.GROUP_SCORINGS}, got {group_scoring!r}")
+    group_scoring = checks.resolve_group_scoring(group_scoring, bias_dtype)  # only whether a bias exists counts
+    # Without groups the rule is moot: one compiled kernel serves both.
+    group_top2 = groups > 1 and group_scoring == "top2_sum"
     plan = _route_blocks(m, e)
     k_pow2 = max(2, _next_pow2(k))
     kern = _kernels()
@@ -137,6 +145,7 @@ def plan_route(
             ("TOPK_GROUP", topk_groups),
             ("G_POW2", max(2, _next_pow2(groups))),
             ("SCALE", float(routed_scaling_factor)),
+            ("GROUP_TOP2", group_top2),
         ),
         num_warps=plan.num_warps,
         num_stages=1,
@@ -198,6 +207,7 @@ def route(
     topk_group: int | None = None,
     correction_bias: jax.Array | None = None,
     routed_scaling_factor: float = 1.0,
+    group_scoring: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Triton routing: logits ``[..., E]`` -> (topk_weights ``[..., k]`` f32, topk_ids ``[..., k]`` i32).
 
@@ -225,6 +235,7 @@ def route(
         topk_group=topk_group,
         bias_dtype=None if bias is None else bias.dtype,
         routed_scaling_factor=1.0 if scale is None else scale,
+        group_scoring=group_scoring,
     )
     flat = logits.reshape(m, e)
     weights, ids = launch(spec, flat, bias) if bias is not None else launch(spec, flat)
@@ -334,6 +345,11 @@ def aot_launches(
             add(plan_route(m, 256, 8, dt, scoring="sigmoid", num_expert_group=8, topk_group=4,
                            bias_dtype=jnp.float32, routed_scaling_factor=2.5))
             add(plan_route(m, 160, 6, dt, scoring="softmax", num_expert_group=8, topk_group=3))
+            # the explicit group rules against the defaults: V3 scoring without a bias, V2 with one
+            add(plan_route(m, 256, 8, dt, scoring="sigmoid", num_expert_group=8, topk_group=4,
+                           routed_scaling_factor=2.5, group_scoring="top2_sum"))
+            add(plan_route(m, 160, 6, dt, scoring="softmax", num_expert_group=8, topk_group=3,
+                           bias_dtype=jnp.float32, group_scoring="max"))
             add(plan_route(m, 128, 8, dt, scoring="sigmoid", renormalize=False, bias_dtype=jnp.float32))
             for e in (16, 128):
                 add(plan_sigmoid_top1(m, 5120, e, dt, shared_expert=True))

@@ -1,0 +1,299 @@
+"""Load one MoE layer of a Hugging Face checkpoint directory into :func:`jaxmoe.moe_layer`'s params.
+
+A checkpoint directory holds ``config.json`` and one or more ``*.safetensors`` files
+(sharded ones listed by ``model.safetensors.index.json``). Tensors are read with the
+``safetensors`` numpy API (no torch); only the chosen layer's tensors are read.
+
+Layouts produced (see :func:`jaxmoe.init_moe_params`)::
+
+    router [D, E]       <- gate.weight [E, D], transposed
+    w1     [E, 2I, D]   <- per expert gate [I, D] rows, then up [I, D] rows
+    w2     [E, D, I]    <- per expert down [D, I]
+    shared {"w1": [S, 2Is, D], "w2": [S, D, Is]}, shared_gate [D, 1] (when the family has them)
+
+Weights keep the checkpoint's dtype (bf16 or fp32 as stored); a correction bias is fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+__all__ = ["FAMILIES", "CheckpointError", "infer_family", "load_layer"]
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+
+_MODEL_TYPES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
+                "deepseek_v3": "deepseek_v3"}
+_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                  "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3"}
+_RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+               "I64": np.int64, "I32": np.int32, "U8": np.uint8}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded: missing files, tensors or config keys."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _header(file: Path) -> dict[str, Any]:
+    """The JSON header of a ``.safetensors`` file (8-byte little-endian length, then JSON)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+class _Tensors:
+    """Name -> file of every tensor of a checkpoint directory, read on demand."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no 'weight_map'")
+            self.files = {name: path / file for name, file in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.is_file():
+                    raise CheckpointError(f"{index} names {file.name}, which is not in {path}")
+        else:
+            shards = sorted(path.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"no *.safetensors file in {path}")
+            self.files = {}
+            for file in shards:
+                for name in _header(file):
+                    if name != "__metadata__":
+                        self.files[name] = file
+        self.path = path
+        self._headers: dict[Path, dict[str, Any]] = {}
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype name of a tensor (``"BF16"``, ``"F32"``, ``"F8_E4M3"``...)."""
+        file = self.files[name]
+        if file not in self._headers:  # one header read per shard, however many tensors it holds
+            self._headers[file] = _header(file)
+        return self._headers[file][name]["dtype"]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as a numpy array of its stored dtype (bf16 as ml_dtypes.bfloat16)."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
+        file = self.files[name]
+        stored = self.dtype(name)
+        try:
+            with safe_open(str(file), framework="np") as f:
+                value = f.get_tensor(name)
+        except (TypeError, ValueError, RuntimeError):
+            value = None  # a safetensors build whose numpy API cannot hold this dtype
+        if value is not None and not (stored == "BF16" and value.dtype != ml_dtypes.bfloat16):
+            return value
+        return self._raw(file, name)
+
+    @staticmethod
+    def _raw(file: Path, name: str) -> np.ndarray:
+        """Read a tensor's bytes straight from the file and view them in its dtype."""
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            info = json.loads(f.read(n))[name]
+            if info["dtype"] not in _RAW_DTYPES:
+                raise CheckpointError(f"tensor {name!r} has dtype {info['dtype']}, which the loader cannot read")
+            start, end = info["data_offsets"]
+            f.seek(8 + n + start)
+            data = f.read(end - start)
+        return np.frombuffer(data, _RAW_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
+
+
+# --------------------------------------------------------------------------- families
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """Where a family keeps a layer's MoE block and how its config reads."""
+
+    prefix: str  # "model.layers.{L}." + this
+    expert: Callable[[int], tuple[str, str, str]]  # expert j -> (gate, up, down) names under prefix
+    experts_key: str
+    intermediate_key: str
+
+
+def _hf_expert(j: int) -> tuple[str, str, str]:
+    return (f"experts.{j}.gate_proj.weight", f"experts.{j}.up_proj.weight", f"experts.{j}.down_proj.weight")
+
+
+_FAMILY_LAYOUT = {
+    "mixtral": _Family("block_sparse_moe.",
+                       lambda j: (f"experts.{j}.w1.weight", f"experts.{j}.w3.weight", f"experts.{j}.w2.weight"),
+                       "num_local_experts", "intermediate_size"),
+    "qwen2_moe": _Family("mlp.", _hf_expert, "num_experts", "moe_intermediate_size"),
+    "qwen3_moe": _Family("mlp.", _hf_expert, "num_experts", "moe_intermediate_size"),
+    "deepseek_v3": _Family("mlp.", _hf_expert, "n_routed_experts", "moe_intermediate_size"),
+}
+
+
+def infer_family(config: dict[str, Any]) -> str:
+    """The family of a ``config.json`` dict, from ``model_type`` then ``architectures``."""
+    family = _MODEL_TYPES.get(config.get("model_type"))
+    if family is None:
+        for arch in config.get("architectures") or ():
+            family = _ARCHITECTURES.get(arch, family)
+    if family is None:
+        raise CheckpointError(
+            f"cannot tell the model family from config.json (model_type={config.get('model_type')!r}, "
+            f"architectures={config.get('architectures')!r}); pass family= one of {FAMILIES}")
+    return family
+
+
+def _require(config: dict[str, Any], key: str, family: str) -> Any:
+    if key not in config:
+        raise CheckpointError(f"config.json of a {family} checkpoint lacks {key!r}")
+    return config[key]
+
+
+def _check_sparse_layer(config: dict[str, Any], family: str, layer: int) -> None:
+    """Refuse layers whose MLP is dense (no experts to route)."""
+    if family in ("qwen2_moe", "qwen3_moe"):
+        step = int(config.get("decoder_sparse_step", 1))
+        dense = layer in (config.get("mlp_only_layers") or []) or step < 1 or (layer + 1) % step
+        if dense:
+            raise CheckpointError(f"layer {layer} of this {family} checkpoint is a dense MLP "
+                                  f"(mlp_only_layers / decoder_sparse_step={step}), not an MoE layer")
+    elif family == "deepseek_v3":
+        first = int(config.get("first_k_dense_replace", 0))
+        freq = int(config.get("moe_layer_freq", 1))
+        if layer < first or layer % freq:
+            raise CheckpointError(f"layer {layer} of this DeepSeek-V3 checkpoint is a dense MLP "
+                                  f"(first_k_dense_replace={first}, moe_layer_freq={freq}), not an MoE layer")
+
+
+def _check_not_quantized(config: dict[str, Any], tensors: _Tensors, base: str) -> None:
+    """Refuse quantized checkpoints: the loader reads bf16, fp16 and fp32 weights only."""
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method == "fp8" or any(name.startswith(base) and name.endswith("weight_scale_inv") for name in tensors.files):
+        raise NotImplementedError(
+            "this checkpoint holds fp8 block-scaled weights (weight_scale_inv); loading them needs the "
+            "'fp8_block' weight scheme, which jaxmoe does not implement yet: use a bf16 checkpoint")
+    if method is not None:
+        raise NotImplementedError(f"quantized checkpoints ({method!r}) are not supported by the loader")
+
+
+def _stack_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """``w1 [N, 2I, D]`` (gate rows, then up rows) and ``w2 [N, D, I]`` from N (gate, up, down) names."""
+    first = tensors.get(names[0][0])
+    i, d = first.shape
+    w1 = np.empty((len(names), 2 * i, d), first.dtype)  # filled in place: one copy of the experts
+    w2 = np.empty((len(names), d, i), first.dtype)
+    for j, (gate, up, down) in enumerate(names):
+        for name, dst, shape in ((gate, w1[j, :i], (i, d)), (up, w1[j, i:], (i, d)), (down, w2[j], (d, i))):
+            value = first if j == 0 and name == gate else tensors.get(name)
+            if value.shape != shape or value.dtype != first.dtype:
+                raise CheckpointError(f"tensor {name!r} is {value.dtype}{list(value.shape)}, "
+                                      f"expected {first.dtype}{list(shape)}")
+            dst[...] = value
+    return w1, w2
+
+
+def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One MoE layer of a checkpoint directory, ready for :func:`jaxmoe.moe_layer`.
+
+    Args:
+      path: a directory with ``config.json`` and ``*.safetensors`` (sharded files listed by
+        ``model.safetensors.index.json``).
+      family: ``"mixtral"``, ``"qwen2_moe"``, ``"qwen3_moe"`` or ``"deepseek_v3"``; None reads
+        it from config.json's ``model_type`` (then ``architectures``).
+      layer: the decoder layer index ``L`` (``model.layers.L.*``), a Python int.
+
+    Returns ``(params, routing_kwargs)``: ``params`` holds ``router [D, E]``, ``w1 [E, 2I, D]``,
+    ``w2 [E, D, I]`` in the checkpoint's dtype (and ``shared`` / ``shared_gate`` for
+    Qwen2-MoE and DeepSeek-V3), as jax arrays; ``routing_kwargs`` holds ``top_k``,
+    ``scoring``, ``renormalize``, ``num_expert_group``, ``topk_group``, ``correction_bias``
+    (``[E]`` float32 or None), ``routed_scaling_factor`` and ``group_scoring``, so
+    ``moe_layer(params, x, **routing_kwargs)`` computes the family's MoE block.
+
+    Raises :class:`CheckpointError` (a ValueError) for a bad directory, config or missing
+    tensor, or for a dense layer; NotImplementedError for fp8 checkpoints.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object")
+    family = infer_family(config) if family is None else family
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown family {family!r}; known: {FAMILIES}")
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    num_layers = config.get("num_hidden_layers")
+    if layer < 0 or (num_layers is not None and layer >= num_layers):
+        raise CheckpointError(f"layer {layer} is out of range: the checkpoint has {num_layers} layers")
+    _check_sparse_layer(config, family, layer)
+
+    fam = _FAMILY_LAYOUT[family]
+    num_experts = int(_require(config, fam.experts_key, family))
+    top_k = int(_require(config, "num_experts_per_tok", family))
+    tensors = _Tensors(path)
+    base = f"model.layers.{layer}.{fam.prefix}"
+    _check_not_quantized(config, tensors, base)
+
+    router = tensors.get(base + "gate.weight")
+    if router.ndim != 2 or router.shape[0] != num_experts:
+        raise CheckpointError(f"{base}gate.weight is {list(router.shape)}, expected [E={num_experts}, D]")
+    w1, w2 = _stack_mlps(tensors, [tuple(base + n for n in fam.expert(j)) for j in range(num_experts)])
+    if w1.shape[2] != router.shape[1]:
+        raise CheckpointError(f"experts have D={w1.shape[2]} but the router has D={router.shape[1]}")
+    params: dict[str, Any] = {"router": jnp.asarray(router.T), "w1": jnp.asarray(w1), "w2": jnp.asarray(w2)}
+    routing: dict[str, Any] = dict(top_k=top_k, scoring="softmax", renormalize=True, num_expert_group=None,
+                                   topk_group=None, correction_bias=None, routed_scaling_factor=1.0,
+                                   group_scoring=None)
+
+    if family in ("qwen2_moe", "qwen3_moe"):
+        # norm_topk_prob defaults to False in both Qwen configs
+        routing["renormalize"] = bool(config.get("norm_topk_prob", False))
+    if family == "qwen2_moe" and (base + "shared_expert.gate_proj.weight") in tensors:
+        sw1, sw2 = _stack_mlps(tensors, [tuple(base + f"shared_expert.{n}_proj.weight" for n in ("gate", "up", "down"))])
+        params["shared"] = {"w1": jnp.asarray(sw1.astype(w1.dtype)), "w2": jnp.asarray(sw2.astype(w1.dtype))}
+        gate = tensors.get(base + "shared_expert_gate.weight")
+        if gate.shape != (1, w1.shape[2]):
+            raise CheckpointError(f"{base}shared_expert_gate.weight is {list(gate.shape)}, expected [1, D]")
+        params["shared_gate"] = jnp.asarray(gate.T)
+    if family == "deepseek_v3":
+        scoring = config.get("scoring_func", "sigmoid")
+        if scoring not in ("sigmoid", "softmax"):
+            raise CheckpointError(f"unsupported scoring_func {scoring!r}")
+        n_group, topk_group = config.get("n_group"), config.get("topk_group")
+        bias = tensors.get(base + "gate.e_score_correction_bias").astype(np.float32)
+        routing.update(scoring=scoring, renormalize=bool(config.get("norm_topk_prob", True)),
+                       correction_bias=jnp.asarray(bias),
+                       routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
+                       group_scoring="top2_sum")
+        if n_group is not None and topk_group is not None and int(n_group) > 1:
+            routing.update(num_expert_group=int(n_group), topk_group=int(topk_group))
+        if int(config.get("n_shared_experts") or 0) > 0:
+            sw1, sw2 = _stack_mlps(tensors, [tuple(base + f"shared_experts.{n}_proj.weight" for n in ("gate", "up", "down"))])
+            params["shared"] = {"w1": jnp.asarray(sw1.astype(w1.dtype)), "w2": jnp.asarray(sw2.astype(w1.dtype))}
+    return params, routing

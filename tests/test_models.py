@@ -1,0 +1,315 @@
+"""Checkpoint loading: ``jaxmoe.models.load_layer`` on tiny random checkpoints written here
+with each family's tensor names, shapes, dtypes and config keys, run through ``moe_layer``
+and held to a float64 numpy model of each family's MoE block, written from the published
+modelling code's semantics (not from jaxmoe's reference)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+import jaxmoe  # noqa: E402
+from conftest import rel_err, to_f64, tolerance  # noqa: E402
+from jaxmoe.models import CheckpointError, infer_family, load_layer  # noqa: E402
+
+D, I, IS, M = 32, 16, 24, 6  # hidden, expert intermediate, shared intermediate, tokens
+NP_DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
+
+CONFIGS = {
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=D,
+                    intermediate_size=I, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=D,
+                      moe_intermediate_size=I, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+                      decoder_sparse_step=1, mlp_only_layers=[]),  # norm_topk_prob left to its default: False
+    "qwen2_moe": dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], hidden_size=D,
+                      moe_intermediate_size=I, shared_expert_intermediate_size=IS, num_experts=8,
+                      num_experts_per_tok=2, num_hidden_layers=2, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "deepseek_v3": dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_size=D,
+                        intermediate_size=48, moe_intermediate_size=I, n_routed_experts=16, n_shared_experts=1,
+                        num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",
+                        first_k_dense_replace=1, moe_layer_freq=1, num_hidden_layers=2),
+}
+LAYER = 1  # DeepSeek-V3's layer 0 is dense (first_k_dense_replace=1)
+
+
+def _mlp(rng, prefix, names, inter, dtype):
+    gate, up, down = names
+    return {f"{prefix}{gate}.weight": (rng.standard_normal((inter, D)) / math.sqrt(D)).astype(dtype),
+            f"{prefix}{up}.weight": (rng.standard_normal((inter, D)) / math.sqrt(D)).astype(dtype),
+            f"{prefix}{down}.weight": (rng.standard_normal((D, inter)) / math.sqrt(inter)).astype(dtype)}
+
+
+def make_tensors(rng, family, dtype) -> dict[str, np.ndarray]:
+    """Every tensor of a 2-layer checkpoint's MLPs (plus an embedding the loader must skip)."""
+    cfg = CONFIGS[family]
+    t = {"model.embed_tokens.weight": rng.standard_normal((16, D)).astype(dtype)}
+    for layer in range(cfg["num_hidden_layers"]):
+        if family == "mixtral":
+            p = f"model.layers.{layer}.block_sparse_moe."
+            t[p + "gate.weight"] = rng.standard_normal((8, D)).astype(dtype)
+            for j in range(8):
+                t.update(_mlp(rng, f"{p}experts.{j}.", ("w1", "w3", "w2"), I, dtype))
+            continue
+        p = f"model.layers.{layer}.mlp."
+        names = ("gate_proj", "up_proj", "down_proj")
+        if family == "deepseek_v3" and layer < cfg["first_k_dense_replace"]:
+            t.update(_mlp(rng, p, names, cfg["intermediate_size"], dtype))
+            continue
+        e = cfg.get("num_experts") or cfg["n_routed_experts"]
+        t[p + "gate.weight"] = rng.standard_normal((e, D)).astype(dtype)
+        for j in range(e):
+            t.update(_mlp(rng, f"{p}experts.{j}.", names, I, dtype))
+        if family == "qwen2_moe":
+            t.update(_mlp(rng, p + "shared_expert.", names, IS, dtype))
+            t[p + "shared_expert_gate.weight"] = rng.standard_normal((1, D)).astype(dtype)
+        if family == "deepseek_v3":
+            t[p + "gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(e)).astype(np.float32)
+            t.update(_mlp(rng, p + "shared_experts.", names, I * cfg["n_shared_experts"], dtype))
+    return t
+
+
+def write_checkpoint(path, family, tensors, *, shards=1, config=None):
+    """config.json plus one file, or ``shards`` files and model.safetensors.index.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(CONFIGS[family] if config is None else config))
+    names = sorted(tensors)
+    if shards == 1:
+        safetensors_numpy.save_file(tensors, str(path / "model.safetensors"))
+        return path
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::shards]}
+        safetensors_numpy.save_file(part, str(path / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+# --------------------------------------------------------------------------- float64 models
+
+
+def _f64(a):
+    return np.asarray(a, np.float64)
+
+
+def _silu(v):
+    return v / (1.0 + np.exp(-v))
+
+
+def _expert(t, prefix, x):
+    gate, up, down = (_f64(t[prefix + n]) for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+    return (_silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def _topk(values, k):
+    """Indices of the k largest, descending; ties to the lower index (as a stable sort)."""
+    return np.argsort(-values, kind="stable")[:k]
+
+
+def family_block(family, t, x) -> tuple[np.ndarray, np.ndarray]:
+    """The family's MoE block on ``x [M, D]`` in float64: ``(y [M, D], topk_ids [M, k])``."""
+    cfg = CONFIGS[family]
+    x = _f64(x)
+    k = cfg["num_experts_per_tok"]
+    if family == "mixtral":
+        p = f"model.layers.{LAYER}.block_sparse_moe."
+        t = {**t, **{f"{p}experts.{j}.{a}.weight": t[f"{p}experts.{j}.{b}.weight"]
+                     for j in range(8) for a, b in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))}}
+    else:
+        p = f"model.layers.{LAYER}.mlp."
+    logits = x @ _f64(t[p + "gate.weight"]).T
+    y = np.zeros_like(x)
+    ids = np.zeros((x.shape[0], k), np.int64)
+    for r in range(x.shape[0]):
+        if family == "deepseek_v3":
+            scores = 1.0 / (1.0 + np.exp(-logits[r]))
+            biased = scores + _f64(t[p + "gate.e_score_correction_bias"])
+            g = cfg["n_group"]
+            groups = biased.reshape(g, -1)
+            group_score = np.sort(groups, axis=1)[:, ::-1][:, :2].sum(axis=1)
+            keep = np.zeros(g, bool)
+            keep[_topk(group_score, cfg["topk_group"])] = True
+            masked = np.where(np.repeat(keep, groups.shape[1]), biased, 0.0)  # dropped groups score 0
+            chosen = _topk(masked, k)
+            w = scores[chosen]
+            if cfg["norm_topk_prob"]:
+                w = w / (w.sum() + 1e-20)
+            w = w * cfg["routed_scaling_factor"]
+        else:
+            z = np.exp(logits[r] - logits[r].max())
+            probs = z / z.sum()
+            chosen = _topk(probs, k)
+            w = probs[chosen]
+            if family == "mixtral" or cfg.get("norm_topk_prob", False):
+                w = w / w.sum()
+        ids[r] = chosen
+        for j, ex in zip(chosen, w):
+            y[r] += ex * _expert(t, f"{p}experts.{j}.", x[r:r + 1])[0]
+    if family == "qwen2_moe":
+        gate = 1.0 / (1.0 + np.exp(-(x @ _f64(t[p + "shared_expert_gate.weight"]).T)))
+        y += gate * _expert(t, p + "shared_expert.", x)
+    if family == "deepseek_v3":
+        y += _expert(t, p + "shared_experts.", x)
+    return y, ids
+
+
+# --------------------------------------------------------------------------- loading and running
+
+
+def _run(params, routing, x, implementation):
+    fn = jax.jit(lambda p, x, b: jaxmoe.moe_layer(p, x, **{**routing, "correction_bias": b},
+                                                  implementation=implementation, return_routing=True))
+    return jax.device_get(fn(params, x, routing["correction_bias"]))
+
+
+@pytest.mark.parametrize("implementation", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_family_matches_its_model(tmp_path, rng, family, dtype, implementation):
+    tensors = make_tensors(rng, family, NP_DTYPES[dtype])
+    path = write_checkpoint(tmp_path / family, family, tensors)
+    params, routing = load_layer(path, layer=LAYER)  # family read from config.json
+    jdtype = jnp.dtype(NP_DTYPES[dtype])
+    assert params["w1"].dtype == jdtype and params["router"].shape[0] == D
+    x = jnp.asarray(rng.standard_normal((M, D)), jnp.float32).astype(jdtype)
+    y, got = _run(params, routing, x, implementation)
+    want_y, want_ids = family_block(family, tensors, to_f64(x))
+    assert y.shape == (M, D) and y.dtype == jdtype
+    np.testing.assert_array_equal(np.sort(got["topk_ids"], axis=1), np.sort(want_ids, axis=1))
+    assert rel_err(y, want_y) <= tolerance(jdtype)
+
+
+def test_routing_kwargs_per_family(tmp_path, rng):
+    expect = {
+        "mixtral": dict(top_k=2, scoring="softmax", renormalize=True, num_expert_group=None),
+        "qwen3_moe": dict(top_k=2, scoring="softmax", renormalize=False),
+        "qwen2_moe": dict(top_k=2, scoring="softmax", renormalize=True),
+        "deepseek_v3": dict(top_k=4, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                            routed_scaling_factor=2.5, group_scoring="top2_sum"),
+    }
+    for family, want in expect.items():
+        path = write_checkpoint(tmp_path / family, family, make_tensors(rng, family, np.float32))
+        params, routing = load_layer(path, family, layer=LAYER)
+        assert {k: routing[k] for k in want} == want, family
+        assert ("shared" in params) == (family in ("qwen2_moe", "deepseek_v3"))
+        assert ("shared_gate" in params) == (family == "qwen2_moe")
+        assert (routing["correction_bias"] is None) == (family != "deepseek_v3")
+    assert params["shared"]["w1"].shape == (1, 2 * I, D) and params["w1"].shape == (16, 2 * I, D)
+
+
+def test_sharded_checkpoint_and_architectures(tmp_path, rng):
+    """An index over three shards loads the same; ``architectures`` alone names the family."""
+    tensors = make_tensors(rng, "qwen2_moe", ml_dtypes.bfloat16)
+    one, _ = load_layer(write_checkpoint(tmp_path / "one", "qwen2_moe", tensors), layer=LAYER)
+    config = {k: v for k, v in CONFIGS["qwen2_moe"].items() if k != "model_type"}
+    three, _ = load_layer(write_checkpoint(tmp_path / "three", "qwen2_moe", tensors, shards=3, config=config),
+                          layer=LAYER)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(three)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the layout: gate rows then up rows, transposed router and shared gate
+    p = f"model.layers.{LAYER}.mlp."
+    np.testing.assert_array_equal(np.asarray(one["w1"][3, :I]), tensors[p + "experts.3.gate_proj.weight"])
+    np.testing.assert_array_equal(np.asarray(one["w1"][3, I:]), tensors[p + "experts.3.up_proj.weight"])
+    np.testing.assert_array_equal(np.asarray(one["w2"][3]), tensors[p + "experts.3.down_proj.weight"])
+    np.testing.assert_array_equal(np.asarray(one["router"]), tensors[p + "gate.weight"].T)
+    np.testing.assert_array_equal(np.asarray(one["shared_gate"]), tensors[p + "shared_expert_gate.weight"].T)
+
+
+def test_bf16_without_numpy_bf16_support(tmp_path, rng, monkeypatch):
+    """Where safetensors' numpy API cannot return bf16, the raw bytes are viewed as bf16."""
+    from safetensors import safe_open as real_safe_open
+
+    import safetensors
+
+    tensors = make_tensors(rng, "mixtral", ml_dtypes.bfloat16)
+    path = write_checkpoint(tmp_path / "m", "mixtral", tensors)
+
+    class NoBf16:
+        def __init__(self, *a, **kw):
+            self.f = real_safe_open(*a, **kw)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            raise TypeError("data type 'bfloat16' not understood")
+
+    monkeypatch.setattr(safetensors, "safe_open", NoBf16)
+    params, _ = load_layer(path, layer=LAYER)
+    p = f"model.layers.{LAYER}.block_sparse_moe."
+    np.testing.assert_array_equal(np.asarray(params["w2"][5]), tensors[p + "experts.5.w2.weight"])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors(tmp_path, rng):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_layer(tmp_path / "nowhere", layer=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_layer(tmp_path / "empty", layer=0)
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(CONFIGS["mixtral"]))
+    with pytest.raises(CheckpointError, match=r"no \*.safetensors"):
+        load_layer(tmp_path / "empty", layer=0)
+    with pytest.raises(CheckpointError, match="cannot tell the model family"):
+        infer_family({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+
+    tensors = make_tensors(rng, "deepseek_v3", np.float32)
+    path = write_checkpoint(tmp_path / "ds", "deepseek_v3", tensors)
+    with pytest.raises(CheckpointError, match="unknown family 'gpt2'"):
+        load_layer(path, "gpt2", layer=LAYER)
+    with pytest.raises(CheckpointError, match="dense MLP"):
+        load_layer(path, layer=0)
+    with pytest.raises(CheckpointError, match="out of range"):
+        load_layer(path, layer=2)
+    with pytest.raises(TypeError, match="layer must be an int"):
+        load_layer(path, layer="1")
+
+    missing = dict(tensors)
+    del missing[f"model.layers.{LAYER}.mlp.experts.7.up_proj.weight"]
+    path = write_checkpoint(tmp_path / "missing", "deepseek_v3", missing)
+    with pytest.raises(CheckpointError, match=r"experts\.7\.up_proj\.weight.* missing"):
+        load_layer(path, layer=LAYER)
+
+    fp8 = dict(tensors)
+    fp8[f"model.layers.{LAYER}.mlp.experts.0.up_proj.weight_scale_inv"] = np.ones((1, 1), np.float32)
+    path = write_checkpoint(tmp_path / "fp8", "deepseek_v3", fp8)
+    with pytest.raises(NotImplementedError, match="fp8_block"):
+        load_layer(path, layer=LAYER)
+
+    bad_index = write_checkpoint(tmp_path / "index", "mixtral", make_tensors(rng, "mixtral", np.float32), shards=2)
+    (bad_index / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="names model-00002-of-00002.safetensors"):
+        load_layer(bad_index, layer=LAYER)
+
+
+def test_example_runs(tmp_path, rng):
+    """examples/load_layer.py loads a layer and prints the output's shape and norm."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = write_checkpoint(tmp_path / "q3", "qwen3_moe", make_tensors(rng, "qwen3_moe", ml_dtypes.bfloat16))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    out = subprocess.run([sys.executable, str(root / "examples" / "load_layer.py"), str(path), "--layer", "1",
+                          "--implementation", "reference"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "shape=(8, 32) dtype=bfloat16 norm=" in out.stdout
