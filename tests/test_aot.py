@@ -50,14 +50,7 @@ def _key(spec: KernelLaunch):
 def launches_for(arch: str) -> list[backends.KernelLaunch]:
     """The distinct launches fused_moe makes for every preset, M, dtype and activation on ``arch``,
     plus every entry of the arch's tuned config file."""
-    seen: dict = {}
-    for preset in PRESETS.values():
-        for m in MS:
-            for dtype in DTYPES:
-                for activation in ("silu", "gelu"):
-                    for spec in moe_triton.plan_fused_moe(m, preset.top_k, preset.experts, preset.hidden,
-                                                           preset.intermediate, dtype, arch, activation):
-                        seen.setdefault(_key(spec), spec)
+    seen = _distinct_over_presets(moe_triton.plan_fused_moe, arch)
     tuned = _config._load(str(_config.PACKAGE_CONFIGS / f"{arch}.json"))
     top_k = {(p.experts, p.hidden, p.intermediate): p.top_k for p in PRESETS.values()}
     for shape, table in tuned.items():
@@ -74,15 +67,20 @@ def launches_for(arch: str) -> list[backends.KernelLaunch]:
 def backward_launches_for(arch: str) -> list[KernelLaunch]:
     """The distinct launches the backward of fused_moe makes for every preset, M, dtype and
     activation on ``arch`` (its tiles depend on BLOCK_M, dtype and arch only, so few)."""
+    return list(_distinct_over_presets(moe_triton.plan_fused_moe_backward, arch).values())
+
+
+def _distinct_over_presets(plan, arch: str) -> dict:
+    """``plan``'s launches for every preset, M, dtype and activation on ``arch``, one per code key."""
     seen: dict = {}
     for preset in PRESETS.values():
         for m in MS:
             for dtype in DTYPES:
                 for activation in ("silu", "gelu"):
-                    for spec in moe_triton.plan_fused_moe_backward(m, preset.top_k, preset.experts, preset.hidden,
-                                                                    preset.intermediate, dtype, arch, activation):
+                    for spec in plan(m, preset.top_k, preset.experts, preset.hidden, preset.intermediate, dtype,
+                                     arch, activation):
                         seen.setdefault(_key(spec), spec)
-    return list(seen.values())
+    return seen
 
 
 def _compile_all(specs: list[KernelLaunch], target: str) -> None:
