@@ -82,8 +82,8 @@ class RouteTests(OpTests):
         Scores are fp32 by contract, and two experts whose scores are equal in fp32 but not in
         float64 (sigmoid saturates) go to the lower id: at large M a few rows then order two
         ids differently from the float64 oracle. So a kernel's ids must equal the fp32
-        reference's (jitted, as the kernels run) exactly, and the oracle's in all but at most
-        0.1 % of the rows.
+        reference's (jitted, as the kernels run), and the oracle's, in all but at most 0.1 % of
+        the rows, and those rows must pick the same scores to fp32 rounding.
         """
         got_w, got_ids = self.route(x, k, b, **kw)
         m, e = x.shape
@@ -96,8 +96,17 @@ class RouteTests(OpTests):
             # under jit as the kernel runs: an eager reference rounds its fp32 softmax unfused
             ref_w, ref_ids = jax.jit(lambda x, b: jaxmoe.route(x, k, correction_bias=b, **kw,
                                                                implementation="reference"))(x, b)
-            np.testing.assert_array_equal(got_ids, np.asarray(ref_ids))
-            np.testing.assert_allclose(got_w, np.asarray(ref_w), rtol=1e-5, atol=1e-30, equal_nan=True)
+            ref_w, ref_ids = np.asarray(ref_w), np.asarray(ref_ids)
+            # Triton's and XLA's fp32 sigmoid/softmax differ in the last bit, so two scores tied in
+            # one may not be tied in the other: such a row picks the same scores (to fp32 rounding)
+            # in another order or from another of the tied experts. Allowed in <= 0.1 % of rows.
+            moved = (got_ids != ref_ids).any(axis=1)
+            assert moved.mean() <= 1e-3, f"{moved.sum()} of {m} rows route differently from the fp32 reference"
+            if m * k <= 4096:
+                assert not moved.any(), np.flatnonzero(moved)[:10]
+            np.testing.assert_allclose(np.sort(got_w[moved], axis=1), np.sort(ref_w[moved], axis=1),
+                                       rtol=1e-5, atol=1e-30, equal_nan=True)
+            np.testing.assert_allclose(got_w[~moved], ref_w[~moved], rtol=1e-5, atol=1e-30, equal_nan=True)
         same = (got_ids == want_ids).all(axis=1)
         if m * k <= 4096:  # small cases: no fp32 tie is expected, the oracle must agree everywhere
             assert same.all(), np.flatnonzero(~same)[:10]
