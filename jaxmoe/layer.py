@@ -144,6 +144,7 @@ def moe_layer(
     tensor_axis: str | None = None,
     data_axis: str | None = None,
     schedule: str | None = None,
+    act_quant: str | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """One MoE layer: router matmul, :func:`jaxmoe.route`, :func:`jaxmoe.fused_moe`, plus
     optional shared experts.
@@ -156,8 +157,11 @@ def moe_layer(
         ``"shared_gate": [D, 1]`` (Qwen2-MoE) scaling their sum by ``sigmoid(x @ shared_gate)``.
         Shared experts are a dense ``jax.numpy`` MLP on every implementation, computed
         beside the routed launch (not fused into it).
-      x: ``[..., D]`` in ``w1``'s dtype (bf16, fp16 or fp32); leading dims are flattened
-        into tokens and restored.
+      x: ``[..., D]`` in ``w1``'s dtype (bf16, fp16 or fp32; any of them with quantized
+        ``w1``/``w2``, :class:`~jaxmoe.QuantizedWeights` from :func:`jaxmoe.quantize_weights`);
+        leading dims are flattened into tokens and restored.
+      act_quant: None, ``"fp8"`` or ``"int8"``: activations rounded per token inside the
+        kernels, see :func:`jaxmoe.fused_moe`. Not with a mesh.
       top_k, scoring, renormalize, num_expert_group, topk_group, correction_bias,
         routed_scaling_factor, group_scoring: routing options, see :func:`jaxmoe.route`.
       activation: ``"silu"`` or ``"gelu"``, see :func:`jaxmoe.fused_moe` (shared experts
@@ -197,6 +201,11 @@ def moe_layer(
     """
     if mesh is not None:
         from jaxmoe.parallel.layer import sharded_moe_layer
+        from jaxmoe.types import QuantizedWeights
+
+        if act_quant is not None or any(isinstance(params.get(n), QuantizedWeights) for n in ("w1", "w2")):
+            raise NotImplementedError("moe_layer(mesh=...) takes neither quantized weights nor act_quant yet; "
+                                      "run them without a mesh")
 
         if return_routing or "shared" in params or "shared_gate" in params:
             raise NotImplementedError("moe_layer(mesh=...) takes neither shared experts nor return_routing=True; "
@@ -218,7 +227,8 @@ def moe_layer(
         raise ValueError("expert_axis, tensor_axis, data_axis and schedule need a mesh (mesh=...)")
     check_implementation(implementation)
     d, _, _ = checks.check_layer_args(params, x, top_k)
-    _check_shared(params, d, params["w1"].dtype)
+    checks.check_act_quant(act_quant, params["w1"], params["w2"], x.dtype, ("params['w1']", "params['w2']"))
+    _check_shared(params, d, x.dtype)
     if not isinstance(return_routing, bool):
         raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
     x2d = x.reshape(-1, x.shape[-1])
@@ -228,7 +238,7 @@ def moe_layer(
     out = ROUTED_MOE(x2d, params["w1"], params["w2"], logits, top_k, activation=activation, scoring=scoring,
                      renormalize=renormalize, num_expert_group=num_expert_group, topk_group=topk_group,
                      correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-                     group_scoring=group_scoring, return_routing=return_routing,
+                     group_scoring=group_scoring, return_routing=return_routing, act_quant=act_quant,
                      implementation=implementation)
     y, topk_weights, topk_ids = out if return_routing else (out, None, None)
     if params.get("shared") is not None:

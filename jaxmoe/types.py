@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["RoutingData", "Numerics", "QuantizedWeights", "WeightScheme", "WEIGHT_SCHEMES"]
+__all__ = ["RoutingData", "Numerics", "QuantizedWeights", "WeightScheme", "WEIGHT_SCHEMES", "ACT_QUANTS",
+           "ACT_QUANT_SCHEMES", "FP8_DTYPES", "FP8_MAX", "INT8_MAX", "QUANT_BLOCK", "MX_BLOCK"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,40 +74,93 @@ jax.tree_util.register_dataclass(
 
 @dataclasses.dataclass(frozen=True)
 class WeightScheme:
-    """How expert weights are stored: the value dtypes allowed and the shape of the scales.
+    """How expert weights ``[E, N, K]`` are stored: value dtypes, packing, scales, zero points.
 
-    ``scale_shape(values_shape)`` gives the shape of ``scales`` for a ``[E, N, K]`` weight,
-    or None for a scheme without scales. Quantization issues add schemes here and the
-    kernels' weight-scheme constexpr; nothing else in the layer needs to know.
+    ``values`` has shape ``[E, N, K]``, or ``[E, N, K / 2]`` for a 4-bit scheme (two values
+    a byte along K: element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high
+    one). One scale covers ``group_n`` output channels (rows) times ``group_k`` input
+    channels (None: the whole axis); ``scale_axes`` says which of ``(E, N, K)`` the scales
+    are indexed by. Zero points, where the scheme has them, have the scales' shape.
     """
 
     name: str
     value_dtypes: tuple[str, ...]
-    scale_shape: Any = None  # Callable[[tuple[int, int, int]], tuple[int, ...]] | None
+    scale_dtypes: tuple[str, ...] = ()
+    scale_axes: tuple[str, ...] = ()  # subset of ("E", "N", "K"), in order; () = no scales
+    group_n: int | None = 1
+    group_k: int | None = None
+    packed: bool = False  # two 4-bit values a byte along K
+    zero_points: bool = False
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.packed else 8 if self.scale_axes else 16
+
+    def logical_shape(self, values_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``[E, N, K]`` of the weights ``values_shape`` stores."""
+        e, n, k = values_shape
+        return (e, n, 2 * k) if self.packed else (e, n, k)
 
     def expected_scales(self, values_shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        return None if self.scale_shape is None else tuple(self.scale_shape(values_shape))
+        """The shape ``scales`` must have for ``values`` of ``values_shape`` (None: no scales)."""
+        if not self.scale_axes:
+            return None
+        e, n, k = self.logical_shape(values_shape)
+        sizes = {"E": e, "N": -(-n // self.group_n) if self.group_n else 1,
+                 "K": -(-k // self.group_k) if self.group_k else 1}
+        return tuple(sizes[a] for a in self.scale_axes)
 
+
+_FLOATS = ("float32", "bfloat16", "float16")
+FP8_DTYPES = ("float8_e4m3fn", "float8_e4m3fnuz")
+FP8_MAX = {"float8_e4m3fn": 448.0, "float8_e4m3fnuz": 240.0}
+INT8_MAX = 127.0
+QUANT_BLOCK = 128  # fp8_block's 128 x 128 blocks; int4's groups of 128 along K
+MX_BLOCK = 32  # mxfp4: one e8m0 scale per 32 values along K
 
 WEIGHT_SCHEMES: Mapping[str, WeightScheme] = {
     # Weights stored in the activation dtype: no scales.
-    "none": WeightScheme("none", ("bfloat16", "float16", "float32")),
+    "none": WeightScheme("none", _FLOATS),
+    # fp8 e4m3, one scale per (expert, output channel)
+    "fp8": WeightScheme("fp8", FP8_DTYPES, _FLOATS, ("E", "N")),
+    # fp8 e4m3, one scale per expert
+    "fp8_tensor": WeightScheme("fp8_tensor", FP8_DTYPES, _FLOATS, ("E",), group_n=None),
+    # fp8 e4m3, one scale per 128 x 128 block of (N, K): DeepSeek-V3's weight_scale_inv
+    "fp8_block": WeightScheme("fp8_block", FP8_DTYPES, _FLOATS, ("E", "N", "K"), group_n=QUANT_BLOCK,
+                              group_k=QUANT_BLOCK),
+    # symmetric int8, one scale per (expert, output channel)
+    "int8": WeightScheme("int8", ("int8",), _FLOATS, ("E", "N")),
+    # signed int4 (two's complement nibbles), one scale per (expert, channel, 128 along K)
+    "int4": WeightScheme("int4", ("uint8",), _FLOATS, ("E", "N", "K"), group_k=QUANT_BLOCK, packed=True),
+    # unsigned int4 with a zero point per group (AWQ/GPTQ asymmetric): w = (q - z) * s
+    "int4_zp": WeightScheme("int4_zp", ("uint8",), _FLOATS, ("E", "N", "K"), group_k=QUANT_BLOCK, packed=True,
+                            zero_points=True),
+    # OCP MX fp4: e2m1 values, one e8m0 scale (uint8, 2^(s - 127)) per 32 values along K
+    "mxfp4": WeightScheme("mxfp4", ("uint8",), ("uint8",), ("E", "N", "K"), group_k=MX_BLOCK, packed=True),
 }
+
+ACT_QUANTS = ("fp8", "int8")
+# which weight schemes each activation quantization multiplies against
+ACT_QUANT_SCHEMES = {"fp8": ("fp8", "fp8_tensor", "fp8_block"), "int8": ("int8",)}
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeights:
     """Expert weights ``[E, N, K]`` (``w1`` or ``w2``) as stored values plus scales.
 
-    ``values`` holds the stored elements, ``scales`` the per-scheme scale factors (None for
-    ``scheme="none"``), ``scheme`` (static) a key of :data:`WEIGHT_SCHEMES`. Built from
-    given values and scales it is validated: the dtype must be one the scheme stores, the
-    scales the shape the scheme prescribes. :meth:`dequantize` returns the weights in fp32.
+    ``values`` holds the stored elements (``[E, N, K / 2]`` bytes for 4-bit schemes),
+    ``scales`` the per-scheme scale factors (None for ``scheme="none"``), ``scheme``
+    (static) a key of :data:`WEIGHT_SCHEMES`, ``zero_points`` (``int4_zp`` only) one uint8
+    in ``[0, 15]`` per scale. Built from given values and scales it is validated: the dtypes
+    must be ones the scheme stores, the scales (and zero points) the shape it prescribes.
+    :meth:`dequantize` returns the weights in fp32; ``shape`` is the logical ``[E, N, K]``.
+    See ``docs/quantization.md`` for each scheme's layout and math.
     """
 
     values: jax.Array
     scales: jax.Array | None = None
     scheme: str = "none"
+    zero_points: jax.Array | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in WEIGHT_SCHEMES:
@@ -118,33 +172,52 @@ class QuantizedWeights:
         if len(shape) != 3:
             raise ValueError(f"QuantizedWeights.values must be [E, N, K] (3-D), got shape {list(shape)}")
         if np.dtype(self.values.dtype).name not in spec.value_dtypes:
-            raise TypeError(f"scheme {self.scheme!r} stores {', '.join(spec.value_dtypes)}; "
+            raise TypeError(f"scheme {self.scheme!r} stores values as {', '.join(spec.value_dtypes)}; "
                             f"values have dtype {self.values.dtype}")
         want = spec.expected_scales(shape)
         if want is None and self.scales is not None:
             raise ValueError(f"scheme {self.scheme!r} has no scales; got scales of shape {list(self.scales.shape)}")
-        if want is not None:
-            if self.scales is None:
-                raise ValueError(f"scheme {self.scheme!r} needs scales of shape {list(want)}")
-            if _is_shaped(self.scales) and tuple(self.scales.shape) != want:
-                raise ValueError(f"scheme {self.scheme!r} needs scales of shape {list(want)} for values "
-                                 f"{list(shape)}, got {list(self.scales.shape)}")
+        for name, arr, needed, dtypes in (("scales", self.scales, want, spec.scale_dtypes),
+                                          ("zero_points", self.zero_points, want if spec.zero_points else None,
+                                           ("uint8",))):
+            if needed is None:
+                if arr is not None:
+                    raise ValueError(f"scheme {self.scheme!r} has no {name}; got {name} of shape "
+                                     f"{list(getattr(arr, 'shape', ()))}")
+                continue
+            if arr is None:
+                raise ValueError(f"scheme {self.scheme!r} needs {name} of shape {list(needed)}")
+            if _is_shaped(arr):
+                if tuple(arr.shape) != needed:
+                    raise ValueError(f"scheme {self.scheme!r} needs {name} of shape {list(needed)} for values "
+                                     f"{list(shape)}, got {list(arr.shape)}")
+                if np.dtype(arr.dtype).name not in dtypes:
+                    raise TypeError(f"scheme {self.scheme!r} stores {name} as {', '.join(dtypes)}; "
+                                    f"got {arr.dtype}")
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
+        """The logical ``[E, N, K]`` (K is twice the stored width for 4-bit schemes)."""
+        return WEIGHT_SCHEMES[self.scheme].logical_shape(tuple(self.values.shape))
+
+    @property
+    def dtype(self) -> Any:
+        """The stored values' dtype."""
+        return self.values.dtype
 
     def dequantize(self) -> jax.Array:
         """The weights as fp32 ``[E, N, K]``."""
-        values = jnp.asarray(self.values).astype(jnp.float32)
-        return values if self.scales is None else values * jnp.asarray(self.scales, jnp.float32)
+        from jaxmoe import quantize
+
+        return quantize.dequantize(self)
 
 
 def _is_shaped(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-jax.tree_util.register_dataclass(QuantizedWeights, data_fields=["values", "scales"], meta_fields=["scheme"])
+jax.tree_util.register_dataclass(QuantizedWeights, data_fields=["values", "scales", "zero_points"],
+                                 meta_fields=["scheme"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,5 +240,5 @@ class Numerics:
         object.__setattr__(self, "accum_dtype", jnp.dtype(self.accum_dtype))
         if self.weights not in WEIGHT_SCHEMES:
             raise ValueError(f"unknown weight scheme {self.weights!r}; known: {sorted(WEIGHT_SCHEMES)}")
-        if self.act_quant is not None:
-            raise ValueError(f"act_quant={self.act_quant!r}: no activation quantization is available yet")
+        if self.act_quant is not None and self.act_quant not in ACT_QUANTS:
+            raise ValueError(f"act_quant must be None or one of {ACT_QUANTS}, got {self.act_quant!r}")

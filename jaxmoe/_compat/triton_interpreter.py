@@ -10,6 +10,10 @@ unpatched interpreter, so a Triton that fixes one fails that test and the patch 
 * fp32 -> bf16 casts: the interpreter truncates; a GPU rounds to nearest even. Left alone,
   the CPU path's bf16 error would be about twice the GPU's, so the cast rounds to nearest
   even (NaN stays NaN).
+* casts to and from fp8 ``e4m3fn`` (``tl.float8e4nv``): the interpreter rounds fp32 -> fp8
+  half up and loses a mantissa carry (a value just below a power of two comes out half as
+  large); the casts go through ``ml_dtypes`` instead, round to nearest even and, as the
+  GPU's ``cvt.rn.satfinite``, saturate at +-448 (NaN stays NaN).
 * ``triton.language``'s own ``@jit`` functions (``tl.sort``, ``tl.cumsum``'s combine,
   ``tl.max``, ...) were built compiled, since ``triton.jit`` decides at import; for the run
   they are swapped for interpreted twins.
@@ -33,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["patches", "TESTED", "round_f32_to_bf16_bits", "bf16_bits_to_f32"]
+__all__ = ["patches", "TESTED", "round_f32_to_bf16_bits", "bf16_bits_to_f32", "f32_to_e4m3fn_bits",
+           "e4m3fn_bits_to_f32"]
 
 TESTED = ((3, 6), (3, 9))  # inclusive range of (major, minor) versions
 
@@ -50,6 +55,20 @@ def round_f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     if np.any(nan):
         rounded = np.where(nan, ((bits >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
     return rounded
+
+
+def f32_to_e4m3fn_bits(x: np.ndarray) -> np.ndarray:
+    """fp8 e4m3fn bit patterns (uint8) of fp32 values: nearest even, saturating at +-448."""
+    import ml_dtypes
+
+    x = np.asarray(x, np.float32)
+    return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+
+
+def e4m3fn_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    import ml_dtypes
+
+    return np.asarray(bits, np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 
 def _version() -> tuple[int, int]:
@@ -87,14 +106,17 @@ def patches() -> Iterator[None]:
     builder_cls = type(interpreter.interpreter_builder)
     original_dot = builder_cls.create_dot
     original_cast = builder_cls.cast_impl
+    original_fp_to_fp = builder_cls.create_fp_to_fp
 
     def widen(handle: Any) -> np.ndarray:
         if handle.dtype == tl.bfloat16:
             return bf16_bits_to_f32(handle.data)
+        if handle.dtype == tl.float8e4nv:
+            return e4m3fn_bits_to_f32(handle.data)
         return handle.data.astype(np.float32)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+        if any(h.dtype in (tl.bfloat16, tl.float8e4nv) for h in (a, b)):
             a = interpreter.TensorHandle(widen(a), tl.float32)
             b = interpreter.TensorHandle(widen(b), tl.float32)
         return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
@@ -102,7 +124,19 @@ def patches() -> Iterator[None]:
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             return interpreter.TensorHandle(round_f32_to_bf16_bits(src.data), tl.bfloat16)
+        if dst_type.scalar == tl.float8e4nv and src.dtype.scalar != tl.float8e4nv:
+            return interpreter.TensorHandle(f32_to_e4m3fn_bits(widen(src)), tl.float8e4nv)
+        if src.dtype.scalar == tl.float8e4nv and dst_type.scalar != tl.float8e4nv and dst_type.scalar.is_floating():
+            wide = interpreter.TensorHandle(e4m3fn_bits_to_f32(src.data), tl.float32)
+            return wide if dst_type.scalar == tl.float32 else cast_impl(self, wide, dst_type)
         return original_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar == tl.float8e4nv and src.dtype.scalar != tl.float8e4nv:
+            return interpreter.TensorHandle(f32_to_e4m3fn_bits(widen(src)), tl.float8e4nv)
+        if src.dtype.scalar == tl.float8e4nv and dst_type.scalar != tl.float8e4nv:
+            return cast_impl(self, src, dst_type)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
 
     try:  # imported lazily by triton's argument specialisation; must see the real functions
         import triton.experimental.gluon  # noqa: F401
@@ -122,12 +156,14 @@ def patches() -> Iterator[None]:
 
     builder_cls.create_dot = create_dot
     builder_cls.cast_impl = cast_impl
+    builder_cls.create_fp_to_fp = create_fp_to_fp
     interpreter._patch_lang_tensor = patch_lang_tensor
     try:
         yield
     finally:
         builder_cls.create_dot = original_dot
         builder_cls.cast_impl = original_cast
+        builder_cls.create_fp_to_fp = original_fp_to_fp
         interpreter._patch_lang_tensor = original_patch_tensor
         for ns, before in saved:
             for name, value in before.items():

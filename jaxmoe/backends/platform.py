@@ -14,7 +14,7 @@ import functools
 
 import jax
 
-__all__ = ["triton_available", "platform_of", "default_platform", "arch_for", "GPU_PLATFORMS"]
+__all__ = ["triton_available", "platform_of", "default_platform", "arch_for", "fp8_dtype", "GPU_PLATFORMS"]
 
 GPU_PLATFORMS = ("cuda", "rocm")
 
@@ -68,3 +68,14 @@ def arch_for(platform: str) -> str:
     devices = _devices_of("rocm")
     kind = devices[0].device_kind.lower() if devices else ""
     return "gfx950" if ("mi35" in kind or "gfx950" in kind) else "gfx942"
+
+
+def fp8_dtype(arch: str | None = None):
+    """The fp8 e4m3 dtype the kernels multiply on ``arch`` (default: that of the default
+    platform): ``float8_e4m3fnuz`` on gfx942 (MI300, no OCP fp8), ``float8_e4m3fn`` (OCP)
+    on sm_90, gfx950 and on a CPU (whose interpreter runs the sm90 plans)."""
+    import jax.numpy as jnp
+
+    if arch is None:
+        arch = arch_for(default_platform())
+    return jnp.dtype(jnp.float8_e4m3fnuz if arch == "gfx942" else jnp.float8_e4m3fn)

@@ -29,6 +29,7 @@ __all__ = [
     "check_route_args",
     "check_experts_args",
     "check_fused_moe_args",
+    "check_act_quant",
     "check_align_args",
     "check_moe_gemm_args",
     "check_layer_args",
@@ -196,24 +197,49 @@ def check_route_args(
     return m, e
 
 
-def check_experts_args(hidden_states: Any, w1: Any, w2: Any) -> tuple[int, int, int, int]:
-    """Checks the tokens and the expert weights of a fused MoE; returns ``(M, D, E, I)``."""
+def check_act_quant(act_quant: Any, w1: Any, w2: Any, x_dtype: Any, w_names: tuple[str, str] = ("w1", "w2")
+                    ) -> None:
+    """``act_quant`` is None or an activation quantization that ``w1``'s and ``w2``'s schemes
+    multiply against (fp8 with the fp8 schemes, int8 with int8); mxfp4 needs bf16 or fp32
+    activations (its e8m0 scales reach past fp16's range)."""
+    from jaxmoe.types import ACT_QUANT_SCHEMES, ACT_QUANTS, QuantizedWeights
+
+    schemes = [w.scheme if isinstance(w, QuantizedWeights) else "none" for w in (w1, w2)]
+    if act_quant is not None:
+        if act_quant not in ACT_QUANTS:
+            raise ValueError(f"act_quant must be None or one of {ACT_QUANTS}, got {act_quant!r}")
+        for name, scheme in zip(w_names, schemes):
+            if scheme not in ACT_QUANT_SCHEMES[act_quant]:
+                raise ValueError(f"act_quant={act_quant!r} needs {name} quantized as one of "
+                                 f"{ACT_QUANT_SCHEMES[act_quant]}, got scheme {scheme!r}")
+    if "mxfp4" in schemes and jnp.dtype(x_dtype) == jnp.float16:
+        raise TypeError("hidden_states must be bfloat16 or float32 with mxfp4 weights (their e8m0 scales "
+                        "reach past float16's range), got float16")
+
+
+def _weights_shape_dtype(name: str, w: Any, x_dtype: Any) -> tuple[tuple[int, ...], Any]:
+    """The logical shape of ``w`` and the dtype it multiplies in (quantized: ``x_dtype``)."""
     from jaxmoe.types import QuantizedWeights
 
-    for name, w in (("w1", w1), ("w2", w2)):
-        if isinstance(w, QuantizedWeights) and w.scheme != "none":
-            raise NotImplementedError(f"{name}: weight scheme {w.scheme!r} is not implemented")
-    w1 = w1.values if isinstance(w1, QuantizedWeights) else w1
-    w2 = w2.values if isinstance(w2, QuantizedWeights) else w2
+    if isinstance(w, QuantizedWeights):
+        if not hasattr(w.values, "shape"):
+            raise TypeError(f"{name}.values must be an array, got {type(w.values).__name__}")
+        return tuple(int(d) for d in w.shape), (jnp.dtype(w.values.dtype) if w.scheme == "none" else x_dtype)
+    return _shape_dtype(name, w)
+
+
+def check_experts_args(hidden_states: Any, w1: Any, w2: Any) -> tuple[int, int, int, int]:
+    """Checks the tokens and the expert weights of a fused MoE; returns ``(M, D, E, I)``.
+    ``w1``/``w2`` may be :class:`~jaxmoe.QuantizedWeights` (validated when built)."""
     xs, xd = _shape_dtype("hidden_states", hidden_states)
     _require_ndim("hidden_states", xs, 2, "[M, D]")
     _require_float_dtype("hidden_states", xd, FLOAT_DTYPES)
     m, d = xs
     if d < 1:
         raise ValueError(f"hidden_states must be [M, D] with D >= 1, got shape {list(xs)}")
-    w1s, w1d = _shape_dtype("w1", w1)
+    w1s, w1d = _weights_shape_dtype("w1", w1, xd)
     _require_ndim("w1", w1s, 3, "[E, 2I, D]")
-    w2s, w2d = _shape_dtype("w2", w2)
+    w2s, w2d = _weights_shape_dtype("w2", w2, xd)
     _require_ndim("w2", w2s, 3, "[E, D, I]")
     for name, dt in (("w1", w1d), ("w2", w2d)):
         if dt != xd:
@@ -232,10 +258,12 @@ def check_experts_args(hidden_states: Any, w1: Any, w2: Any) -> tuple[int, int, 
 
 
 def check_fused_moe_args(
-    hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, activation: Any = "silu"
+    hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, activation: Any = "silu",
+    act_quant: Any = None,
 ) -> tuple[int, int, int, int, int]:
     """Checks :func:`jaxmoe.fused_moe`'s arguments; returns ``(M, D, E, I, k)``."""
     m, d, e, i = check_experts_args(hidden_states, w1, w2)
+    check_act_quant(act_quant, w1, w2, hidden_states.dtype)
     ws, wd = _shape_dtype("topk_weights", topk_weights)
     _require_ndim("topk_weights", ws, 2, "[M, k]")
     _require_float_dtype("topk_weights", wd)
@@ -336,7 +364,7 @@ def check_params(params: Any) -> tuple[int, int, int]:
     d, e = rs
     if d < 1 or e < 1:
         raise ValueError(f"params['router'] must be [D, E] with D >= 1 and E >= 1, got {list(rs)}")
-    w1s, w1d = _shape_dtype("params['w1']", params["w1"])
+    w1s, w1d = _weights_shape_dtype("params['w1']", params["w1"], None)
     _require_ndim("params['w1']", w1s, 3, "[E, 2I, D]")
     if w1s[0] != e or w1s[2] != d:
         raise ValueError(f"params['w1'] must be [E, 2I, D] = [{e}, 2I, {d}] to match params['router'] {list(rs)}, got {list(w1s)}")
@@ -344,12 +372,12 @@ def check_params(params: Any) -> tuple[int, int, int]:
         raise ValueError(f"params['w1'] must be [E, 2I, D] (gate rows then up rows): its dim 1 must be even and > 0, "
                          f"got {w1s[1]}")
     i = w1s[1] // 2
-    w2s, w2d = _shape_dtype("params['w2']", params["w2"])
+    w2s, w2d = _weights_shape_dtype("params['w2']", params["w2"], None)
     _require_ndim("params['w2']", w2s, 3, "[E, D, I]")
     if w2s != (e, d, i):
         raise ValueError(f"params['w2'] must be [E, D, I] = {[e, d, i]} to match params['w1'] {list(w1s)}, "
                          f"got {list(w2s)}")
-    if w2d != w1d:
+    if w1d is not None and w2d is not None and w2d != w1d:
         raise TypeError(f"params['w2'] must have the dtype of params['w1'] ({w1d}), got {w2d}")
     return d, e, i
 
@@ -361,9 +389,10 @@ def check_layer_args(params: Any, x: Any, top_k: Any) -> tuple[int, int, int]:
     if len(xs) < 1 or xs[-1] != d:
         raise ValueError(f"x must be [..., D] with D = {d} (params['router'].shape[0]), got shape {list(xs)}")
     _require_float_dtype("x", xd, FLOAT_DTYPES)
-    wd = jnp.dtype(params["w1"].dtype)
-    if xd != wd:
-        raise TypeError(f"x must have the dtype of params['w1'] ({wd}), got {xd}")
+    for name in ("w1", "w2"):
+        _, wd = _weights_shape_dtype(f"params['{name}']", params[name], None)
+        if wd is not None and xd != wd:
+            raise TypeError(f"x must have the dtype of params['{name}'] ({wd}), got {xd}")
     check_top_k(top_k, e)
     return d, e, i
 

@@ -51,10 +51,14 @@ class GemmTile:
     num_warps: int = 4
     num_stages: int = 3
 
-    def shared_bytes(self, block_m: int, itemsize: int, fused: bool) -> int:
-        """Shared memory the software pipeline needs: A tile plus one (or two) B tiles per stage."""
+    def shared_bytes(self, block_m: int, itemsize: int, fused: bool, b_itemsize: int | None = None) -> int:
+        """Shared memory the software pipeline needs: A tile plus one (or two) B tiles per
+        stage (``b_itemsize``: B's stored bytes per element, default ``itemsize``; 1 for
+        quantized weights, whose 4-bit tiles are loaded a byte per element)."""
         b_tiles = 2 if fused else 1
-        return (block_m * self.block_k + b_tiles * self.block_k * self.block_n) * itemsize * self.num_stages
+        b_itemsize = itemsize if b_itemsize is None else b_itemsize
+        return ((block_m * self.block_k * itemsize + b_tiles * self.block_k * self.block_n * b_itemsize)
+                * self.num_stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +77,30 @@ class MoEConfig:
         return MoEConfig(int(d["block_m"]), GemmTile(**d["stage1"]), GemmTile(**d["stage2"]))
 
 
-def shape_key(num_experts: int, hidden: int, intermediate: int, dtype: Any) -> str:
-    return f"E={num_experts},D={hidden},I={intermediate},dtype={np.dtype(dtype).name}"
+def shape_key(num_experts: int, hidden: int, intermediate: int, dtype: Any, weights: str = "none",
+              act_quant: str | None = None) -> str:
+    """A table's layer key: ``E=..,D=..,I=..,dtype=..`` plus ``,w=<scheme>[,a=<act_quant>]``
+    for quantized weights (each scheme has its own entries)."""
+    key = f"E={num_experts},D={hidden},I={intermediate},dtype={np.dtype(dtype).name}"
+    if weights != "none":
+        key += f",w={weights}"
+    if act_quant is not None:
+        key += f",a={act_quant}"
+    return key
+
+
+def fit_scheme(tile: GemmTile, weights: str, act_quant: str | None) -> GemmTile:
+    """``tile`` with a K tile the weight and activation schemes can use: inside one scale
+    group for per-group scales (fp8_block, int4: <= 128), exactly one 128-channel group for
+    fp8 activations against fp8_block weights, >= 32 for 8-bit dots."""
+    k = tile.block_k
+    if weights in ("fp8_block", "int4", "int4_zp"):
+        k = min(k, 128)
+    if weights == "fp8_block" and act_quant is not None:
+        k = 128
+    if act_quant is not None:
+        k = max(k, 32)
+    return tile if k == tile.block_k else dataclasses.replace(tile, block_k=k)
 
 
 def rows_per_expert(num_rows: int, num_experts: int) -> float:
@@ -109,8 +135,11 @@ WIDE_STAGE2 = GemmTile(block_n=256, block_k=64, group_size_m=8, num_warps=8, num
 
 
 def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
-                     dtype: Any, arch: str = "sm90") -> MoEConfig:
-    """A sound default from the average rows per expert; untuned shapes land here."""
+                     dtype: Any, arch: str = "sm90", weights: str = "none", act_quant: str | None = None
+                     ) -> MoEConfig:
+    """A sound default from the average rows per expert; untuned shapes land here. For
+    quantized weights the same tiles, with K tiles the schemes can use (:func:`fit_scheme`)
+    and shared memory counted at a byte per weight element."""
     rows = rows_per_expert(num_tokens * top_k, num_experts)
     # Few rows per expert: the weights dominate, and an expert whose rows spill into a second
     # row block has its weights streamed twice. Cover the busier experts too (mean + two
@@ -142,7 +171,10 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
     else:
         s1 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=3)
         s2 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=4)
-    return MoEConfig(block_m, _fit(s1, block_m, dtype, arch, True), _fit(s2, block_m, dtype, arch, False))
+    b_itemsize = None if weights == "none" else 1
+    s1, s2 = fit_scheme(s1, weights, act_quant), fit_scheme(s2, weights, act_quant)
+    return MoEConfig(block_m, _fit(s1, block_m, dtype, arch, True, b_itemsize, weights, act_quant),
+                     _fit(s2, block_m, dtype, arch, False, b_itemsize, weights, act_quant))
 
 
 # The backward's GEMM tile (stage-2 backward, stage-1 backward, dx), one per BLOCK_M, dtype
@@ -156,14 +188,17 @@ def backward_tile(block_m: int, dtype: Any, arch: str, fused: bool) -> GemmTile:
     return _fit(BACKWARD_TILE, block_m, dtype, arch, fused)
 
 
-def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool) -> GemmTile:
-    """Shrink stages, then BLOCK_K, until the tile fits the arch's shared memory."""
+def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool, b_itemsize: int | None = None,
+         weights: str = "none", act_quant: str | None = None) -> GemmTile:
+    """Shrink stages, then BLOCK_K (where the schemes allow), then BLOCK_N, until the tile
+    fits the arch's shared memory."""
     itemsize = np.dtype(dtype).itemsize
     limit = SHARED_MEMORY_LIMIT[arch]
-    while tile.shared_bytes(block_m, itemsize, fused) > limit:
+    fixed_k = weights == "fp8_block" and act_quant is not None  # one 128-channel group per K tile
+    while tile.shared_bytes(block_m, itemsize, fused, b_itemsize) > limit:
         if tile.num_stages > 2:
             tile = dataclasses.replace(tile, num_stages=tile.num_stages - 1)
-        elif tile.block_k > 32:
+        elif tile.block_k > 32 and not fixed_k:
             tile = dataclasses.replace(tile, block_k=tile.block_k // 2)
         elif tile.block_n > 32:
             tile = dataclasses.replace(tile, block_n=tile.block_n // 2)
@@ -197,7 +232,8 @@ def config_dirs() -> list[pathlib.Path]:
     return list(dict.fromkeys(dirs))
 
 
-_SHAPE_KEY = re.compile(r"E=[1-9][0-9]*,D=[1-9][0-9]*,I=[1-9][0-9]*,dtype=(bfloat16|float16|float32)")
+_SHAPE_KEY = re.compile(r"E=[1-9][0-9]*,D=[1-9][0-9]*,I=[1-9][0-9]*,dtype=(bfloat16|float16|float32)"
+                        r"(,w=(fp8|fp8_tensor|fp8_block|int8|int4|int4_zp|mxfp4)(,a=(fp8|int8))?)?")
 _TILE_FIELDS = tuple(f.name for f in dataclasses.fields(GemmTile))
 _TILE_REQUIRED = ("block_n", "block_k")
 _POWER_OF_TWO = ("block_n", "block_k", "num_warps")
@@ -257,7 +293,7 @@ def check_table(path: str, data: Any) -> dict[str, dict[str, Any]]:
             continue
         if not _SHAPE_KEY.fullmatch(shape):
             raise _table_error(path, f"key {shape!r}", "a layer shape must read 'E=<int>,D=<int>,I=<int>,"
-                               "dtype=<bfloat16|float16|float32>'")
+                               "dtype=<bfloat16|float16|float32>[,w=<weight scheme>[,a=<fp8|int8>]]'")
         if not isinstance(buckets, dict) or not buckets:
             raise _table_error(path, f"entry {shape!r}", "must be a non-empty object keyed by M bucket")
         for bucket, entry in buckets.items():
@@ -298,10 +334,11 @@ def log_configs() -> bool:
 
 
 def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
-                  dtype: Any, arch: str = "sm90") -> MoEConfig:
-    """The tuned config for this shape and M from the first table that names the shape
-    (see :func:`config_dirs`), else the heuristic."""
-    key = shape_key(num_experts, hidden, intermediate, dtype)
+                  dtype: Any, arch: str = "sm90", weights: str = "none", act_quant: str | None = None) -> MoEConfig:
+    """The tuned config for this shape, weight scheme, activation quantization and M from
+    the first table that names them (see :func:`config_dirs`), else the heuristic; its K
+    tiles fitted to the schemes (:func:`fit_scheme`)."""
+    key = shape_key(num_experts, hidden, intermediate, dtype, weights, act_quant)
     source = "heuristic"
     config = None
     for directory in config_dirs():
@@ -315,8 +352,12 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
             source = f"{path} M<={bucket}" if below else f"{path} M={bucket}"
             break
     if config is None:
-        config = heuristic_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+        config = heuristic_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, weights,
+                                  act_quant)
+    elif weights != "none" or act_quant is not None:
+        config = MoEConfig(config.block_m, fit_scheme(config.stage1, weights, act_quant),
+                           fit_scheme(config.stage2, weights, act_quant))
     if log_configs():
-        print(f"jaxmoe: M={num_tokens} k={top_k} {shape_key(num_experts, hidden, intermediate, dtype)} "
+        print(f"jaxmoe: M={num_tokens} k={top_k} {key} "
               f"arch={arch} [{source}] {config}", file=sys.stderr)
     return config

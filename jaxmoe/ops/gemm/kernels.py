@@ -16,6 +16,17 @@ Bad routing data cannot make a program read or write out of bounds: a sorted id 
 zeros to its rows. The number of rows is a runtime argument and the number of row blocks
 comes from the grid, so one compiled kernel serves every batch size of a config.
 
+Quantized weights and activations: ``W_SCHEME`` names how B is stored (a key of
+``jaxmoe.types.WEIGHT_SCHEMES``), ``A_SCHEME`` how A is rounded before the dot ("none",
+"fp8_token", "fp8_group", "int8_token"); both are constexprs, so each combination compiles
+to its own straight-line K loop (:func:`_mma`). Weight-only schemes turn the B tile into
+A's dtype in registers (8-bit values and 4-bit integers exactly; mxfp4 as e2m1 * 2^e) and
+run A's dot; w8a8 quantizes the A tile in registers with a per-token scale (a first pass
+over the row's K finds its absmax) or, for "fp8_group", a per-token per-128-channel scale
+from the tile itself (BLOCK_K = 128), and runs the fp8 (fp32 accumulator) or int8 (int32
+accumulator) dot. Per-channel and per-tensor scales multiply the accumulator once after the
+K loop (:func:`_apply_scales`), per-block and per-group ones each K step's partial product.
+
 Padding: every expert's rows are padded to a multiple of BLOCK_M, so an expert's last
 block is often mostly padding (with 130 rows and BLOCK_M = 128, the second block holds 2).
 With ``SPLIT_TAIL`` = s > 0, a block whose valid rows all sit in its first BLOCK_M / 2
@@ -55,15 +66,121 @@ def _activation(gate, ACTIVATION: tl.constexpr):
         return 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
 
 
+FINITE_MAX = tl.constexpr(3.4028234663852886e38)  # fp32's largest finite value
+
+
+@triton.jit
+def _row_absmax(a_ptrs, a_mask, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per row of A: ``(max |a| over the finite values of its K, NaN if the row holds a NaN or Inf else 0)``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([ROWS], dtype=tl.float32)
+    bad = tl.zeros([ROWS], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs + k0, mask=a_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.where(tl.abs(a) <= FINITE_MAX, tl.abs(a), 0.0), axis=1))
+        bad += tl.sum(a * 0.0, axis=1)
+    return amax, bad
+
+
+@triton.jit
+def _inverse_scale(amax, QMAX: tl.constexpr):
+    return tl.where(amax > 0, QMAX / tl.where(amax > 0, amax, 1.0), 0.0)
+
+
+@triton.jit
+def _nibbles(b, offs_k):
+    """The 4-bit values of a [BLOCK_K, W] tile of bytes loaded at k // 2: element k's nibble."""
+    return (b >> ((offs_k % 2) * 4).to(tl.uint8)[:, None]) & 0xF
+
+
+@triton.jit
+def _e2m1(nib):
+    """fp32 values of e2m1 nibbles (sign bit 3, exponent bits 2-1, mantissa bit 0)."""
+    exp = ((nib >> 1) & 3).to(tl.int32)
+    man = (nib & 1).to(tl.int32)
+    val = tl.where(exp == 0, man.to(tl.float32) * 0.5, ((2 + man) << exp).to(tl.float32) * 0.25)
+    return tl.where(nib >= 8, -val, val)
+
+
+@triton.jit
+def _e8m0(e):
+    """2^(e - 127) in fp32 for uint8 exponents, from bits (0 -> 2^-127, 255 -> NaN)."""
+    ei = e.to(tl.int32)
+    bits = tl.where(ei == 0, 0x400000, ei << 23) | tl.where(ei == 255, 0x400000, 0)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(acc, a, b, a_inv, k0, offs_k, s_ptrs, z_ptrs, col_ok,
+         W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, GROUP_K: tl.constexpr,
+         FP32_IEEE: tl.constexpr):
+    """One K step: ``acc`` plus A tile ``a`` [R, BLOCK_K] times B tile ``b`` [BLOCK_K, W] as
+    stored (``W_SCHEME``), A rounded per ``A_SCHEME`` (``a_inv``: per-row QMAX / absmax)."""
+    if A_SCHEME == "none":
+        if W_SCHEME == "int4" or W_SCHEME == "int4_zp":
+            q = _nibbles(b, offs_k).to(tl.int32)
+            if W_SCHEME == "int4":
+                q = q - ((q >> 3) << 4)  # two's complement
+            else:
+                z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.int32)
+                q = q - z[None, :]
+            bw = q.to(tl.float32).to(a.dtype)  # exact: |q| <= 15
+        elif W_SCHEME == "mxfp4":
+            e = tl.load(s_ptrs[None, :] + ((k0 + offs_k) // GROUP_K)[:, None], mask=col_ok[None, :], other=127)
+            bw = (_e2m1(_nibbles(b, offs_k)) * _e8m0(e)).to(a.dtype)
+        elif W_SCHEME == "none":
+            bw = b
+        else:  # fp8 and int8 values: exact in bf16, fp16 and fp32
+            bw = b.to(tl.float32).to(a.dtype)
+        if W_SCHEME == "fp8_block" or W_SCHEME == "int4" or W_SCHEME == "int4_zp":
+            s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
+            if FP32_IEEE:
+                part = tl.dot(a, bw, input_precision="ieee")
+            else:
+                part = tl.dot(a, bw)
+            return acc + part * s[None, :]
+        if FP32_IEEE:
+            return tl.dot(a, bw, acc, input_precision="ieee")
+        return tl.dot(a, bw, acc)
+    af = a.to(tl.float32)
+    if A_SCHEME == "fp8_group":  # this tile is the row's 128-channel group
+        amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
+        a_scale = amax / QMAX + tl.sum(af * 0.0, axis=1)
+        a_inv = _inverse_scale(amax, QMAX)
+    y = af * a_inv[:, None]
+    if A_SCHEME == "int8_token":
+        qa = tl.clamp(tl.floor(y + 0.5), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(tl.int8)
+        return tl.dot(qa, b, acc, out_dtype=tl.int32)
+    qa = tl.clamp(y, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(b.dtype)
+    if A_SCHEME == "fp8_group":
+        s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
+        return acc + tl.dot(qa, b) * (a_scale[:, None] * s[None, :])
+    return tl.dot(qa, b, acc)
+
+
+@triton.jit
+def _apply_scales(acc, a_scale, s_ptrs, col_ok, W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr):
+    """The fp32 accumulator times the per-token and the per-channel (or per-tensor) scales."""
+    acc = acc.to(tl.float32)
+    if A_SCHEME == "fp8_token" or A_SCHEME == "int8_token":
+        acc = acc * a_scale[:, None]
+    if W_SCHEME == "fp8" or W_SCHEME == "fp8_tensor" or W_SCHEME == "int8":
+        acc = acc * tl.load(s_ptrs, mask=col_ok, other=0.0)[None, :]
+    return acc
+
+
 @triton.jit
 def _tile(
-    a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert, expert_ok, num_rows,
+    a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert, expert_ok,
+    num_rows,
     N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
     stride_cm: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     FP32_IEEE: tl.constexpr,
+    W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
+    stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
 ):
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of ``expert``."""
     offs_m = row0 + tl.arange(0, ROWS)
@@ -90,7 +207,21 @@ def _tile(
         b_rows = offs_n
         b_cols_ok = n_mask
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    b_ptrs = b_base + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    if W_SCHEME == "int4" or W_SCHEME == "int4_zp" or W_SCHEME == "mxfp4":  # two values a byte along K
+        b_ptrs = b_base + b_rows.to(tl.int64)[None, :] * stride_bn + (offs_k // 2)[:, None]
+    else:
+        b_ptrs = b_base + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    # the scales (and zero points) of B's columns: [E, N // GROUP_N, K groups] flattened
+    s_ptrs = bs_ptr + expert * stride_se + (b_rows // GROUP_N).to(tl.int64) * stride_sn
+    z_ptrs = bz_ptr + expert * stride_se + (b_rows // GROUP_N).to(tl.int64) * stride_sn
+    a_inv = tl.zeros([ROWS], dtype=tl.float32)
+    a_scale = tl.zeros([ROWS], dtype=tl.float32)
+    if A_SCHEME == "fp8_token" or A_SCHEME == "int8_token":
+        amax, bad = _row_absmax(a_ptrs, a_mask, K, ROWS, BLOCK_K)
+        a_inv = _inverse_scale(amax, QMAX)
+        a_scale = amax / QMAX + bad
+    if A_SCHEME == "int8_token":
+        acc = acc.to(tl.int32)
 
     for k0 in range(0, K, BLOCK_K):
         if K % BLOCK_K == 0:
@@ -98,13 +229,18 @@ def _tile(
         else:
             k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
-        if FP32_IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        if W_SCHEME == "none" or W_SCHEME == "fp8" or W_SCHEME == "fp8_tensor" or W_SCHEME == "fp8_block":
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
+        else:  # integer storage
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
+        acc = _mma(acc, a, b, a_inv, k0, offs_k, s_ptrs, z_ptrs, b_cols_ok, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
+                   FP32_IEEE)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+        if W_SCHEME == "int4" or W_SCHEME == "int4_zp" or W_SCHEME == "mxfp4":
+            b_ptrs += BLOCK_K // 2
+        else:
+            b_ptrs += BLOCK_K * stride_bk
+    acc = _apply_scales(acc, a_scale, s_ptrs, b_cols_ok, W_SCHEME, A_SCHEME)
 
     if FUSE_ACTIVATION:
         gate, up = tl.split(tl.reshape(acc, [ROWS, BLOCK_N, 2]))
@@ -118,7 +254,7 @@ def _tile(
 
 @triton.jit
 def moe_gemm_kernel(
-    a_ptr, b_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
+    a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
     num_rows,  # M * top_k: rows of C; sorted ids outside [0, num_rows) are padding
     c_ptr,
     N_OUT: tl.constexpr,  # columns of C (I when the activation is fused, else N)
@@ -132,6 +268,11 @@ def moe_gemm_kernel(
     NUM_XCDS: tl.constexpr,
     FP32_IEEE: tl.constexpr,  # fp32 operands multiplied exactly, not rounded to TF32
     SPLIT_TAIL: tl.constexpr,  # 0, 1 or 2: how many times a mostly-padding block may halve its rows
+    W_SCHEME: tl.constexpr,  # how B is stored: a key of jaxmoe.types.WEIGHT_SCHEMES
+    A_SCHEME: tl.constexpr,  # how A is rounded: "none", "fp8_token", "fp8_group", "int8_token"
+    QMAX: tl.constexpr,  # the quantized activations' largest magnitude (448, 240 or 127)
+    stride_se: tl.constexpr, stride_sn: tl.constexpr,  # B's scales: per expert, per GROUP_N rows
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,  # rows and K values one scale covers
 ):
     num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
     num_programs = tl.num_programs(0)  # the grid is (row blocks x column blocks)
@@ -163,17 +304,20 @@ def moe_gemm_kernel(
         if SPLIT_TAIL > 1:
             quarter = used <= BLOCK_M // 4
     if quarter:
-        _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
               expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-              BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+              BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE,
+              W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
     elif half:
-        _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
               expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-              BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+              BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE,
+              W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
     else:
-        _tile(a_ptr, b_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
+        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
               expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-              BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE)
+              BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE,
+              W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
 
 
 # --------------------------------------------------------------------------- backward

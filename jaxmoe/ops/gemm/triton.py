@@ -11,11 +11,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmoe.backends.launch import KernelLaunch, launch
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile
-from jaxmoe.types import RoutingData
+from jaxmoe.types import FP8_MAX, INT8_MAX, WEIGHT_SCHEMES, QuantizedWeights, RoutingData
 
 __all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_backward", "act_backward", "plan_weight_grad",
            "weight_grad", "expert_offsets", "WEIGHT_GRAD_TILE"]
@@ -25,10 +26,49 @@ def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
 
 
+A_SCHEMES = ("none", "fp8_token", "fp8_group", "int8_token")
+
+
+def a_scheme_for(w_scheme: str, act_quant: str | None) -> str:
+    """The kernel's ``A_SCHEME`` for weights of ``w_scheme`` and the layer's ``act_quant``:
+    per token, or per token and 128 channels against fp8_block weights (DeepSeek-V3)."""
+    if act_quant is None:
+        return "none"
+    if act_quant == "fp8":
+        return "fp8_group" if w_scheme == "fp8_block" else "fp8_token"
+    return "int8_token"
+
+
+def scale_layout(w_scheme: str, n: int, k: int) -> dict[str, int]:
+    """``stride_se``, ``stride_sn``, ``GROUP_N``, ``GROUP_K`` of B's scales for ``[E, n, k]`` weights."""
+    spec = WEIGHT_SCHEMES[w_scheme]
+    if not spec.scale_axes:
+        return {"stride_se": 0, "stride_sn": 0, "GROUP_N": 1, "GROUP_K": 1}
+    scale_shape = spec.expected_scales((1, n, k // 2 if spec.packed else k))
+    per_expert = int(np.prod(scale_shape[1:])) if len(scale_shape) > 1 else 1
+    stride_sn = scale_shape[2] if len(scale_shape) == 3 else (1 if len(scale_shape) == 2 else 0)
+    return {"stride_se": per_expert, "stride_sn": stride_sn, "GROUP_N": spec.group_n or 1,
+            "GROUP_K": spec.group_k or 1}
+
+
+def check_scheme_tile(w_scheme: str, a_scheme: str, block_k: int) -> None:
+    """Raise unless a K tile of ``block_k`` can serve these schemes: per-K-block scales need
+    the tile inside one group, 128-channel activation groups need the tile to be one group,
+    8-bit dots need K tiles of at least 32."""
+    spec = WEIGHT_SCHEMES[w_scheme]
+    if w_scheme in ("fp8_block", "int4", "int4_zp") and spec.group_k % block_k:
+        raise ValueError(f"weight scheme {w_scheme!r} needs block_k dividing {spec.group_k}, got {block_k}")
+    if a_scheme == "fp8_group" and block_k != spec.group_k:
+        raise ValueError(f"per-128-channel activation scales need block_k = {spec.group_k}, got {block_k}")
+    if a_scheme != "none" and block_k < 32:
+        raise ValueError(f"8-bit dots need block_k >= 32, got {block_k}")
+
+
 def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
               top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str | None,
               mul_routed_weight: bool, arch: str = "sm90", transpose_b: bool = False,
-              out_dtype: Any = None, split_tail: bool = True) -> KernelLaunch:
+              out_dtype: Any = None, split_tail: bool = True, w_scheme: str = "none", b_dtype: Any = None,
+              act_quant: str | None = None) -> KernelLaunch:
     """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert].
 
     ``b_shape`` is B's stored shape: ``[E, N, K]``, or with ``transpose_b`` ``[E, K, N]``
@@ -36,6 +76,10 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     ``d gate_up @ w1[e]``). ``out_dtype`` is C's dtype (default ``dtype``; fp32 keeps the
     accumulator unrounded). ``split_tail=False`` keeps mostly-padding blocks at full height
     (the backward's GEMMs: one compiled kernel fewer per tile).
+
+    Quantized B: ``w_scheme`` (a key of ``WEIGHT_SCHEMES``; ``b_shape`` stays the logical
+    ``[E, N, K]``), ``b_dtype`` its stored values' dtype (the fp8 type of the arch),
+    ``act_quant`` None, ``"fp8"`` or ``"int8"`` (A rounded per token in the kernel).
     """
     from jaxmoe.ops.gemm import kernels
 
@@ -50,8 +94,18 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         raise ValueError("the fused activation reads gate and up rows of an untransposed B")
     if k_b != k:
         raise ValueError(f"A has K={k} but B has K={k_b}")
+    spec_w = WEIGHT_SCHEMES[w_scheme]
+    a_scheme = a_scheme_for(w_scheme, act_quant)
+    if w_scheme != "none":
+        if transpose_b:
+            raise ValueError("quantized weights are read untransposed only (no backward through them)")
+        check_scheme_tile(w_scheme, a_scheme, tile.block_k)
+        if spec_w.packed and k % 2:
+            raise ValueError(f"4-bit weights need an even K, got {k}")
+    b_dtype = jnp.dtype(dtype if w_scheme == "none" else b_dtype)
     n_out = n // 2 if activation else n
-    need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, activation is not None)
+    need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, activation is not None,
+                             b_itemsize=None if w_scheme == "none" else 1)
     if need > _config.SHARED_MEMORY_LIMIT[arch]:
         # else the launch fails on the device with a driver error, or a compile error ahead of time
         raise ValueError(
@@ -69,10 +123,17 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "NUM_XCDS": _config.NUM_XCDS[arch],
         "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
         "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m) if split_tail else 0,
+        "W_SCHEME": w_scheme, "A_SCHEME": a_scheme,
+        "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
+        **scale_layout(w_scheme, n, k),
     }
     i32 = jnp.int32
+    stored = (num_experts, n, k // 2) if spec_w.packed else tuple(b_shape)
+    scales = spec_w.expected_scales(stored)
+    scale_dtype = jnp.uint8 if w_scheme == "mxfp4" else jnp.float32
     args = (
-        _sds((a_rows, k), dtype), _sds(b_shape, dtype), _sds((positions,), i32),
+        _sds((a_rows, k), dtype), _sds(stored, b_dtype), _sds(scales or (1,), scale_dtype),
+        _sds(scales if spec_w.zero_points else (1,), jnp.uint8), _sds((positions,), i32),
         _sds((num_blocks,), i32), _sds((1,), i32),
         _sds((num_rows,) if mul_routed_weight else (1,), jnp.float32),
     )
@@ -84,19 +145,43 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         amd_options=tuple(amd.items()) if arch.startswith("gfx") else ())
 
 
-def gemm(a: jax.Array, b: jax.Array, routing: RoutingData, *, tile: GemmTile, arch: str,
+def kernel_weights(b: Any, arch: str) -> tuple[str, jax.Array, jax.Array, jax.Array]:
+    """``(scheme, values, scales, zero_points)`` as the GEMM kernel reads them on ``arch``:
+    fp8 values in the arch's fp8 type (:func:`jaxmoe.quantize.with_fp8_dtype` converts,
+    exactly, a pass over the weights), scales in fp32 (uint8 for mxfp4), size-1
+    placeholders where a scheme has none."""
+    from jaxmoe.backends.platform import fp8_dtype
+    from jaxmoe.quantize import with_fp8_dtype
+
+    if not isinstance(b, QuantizedWeights) or b.scheme == "none":
+        values = b.values if isinstance(b, QuantizedWeights) else b
+        return "none", values, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.uint8)
+    if b.scheme.startswith("fp8"):
+        b = with_fp8_dtype(b, fp8_dtype(arch))
+    scales = jnp.asarray(b.scales)
+    scales = scales.astype(jnp.uint8 if b.scheme == "mxfp4" else jnp.float32)
+    zeros = jnp.asarray(b.zero_points) if b.zero_points is not None else jnp.zeros((1,), jnp.uint8)
+    return b.scheme, jnp.asarray(b.values), scales, zeros
+
+
+def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: str,
          topk_weights: jax.Array | None, activation: str | None, transpose_b: bool = False,
-         out_dtype: Any = None, split_tail: bool = True) -> jax.Array:
+         out_dtype: Any = None, split_tail: bool = True, act_quant: str | None = None) -> jax.Array:
     """One launch over ``routing``'s layout. Rows no live sorted position covers are left
-    unwritten: the caller masks them (or, in the fused layer, never reads them)."""
+    unwritten: the caller masks them (or, in the fused layer, never reads them). ``b`` is
+    an array in ``a``'s dtype or a :class:`~jaxmoe.QuantizedWeights`; ``act_quant``
+    rounds ``a`` per token inside the kernel."""
     top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
+    scheme, values, scales, zeros = kernel_weights(b, arch)
     spec = plan_gemm(a_shape=a.shape, b_shape=b.shape, dtype=a.dtype, num_rows=routing.num_rows, top_k=top_k,
                      block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
                      mul_routed_weight=topk_weights is not None, arch=arch, transpose_b=transpose_b,
-                     out_dtype=out_dtype, split_tail=split_tail)
+                     out_dtype=out_dtype, split_tail=split_tail, w_scheme=scheme, b_dtype=values.dtype,
+                     act_quant=act_quant)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
-    (c,) = launch(spec, a, b, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
+    (c,) = launch(spec, a, values, scales, zeros, routing.sorted_token_ids.astype(jnp.int32),
+                  routing.expert_ids.astype(jnp.int32),
                   routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights)
     return c
 

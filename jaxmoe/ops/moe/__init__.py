@@ -15,8 +15,9 @@ __all__ = ["FUSED_MOE", "ROUTED_MOE", "fused_moe"]
 
 
 def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
-                  return_routing: bool = False, **routing: Any) -> None:
+                  return_routing: bool = False, act_quant: str | None = None, **routing: Any) -> None:
     m, _, e, _ = checks.check_experts_args(x, w1, w2)
+    checks.check_act_quant(act_quant, w1, w2, x.dtype)
     lm, le = checks.check_route_args(logits, top_k, **routing)
     if (lm, le) != (m, e):
         raise ValueError(f"logits must be [M, E] = [{m}, {e}] (tokens of hidden_states, experts of w1), "
@@ -27,12 +28,12 @@ def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activati
 
 
 def _routed_reference(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
-                      return_routing: bool = False, **routing: Any
+                      return_routing: bool = False, act_quant: str | None = None, **routing: Any
                       ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """``fused_moe(x, w1, w2, *route(logits, ...))``; with ``return_routing`` also the
     ``topk_weights [M, k]`` f32 and ``topk_ids [M, k]`` i32 it used."""
     topk_weights, topk_ids = routing_reference.route(logits, top_k, **routing)
-    y = reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation)
+    y = reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation, act_quant=act_quant)
     return (y, topk_weights, topk_ids) if return_routing else y
 
 
@@ -48,15 +49,21 @@ ROUTED_MOE = Op("routed_moe", check=_check_routed, reference=_routed_reference,
 
 
 def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, *, activation: str = "silu",
-              implementation: Any = None) -> jax.Array:
+              act_quant: str | None = None, implementation: Any = None) -> jax.Array:
     """Apply each token's ``k`` routed experts and sum their weighted outputs.
 
     Args:
       hidden_states: ``[M, D]`` in bf16, fp16 or fp32.
       w1: ``[E, 2I, D]`` in ``hidden_states``' dtype: per expert the gate rows (first I)
         then the up rows (last I), PyTorch ``Linear`` ``[out, in]`` layout; or a
-        :class:`~jaxmoe.QuantizedWeights` of such values.
+        :class:`~jaxmoe.QuantizedWeights` of such weights (any scheme, e.g. from
+        :func:`jaxmoe.quantize_weights`; see ``docs/quantization.md``).
       w2: ``[E, D, I]`` likewise.
+      act_quant: None (weight-only: activations stay in their dtype), ``"fp8"`` (with fp8,
+        fp8_tensor or fp8_block weights) or ``"int8"`` (with int8 weights): x and the
+        intermediate h are rounded per token inside the kernels, with a dynamic scale
+        (per token and 128 channels against fp8_block weights, as DeepSeek-V3), and the
+        8-bit dot runs (:func:`jaxmoe.quantize.quantize_activations` gives the math).
       topk_weights: ``[M, k]`` routing weights, any float dtype (used in fp32).
       topk_ids: ``[M, k]`` expert ids, any integer dtype (used as int32; ids outside the
         int32 range count as invalid).
@@ -79,10 +86,16 @@ def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids:
     (token, slot) contributes nothing (a token whose ids are all invalid gets zeros).
     ``M = 0`` returns an empty ``[0, D]`` array.
 
+    Quantized weights multiply as their dequantized fp32 values (the kernels' products are
+    exact: 8-bit values and 4-bit integers are exact in bf16/fp16, scales multiply fp32
+    sums); with ``act_quant`` the rounding of x and h is the one extra step.
+
     Gradients: differentiable in ``hidden_states``, ``w1``, ``w2`` and ``topk_weights``
     (``jax.grad``, ``jax.vjp``, ``jax.checkpoint``); the reference by JAX's autodiff, the
     kernels by Triton kernels (:mod:`jaxmoe.ops.moe.backward`, which lists what the forward
     saves). Invalid ids get zero gradients; experts without rows zero weight gradients.
+    The kernels with quantized weights or ``act_quant`` have no backward: ``jax.grad``
+    raises ``NotImplementedError`` naming the way out (the reference differentiates).
     """
-    return FUSED_MOE(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+    return FUSED_MOE(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, act_quant=act_quant,
                      implementation=implementation)

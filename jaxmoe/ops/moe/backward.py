@@ -31,6 +31,12 @@ saved in either mode (step 2 recomputes it).
 
 Rows of ids outside ``[0, E)`` get zero gradients (their x rows and weights); experts
 without rows get zero weight gradients.
+
+Quantized weights (any scheme but ``"none"``) or ``act_quant``: the forward runs the
+quantized kernels; the backward is not implemented and raises ``NotImplementedError``
+when ``jax.grad`` / ``jax.vjp`` traces it (before anything runs), naming the ways out:
+``implementation="reference"`` (JAX's autodiff through ``dequantize()``, rounding of the
+activations passed straight through), or bf16 weights (``w.dequantize().astype(...)``).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
 from jaxmoe.ops.gemm.config import MoEConfig
 from jaxmoe.ops.routing import reference as routing_reference
-from jaxmoe.types import RoutingData
+from jaxmoe.types import QuantizedWeights, RoutingData
 
 __all__ = ["experts", "experts_forward", "experts_fwd", "experts_bwd", "routing_weights"]
 
@@ -63,6 +69,7 @@ class _Static:
     num_experts: int
     top_k: int
     num_rows: int
+    act_quant: str | None = None
 
 
 def _routing(static: _Static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids
@@ -78,18 +85,21 @@ def _valid(routing: RoutingData) -> jax.Array:
     return (ids >= 0) & (ids < routing.num_experts)
 
 
-def _stage1(x: jax.Array, w1: jax.Array, routing: RoutingData, config: MoEConfig, activation: str, arch: str
-            ) -> jax.Array:
-    return gemm_triton.gemm(x, w1, routing, tile=config.stage1, arch=arch, topk_weights=None, activation=activation)
+def _stage1(x: jax.Array, w1: Any, routing: RoutingData, config: MoEConfig, activation: str, arch: str,
+            act_quant: str | None = None) -> jax.Array:
+    return gemm_triton.gemm(x, w1, routing, tile=config.stage1, arch=arch, topk_weights=None, activation=activation,
+                            act_quant=act_quant)
 
 
-def experts_forward(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *, config: MoEConfig,
-                    activation: str, arch: str) -> tuple[jax.Array, jax.Array]:
-    """Both GEMM stages and the sum over the k slots: ``(out [M, D], h [M*k, I])`` in x's dtype."""
+def experts_forward(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
+                    activation: str, arch: str, act_quant: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """Both GEMM stages and the sum over the k slots: ``(out [M, D], h [M*k, I])`` in x's
+    dtype (``w1``/``w2`` arrays or :class:`~jaxmoe.QuantizedWeights`; ``act_quant`` rounds
+    x and h per token inside the kernels)."""
     m, d = x.shape
-    h = _stage1(x, w1, routing, config, activation, arch)
+    h = _stage1(x, w1, routing, config, activation, arch, act_quant)
     y = gemm_triton.gemm(h, w2, routing, tile=config.stage2, arch=arch, topk_weights=routing.topk_weights,
-                         activation=None)
+                         activation=None, act_quant=act_quant)
     # Rows of out-of-range ids were never written: they contribute nothing.
     y = jnp.where(_valid(routing)[..., None], y.reshape(m, routing.top_k, d).astype(jnp.float32), 0.0)
     return jnp.sum(y, axis=1).astype(x.dtype), h
@@ -150,8 +160,31 @@ def experts_bwd(static: _Static, residuals, dout):
 _experts.defvjp(experts_fwd, experts_bwd)
 
 
-def experts(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *, config: MoEConfig,
-            activation: str, arch: str, remat: bool = False) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _quantized_experts(static: _Static, x, w1, w2, topk_weights, sorted_token_ids, expert_ids,
+                       num_tokens_post_padded, topk_ids):
+    routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
+    out, _ = experts_forward(x, w1, w2, routing, config=static.config, activation=static.activation,
+                             arch=static.arch, act_quant=static.act_quant)
+    return out
+
+
+def _quantized_fwd(static: _Static, *args):
+    return _quantized_experts(static, *args), None
+
+
+def _quantized_bwd(static: _Static, residuals, dout):
+    raise NotImplementedError(
+        "jaxmoe: gradients of the Triton kernels with quantized weights or act_quant are not implemented; "
+        "differentiate implementation='reference' (autodiff through QuantizedWeights.dequantize(), activation "
+        "rounding passed straight through) or use unquantized weights (w.dequantize().astype(jnp.bfloat16))")
+
+
+_quantized_experts.defvjp(_quantized_fwd, _quantized_bwd)
+
+
+def experts(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
+            activation: str, arch: str, remat: bool = False, act_quant: str | None = None) -> jax.Array:
     """Both GEMM stages and the sum over the k slots, on aligned rows: ``[M, D]`` in x's dtype.
 
     Differentiable in ``x [M, D]``, ``w1 [E, 2I, D]``, ``w2 [E, D, I]`` and
@@ -159,7 +192,13 @@ def experts(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *,
     ``remat`` recomputes stage 1's output in the backward instead of saving it.
     """
     static = _Static(config, activation, arch, bool(remat), routing.block_size, routing.num_experts, routing.top_k,
-                     routing.num_rows)
+                     routing.num_rows, act_quant)
+    quantized = any(isinstance(w, QuantizedWeights) and w.scheme != "none" for w in (w1, w2))
+    if quantized or act_quant is not None:
+        return _quantized_experts(static, x, w1, w2, routing.topk_weights, routing.sorted_token_ids,
+                                  routing.expert_ids, routing.num_tokens_post_padded, routing.topk_ids)
+    w1 = w1.values if isinstance(w1, QuantizedWeights) else w1
+    w2 = w2.values if isinstance(w2, QuantizedWeights) else w2
     return _experts(static, x, w1, w2, routing.topk_weights, routing.sorted_token_ids, routing.expert_ids,
                     routing.num_tokens_post_padded, routing.topk_ids)
 

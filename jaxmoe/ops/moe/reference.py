@@ -18,18 +18,28 @@ import jax.numpy as jnp
 
 from jaxmoe.ops import checks
 from jaxmoe.ops.gemm.reference import apply_activation, dot_t
-from jaxmoe.types import QuantizedWeights
+from jaxmoe.types import QUANT_BLOCK, QuantizedWeights
 
 __all__ = ["fused_moe", "fused_moe_in", "unwrap_weights"]
 
 
 def unwrap_weights(w: Any) -> Any:
-    """The stored array of unquantized weights (``QuantizedWeights`` with scheme ``"none"``)."""
+    """The stored array of unquantized weights (``QuantizedWeights`` with scheme ``"none"``);
+    quantized weights are returned as they are."""
     if isinstance(w, QuantizedWeights):
-        if w.scheme != "none":
-            raise NotImplementedError(f"weight scheme {w.scheme!r} is not implemented")
-        return w.values
+        return w.values if w.scheme == "none" else w
     return jnp.asarray(w)
+
+
+def _act_group(w: Any) -> int | None:
+    """The channels one activation scale covers: 128 against fp8_block weights, else the row."""
+    return QUANT_BLOCK if isinstance(w, QuantizedWeights) and w.scheme == "fp8_block" else None
+
+
+def _fp8_of(w: Any) -> Any:
+    from jaxmoe.backends.platform import fp8_dtype
+
+    return fp8_dtype()
 
 
 def _varying_like(values, *others):
@@ -52,11 +62,14 @@ def _vma(a) -> frozenset:
     return frozenset(vma)
 
 
-def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, compute_dtype):
+def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, compute_dtype, act_quant=None,
+                 act_groups=(None, None), fp8_dtype=None):
     """The two-stage MoE, one expert at a time, rounding to ``compute_dtype`` where the kernels round.
 
     ``w1``/``w2`` may be stored in another dtype (e.g. bf16 weights for an fp32 oracle):
-    each expert's slice is cast to ``compute_dtype`` as it is used.
+    each expert's slice is cast to ``compute_dtype`` as it is used; fp32 weights (the
+    dequantized ones of a quantized layer) multiply in fp32. ``act_quant`` rounds x and h
+    (:func:`jaxmoe.quantize.quantize_activations`, groups of ``act_groups`` channels).
     """
     m, d = hidden_states.shape
     e, two_i, _ = w1.shape
@@ -64,6 +77,15 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     if m == 0:
         return jnp.zeros((0, d), compute_dtype)
     x = hidden_states.astype(compute_dtype)
+    operand = jnp.float32 if w1.dtype == jnp.float32 else compute_dtype  # dequantized weights: fp32 products
+    if act_quant is not None:
+        from jaxmoe.quantize import quantize_activations
+
+        def rounded(v, group):
+            return quantize_activations(v, act_quant, fp8_dtype=fp8_dtype, group=group)
+    else:
+        def rounded(v, group):
+            return v.astype(operand)
     ids = checks.as_ids(topk_ids, "topk_ids")
     weights = topk_weights.astype(jnp.float32)
     # Under shard_map every operand is made to vary over the same manual axes here, outside
@@ -78,9 +100,9 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
             # even a NaN, reaches this expert's output or its weights' gradient.
             xe = jnp.where(jnp.any(slot, axis=1)[:, None], x, jnp.zeros((), compute_dtype))
             we = jnp.where(slot, weights, 0.0)
-            gate_up = dot_t(xe, w1[ex].astype(compute_dtype))  # [M, 2I] fp32
+            gate_up = dot_t(rounded(xe, act_groups[0]), w1[ex].astype(operand))  # [M, 2I] fp32
             h = (apply_activation(activation, gate_up[:, :i]) * gate_up[:, i:]).astype(compute_dtype)
-            y = dot_t(h, w2[ex].astype(compute_dtype))  # [M, D] fp32
+            y = dot_t(rounded(h, act_groups[1]), w2[ex].astype(operand))  # [M, D] fp32
             y = (y[:, None, :] * we[:, :, None]).astype(compute_dtype)  # [M, k, D]
             return jnp.where(slot[:, :, None], y, rows)
 
@@ -94,9 +116,24 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     return rows.astype(jnp.float32).sum(axis=1).astype(compute_dtype)
 
 
-def fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu"):
-    """Reference of :func:`jaxmoe.fused_moe` (see there for the contract)."""
+def fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu", act_quant=None):
+    """Reference of :func:`jaxmoe.fused_moe` (see there for the contract).
+
+    Quantized weights are dequantized to fp32 and multiply the activations in fp32 (the
+    kernels' products are exact too: 8-bit values, 4-bit integers and mxfp4 values are
+    exact in bf16/fp16, the scales multiply fp32 sums); with ``act_quant`` x and h are
+    rounded per token (per token and 128 channels against fp8_block weights) as the
+    kernels round them, then dequantized."""
     hidden_states, topk_weights = jnp.asarray(hidden_states), jnp.asarray(topk_weights)
     w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
-    checks.check_fused_moe_args(hidden_states, w1, w2, topk_weights, topk_ids, activation)
-    return fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, hidden_states.dtype)
+    checks.check_fused_moe_args(hidden_states, w1, w2, topk_weights, topk_ids, activation, act_quant)
+    groups = (_act_group(w1), _act_group(w2))
+    fp8 = _fp8_of(w1)
+    if isinstance(w1, QuantizedWeights):
+        w1 = w1.dequantize()
+    if isinstance(w2, QuantizedWeights):
+        w2 = w2.dequantize()
+    if hidden_states.dtype != jnp.float32 and (w1.dtype == jnp.float32) != (w2.dtype == jnp.float32):
+        w1, w2 = w1.astype(jnp.float32), w2.astype(jnp.float32)  # one quantized, one not: both in fp32
+    return fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, hidden_states.dtype, act_quant,
+                        groups, fp8)

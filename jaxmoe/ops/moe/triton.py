@@ -24,7 +24,7 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
 from jaxmoe.ops.gemm.config import MoEConfig
 from jaxmoe.ops.routing import triton as routing_triton
-from jaxmoe.types import RoutingData
+from jaxmoe.types import QuantizedWeights, RoutingData
 
 __all__ = ["fused_moe", "routed_moe", "experts", "plan_route_align", "plan_fused_moe", "plan_fused_moe_backward",
            "plan_routed_moe", "current_arch",
@@ -36,15 +36,23 @@ def current_arch() -> str:
     return arch_for(default_platform())
 
 
-def _layer_config(m: int, top_k: int, w1: jax.Array, dtype: Any, arch: str) -> MoEConfig:
+def _layer_config(m: int, top_k: int, w1: Any, dtype: Any, arch: str, act_quant: str | None = None) -> MoEConfig:
     num_experts, two_i, d = w1.shape
-    return _config.select_config(m, top_k, num_experts, d, two_i // 2, dtype, arch)
+    return _config.select_config(m, top_k, num_experts, d, two_i // 2, dtype, arch, weight_scheme(w1), act_quant)
+
+
+def weight_scheme(w: Any) -> str:
+    """The weight scheme of ``w1``/``w2`` as the kernels see it (plain arrays: ``"none"``)."""
+    return w.scheme if isinstance(w, QuantizedWeights) else "none"
 
 
 def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Array, topk_ids: jax.Array, *,
-              activation: str = "silu", config: MoEConfig | None = None, remat: bool = False) -> jax.Array:
+              activation: str = "silu", act_quant: str | None = None, config: MoEConfig | None = None,
+              remat: bool = False) -> jax.Array:
     """Two-stage Triton MoE; shapes and contract as :func:`jaxmoe.fused_moe`. ``config``
     overrides the tuned or heuristic block configuration (the tuner passes candidates).
+    Quantized ``w1``/``w2`` (and ``act_quant``) run the quantized K loops; their gradients
+    are refused (:mod:`jaxmoe.ops.moe.backward`).
 
     Differentiable in ``hidden_states``, ``w1``, ``w2`` and ``topk_weights`` through Triton
     kernels (:mod:`jaxmoe.ops.moe.backward`, which says what is saved); ``remat=True``
@@ -56,20 +64,21 @@ def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Arra
         return jnp.zeros((m, d), hidden_states.dtype)
     arch = current_arch()
     if config is None:
-        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch)
+        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch, act_quant)
     ids = checks.as_ids(topk_ids, "topk_ids")
     layout = align_triton.moe_align_block_size(ids, w1.shape[0], config.block_m)
     routing = RoutingData(*layout, topk_ids=ids, topk_weights=topk_weights.astype(jnp.float32),
                           block_size=config.block_m, num_experts=w1.shape[0], top_k=top_k, num_rows=m * top_k)
-    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat)
+    return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat,
+                   act_quant=act_quant)
 
 
-def experts(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *, config: MoEConfig,
-            activation: str, arch: str, remat: bool = False) -> jax.Array:
+def experts(hidden_states: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
+            activation: str, arch: str, remat: bool = False, act_quant: str | None = None) -> jax.Array:
     """Both GEMM stages and the sum over the k slots, on aligned rows; differentiable by the
     Triton backward of :mod:`jaxmoe.ops.moe.backward` (``remat``: see there)."""
     return backward.experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch,
-                            remat=remat)
+                            remat=remat, act_quant=act_quant)
 
 
 # --------------------------------------------------------------------------- routing + experts
@@ -116,8 +125,8 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
                activation: str = "silu", scoring: str = "softmax", renormalize: bool = True,
                num_expert_group: int | None = None, topk_group: int | None = None,
                correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0,
-               remat: bool = False, group_scoring: str | None = None, return_routing: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+               remat: bool = False, group_scoring: str | None = None, return_routing: bool = False,
+               act_quant: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Routing then experts, ``fused_moe(x, w1, w2, *route(logits, top_k, ...))``, with the
     routing and the alignment in one launch where the batch is small (decode). Beyond what
     the routing kernel serves (``E > 4096`` or ``top_k > 64``) the reference routes and the
@@ -144,7 +153,7 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     spec = None
     config = None
     if m * top_k and routing_triton.kernel_serves(num_experts, top_k):
-        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch)
+        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch, act_quant)
         spec = plan_route_align(m, num_experts, top_k, logits.dtype, config.block_m, **options,
                                 bias_dtype=None if bias is None else bias.dtype,
                                 routed_scaling_factor=1.0 if scale is None else scale)
@@ -161,7 +170,8 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
             weights = backward.routing_weights(diff_logits, ids, weights, **weight_options)
             if scale is None:
                 weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
-        y = fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat)
+        y = fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat,
+                      act_quant=act_quant)
         return (y, weights, ids) if return_routing else y
     bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
     weights, ids, sorted_ids, expert_ids, padded, *_ = launch(spec, logits, bias_arg)
@@ -170,18 +180,26 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
         weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
     routing = RoutingData(sorted_ids, expert_ids, padded, topk_ids=ids, topk_weights=weights,
                           block_size=config.block_m, num_experts=num_experts, top_k=top_k, num_rows=m * top_k)
-    y = experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat)
+    y = experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat,
+                act_quant=act_quant)
     return (y, weights, ids) if return_routing else y
 
 
 def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
-                   arch: str, activation: str = "silu", config: MoEConfig | None = None) -> list[KernelLaunch]:
-    """Every launch ``fused_moe`` makes for these shapes on ``arch`` (for AOT compilation)."""
+                   arch: str, activation: str = "silu", config: MoEConfig | None = None, weights: str = "none",
+                   act_quant: str | None = None) -> list[KernelLaunch]:
+    """Every launch ``fused_moe`` makes for these shapes on ``arch`` (for AOT compilation),
+    for ``w1``/``w2`` of weight scheme ``weights`` (fp8 in the arch's fp8 type) and ``act_quant``."""
+    from jaxmoe.backends.platform import fp8_dtype
+
     if config is None:
-        config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+        config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, weights,
+                                       act_quant)
     num_rows = num_tokens * top_k
     blocks = max_blocks(num_rows, num_experts, config.block_m)
-    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks, arch=arch)
+    b_dtype = {"fp8": fp8_dtype(arch), "int8": jnp.int8, "none": dtype}.get(weights.split("_")[0], jnp.uint8)
+    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks, arch=arch,
+                  w_scheme=weights, b_dtype=b_dtype, act_quant=act_quant)
     return [
         *align_triton.plan_align(num_rows, num_experts, config.block_m),
         gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=(num_experts, 2 * intermediate, hidden),
@@ -228,16 +246,18 @@ def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, 
                     arch: str, *, activation: str = "silu", logits_dtype: Any = jnp.float32, scoring: str = "softmax",
                     renormalize: bool = True, num_expert_group: int | None = None, topk_group: int | None = None,
                     bias_dtype: Any = None, routed_scaling_factor: float = 1.0,
-                    group_scoring: str | None = None) -> list[KernelLaunch]:
+                    group_scoring: str | None = None, weights: str = "none",
+                    act_quant: str | None = None) -> list[KernelLaunch]:
     """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes."""
     if num_tokens * top_k == 0:
         return []
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, bias_dtype=bias_dtype, routed_scaling_factor=routed_scaling_factor,
                    group_scoring=group_scoring)
-    config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
+    config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, weights,
+                                   act_quant)
     experts_plan = plan_fused_moe(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, activation,
-                                  config=config)
+                                  config=config, weights=weights, act_quant=act_quant)
     fused = plan_route_align(num_tokens, num_experts, top_k, logits_dtype, config.block_m, **options)
     if fused is not None:
         return [fused, *experts_plan[-2:]]
