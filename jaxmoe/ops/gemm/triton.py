@@ -103,6 +103,8 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         if spec_w.packed and k % 2:
             raise ValueError(f"4-bit weights need an even K, got {k}")
     b_dtype = jnp.dtype(dtype if w_scheme == "none" else b_dtype)
+    if spec_w.packed:  # rows of K / 2 bytes
+        stride_bn = k // 2
     n_out = n // 2 if activation else n
     need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, activation is not None,
                              b_itemsize=None if w_scheme == "none" else 1)
@@ -116,7 +118,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     positions = num_blocks * block_m
     constexprs = {
         "N_OUT": n_out, "K": k, "TOP_K": top_k, "NUM_EXPERTS": num_experts,
-        "stride_am": k, "stride_be": n * k, "stride_bn": stride_bn, "stride_bk": stride_bk, "stride_cm": n_out,
+        "stride_am": k, "stride_be": n * (k // 2 if spec_w.packed else k), "stride_bn": stride_bn, "stride_bk": stride_bk, "stride_cm": n_out,
         "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
         "GROUP_SIZE_M": tile.group_size_m, "FUSE_ACTIVATION": activation is not None,
         "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
