@@ -1,0 +1,429 @@
+"""Quantized experts: ``jaxmoe.quantize_weights`` and ``QuantizedWeights`` (round trips,
+grids, zero groups, checkpoint layouts, validation), then ``fused_moe`` with every weight
+scheme and activation quantization, each implementation against a float64 oracle that
+rounds where the kernels round (activations per token, h to the input dtype, each
+(token, slot) row, the sum).
+
+Tolerances (norm-wise relative error against the oracle) and why:
+
+* weight-only (w8a16, w4a16): 1e-2 for bf16/fp16, 1e-4 for fp32, as unquantized weights:
+  the kernels multiply exactly represented values (8-bit values, 4-bit integers, e2m1
+  times 2^e are exact in bf16/fp16) and apply the scales to fp32 sums, so only the
+  rounding model's bf16/fp16 roundings differ from float64.
+* w8a8 (``act_quant``): 2e-2. The oracle rounds h from float64, the kernels from an fp32
+  sum: where the two h differ by one bf16 ulp the next quantization step (1/16 relative
+  for e4m3, 1/127 of the row's absmax for int8) can round one element differently. On a
+  GPU the fp8 MMA also accumulates with fewer than fp32's bits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxmoe
+from conftest import moe_inputs, randn, rel_err, tolerance
+from jaxmoe import quantize
+from jaxmoe.types import FP8_MAX, WEIGHT_SCHEMES, QuantizedWeights
+from op_base import BF16, F16, F32, OpTests, cases, with_invalid_ids
+
+EIGHT_BIT = ("fp8", "fp8_tensor", "fp8_block", "int8")
+FOUR_BIT = ("int4", "int4_zp", "mxfp4")
+ACT_FOR = {"fp8": "fp8", "fp8_tensor": "fp8", "fp8_block": "fp8", "int8": "int8"}
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+def _np_bf16(v: np.ndarray, dtype) -> np.ndarray:
+    """float64 -> the input dtype (through fp32 for bf16, as the kernels' fp32 -> bf16) -> float64."""
+    if jnp.dtype(dtype) == F32:
+        return v.astype(np.float32).astype(np.float64)
+    target = ml_dtypes.bfloat16 if jnp.dtype(dtype) == BF16 else np.float16
+    return v.astype(np.float32).astype(target).astype(np.float64)
+
+
+def _np_quant(v: np.ndarray, act_quant: str, group: int | None) -> np.ndarray:
+    """Independent numpy version of the per-token (per-group) activation rounding, in fp32."""
+    v32 = v.astype(np.float32)
+    out = np.empty_like(v32)
+    size = group or v32.shape[0]
+    qmax = np.float32(FP8_MAX["float8_e4m3fn"] if act_quant == "fp8" else 127.0)
+    for g0 in range(0, v32.shape[0], size):
+        seg = v32[g0:g0 + size]
+        if not np.isfinite(seg).all():
+            out[g0:g0 + size] = np.nan
+            continue
+        amax = np.float32(np.abs(seg).max())
+        inv = np.float32(qmax / amax) if amax > 0 else np.float32(0)
+        y = seg * inv
+        if act_quant == "fp8":
+            q = np.clip(y, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        else:
+            q = np.clip(np.floor(y + np.float32(0.5)), -qmax, qmax)
+        out[g0:g0 + size] = q * (amax / qmax)
+    return out.astype(np.float64)
+
+
+def oracle(x, q1, q2, topk_weights, topk_ids, activation="silu", act_quant=None):
+    """float64 loops over tokens and slots on the dequantized weights, rounding as the kernels."""
+    x64 = np.asarray(jnp.asarray(x).astype(F32), np.float64)
+    w1 = np.asarray(q1.dequantize(), np.float64)
+    w2 = np.asarray(q2.dequantize(), np.float64)
+    tw, ids = np.asarray(topk_weights, np.float64), np.asarray(topk_ids)
+    m, d = x64.shape
+    e, two_i, _ = w1.shape
+    i = two_i // 2
+    groups = [128 if q.scheme == "fp8_block" else None for q in (q1, q2)]
+    out = np.zeros((m, d))
+    for t in range(m):
+        xt = _np_quant(x64[t], act_quant, groups[0]) if act_quant else x64[t]
+        for j in range(ids.shape[1]):
+            ex = int(ids[t, j])
+            if not 0 <= ex < e:
+                continue
+            gu = w1[ex] @ xt
+            g = gu[:i]
+            act = g / (1 + np.exp(-g)) if activation == "silu" else 0.5 * g * (1 + _erf(g / np.sqrt(2)))
+            h = _np_bf16(act * gu[i:], x.dtype)
+            h = _np_quant(h, act_quant, groups[1]) if act_quant else h
+            out[t] += _np_bf16((w2[ex] @ h) * tw[t, j], x.dtype)
+    return _np_bf16(out, x.dtype)
+
+
+def _erf(v):
+    from math import erf
+
+    return np.vectorize(erf)(v)
+
+
+def quantized_inputs(rng, m, d, i, e, k, dtype, scheme, pool=None):
+    x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, dtype, pool)
+    return x, jaxmoe.quantize_weights(w1, scheme), jaxmoe.quantize_weights(w2, scheme), tw, ids
+
+
+def _cases(shapes, combos):
+    return {f"{s}-{a or 'w'}-{'-'.join(map(str, shp))}": (*shp, s, a) for shp in shapes for s, a in combos}
+
+
+ALL_COMBOS = [(s, None) for s in EIGHT_BIT + FOUR_BIT] + [(s, ACT_FOR[s]) for s in EIGHT_BIT]
+# (M, D, I, E, k): D = 160 and I = 80 leave partial 128-blocks (fp8_block), groups (int4,
+# K = 160 and 80) and 32-groups (mxfp4, K = 80); N = 2I = 160 a partial block row.
+QUANT_CASES = {
+    **_cases([(9, 64, 48, 4, 2)], ALL_COMBOS),
+    **_cases([(13, 160, 80, 5, 2)], [("fp8_block", None), ("fp8_block", "fp8"), ("int4", None), ("int4_zp", None),
+                                     ("mxfp4", None), ("int8", "int8")]),
+    **_cases([(1, 128, 64, 8, 2)], [("fp8", "fp8"), ("int4_zp", None), ("mxfp4", None)]),  # M = 1
+}
+DTYPE_CASES = {"fp8-fp16": ("fp8", None, F16), "int4-fp32": ("int4", None, F32), "int8-fp16": ("int8", "int8", F16),
+               "mxfp4-fp32": ("mxfp4", None, F32)}
+
+
+class QuantMoeTests(OpTests):
+    """fused_moe with quantized w1/w2 (and act_quant) against the float64 rounding oracle."""
+
+    QUANT_CASES = QUANT_CASES
+    DTYPE_CASES = DTYPE_CASES
+    EMPTY_CASES = {"fp8_block-fp8": ("fp8_block", "fp8"), "int4_zp": ("int4_zp", None), "int8-int8": ("int8", "int8")}
+
+    def fused(self, x, q1, q2, tw, ids, act_quant=None, activation="silu"):
+        return self.jit(lambda *a: jaxmoe.fused_moe(*a, act_quant=act_quant, activation=activation, **self.impl),
+                        x, q1, q2, tw, ids)
+
+    def check(self, x, q1, q2, tw, ids, act_quant=None, activation="silu"):
+        out = self.fused(x, q1, q2, tw, ids, act_quant, activation)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert np.isfinite(np.asarray(out, np.float32)).all()  # poisoned: every row written
+        tol = 2e-2 if act_quant else tolerance(x.dtype)
+        err = rel_err(out, oracle(x, q1, q2, tw, ids, activation, act_quant))
+        assert err <= tol, err
+        return out
+
+    @cases("QUANT_CASES", "m,d,i,e,k,scheme,act_quant")
+    def test_matches_oracle(self, rng, m, d, i, e, k, scheme, act_quant):
+        x, q1, q2, tw, ids = quantized_inputs(rng, m, d, i, e, k, BF16, scheme)
+        self.check(x, q1, q2, tw, ids, act_quant)
+
+    @cases("DTYPE_CASES", "scheme,act_quant,dtype")
+    def test_other_activation_dtypes(self, rng, scheme, act_quant, dtype):
+        x, q1, q2, tw, ids = quantized_inputs(rng, 7, 64, 32, 4, 2, dtype, scheme)
+        self.check(x, q1, q2, tw, ids, act_quant, "gelu")
+
+    @cases("EMPTY_CASES", "scheme,act_quant")
+    def test_invalid_ids_and_empty_experts(self, rng, scheme, act_quant):
+        x, q1, q2, tw, ids = quantized_inputs(rng, 12, 64, 48, 16, 2, BF16, scheme, pool=[1, 5, 6])
+        self.check(x, q1, q2, tw, with_invalid_ids(ids, 16), act_quant)
+
+    @pytest.mark.parametrize("scheme,act_quant", [("fp8", "fp8"), ("fp8_block", "fp8"), ("int8", "int8"),
+                                                  ("mxfp4", None)])
+    def test_nan_and_inf_stay_in_their_token(self, rng, scheme, act_quant):
+        x, q1, q2, tw, ids = quantized_inputs(rng, 6, 64, 48, 4, 2, BF16, scheme)
+        x = np.array(x.astype(F32))
+        x[1, 3], x[4, 0] = np.nan, np.inf
+        x = jnp.asarray(x, BF16)
+        out = np.asarray(self.fused(x, q1, q2, tw, ids, act_quant), np.float32)
+        clean = [0, 2, 3, 5]
+        assert not np.isfinite(out[1]).all() and not np.isfinite(out[4]).all()
+        assert np.isfinite(out[clean]).all()
+        want = oracle(x[jnp.asarray(clean)], q1, q2, tw[jnp.asarray(clean)], ids[jnp.asarray(clean)],
+                      act_quant=act_quant)
+        assert rel_err(out[clean], want) <= (2e-2 if act_quant else 1e-2)
+
+    def test_all_zero_tokens_and_weight_rows(self, rng):
+        """Zero activations (a zero absmax) and zero weight rows: zeros out, no 0/0."""
+        x, w1, w2, tw, ids = moe_inputs(rng, 5, 64, 48, 4, 2, BF16)
+        x = x.at[2].set(0)
+        w1 = w1.at[:, 7].set(0)
+        for scheme, aq in (("fp8", "fp8"), ("int8", "int8"), ("int4_zp", None), ("mxfp4", None)):
+            q1, q2 = jaxmoe.quantize_weights(w1, scheme), jaxmoe.quantize_weights(w2, scheme)
+            out = self.check(x, q1, q2, tw, ids, aq)
+            assert (np.asarray(out[2], np.float32) == 0).all()
+
+
+class TestQuantMoeReference(QuantMoeTests):
+    implementation = "reference"
+
+
+class TestQuantMoeTritonInterpreter(QuantMoeTests):
+    implementation = "triton"
+
+
+@pytest.mark.gpu
+class TestQuantMoeTritonGPU(QuantMoeTests):
+    implementation, gpu = "triton", True
+    QUANT_CASES = {
+        **QUANT_CASES,
+        **_cases([(32, 512, 1024, 8, 2), (200, 1024, 512, 64, 4), (1024, 1024, 384, 8, 2)], ALL_COMBOS),
+        **_cases([(16, 4096, 14336, 8, 2)], [("fp8", None), ("fp8", "fp8"), ("int8", "int8"), ("int4", None),
+                                             ("mxfp4", None)]),  # Mixtral-8x7B
+        **_cases([(64, 7168, 2048, 256, 8)], [("fp8_block", None), ("fp8_block", "fp8")]),  # DeepSeek-V3
+        **_cases([(8, 2880, 2880, 128, 4)], [("mxfp4", None), ("int4_zp", None)]),  # gpt-oss-120b
+    }
+
+    def check(self, x, q1, q2, tw, ids, act_quant=None, activation="silu"):
+        if x.shape[0] * x.shape[1] * q2.shape[2] * ids.shape[1] <= 2**24:
+            return super().check(x, q1, q2, tw, ids, act_quant, activation)
+        # past the oracle's loops: the fp32 rounding-model reference
+        out = self.fused(x, q1, q2, tw, ids, act_quant, activation)
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+        want = jaxmoe.fused_moe(x, q1, q2, tw, ids, act_quant=act_quant, activation=activation,
+                                implementation="reference")
+        assert rel_err(out, want) <= (2e-2 if act_quant else 1e-2)
+        return out
+
+
+# ----------------------------------------------------------------------------- gradients and errors
+
+
+def test_grad_through_quantized_kernels_is_refused_with_the_way_out(rng):
+    x, q1, q2, tw, ids = quantized_inputs(rng, 4, 32, 16, 4, 2, BF16, "fp8")
+    loss = lambda x: jaxmoe.fused_moe(x, q1, q2, tw, ids, implementation="triton").astype(F32).sum()
+    with pytest.raises(NotImplementedError, match="implementation='reference'"):
+        jax.grad(loss)(x)
+    ref = lambda x: jaxmoe.fused_moe(x, q1, q2, tw, ids, implementation="reference").astype(F32).sum()
+    assert np.isfinite(np.asarray(jax.grad(ref)(x), np.float32)).all()
+
+
+def test_fused_moe_quant_errors(rng):
+    x, w1, w2, tw, ids = moe_inputs(rng, 4, 64, 32, 4, 2, BF16)
+    f1, f2 = jaxmoe.quantize_weights(w1, "fp8"), jaxmoe.quantize_weights(w2, "fp8")
+    i1, i2 = jaxmoe.quantize_weights(w1, "int4"), jaxmoe.quantize_weights(w2, "int4")
+    m1, m2 = jaxmoe.quantize_weights(w1, "mxfp4"), jaxmoe.quantize_weights(w2, "mxfp4")
+    for impl in ("reference", "triton"):
+        with pytest.raises(ValueError, match="act_quant"):
+            jaxmoe.fused_moe(x, f1, f2, tw, ids, act_quant="fp4", implementation=impl)
+        with pytest.raises(ValueError, match="act_quant='int8' needs w1"):
+            jaxmoe.fused_moe(x, f1, f2, tw, ids, act_quant="int8", implementation=impl)
+        with pytest.raises(ValueError, match="act_quant='fp8' needs w1"):
+            jaxmoe.fused_moe(x, i1, i2, tw, ids, act_quant="fp8", implementation=impl)
+        with pytest.raises(ValueError, match="act_quant='fp8' needs w1"):
+            jaxmoe.fused_moe(x, w1, w2, tw, ids, act_quant="fp8", implementation=impl)
+        with pytest.raises(TypeError, match="hidden_states"):
+            jaxmoe.fused_moe(x.astype(F16), m1, m2, tw, ids, implementation=impl)
+        with pytest.raises(ValueError, match="w2"):
+            jaxmoe.fused_moe(x, f1, jaxmoe.quantize_weights(w2[:, :, :16], "fp8"), tw, ids, implementation=impl)
+
+
+def test_moe_layer_with_quantized_params(rng):
+    params = jaxmoe.init_moe_params(jax.random.key(0), hidden=64, intermediate=32, experts=4)
+    x = randn(rng, (2, 5, 64), BF16)
+    q = {**params, "w1": jaxmoe.quantize_weights(params["w1"], "fp8"),
+         "w2": jaxmoe.quantize_weights(params["w2"], "fp8")}
+    got = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, act_quant="fp8", implementation="triton"))(q, x)
+    want = jaxmoe.moe_layer(q, x, top_k=2, act_quant="fp8", implementation="reference")
+    assert got.shape == x.shape and rel_err(got, want) <= 2e-2
+    plain = jaxmoe.moe_layer(params, x, top_k=2, implementation="reference")
+    assert rel_err(want, plain) <= 0.1  # fp8 weights and activations: a few per cent
+    with pytest.raises(ValueError, match="act_quant"):
+        jaxmoe.moe_layer(params, x, top_k=2, act_quant="fp8")
+
+
+# ----------------------------------------------------------------------------- quantize_weights
+
+
+def _w(rng, shape=(3, 160, 200)):
+    return randn(rng, shape, F32, scale=0.05)
+
+
+def _elementwise_bound(w, q):
+    """The per-element error bound quantize_weights states for q's scheme."""
+    w = np.asarray(w, np.float64)
+    e, n, k = w.shape
+    if q.scheme in ("fp8", "fp8_tensor", "fp8_block"):
+        s = np.asarray(quantize.dequantize(QuantizedWeights(jnp.ones(q.values.shape, q.values.dtype), q.scales,
+                                                            q.scheme)), np.float64)
+        return 2.0**-4 * np.abs(w) + s * 2.0**-10
+    if q.scheme == "int8":
+        return np.asarray(q.scales, np.float64)[:, :, None] / 2 * np.ones_like(w)
+    s = np.repeat(np.asarray(q.scales, np.float64), 128 if q.scheme != "mxfp4" else 32, axis=2)[:, :, :k]
+    if q.scheme == "mxfp4":
+        return 2.0 ** (s - 127)
+    return s / 2
+
+
+@pytest.mark.parametrize("scheme", EIGHT_BIT + FOUR_BIT)
+def test_round_trip_error_is_bounded(rng, scheme):
+    w = _w(rng)
+    q = jaxmoe.quantize_weights(w, scheme)
+    assert q.shape == w.shape and q.scheme == scheme
+    err = np.abs(np.asarray(q.dequantize(), np.float64) - np.asarray(w, np.float64))
+    assert (err <= _elementwise_bound(w, q) * (1 + 1e-6) + 1e-30).all()
+    # and it is a quantization, not a copy: the norm-wise error is what the format costs
+    rel = rel_err(q.dequantize(), w)
+    assert {"int8": 0 < rel < 0.01, "int4": 0.02 < rel < 0.2, "int4_zp": 0.02 < rel < 0.2,
+            "mxfp4": 0.02 < rel < 0.25}.get(scheme, 0 < rel < 0.05), rel
+
+
+def test_values_on_the_grid_round_trip_exactly(rng):
+    e, n, k = 2, 8, 256
+    q = rng.integers(-7, 8, (e, n, k)).astype(np.float64)
+    q[..., ::128] = 7  # each group's max is the grid's end
+    s = 2.0 ** rng.integers(-8, 0, (e, n, 2))  # powers of two: s * 7 / 7 == s exactly
+    w = jnp.asarray(q * np.repeat(s, 128, axis=2), F32)
+    for scheme in ("int4", "int4_zp"):
+        np.testing.assert_array_equal(np.asarray(jaxmoe.quantize_weights(w, scheme).dequantize()), np.asarray(w))
+    grid = np.asarray(quantize.E2M1_VALUES)
+    v = grid[rng.integers(0, 16, (e, n, k))]
+    v[..., ::32] = 6.0
+    w = jnp.asarray(v * np.repeat(2.0 ** rng.integers(-10, 4, (e, n, k // 32)), 32, axis=2), F32)
+    np.testing.assert_array_equal(np.asarray(jaxmoe.quantize_weights(w, "mxfp4").dequantize()), np.asarray(w))
+    q8 = rng.integers(-127, 128, (e, n, k)).astype(np.float64)
+    q8[..., 0] = 127
+    w = jnp.asarray(q8 * 2.0 ** rng.integers(-8, 0, (e, n, 1)), F32)
+    np.testing.assert_array_equal(np.asarray(jaxmoe.quantize_weights(w, "int8").dequantize()), np.asarray(w))
+
+
+@pytest.mark.parametrize("scheme", EIGHT_BIT + FOUR_BIT)
+def test_all_zero_rows_and_groups(rng, scheme):
+    w = np.array(_w(rng, (2, 130, 256)))
+    w[0] = 0
+    w[1, 5] = 0
+    w[1, 9, 128:] = 0
+    q = jaxmoe.quantize_weights(jnp.asarray(w), scheme)
+    for leaf in jax.tree_util.tree_leaves(q):
+        assert np.isfinite(np.asarray(leaf, np.float32)).all()
+    back = np.asarray(q.dequantize())
+    assert (back[0] == 0).all() and (back[1, 5] == 0).all() and (back[1, 9, 128:] == 0).all()
+
+
+def test_fp8_dtype_conversion_is_exact(rng):
+    w = _w(rng)
+    for scheme in ("fp8", "fp8_block", "fp8_tensor"):
+        fn = jaxmoe.quantize_weights(w, scheme, fp8_dtype=jnp.float8_e4m3fn)
+        fnuz = quantize.with_fp8_dtype(fn, jnp.float8_e4m3fnuz)
+        assert fnuz.values.dtype == jnp.float8_e4m3fnuz
+        np.testing.assert_array_equal(np.asarray(fnuz.dequantize()), np.asarray(fn.dequantize()))
+        native = jaxmoe.quantize_weights(w, scheme, fp8_dtype=jnp.float8_e4m3fnuz)
+        assert float(jnp.max(jnp.abs(native.values.astype(F32)))) <= 240
+        back = quantize.with_fp8_dtype(native, jnp.float8_e4m3fn)
+        np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(native.dequantize()))
+
+
+def test_fnuz_weights_run_on_the_kernels(rng):
+    """Weights in the other fp8 type are converted to the platform's, exactly."""
+    x, w1, w2, tw, ids = moe_inputs(rng, 5, 64, 32, 4, 2, BF16)
+    q1, q2 = (jaxmoe.quantize_weights(w, "fp8", fp8_dtype=jnp.float8_e4m3fnuz) for w in (w1, w2))
+    got = jax.jit(lambda *a: jaxmoe.fused_moe(*a, implementation="triton"))(x, q1, q2, tw, ids)
+    assert rel_err(got, oracle(x, q1, q2, tw, ids)) <= 1e-2
+
+
+# ----------------------------------------------------------------------------- checkpoint layouts
+
+
+def test_mxfp4_from_gpt_oss_blocks(rng):
+    e, n, k = 2, 6, 64
+    blocks = jnp.asarray(rng.integers(0, 256, (e, n, k // 32, 16)), jnp.uint8)
+    scales = jnp.asarray(rng.integers(120, 130, (e, n, k // 32)), jnp.uint8)
+    q = quantize.from_mxfp4(blocks, scales)
+    assert q.shape == (e, n, k) and q.scheme == "mxfp4"
+    b = np.asarray(blocks)
+    lut = np.asarray(quantize.E2M1_VALUES)
+    vals = np.stack([lut[b & 15], lut[b >> 4]], axis=-1).reshape(e, n, k // 32, 32)  # element 2j low
+    want = (vals * 2.0 ** (np.asarray(scales, np.float64)[..., None] - 127)).reshape(e, n, k)
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), want.astype(np.float32))
+    with pytest.raises(ValueError, match="blocks"):
+        quantize.from_mxfp4(blocks[..., :8], scales)
+    with pytest.raises(ValueError, match="scales"):
+        quantize.from_mxfp4(blocks, scales[:, :3])
+
+
+def _pack_words(nib: np.ndarray, axis: int, order=tuple(range(8))) -> np.ndarray:
+    """Nibbles -> int32 words along ``axis``, slot j holding element 8c + order[j]."""
+    nib = np.moveaxis(nib.astype(np.uint32), axis, -1)
+    groups = nib.reshape(*nib.shape[:-1], -1, 8)
+    words = np.zeros(groups.shape[:-1], np.uint32)
+    for j in range(8):
+        words |= groups[..., order[j]] << (4 * j)
+    return np.moveaxis(words.view(np.int32), -1, axis)
+
+
+@pytest.mark.parametrize("layout", ["gptq", "awq"])
+def test_gptq_and_awq_layouts(rng, layout):
+    e, k, n = 2, 256, 16
+    q = rng.integers(0, 16, (e, k, n))  # [E, K, N] as the checkpoints ([in, out])
+    z = rng.integers(0, 16, (e, k // 128, n))
+    s = rng.uniform(0.01, 0.1, (e, k // 128, n)).astype(np.float16)
+    if layout == "gptq":
+        qw = quantize.from_gptq(_pack_words(q, 1), s, _pack_words(np.maximum(z - 1, 0), 2))
+        z = np.maximum(z - 1, 0) + 1
+    else:
+        qw = quantize.from_awq(_pack_words(q, 2, quantize.AWQ_ORDER), s, _pack_words(z, 2, quantize.AWQ_ORDER))
+    want = (q - np.repeat(z, 128, axis=1)) * np.repeat(s.astype(np.float32), 128, axis=1)  # [E, K, N]
+    assert qw.scheme == "int4_zp" and qw.shape == (e, n, k)
+    np.testing.assert_allclose(np.asarray(qw.dequantize()), np.swapaxes(want, 1, 2), rtol=1e-6)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize.from_awq(_pack_words(q, 2), s, _pack_words(z, 2), group_size=64)
+
+
+def test_constructor_validates_checkpoint_arrays():
+    v8 = jnp.zeros((2, 256, 300), jnp.float8_e4m3fn)
+    QuantizedWeights(values=v8, scales=jnp.ones((2, 2, 3)), scheme="fp8_block")  # DeepSeek-V3's blocks
+    with pytest.raises(ValueError, match=r"scales of shape \[2, 2, 3\]"):
+        QuantizedWeights(values=v8, scales=jnp.ones((2, 256)), scheme="fp8_block")
+    with pytest.raises(ValueError, match="needs scales"):
+        QuantizedWeights(values=v8, scheme="fp8")
+    with pytest.raises(TypeError, match="stores values"):
+        QuantizedWeights(values=v8.astype(jnp.int8), scales=jnp.ones((2, 256)), scheme="fp8")
+    with pytest.raises(TypeError, match="stores scales"):
+        QuantizedWeights(values=v8, scales=jnp.ones((2, 256), jnp.int32), scheme="fp8")
+    p = jnp.zeros((2, 8, 100), jnp.uint8)  # K = 200: two groups of 128 along K
+    q = QuantizedWeights(values=p, scales=jnp.ones((2, 8, 2)), scheme="int4_zp", zero_points=jnp.zeros((2, 8, 2),
+                                                                                                        jnp.uint8))
+    assert q.shape == (2, 8, 200)
+    with pytest.raises(ValueError, match="needs zero_points"):
+        QuantizedWeights(values=p, scales=jnp.ones((2, 8, 2)), scheme="int4_zp")
+    with pytest.raises(ValueError, match="has no zero_points"):
+        QuantizedWeights(values=p, scales=jnp.ones((2, 8, 2)), scheme="int4", zero_points=jnp.zeros((2, 8, 2)))
+    with pytest.raises(TypeError, match="stores zero_points"):
+        QuantizedWeights(values=p, scales=jnp.ones((2, 8, 2)), scheme="int4_zp",
+                         zero_points=jnp.zeros((2, 8, 2), jnp.int32))
+    with pytest.raises(TypeError, match="stores scales"):
+        QuantizedWeights(values=p, scales=jnp.ones((2, 8, 7)), scheme="mxfp4")
+    with pytest.raises(ValueError, match="even"):
+        jaxmoe.quantize_weights(jnp.ones((2, 8, 7)), "int4")
+    with pytest.raises(ValueError, match="scheme"):
+        jaxmoe.quantize_weights(jnp.ones((2, 8, 8)), "fp4")
+    assert set(WEIGHT_SCHEMES) == {"none", *EIGHT_BIT, *FOUR_BIT}
