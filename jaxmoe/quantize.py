@@ -244,8 +244,8 @@ def with_fp8_dtype(w: QuantizedWeights, fp8_dtype: Any) -> QuantizedWeights:
 
     ``e4m3fn -> e4m3fnuz`` reinterprets the bits (an fnuz pattern means half the fn value)
     and doubles the scales: exact; fn's ``-0`` becomes 0 and its NaN fnuz's NaN.
-    ``e4m3fnuz -> e4m3fn`` converts the values (exact but for fnuz subnormals below 2^-9,
-    rounded to nearest even) and keeps the scales.
+    ``e4m3fnuz -> e4m3fn`` converts the values and keeps the scales: exact but for values
+    below 2^-6 (e4m3fn's subnormals, steps of 2^-9), rounded to nearest even.
     """
     target = jnp.dtype(fp8_dtype)
     if not w.scheme.startswith("fp8"):

@@ -290,7 +290,8 @@ def test_round_trip_error_is_bounded(rng, scheme):
     q = jaxmoe.quantize_weights(w, scheme)
     assert q.shape == w.shape and q.scheme == scheme
     err = np.abs(np.asarray(q.dequantize(), np.float64) - np.asarray(w, np.float64))
-    assert (err <= _elementwise_bound(w, q) * (1 + 1e-6) + 1e-30).all()
+    # slack: the fp32 roundings of w / s and q * s, a few ulps of |w|
+    assert (err <= _elementwise_bound(w, q) + 2.0**-21 * np.abs(np.asarray(w, np.float64))).all()
     # and it is a quantization, not a copy: the norm-wise error is what the format costs
     rel = rel_err(q.dequantize(), w)
     assert {"int8": 0 < rel < 0.01, "int4": 0.02 < rel < 0.2, "int4_zp": 0.02 < rel < 0.2,
@@ -303,8 +304,12 @@ def test_values_on_the_grid_round_trip_exactly(rng):
     q[..., ::128] = 7  # each group's max is the grid's end
     s = 2.0 ** rng.integers(-8, 0, (e, n, 2))  # powers of two: s * 7 / 7 == s exactly
     w = jnp.asarray(q * np.repeat(s, 128, axis=2), F32)
-    for scheme in ("int4", "int4_zp"):
-        np.testing.assert_array_equal(np.asarray(jaxmoe.quantize_weights(w, scheme).dequantize()), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(jaxmoe.quantize_weights(w, "int4").dequantize()), np.asarray(w))
+    u = rng.integers(0, 16, (e, n, k))  # int4_zp: (u - z) * s, each group reaching both ends 0 and 15
+    u[..., ::128], u[..., 1::128] = 0, 15
+    z = np.repeat(rng.integers(0, 16, (e, n, 2)), 128, axis=2)
+    w = jnp.asarray((u - z) * np.repeat(s, 128, axis=2), F32)
+    np.testing.assert_array_equal(np.asarray(jaxmoe.quantize_weights(w, "int4_zp").dequantize()), np.asarray(w))
     grid = np.asarray(quantize.E2M1_VALUES)
     v = grid[rng.integers(0, 16, (e, n, k))]
     v[..., ::32] = 6.0
@@ -339,7 +344,11 @@ def test_fp8_dtype_conversion_is_exact(rng):
         native = jaxmoe.quantize_weights(w, scheme, fp8_dtype=jnp.float8_e4m3fnuz)
         assert float(jnp.max(jnp.abs(native.values.astype(F32)))) <= 240
         back = quantize.with_fp8_dtype(native, jnp.float8_e4m3fn)
-        np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(native.dequantize()))
+        # exact but below 2^-6, where e4m3fn is subnormal (steps of 2^-9, rounded to nearest)
+        q = np.asarray(native.values.astype(F32))
+        np.testing.assert_array_equal(np.asarray(back.values.astype(F32))[np.abs(q) >= 2.0**-6],
+                                      q[np.abs(q) >= 2.0**-6])
+        assert np.abs(np.asarray(back.values.astype(F32)) - q).max() <= 2.0**-10
 
 
 def test_fnuz_weights_run_on_the_kernels(rng):
