@@ -110,6 +110,39 @@ def test_every_moe_backward_launch_compiles(target):
     _compile_all(specs, target)
 
 
+# Quantized experts: every (weight scheme, act_quant) at the decode tile, the large-M tile
+# for the schemes that serve prefill; Mixtral-8x7B's shape (whole tiles), DeepSeek-V3's for
+# fp8_block, gpt-oss-120b's for the 4-bit ones (D = I = 2880: a partial K tile). On gfx942
+# the fp8 values are e4m3fnuz, elsewhere e4m3fn (the plans pick the arch's type).
+QUANT_COMBOS = [("fp8", None), ("fp8", "fp8"), ("fp8_tensor", None), ("fp8_tensor", "fp8"), ("fp8_block", None),
+                ("fp8_block", "fp8"), ("int8", None), ("int8", "int8"), ("int4", None), ("int4_zp", None),
+                ("mxfp4", None)]
+QUANT_PREFILL = {("fp8", "fp8"), ("fp8_block", "fp8"), ("int8", "int8"), ("int4", None), ("mxfp4", None)}
+
+
+def quantized_launches_for(arch: str) -> list[KernelLaunch]:
+    shapes = {"fp8_block": PRESETS["deepseek-v3"], "int4": PRESETS["gpt-oss-120b"],
+              "int4_zp": PRESETS["gpt-oss-120b"], "mxfp4": PRESETS["gpt-oss-120b"]}
+    seen: dict = {}
+    for weights, act_quant in QUANT_COMBOS:
+        p = shapes.get(weights, PRESETS["mixtral-8x7b"])
+        for m in (16, 4096) if (weights, act_quant) in QUANT_PREFILL else (16,):
+            for spec in moe_triton.plan_fused_moe(m, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
+                                                  arch, weights=weights, act_quant=act_quant)[-2:]:
+                seen.setdefault(_key(spec), spec)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_quantized_launch_compiles(target):
+    specs = quantized_launches_for(TARGETS[target])
+    fp8 = {spec.args[1].dtype.name for spec in specs if dict(spec.constexprs)["W_SCHEME"].startswith("fp8")}
+    assert fp8 == {"float8_e4m3fnuz" if target == "gfx942" else "float8_e4m3fn"}
+    assert {dict(s.constexprs)["W_SCHEME"] for s in specs} == {w for w, _ in QUANT_COMBOS}
+    assert len(specs) >= 2 * len(QUANT_COMBOS)
+    _compile_all(specs, target)
+
+
 def test_heuristic_buckets_cover_every_block_m():
     picked = {_config.heuristic_config(m, 2, 8, 4096, 14336, jnp.bfloat16).block_m for m in (1, 64, 300, 4096)}
     assert picked == {16, 32, 64, 128}

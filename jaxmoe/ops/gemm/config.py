@@ -202,6 +202,8 @@ def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool, b_ite
             tile = dataclasses.replace(tile, block_k=tile.block_k // 2)
         elif tile.block_n > 32:
             tile = dataclasses.replace(tile, block_n=tile.block_n // 2)
+        elif fixed_k and tile.num_stages > 1:  # 128-wide K tiles on a small LDS: no pipeline
+            tile = dataclasses.replace(tile, num_stages=1)
         else:
             break
     return tile

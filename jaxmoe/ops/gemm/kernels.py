@@ -138,24 +138,30 @@ def _mma(acc, a, b, a_inv, k0, offs_k, s_ptrs, z_ptrs, col_ok,
                 part = tl.dot(a, bw, input_precision="ieee")
             else:
                 part = tl.dot(a, bw)
-            return acc + part * s[None, :]
-        if FP32_IEEE:
-            return tl.dot(a, bw, acc, input_precision="ieee")
-        return tl.dot(a, bw, acc)
-    af = a.to(tl.float32)
-    if A_SCHEME == "fp8_group":  # this tile is the row's 128-channel group
-        amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
-        a_scale = amax / QMAX + tl.sum(af * 0.0, axis=1)
-        a_inv = _inverse_scale(amax, QMAX)
-    y = af * a_inv[:, None]
-    if A_SCHEME == "int8_token":
-        qa = tl.clamp(tl.floor(y + 0.5), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(tl.int8)
-        return tl.dot(qa, b, acc, out_dtype=tl.int32)
-    qa = tl.clamp(y, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(b.dtype)
-    if A_SCHEME == "fp8_group":
-        s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
-        return acc + tl.dot(qa, b) * (a_scale[:, None] * s[None, :])
-    return tl.dot(qa, b, acc)
+            acc = acc + part * s[None, :]
+        elif FP32_IEEE:
+            acc = tl.dot(a, bw, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, bw, acc)
+    else:
+        af = a.to(tl.float32)
+        a_scale = a_inv  # replaced for per-group scales below
+        if A_SCHEME == "fp8_group":  # this tile is the row's 128-channel group
+            amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
+            a_scale = amax / QMAX + tl.sum(af * 0.0, axis=1)
+            a_inv = _inverse_scale(amax, QMAX)
+        y = af * a_inv[:, None]
+        if A_SCHEME == "int8_token":
+            qa = tl.clamp(tl.floor(y + 0.5), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(tl.int8)
+            acc = tl.dot(qa, b, acc, out_dtype=tl.int32)
+        else:
+            qa = tl.clamp(y, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(b.dtype)
+            if A_SCHEME == "fp8_group":
+                s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
+                acc = acc + tl.dot(qa, b) * (a_scale[:, None] * s[None, :])
+            else:
+                acc = tl.dot(qa, b, acc)
+    return acc
 
 
 @triton.jit
