@@ -130,7 +130,36 @@ def ragged_dot_layer(params: dict[str, jax.Array], x: jax.Array, routing: dict[s
     return out.reshape(m, k, d).sum(axis=1).astype(x.dtype)
 
 
-def _layer_fn(impl: str, preset: ModelPreset, routing: dict[str, Any]) -> Callable:
+# --quant: the quantized layer is timed as one more implementation, "jaxmoe:<scheme>[+a<act>]",
+# beside the bf16 kernels and the peers (which run the unquantized weights).
+QUANTS = ("fp8", "fp8_tensor", "fp8_block", "int8", "int4", "int4_zp", "mxfp4")
+FP8_DOT_SPEEDUP = 2.0  # dense fp8 (and int8) / bf16 tensor-core rate on H100/H200 (NVIDIA's datasheets)
+
+
+def quant_label(quant: str, act_quant: str | None) -> str:
+    return f"jaxmoe:{quant}" + (f"+a{act_quant}" if act_quant else "")
+
+
+def quant_roofline(preset: ModelPreset, m: int, experts_hit: float, itemsize: int, quant: str,
+                   act_quant: str | None) -> tuple[float, float, float]:
+    """The roofline of the quantized layer: weights at their stored bytes plus their scales
+    (fp32; uint8 for mxfp4), activations at ``itemsize``; the compute floor at the 8-bit
+    dot rate (``FP8_DOT_SPEEDUP`` x bf16) with ``act_quant``, else bf16's."""
+    from jaxmoe.types import WEIGHT_SCHEMES
+
+    spec = WEIGHT_SCHEMES[quant]
+    d, i = preset.hidden, preset.intermediate
+    per_scale = 1 if quant == "mxfp4" else 4
+    per_weight = spec.bits / 8 + per_scale / ((spec.group_n or i) * (spec.group_k or d))
+    nbytes = experts_hit * 3 * i * d * per_weight + 2 * m * d * itemsize
+    flops = 2 * m * preset.top_k * 3 * i * d
+    rate = PEAK_FLOPS * (FP8_DOT_SPEEDUP if act_quant else 1.0)
+    return nbytes, flops, max(nbytes / PEAK_BYTES_PER_S, flops / rate)
+
+
+def _layer_fn(impl: str, preset: ModelPreset, routing: dict[str, Any], act_quant: str | None = None) -> Callable:
+    if impl.startswith("jaxmoe:"):
+        return lambda p, x: moe_layer(p, x, implementation="triton", act_quant=act_quant, **routing)
     if impl == "ragged_dot":
         return lambda p, x: ragged_dot_layer(p, x, routing)
     return lambda p, x: moe_layer(p, x, implementation="triton" if impl == "jaxmoe" else "reference", **routing)
@@ -201,10 +230,19 @@ def _failure(exc: Exception) -> str:
 
 
 def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dtype: Any, reps: int,
-                progress: Callable[[str], None]) -> list[Row]:
+                progress: Callable[[str], None], quant: str | None = None, act_quant: str | None = None
+                ) -> list[Row]:
     key = jax.random.key(0)
     params = init_moe_params(key, hidden=preset.hidden, intermediate=preset.intermediate,
                              experts=preset.experts, dtype=dtype)
+    params_q = None
+    if quant is not None:  # quantized once, outside the timed region, as a checkpoint would be
+        from jaxmoe.quantize import quantize_weights
+
+        params_q = {**params, "w1": quantize_weights(params["w1"], quant),
+                    "w2": quantize_weights(params["w2"], quant)}
+        jax.block_until_ready(params_q)
+        impls = [*impls, quant_label(quant, act_quant)]
     routing = preset.routing_kwargs(jax.random.key(1))
     params_rd: dict[str, jax.Array] | None = None
     rd_status = "ok"
@@ -223,9 +261,12 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
         xs = jax.random.normal(jax.random.key(m), (SETS, m, preset.hidden), jnp.float32).astype(dtype)
         hits = experts_hit_per_layer(params, xs, routing, preset.experts)[SHORT:]  # the layers timed
         experts_hit = float(np.mean(hits))
-        nbytes, flops, floor = roofline(preset, m, experts_hit, itemsize)
+        floors = {"": roofline(preset, m, experts_hit, itemsize)}
+        if quant is not None:
+            floors[quant_label(quant, act_quant)] = quant_roofline(preset, m, experts_hit, itemsize, quant, act_quant)
         by_impl: dict[str, Row] = {}
         for impl in impls:
+            nbytes, flops, floor = floors.get(impl, floors[""])
             progress(f"{preset.name} M={m} {impl} ...")
             row = Row(preset.name, impl, m, preset.intermediate, preset.hidden, preset.experts, preset.top_k,
                       None, None, None, None, "ok", experts_hit=experts_hit)
@@ -235,8 +276,8 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
                     by_impl[impl] = row
                     rows.append(row)
                     continue
-                p = params_rd if impl == "ragged_dot" else params
-                t, overhead = time_layer_detail(_layer_fn(impl, preset, routing), p, xs, reps)
+                p = params_rd if impl == "ragged_dot" else params_q if impl.startswith("jaxmoe:") else params
+                t, overhead = time_layer_detail(_layer_fn(impl, preset, routing, act_quant), p, xs, reps)
                 row.time_ms = t * 1e3
                 row.overhead_ms = overhead * 1e3
                 row.tflops = flops / t / 1e12
@@ -329,6 +370,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=positive_int, default=None,
                    help="timed calls per cell (default 20 on GPU, 2 on CPU)")
     p.add_argument("--out", default="bench_results", help="prefix of the .json/.csv/.png files written")
+    p.add_argument("--quant", choices=QUANTS, default=None,
+                   help="also time the kernels with w1/w2 quantized to this weight scheme (row 'jaxmoe:<scheme>'), "
+                        "against the roofline of the quantized bytes")
+    p.add_argument("--act-quant", choices=("fp8", "int8"), default=None,
+                   help="with --quant: activations rounded per token to fp8 or int8 in the kernels (w8a8)")
 
 
 def _check_writable(prefix: str) -> None:
@@ -347,6 +393,12 @@ def _check_writable(prefix: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     impls = implementations(args.impl, IMPLEMENTATIONS) or list(IMPLEMENTATIONS)
+    if args.act_quant is not None:
+        from jaxmoe.types import ACT_QUANT_SCHEMES
+
+        if args.quant not in ACT_QUANT_SCHEMES[args.act_quant]:
+            raise CommandError(f"--act-quant {args.act_quant} needs --quant one of "
+                               f"{', '.join(ACT_QUANT_SCHEMES[args.act_quant])}, got {args.quant}")
     _check_writable(args.out)
     on_cpu = jax.default_backend() == "cpu"
     models = args.model or (["tiny"] if on_cpu else [n for n in PRESETS if n != "tiny"])
@@ -364,7 +416,8 @@ def run(args: argparse.Namespace) -> int:
         def progress(msg: str) -> None:
             print(f"  [{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-        rows += bench_model(PRESETS[name], ms, impls, DTYPES[args.dtype], reps, progress)
+        rows += bench_model(PRESETS[name], ms, impls, DTYPES[args.dtype], reps, progress, quant=args.quant,
+                            act_quant=args.act_quant)
         _write(rows, args.out)  # after each model: a run cut short keeps what it measured
     print(format_table(rows))
     files = _write(rows, args.out)
