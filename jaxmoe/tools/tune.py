@@ -54,21 +54,28 @@ TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
 WIDE_STAGE2 = (_config.WIDE_STAGE2, dataclasses.replace(_config.WIDE_STAGE2, num_stages=3))
 
 
-def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype: Any, arch: str) -> list[MoEConfig]:
-    """BLOCK_M from the heuristic's pick and its neighbours, times the tile list, fitted to shared memory."""
-    base = _config.heuristic_config(m, top_k, experts, hidden, inter, dtype, arch)
+def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype: Any, arch: str,
+               weights: str = "none", act_quant: str | None = None) -> list[MoEConfig]:
+    """BLOCK_M from the heuristic's pick and its neighbours, times the tile list, fitted to
+    shared memory and, for quantized weights, to the schemes' K tiles (``fit_scheme``)."""
+    base = _config.heuristic_config(m, top_k, experts, hidden, inter, dtype, arch, weights, act_quant)
+    b_itemsize = None if weights == "none" else 1
+
+    def fit(tile: GemmTile, block_m: int, fused: bool) -> GemmTile:
+        tile = _config.fit_scheme(tile, weights, act_quant)
+        return _config._fit(tile, block_m, dtype, arch, fused, b_itemsize, weights, act_quant)
+
     block_ms = sorted({b for b in (base.block_m // 2, base.block_m, base.block_m * 2) if 16 <= b <= 128})
     out = [base]
     for block_m in block_ms:
         for t in TILES:
             tile = GemmTile(*t)
-            config = MoEConfig(block_m, _config._fit(tile, block_m, dtype, arch, True),
-                               _config._fit(tile, block_m, dtype, arch, False))
+            config = MoEConfig(block_m, fit(tile, block_m, True), fit(tile, block_m, False))
             if config not in out:
                 out.append(config)
             if block_m == 128 and tile.num_warps == 8:
                 for wide in WIDE_STAGE2:
-                    paired = dataclasses.replace(config, stage2=_config._fit(wide, block_m, dtype, arch, False))
+                    paired = dataclasses.replace(config, stage2=fit(wide, block_m, False))
                     if paired not in out:
                         out.append(paired)
     return out
@@ -83,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", type=positive_int, action="append", help="M values to tune (default 1 16 128 1024 4096)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--reps", type=positive_int, default=10)
+    p.add_argument("--quant", choices=("fp8", "fp8_tensor", "fp8_block", "int8", "int4", "int4_zp", "mxfp4"),
+                   default=None, help="tune the layer with w1/w2 quantized to this scheme (its own table entries)")
+    p.add_argument("--act-quant", choices=("fp8", "int8"), default=None, help="with --quant: w8a8")
     p.add_argument("--out", default=None,
                    help="directory of <arch>.json (default: $JAXMOE_CONFIG_DIR if set, else the user config "
                         "directory, $XDG_CONFIG_HOME/jaxmoe or ~/.config/jaxmoe)")
@@ -155,7 +165,14 @@ def _write_table(path: pathlib.Path, table: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxmoe.quantize import quantize_weights
+    from jaxmoe.types import ACT_QUANT_SCHEMES
+
     dtype = DTYPES[args.dtype]
+    quant, act_quant = args.quant, args.act_quant
+    if act_quant is not None and quant not in ACT_QUANT_SCHEMES[act_quant]:
+        raise CommandError(f"--act-quant {act_quant} needs --quant one of {', '.join(ACT_QUANT_SCHEMES[act_quant])}, "
+                           f"got {quant}")
     presets = layers(args)
     ms = tuple(args.m or DEFAULT_M)
     out_dir = pathlib.Path(args.out) if args.out else _config.config_dir()
@@ -173,16 +190,20 @@ def run(args: argparse.Namespace) -> int:
         name = p.name
         params = init_moe_params(jax.random.key(0), hidden=p.hidden, intermediate=p.intermediate,
                                  experts=p.experts, dtype=dtype)
+        if quant is not None:
+            params = {**params, "w1": quantize_weights(params["w1"], quant), "w2": quantize_weights(params["w2"], quant)}
         routing = p.routing_kwargs(jax.random.key(1))
-        entry = table.setdefault(_config.shape_key(p.experts, p.hidden, p.intermediate, dtype), {})
+        entry = table.setdefault(_config.shape_key(p.experts, p.hidden, p.intermediate, dtype, quant or "none",
+                                                   act_quant), {})
         for m in ms:
             xs = jax.random.normal(jax.random.key(m), (4, m, p.hidden), jnp.float32).astype(dtype)
             logits = jnp.dot(xs[0], params["router"], preferred_element_type=jnp.float32)
             weights, ids = reference.route(logits, **routing)
             best: tuple[float, MoEConfig] | None = None
-            for config in candidates(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch):
+            for config in candidates(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch, quant or "none",
+                                     act_quant):
                 def layer(prm, x, c=config):
-                    return moe_triton.fused_moe(x, prm["w1"], prm["w2"], weights, ids, config=c)
+                    return moe_triton.fused_moe(x, prm["w1"], prm["w2"], weights, ids, config=c, act_quant=act_quant)
                 try:
                     t = time_layer(layer, params, xs, args.reps)
                 except Exception as exc:  # a config the compiler or the card refuses
