@@ -436,3 +436,30 @@ def test_constructor_validates_checkpoint_arrays():
     with pytest.raises(ValueError, match="scheme"):
         jaxmoe.quantize_weights(jnp.ones((2, 8, 8)), "fp4")
     assert set(WEIGHT_SCHEMES) == {"none", *EIGHT_BIT, *FOUR_BIT}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_configs_key_on_the_scheme(tmp_path, monkeypatch):
+    """A tuned entry for one scheme is used for it alone; K tiles fit the schemes."""
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+
+    key = _config.shape_key(8, 4096, 14336, BF16, "fp8_block", "fp8")
+    assert key == "E=8,D=4096,I=14336,dtype=bfloat16,w=fp8_block,a=fp8"
+    entry = {"block_m": 32, "stage1": {"block_n": 64, "block_k": 64}, "stage2": {"block_n": 32, "block_k": 256}}
+    (tmp_path / "sm90.json").write_text(json.dumps({key: {"1": entry}}))
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+    picked = _config.select_config(4, 2, 8, 4096, 14336, BF16, "sm90", "fp8_block", "fp8")
+    assert picked.block_m == 32 and picked.stage1.block_k == picked.stage2.block_k == 128  # one 128-group a step
+    other = _config.select_config(4, 2, 8, 4096, 14336, BF16, "sm90", "fp8", "fp8")
+    assert other == _config.heuristic_config(4, 2, 8, 4096, 14336, BF16, "sm90", "fp8", "fp8")  # not that entry
+    assert _config.select_config(4, 2, 8, 4096, 14336, BF16, "sm90") == _config.heuristic_config(
+        4, 2, 8, 4096, 14336, BF16, "sm90")  # nor for unquantized weights
+    for weights, act, ok in (("int4", None, lambda k: k <= 128), ("mxfp4", None, lambda k: k >= 16),
+                             ("int8", "int8", lambda k: k >= 32)):
+        for m in (1, 4096):
+            c = _config.select_config(m, 2, 8, 4096, 14336, BF16, "gfx942", weights, act)
+            assert ok(c.stage1.block_k) and ok(c.stage2.block_k), (weights, m, c)
