@@ -456,8 +456,8 @@ def test_configs_key_on_the_scheme(tmp_path, monkeypatch):
     assert picked.block_m == 32 and picked.stage1.block_k == picked.stage2.block_k == 128  # one 128-group a step
     other = _config.select_config(4, 2, 8, 4096, 14336, BF16, "sm90", "fp8", "fp8")
     assert other == _config.heuristic_config(4, 2, 8, 4096, 14336, BF16, "sm90", "fp8", "fp8")  # not that entry
-    assert _config.select_config(4, 2, 8, 4096, 14336, BF16, "sm90") == _config.heuristic_config(
-        4, 2, 8, 4096, 14336, BF16, "sm90")  # nor for unquantized weights
+    plain = _config.select_config(4, 2, 8, 4096, 14336, BF16, "sm90")  # unquantized: the package's own table
+    assert plain == _config.select_config(4, 2, 8, 4096, 14336, BF16, "sm90", "none", None) != picked
     for weights, act, ok in (("int4", None, lambda k: k <= 128), ("mxfp4", None, lambda k: k >= 16),
                              ("int8", "int8", lambda k: k >= 32)):
         for m in (1, 4096):
