@@ -181,7 +181,8 @@ def moe_layer(
         one); None picks the one :func:`jaxmoe.parallel.choose_schedule` models as sending
         fewer bytes. See ``docs/parallel.md``.
 
-      The mesh path takes neither shared experts nor ``return_routing``.
+      On a mesh, shared experts are replicated and applied to each device's own tokens,
+      and ``return_routing`` gives each device's tokens' routing, sharded like the output.
 
     Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
     ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
@@ -198,22 +199,12 @@ def moe_layer(
     if mesh is not None:
         from jaxmoe.parallel.layer import sharded_moe_layer
 
-        if return_routing or "shared" in params or "shared_gate" in params:
-            raise NotImplementedError("moe_layer(mesh=...) takes neither shared experts nor return_routing=True; "
-                                      "run those without a mesh")
-        if group_scoring is not None:
-            from jaxmoe.ops import checks as _checks
-
-            if _checks.resolve_group_scoring(group_scoring, correction_bias) != \
-                    _checks.resolve_group_scoring(None, correction_bias):
-                raise NotImplementedError(f"moe_layer(mesh=...): group_scoring={group_scoring!r} differs from the "
-                                          "default rule for these arguments, which the sharded layer applies")
-
         return sharded_moe_layer(params, x, top_k=top_k, mesh=mesh, expert_axis=expert_axis,
                                  tensor_axis=tensor_axis, data_axis=data_axis, schedule=schedule, scoring=scoring,
                                  renormalize=renormalize, activation=activation, implementation=implementation,
                                  num_expert_group=num_expert_group, topk_group=topk_group,
-                                 correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor)
+                                 correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+                                 group_scoring=group_scoring, return_routing=return_routing)
     if expert_axis is not None or tensor_axis is not None or data_axis is not None or schedule is not None:
         raise ValueError("expert_axis, tensor_axis, data_axis and schedule need a mesh (mesh=...)")
     check_implementation(implementation)
