@@ -170,6 +170,10 @@ def launch(spec: KernelLaunch, *args: jax.Array) -> tuple[jax.Array, ...]:
         from jaxmoe.backends import jax_triton
 
         return jax_triton.launch(spec, args, poison)
+    from jaxmoe.backends import cuda_host
+
+    if cuda_host.enabled():  # JAXMOE_CPU_LAUNCH=gpu: compiled kernels, for memory checking
+        return cuda_host.launch(spec, args, poison)
     from jaxmoe.backends import interpreter
 
     return interpreter.launch(spec, args, poison)
