@@ -61,8 +61,8 @@ DECODE_TOKEN_LIMIT = 256
 DECODE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ENV = "JAXMOE_DECODE"
 
-# Enough programs to keep every SM of an H100/H200 (132) streaming weights, twice over.
-_TARGET_PROGRAMS = 264
+# Programs of stage 2 at M = 1: enough to keep every SM of an H100/H200 (132) streaming.
+_TARGET_PROGRAMS = 256
 _TILE_ELEMENTS = 4096  # per weight tile of stage 1 (gate and up each); 8192 in stage 2
 
 
@@ -159,21 +159,21 @@ def log_choice(what: str, m: int, top_k: int, w1_shape: tuple[int, ...], dtype: 
 # --------------------------------------------------------------------------- plans
 
 
-def _stage1_tiles(rows: int, d: int, i: int) -> tuple[int, int]:
-    block_k = min(256, max(16, _next_pow2(d)))
-    block_n = 64
-    while block_n > 16 and rows * -(-i // block_n) < _TARGET_PROGRAMS:
-        block_n //= 2
-    block_n = min(block_n, max(16, _next_pow2(i)))
-    block_k = min(block_k, max(16, _TILE_ELEMENTS // block_n))
+def _stage1_tiles(d: int, i: int) -> tuple[int, int]:
+    # 16 columns of gate and of up per program: at M = 1 that is k * I / 16 programs
+    # (Qwen3-30B-A3B: 384), each streaming two [16, 256] tiles per step. Independent of M,
+    # so one compiled kernel serves every batch size.
+    block_n = min(16, max(2, _next_pow2(i)))
+    block_k = min(256, max(16, _next_pow2(d)), max(16, _TILE_ELEMENTS // block_n))
     return block_n, block_k
 
 
-def _stage2_tiles(m: int, d: int, i: int, k_pow2: int) -> tuple[int, int]:
+def _stage2_tiles(d: int, i: int, k_pow2: int) -> tuple[int, int]:
+    # The widest column block that still gives >= _TARGET_PROGRAMS programs at M = 1.
     block_d = 16
-    while block_d > 4 and m * -(-d // block_d) < _TARGET_PROGRAMS:
+    while block_d > 4 and -(-d // block_d) < _TARGET_PROGRAMS:
         block_d //= 2
-    block_d = min(block_d, max(4, _next_pow2(d)))
+    block_d = min(block_d, max(2, _next_pow2(d)))
     block_k = min(512, max(16, _next_pow2(i)), max(16, 2 * _TILE_ELEMENTS // (k_pow2 * block_d)))
     return block_d, block_k
 
@@ -190,7 +190,7 @@ def plan_decode(num_tokens: int, top_k: int, num_experts: int, hidden: int, inte
         raise ValueError(f"the decode path needs M >= 1 and top_k >= 1, got M={m}, top_k={k}")
     dtype = jnp.dtype(dtype)
     rows = m * k
-    block_n, block_k = _stage1_tiles(rows, d, i)
+    block_n, block_k = _stage1_tiles(d, i)
     x = jax.ShapeDtypeStruct((m, d), dtype)
     w1 = jax.ShapeDtypeStruct((e, 2 * i, d), dtype)
     h = jax.ShapeDtypeStruct((rows, i), dtype)
@@ -221,7 +221,7 @@ def plan_decode(num_tokens: int, top_k: int, num_experts: int, hidden: int, inte
         stage1 = KernelLaunch(kern.moe_decode_gate_up_kernel, grid=grid1, args=(x, w1, ids), outs=(h,),
                               constexprs=common, num_warps=4, num_stages=1)
     k_pow2 = _next_pow2(k)
-    block_d, block_k2 = _stage2_tiles(m, d, i, k_pow2)
+    block_d, block_k2 = _stage2_tiles(d, i, k_pow2)
     stage2 = KernelLaunch(
         kern.moe_decode_down_kernel, grid=(m, -(-d // block_d)),
         args=(h, jax.ShapeDtypeStruct((e, d, i), dtype), weights, ids), outs=(jax.ShapeDtypeStruct((m, d), dtype),),

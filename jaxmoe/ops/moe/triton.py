@@ -212,7 +212,8 @@ def _routed_aligned(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, logi
 
 def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
                    arch: str, activation: str = "silu", config: MoEConfig | None = None) -> list[KernelLaunch]:
-    """Every launch ``fused_moe`` makes for these shapes on ``arch`` (for AOT compilation)."""
+    """Every launch ``fused_moe`` makes for these shapes on ``arch`` on its aligned path (for
+    AOT compilation; the decode path's are :func:`jaxmoe.ops.moe.decode.plan_decode`'s)."""
     if config is None:
         config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
     num_rows = num_tokens * top_k
@@ -265,12 +266,16 @@ def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, 
                     renormalize: bool = True, num_expert_group: int | None = None, topk_group: int | None = None,
                     bias_dtype: Any = None, routed_scaling_factor: float = 1.0,
                     group_scoring: str | None = None) -> list[KernelLaunch]:
-    """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes."""
+    """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes,
+    on the path the size rule (or ``JAXMOE_DECODE``) picks."""
     if num_tokens * top_k == 0:
         return []
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, bias_dtype=bias_dtype, routed_scaling_factor=routed_scaling_factor,
                    group_scoring=group_scoring)
+    if _decode.choose(num_tokens, dtype, num_experts=num_experts, top_k=top_k).decode:
+        return _decode.plan_decode(num_tokens, top_k, num_experts, hidden, intermediate, dtype, activation=activation,
+                                   routed=True, logits_dtype=logits_dtype, **options)
     config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
     experts_plan = plan_fused_moe(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, activation,
                                   config=config)
