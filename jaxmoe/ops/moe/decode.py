@@ -22,9 +22,14 @@ expert's rows, so a batch whose tokens share experts reads them more than once (
 when the programs run together, grid order making that likely). That is why the path
 serves small batches only: :data:`DECODE_MAX_TOKENS`.
 
-Which path a call takes: :func:`choose` (``decode=`` argument of the Triton functions, else
-``JAXMOE_DECODE``: ``1`` wherever the path serves, ``0`` never, unset or ``auto`` the size
-rule); ``JAXMOE_LOG_CONFIG=1`` prints each choice and its reason.
+Which path a call takes: :func:`choose` (the ``decode=`` argument of the Triton functions,
+True or False, where True raises if the path cannot serve the call; else ``JAXMOE_DECODE``:
+``1`` wherever the path serves, ``0`` never, unset or ``auto`` the size rule);
+``JAXMOE_LOG_CONFIG=1`` prints each choice and its reason. It serves bf16 and fp16
+unquantized weights, silu and gelu, any routing the routing kernel takes (softmax or
+sigmoid top-k, renormalized or not, groups, a correction bias, a Python-float
+``routed_scaling_factor``), up to :data:`DECODE_TOKEN_LIMIT` tokens; anything else runs
+the aligned path.
 
 Forward only: under ``jax.grad``/``jax.vjp`` both functions run the aligned two-GEMM path
 and its Triton backward (a ``jax.custom_vjp`` whose primal is this path and whose forward
@@ -121,15 +126,18 @@ def unsupported(m: int, dtype: Any, *, routed_scale: float | None = 1.0, num_exp
 
 
 def choose(m: int, dtype: Any, *, decode: bool | None = None, **limits: Any) -> Choice:
-    """The path a call of ``m`` tokens takes: ``decode`` (an argument) or ``JAXMOE_DECODE``
-    forces one (forcing the decode path where it cannot serve raises), else the size rule
-    ``m <= DECODE_MAX_TOKENS``."""
+    """The path a call of ``m`` tokens takes: ``decode`` (an argument) forces one, and
+    ``decode=True`` where the path cannot serve raises, naming why; else ``JAXMOE_DECODE``
+    (``1``: the decode path wherever it serves, ``0``: never); else the size rule
+    ``m <= DECODE_MAX_TOKENS`` where it serves."""
     forced, why = _forced(decode)
     reason = unsupported(m, dtype, **limits)
     if forced is True:
-        if reason is not None:
+        if reason is None:
+            return Choice(True, why)
+        if decode is True:
             raise ValueError(f"{why}: the decode path cannot serve this call: {reason}")
-        return Choice(True, why)
+        return Choice(False, f"{why}, but {reason}")  # the environment forces it only where it serves
     if forced is False:
         return Choice(False, why)
     if reason is not None:
