@@ -12,6 +12,7 @@ import pytest
 
 from jaxmoe.backends import KernelLaunch, aot
 from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.moe import decode
 from jaxmoe.ops.moe import triton as moe_triton
 from jaxmoe.models import PRESETS
 
@@ -113,3 +114,42 @@ def test_every_moe_backward_launch_compiles(target):
 def test_heuristic_buckets_cover_every_block_m():
     picked = {_config.heuristic_config(m, 2, 8, 4096, 14336, jnp.bfloat16).block_m for m in (1, 64, 300, 4096)}
     assert picked == {16, 32, 64, 128}
+
+
+# The decode path: shape constexprs of its kernels, and what else decides their code.
+_DECODE_SHAPE_ONLY = {"D", "I", "E", "K"}
+
+
+def _decode_key(spec: KernelLaunch):
+    const = dict(spec.constexprs)
+    tile = "BLOCK_N" if "BLOCK_N" in const else "BLOCK_D"
+    cols = const["I"] if tile == "BLOCK_N" else const["D"]
+    depth = const["D"] if tile == "BLOCK_N" else const["I"]
+    masks = (cols % const[tile] == 0, depth % const["BLOCK_K"] == 0, _rows_class(const["K"]))
+    shape_free = tuple((k, v) for k, v in spec.constexprs if k not in _DECODE_SHAPE_ONLY)
+    return (spec.name, tuple(a.dtype.name for a in (*spec.args, *spec.outs)), shape_free, masks, spec.num_warps)
+
+
+def decode_launches() -> list[KernelLaunch]:
+    """One launch per code shape of the decode path over every preset, its routing and both
+    activations (bf16: fp16 is the same code; tiles do not depend on M)."""
+    seen: dict = {}
+    for preset in PRESETS.values():
+        routing = dict(scoring=preset.scoring, renormalize=preset.renormalize,
+                       num_expert_group=preset.num_expert_group, topk_group=preset.topk_group,
+                       bias_dtype=jnp.float32 if preset.correction_bias else None,
+                       routed_scaling_factor=preset.routed_scaling_factor, group_scoring=preset.group_scoring)
+        for activation in ("silu", "gelu"):
+            shape = (1, preset.top_k, preset.experts, preset.hidden, preset.intermediate, jnp.bfloat16)
+            for spec in (*decode.plan_decode(*shape, activation=activation),
+                         *decode.plan_decode(*shape, activation=activation, routed=True, **routing)):
+                seen.setdefault(_decode_key(spec), spec)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_decode_launch_compiles(target):
+    specs = decode_launches()
+    assert {s.name for s in specs} == {"moe_decode_gate_up_kernel", "moe_decode_route_gate_up_kernel",
+                                       "moe_decode_down_kernel"}
+    _compile_all(specs, target)

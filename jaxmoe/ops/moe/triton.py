@@ -1,6 +1,7 @@
 """Triton fused MoE: alignment, stage 1 (gate/up with the activation), stage 2 (down with
 the routing weight), and the sum over the k slots; with the routing folded into the
-alignment's launch at decode sizes (:func:`routed_moe`).
+alignment's launch at small sizes (:func:`routed_moe`); at decode sizes both take the
+two-launch decode path of :mod:`jaxmoe.ops.moe.decode` instead.
 
 ``plan_*`` functions return :class:`~jaxmoe.backends.launch.KernelLaunch` descriptions, used
 both to run and, in CI, to compile every kernel ahead of time for gfx942, gfx950 and sm_90.
@@ -19,6 +20,7 @@ from jaxmoe.ops import checks
 from jaxmoe.ops.alignment import triton as align_triton
 from jaxmoe.ops.alignment.reference import max_blocks
 from jaxmoe.ops.moe import backward
+from jaxmoe.ops.moe import decode as _decode
 from jaxmoe.ops.moe.reference import unwrap_weights
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
@@ -42,9 +44,12 @@ def _layer_config(m: int, top_k: int, w1: jax.Array, dtype: Any, arch: str) -> M
 
 
 def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Array, topk_ids: jax.Array, *,
-              activation: str = "silu", config: MoEConfig | None = None, remat: bool = False) -> jax.Array:
+              activation: str = "silu", config: MoEConfig | None = None, remat: bool = False,
+              decode: bool | None = None) -> jax.Array:
     """Two-stage Triton MoE; shapes and contract as :func:`jaxmoe.fused_moe`. ``config``
     overrides the tuned or heuristic block configuration (the tuner passes candidates).
+    ``decode``: True/False forces the decode path (:mod:`jaxmoe.ops.moe.decode`) or the
+    aligned one; None lets ``JAXMOE_DECODE`` or the size rule choose.
 
     Differentiable in ``hidden_states``, ``w1``, ``w2`` and ``topk_weights`` through Triton
     kernels (:mod:`jaxmoe.ops.moe.backward`, which says what is saved); ``remat=True``
@@ -54,6 +59,12 @@ def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Arra
     top_k = topk_ids.shape[1]
     if m * top_k == 0:
         return jnp.zeros((m, d), hidden_states.dtype)
+    choice = _decode.choose(m, hidden_states.dtype, decode=decode, config=config)
+    if choice.decode:
+        return _decode.fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+                                 aligned=_fused_aligned, choice=choice,
+                                 aligned_options=(("activation", activation), ("remat", remat)))
+    _decode.log_choice("fused_moe", m, top_k, w1.shape, hidden_states.dtype, choice)
     arch = current_arch()
     if config is None:
         config = _layer_config(m, top_k, w1, hidden_states.dtype, arch)
@@ -62,6 +73,13 @@ def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Arra
     routing = RoutingData(*layout, topk_ids=ids, topk_weights=topk_weights.astype(jnp.float32),
                           block_size=config.block_m, num_experts=w1.shape[0], top_k=top_k, num_rows=m * top_k)
     return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat)
+
+
+def _fused_aligned(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, topk_weights: jax.Array,
+                   topk_ids: jax.Array, *, activation: str, remat: bool) -> jax.Array:
+    """:func:`fused_moe` on the aligned path (what the decode path differentiates)."""
+    return fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, remat=remat,
+                     decode=False)
 
 
 def experts(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *, config: MoEConfig,
@@ -116,10 +134,12 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
                activation: str = "silu", scoring: str = "softmax", renormalize: bool = True,
                num_expert_group: int | None = None, topk_group: int | None = None,
                correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0,
-               remat: bool = False, group_scoring: str | None = None, return_routing: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+               remat: bool = False, group_scoring: str | None = None, return_routing: bool = False,
+               decode: bool | None = None) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Routing then experts, ``fused_moe(x, w1, w2, *route(logits, top_k, ...))``, with the
-    routing and the alignment in one launch where the batch is small (decode). Beyond what
+    routing and the alignment in one launch where the batch is small, and at decode sizes
+    in the two launches of :mod:`jaxmoe.ops.moe.decode` (``decode``: as in
+    :func:`fused_moe`). Beyond what
     the routing kernel serves (``E > 4096`` or ``top_k > 64``) the reference routes and the
     kernels compute the experts. ``return_routing`` returns ``(y, topk_weights, topk_ids)``.
 
@@ -133,6 +153,16 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, group_scoring=group_scoring)
     scale = routing_triton._static_float(routed_scaling_factor)
+    if m * top_k:
+        choice = _decode.choose(m, hidden_states.dtype, decode=decode, routed_scale=scale, num_experts=num_experts,
+                                top_k=top_k)
+        if choice.decode:
+            y, weights, ids = _decode.routed_moe(
+                hidden_states, w1, w2, logits, top_k, activation=activation, correction_bias=correction_bias,
+                aligned=_routed_aligned, routing={**options, "routed_scaling_factor": scale},
+                aligned_options=(("remat", remat),), choice=choice)
+            return (y, weights, ids) if return_routing else y
+        _decode.log_choice("routed_moe", m, top_k, w1.shape, hidden_states.dtype, choice)
     weight_options = dict(scoring=scoring, renormalize=renormalize,
                           routed_scaling_factor=1.0 if scale is None else scale)
     diff_logits = logits
@@ -174,9 +204,16 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     return (y, weights, ids) if return_routing else y
 
 
+def _routed_aligned(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, logits: jax.Array, *, top_k: int,
+                    **options: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`routed_moe` on the aligned path, with its routing (what the decode path differentiates)."""
+    return routed_moe(hidden_states, w1, w2, logits, top_k, **options, return_routing=True, decode=False)
+
+
 def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
                    arch: str, activation: str = "silu", config: MoEConfig | None = None) -> list[KernelLaunch]:
-    """Every launch ``fused_moe`` makes for these shapes on ``arch`` (for AOT compilation)."""
+    """Every launch ``fused_moe`` makes for these shapes on ``arch`` on its aligned path (for
+    AOT compilation; the decode path's are :func:`jaxmoe.ops.moe.decode.plan_decode`'s)."""
     if config is None:
         config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
     num_rows = num_tokens * top_k
@@ -229,12 +266,16 @@ def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, 
                     renormalize: bool = True, num_expert_group: int | None = None, topk_group: int | None = None,
                     bias_dtype: Any = None, routed_scaling_factor: float = 1.0,
                     group_scoring: str | None = None) -> list[KernelLaunch]:
-    """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes."""
+    """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes,
+    on the path the size rule (or ``JAXMOE_DECODE``) picks."""
     if num_tokens * top_k == 0:
         return []
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, bias_dtype=bias_dtype, routed_scaling_factor=routed_scaling_factor,
                    group_scoring=group_scoring)
+    if _decode.choose(num_tokens, dtype, num_experts=num_experts, top_k=top_k).decode:
+        return _decode.plan_decode(num_tokens, top_k, num_experts, hidden, intermediate, dtype, activation=activation,
+                                   routed=True, logits_dtype=logits_dtype, **options)
     config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
     experts_plan = plan_fused_moe(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, activation,
                                   config=config)
