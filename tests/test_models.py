@@ -409,3 +409,34 @@ def test_gpt_oss_wrong_shapes_are_named(tmp_path, rng):
     path = write_checkpoint(tmp_path / "bad", "gpt_oss", tensors)
     with pytest.raises(CheckpointError, match=r"experts\.down_proj' is \[8, 32, 16\], expected \[8, 16, 32\]"):
         load_layer(path, layer=LAYER)
+
+
+@pytest.mark.gpu
+class TestGptOssTritonGPU:
+    """gpt-oss's layer loaded from a larger checkpoint, on the GPU kernels, against the oracle."""
+
+    def test_matches_oracle(self, tmp_path, rng):
+        e, d, i, m = 32, 256, 128, 300
+        p = f"model.layers.{LAYER}.mlp."
+        t = {p + "router.weight": rng.standard_normal((e, d)).astype(ml_dtypes.bfloat16),
+             p + "router.bias": rng.standard_normal(e).astype(ml_dtypes.bfloat16),
+             p + "experts.gate_up_proj": (6.0 * rng.standard_normal((e, d, 2 * i)) / math.sqrt(d)).astype(
+                 ml_dtypes.bfloat16),
+             p + "experts.gate_up_proj_bias": rng.standard_normal((e, 2 * i)).astype(ml_dtypes.bfloat16),
+             p + "experts.down_proj": (rng.standard_normal((e, i, d)) / math.sqrt(i)).astype(ml_dtypes.bfloat16),
+             p + "experts.down_proj_bias": rng.standard_normal((e, d)).astype(ml_dtypes.bfloat16)}
+        config = {**CONFIGS["gpt_oss"], "hidden_size": d, "intermediate_size": i, "num_local_experts": e}
+        params, routing = load_layer(write_checkpoint(tmp_path / "g", "gpt_oss", t, config=config), layer=LAYER)
+        x = jnp.asarray(rng.standard_normal((m, d)), jnp.float32).astype(jnp.bfloat16)
+        y, got = _run(params, routing, x, "triton")
+        want_y, want_ids = oracle.gpt_oss_moe(to_f64(x), *(t[p + n] for n in (
+            "router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+            "experts.down_proj", "experts.down_proj_bias")), 4)
+        # fp32 logits against float64: ids may differ only where two logits are within fp32 rounding
+        logits = to_f64(x) @ np.asarray(t[p + "router.weight"], np.float64).T + np.asarray(t[p + "router.bias"],
+                                                                                          np.float64)
+        top = np.sort(logits, axis=1)[:, ::-1]
+        untied = np.min(np.abs(np.diff(top[:, :5], axis=1)), axis=1) > 1e-4 * np.abs(top[:, 0])
+        assert untied.mean() > 0.9
+        np.testing.assert_array_equal(got["topk_ids"][untied], want_ids[untied])
+        assert rel_err(y, want_y) <= tolerance(jnp.bfloat16)
