@@ -10,7 +10,7 @@ Public API::
     jaxmoe.parallel.shard_params / communication_bytes / choose_schedule
     jaxmoe.ops.align / grouped_gemm / moe_align_block_size / moe_gemm / max_padded_rows / router_sigmoid_top1
     jaxmoe.reference.*                                    (plain jax.numpy versions)
-    jaxmoe.RoutingData, jaxmoe.QuantizedWeights, jaxmoe.Numerics   (the data types)
+    jaxmoe.RoutingData, jaxmoe.QuantizedWeights, jaxmoe.Numerics, jaxmoe.ClampedSwiGLU   (the data types)
 
 Every op takes ``implementation=None | "triton" | "reference"`` (or a sequence of them)
 and composes with ``jax.jit``.
@@ -20,9 +20,9 @@ from jaxmoe import ops, parallel, reference
 from jaxmoe.layer import init_moe_params, moe_layer
 from jaxmoe.ops.moe import fused_moe
 from jaxmoe.ops.routing import route
-from jaxmoe.types import Numerics, QuantizedWeights, RoutingData
+from jaxmoe.types import ClampedSwiGLU, Numerics, QuantizedWeights, RoutingData
 
 __version__ = "0.1.0"
 
 __all__ = ["route", "fused_moe", "moe_layer", "init_moe_params", "ops", "parallel", "reference", "RoutingData",
-           "QuantizedWeights", "Numerics", "__version__"]
+           "QuantizedWeights", "Numerics", "ClampedSwiGLU", "__version__"]

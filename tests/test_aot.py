@@ -26,7 +26,7 @@ DTYPES = (jnp.bfloat16, jnp.float32)  # fp16 tiles are the bf16 ones: same sizes
 # all, a shift, a division), and which runtime sizes equal 1 (a constant on a real launch).
 # Batch sizes are runtime arguments already, so they never multiply the compiles.
 _SHAPE_ONLY = {"stride_am", "stride_be", "stride_bn", "stride_bk", "stride_cm", "stride_gm", "K", "N_OUT", "TOP_K",
-               "TOP_K_G", "TOP_K_A", "NUM_EXPERTS"}
+               "TOP_K_G", "TOP_K_A", "NUM_EXPERTS", "UP_SHIFT"}
 
 
 def _rows_class(top_k: int) -> str:
@@ -108,6 +108,42 @@ def test_every_moe_launch_compiles(target):
 def test_every_moe_backward_launch_compiles(target):
     specs = backward_launches_for(TARGETS[target])
     assert {spec.name for spec in specs} == {"moe_gemm_kernel", "moe_gemm_act_bwd_kernel", "moe_weight_grad_kernel"}
+    _compile_all(specs, target)
+
+
+def feature_launches_for(arch: str) -> list[KernelLaunch]:
+    """gpt-oss's layer as the loader gives it (layout in_out_interleaved, expert biases, the
+    clamped SwiGLU) at gpt-oss-120b's shape: the forward at M = 1 and 4096, the backward at
+    M = 4096 (its tiles depend on BLOCK_M only), GEMM kernels only (the alignment's are the
+    plain layer's), one per code key not already compiled by the plain layer's tests."""
+    from jaxmoe.types import ClampedSwiGLU
+
+    p = PRESETS["gpt-oss-120b"]
+    plain = {**_distinct_over_presets(moe_triton.plan_fused_moe, arch),
+             **_distinct_over_presets(moe_triton.plan_fused_moe_backward, arch)}
+    seen: dict = {}
+    options = dict(layout="in_out_interleaved", biases=True)
+    plans = [*moe_triton.plan_fused_moe(1, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, arch,
+                                        ClampedSwiGLU(), **options),
+             *moe_triton.plan_fused_moe(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, arch,
+                                        ClampedSwiGLU(), **options),
+             *moe_triton.plan_fused_moe_backward(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
+                                                 arch, ClampedSwiGLU(), **options)]
+    for spec in plans:
+        if spec.name.startswith("moe_") and "gemm" in spec.name or spec.name == "moe_weight_grad_kernel":
+            key = _key(spec)
+            if key not in plain:
+                seen.setdefault(key, spec)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_feature_launch_compiles(target):
+    specs = feature_launches_for(TARGETS[target])
+    names = {spec.name for spec in specs}
+    assert {"moe_gemm_kernel", "moe_gemm_act_bwd_kernel"} <= names, names  # the epilogues are new code
+    assert any(dict(s.constexprs).get("HAS_BIAS") and dict(s.constexprs).get("ACTIVATION") == "clamped_swiglu"
+               for s in specs)
     _compile_all(specs, target)
 
 

@@ -25,17 +25,39 @@ def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
 
 
+def _activation_constexprs(activation: Any) -> dict[str, Any]:
+    """``ACTIVATION`` (a name), ``ALPHA`` and ``LIMIT`` (the clamped SwiGLU's, else 0) of an activation."""
+    from jaxmoe.types import ClampedSwiGLU
+
+    if isinstance(activation, ClampedSwiGLU):
+        return {"ACTIVATION": "clamped_swiglu", "ALPHA": activation.alpha, "LIMIT": activation.limit}
+    if activation == "clamped_swiglu":
+        return _activation_constexprs(ClampedSwiGLU())
+    return {"ACTIVATION": activation or "none", "ALPHA": 0.0, "LIMIT": 0.0}
+
+
+def _gate_up_constexprs(gate_up: str, n_out: int) -> dict[str, int]:
+    """B index of gate j is ``j * GATE_STEP``, of its up ``+ UP_SHIFT``."""
+    if gate_up not in ("concat", "interleaved"):
+        raise ValueError(f"gate_up must be 'concat' or 'interleaved', got {gate_up!r}")
+    return {"GATE_STEP": 2, "UP_SHIFT": 1} if gate_up == "interleaved" else {"GATE_STEP": 1, "UP_SHIFT": n_out}
+
+
 def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
-              top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str | None,
+              top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: Any,
               mul_routed_weight: bool, arch: str = "sm90", transpose_b: bool = False,
-              out_dtype: Any = None, split_tail: bool = True) -> KernelLaunch:
+              out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
+              bias: bool = False) -> KernelLaunch:
     """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert].
 
     ``b_shape`` is B's stored shape: ``[E, N, K]``, or with ``transpose_b`` ``[E, K, N]``
     (B read transposed through its strides, no copy: the backward's ``dy @ w2[e]`` and
-    ``d gate_up @ w1[e]``). ``out_dtype`` is C's dtype (default ``dtype``; fp32 keeps the
-    accumulator unrounded). ``split_tail=False`` keeps mostly-padding blocks at full height
-    (the backward's GEMMs: one compiled kernel fewer per tile).
+    ``d gate_up @ w1[e]``, and the ``"in_out"`` weight layouts). ``out_dtype`` is C's dtype
+    (default ``dtype``; fp32 keeps the accumulator unrounded). ``split_tail=False`` keeps
+    mostly-padding blocks at full height (the backward's GEMMs: one compiled kernel fewer
+    per tile). With an ``activation`` (a name or a :class:`~jaxmoe.ClampedSwiGLU`),
+    ``gate_up`` says how B's N axis holds gate and up (``"concat"``: gate rows then up rows;
+    ``"interleaved"``: alternating). ``bias``: an fp32 ``[E, N]`` bias input added in the epilogue.
     """
     from jaxmoe.ops.gemm import kernels
 
@@ -46,8 +68,6 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     else:
         num_experts, n, k_b = b_shape
         stride_bn, stride_bk = k, 1
-    if transpose_b and activation:
-        raise ValueError("the fused activation reads gate and up rows of an untransposed B")
     if k_b != k:
         raise ValueError(f"A has K={k} but B has K={k_b}")
     n_out = n // 2 if activation else n
@@ -63,18 +83,22 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     constexprs = {
         "N_OUT": n_out, "K": k, "TOP_K": top_k, "NUM_EXPERTS": num_experts,
         "stride_am": k, "stride_be": n * k, "stride_bn": stride_bn, "stride_bk": stride_bk, "stride_cm": n_out,
+        **_gate_up_constexprs(gate_up if activation else "concat", n_out),
         "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
         "GROUP_SIZE_M": tile.group_size_m, "FUSE_ACTIVATION": activation is not None,
-        "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
+        "ACTIVATION": None, "MUL_ROUTED_WEIGHT": mul_routed_weight,
         "NUM_XCDS": _config.NUM_XCDS[arch],
         "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
         "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m) if split_tail else 0,
+        "HAS_BIAS": bool(bias), "ALPHA": None, "LIMIT": None,
     }
+    constexprs.update(_activation_constexprs(activation))
     i32 = jnp.int32
     args = (
         _sds((a_rows, k), dtype), _sds(b_shape, dtype), _sds((positions,), i32),
         _sds((num_blocks,), i32), _sds((1,), i32),
         _sds((num_rows,) if mul_routed_weight else (1,), jnp.float32),
+        _sds((num_experts, n) if bias else (1,), jnp.float32),
     )
     amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
     return KernelLaunch(
@@ -85,19 +109,22 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
 
 
 def gemm(a: jax.Array, b: jax.Array, routing: RoutingData, *, tile: GemmTile, arch: str,
-         topk_weights: jax.Array | None, activation: str | None, transpose_b: bool = False,
-         out_dtype: Any = None, split_tail: bool = True) -> jax.Array:
+         topk_weights: jax.Array | None, activation: Any, transpose_b: bool = False,
+         out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
+         bias: jax.Array | None = None) -> jax.Array:
     """One launch over ``routing``'s layout. Rows no live sorted position covers are left
-    unwritten: the caller masks them (or, in the fused layer, never reads them)."""
+    unwritten: the caller masks them (or, in the fused layer, never reads them). ``bias``:
+    ``[E, N]`` any float (added in fp32 in the epilogue), or None."""
     top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
     spec = plan_gemm(a_shape=a.shape, b_shape=b.shape, dtype=a.dtype, num_rows=routing.num_rows, top_k=top_k,
                      block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
                      mul_routed_weight=topk_weights is not None, arch=arch, transpose_b=transpose_b,
-                     out_dtype=out_dtype, split_tail=split_tail)
+                     out_dtype=out_dtype, split_tail=split_tail, gate_up=gate_up, bias=bias is not None)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
+    bias = bias.astype(jnp.float32) if bias is not None else jnp.zeros((1,), jnp.float32)
     (c,) = launch(spec, a, b, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
-                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights)
+                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights, bias)
     return c
 
 
@@ -144,15 +171,23 @@ def stage_tile(a: jax.Array, b: jax.Array, routing: RoutingData, activation: str
 
 
 def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
-                      top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str,
-                      arch: str = "sm90") -> KernelLaunch:
-    """Stage 1 backward, ``moe_gemm_act_bwd_kernel``: ``d gate_up [num_rows, 2I]`` from A
-    ``[a_rows, K]`` (rows ``f // top_k``), ``B = w1 [E, 2I, K]`` and ``dh [num_rows, I]``,
-    all in ``dtype``; the stage-1 tile (its pipeline needs the forward's shared memory)."""
+                      top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: Any,
+                      arch: str = "sm90", transpose_b: bool = False, gate_up: str = "concat",
+                      bias: bool = False) -> KernelLaunch:
+    """Stage 1 backward, ``moe_gemm_act_bwd_kernel``: ``d gate_up [num_rows, 2I]`` (columns in
+    B's gate/up order) from A ``[a_rows, K]`` (rows ``f // top_k``), ``B = w1 [E, 2I, K]``
+    (``[E, K, 2I]`` with ``transpose_b``) and ``dh [num_rows, I]``, all in ``dtype``, plus an
+    fp32 ``[E, 2I]`` bias input with ``bias``; the stage-1 tile (its pipeline needs the
+    forward's shared memory)."""
     from jaxmoe.ops.gemm import kernels
 
     a_rows, k = a_shape
-    num_experts, n, k_b = b_shape
+    if transpose_b:
+        num_experts, k_b, n = b_shape
+        stride_bn, stride_bk = 1, n
+    else:
+        num_experts, n, k_b = b_shape
+        stride_bn, stride_bk = k, 1
     if k_b != k or n % 2:
         raise ValueError(f"need A [rows, K] and B [E, 2I, K], got A{list(a_shape)} and B{list(b_shape)}")
     need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, True)
@@ -162,13 +197,17 @@ def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int]
     n_out = n // 2
     constexprs = {
         "N_OUT": n_out, "K": k, "TOP_K": top_k, "NUM_EXPERTS": num_experts,
-        "stride_am": k, "stride_be": n * k, "stride_bn": k,
+        "stride_am": k, "stride_be": n * k, "stride_bn": stride_bn, "stride_bk": stride_bk,
+        **_gate_up_constexprs(gate_up, n_out),
         "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_SIZE_M": tile.group_size_m,
-        "ACTIVATION": activation, "NUM_XCDS": _config.NUM_XCDS[arch], "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
+        "ACTIVATION": None, "NUM_XCDS": _config.NUM_XCDS[arch], "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
+        "HAS_BIAS": bool(bias), "ALPHA": None, "LIMIT": None,
     }
+    constexprs.update(_activation_constexprs(activation))
     i32 = jnp.int32
     args = (_sds((a_rows, k), dtype), _sds(b_shape, dtype), _sds((num_rows, n_out), dtype),
-            _sds((num_blocks * block_m,), i32), _sds((num_blocks,), i32), _sds((1,), i32))
+            _sds((num_blocks * block_m,), i32), _sds((num_blocks,), i32), _sds((1,), i32),
+            _sds((num_experts, n) if bias else (1,), jnp.float32))
     amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
     return KernelLaunch(
         kernels.moe_gemm_act_bwd_kernel, grid=(num_blocks * -(-n_out // tile.block_n),), args=args,
@@ -178,15 +217,18 @@ def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int]
 
 
 def act_backward(a: jax.Array, w1: jax.Array, dh: jax.Array, routing: RoutingData, *, tile: GemmTile, arch: str,
-                 activation: str) -> jax.Array:
-    """``d gate_up [num_rows, 2I]`` in ``a``'s dtype (gate columns then up columns); rows no
+                 activation: Any, transpose_b: bool = False, gate_up: str = "concat",
+                 bias: jax.Array | None = None) -> jax.Array:
+    """``d gate_up [num_rows, 2I]`` in ``a``'s dtype (columns in w1's gate/up order); rows no
     live sorted position covers are left unwritten."""
     top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
     spec = plan_act_backward(a_shape=a.shape, b_shape=w1.shape, dtype=a.dtype, num_rows=routing.num_rows,
                              top_k=top_k, block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile,
-                             activation=activation, arch=arch)
+                             activation=activation, arch=arch, transpose_b=transpose_b, gate_up=gate_up,
+                             bias=bias is not None)
+    bias = bias.astype(jnp.float32) if bias is not None else jnp.zeros((1,), jnp.float32)
     (c,) = launch(spec, a, w1, dh, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
-                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32))
+                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), bias)
     return c
 
 

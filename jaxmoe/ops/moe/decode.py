@@ -107,9 +107,26 @@ def _forced(decode: bool | None) -> tuple[bool | None, str]:
     raise ValueError(f"{ENV} must be unset, auto, 1 or 0, got {os.environ[ENV]!r}")
 
 
+def features_in_use(activation: Any, layout: str, b1: Any, b2: Any) -> tuple[str, ...]:
+    """The layer features of a call that the decode path does not have (it takes the plain
+    ``silu``/``gelu`` layer in the ``out_in`` layout without biases)."""
+    out = []
+    if not isinstance(activation, str) or activation not in ("silu", "gelu"):
+        out.append(f"activation={activation!r}")
+    if layout != "out_in":
+        out.append(f"layout={layout!r}")
+    if b1 is not None and b1 is not False:
+        out.append("b1")
+    if b2 is not None and b2 is not False:
+        out.append("b2")
+    return tuple(out)
+
+
 def unsupported(m: int, dtype: Any, *, routed_scale: float | None = 1.0, num_experts: int = 1, top_k: int = 1,
-                config: Any = None) -> str | None:
+                config: Any = None, features: tuple[str, ...] = ()) -> str | None:
     """Why the decode path cannot serve this call, or None."""
+    if features:
+        return f"{', '.join(features)} (the decode path takes the plain silu/gelu layer)"
     if config is not None:
         return "an explicit config (the aligned path's tiles)"
     if jnp.dtype(dtype) not in DECODE_DTYPES:

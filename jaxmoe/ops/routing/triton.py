@@ -26,6 +26,7 @@ __all__ = [
     "route",
     "kernel_inputs",
     "kernel_serves",
+    "kernel_scoring",
     "unsupported_route",
     "unsupported_sigmoid_top1",
     "router_sigmoid_top1",
@@ -177,6 +178,13 @@ def kernel_inputs(logits: jax.Array, correction_bias: jax.Array | None) -> tuple
     return logits, readable(bias)
 
 
+def kernel_scoring(scoring: str) -> str:
+    """The kernel's scoring mode for a routing ``scoring``: ``"topk_softmax"`` (top-k of the
+    logits, then a softmax over the k, gpt-oss) picks the same ids as softmax-then-top-k
+    and, renormalized, the same weights up to rounding, so the kernel computes it as that."""
+    return "softmax" if scoring == "topk_softmax" else scoring
+
+
 def kernel_serves(num_experts: int, top_k: int) -> bool:
     """Whether the routing kernels take this size (beyond it the reference serves)."""
     return num_experts <= MAX_EXPERTS and top_k <= MAX_TOP_K
@@ -229,7 +237,7 @@ def route(
         e,
         k,
         logits.dtype,
-        scoring=scoring,
+        scoring=kernel_scoring(scoring),
         renormalize=renormalize,
         num_expert_group=num_expert_group,
         topk_group=topk_group,
