@@ -240,3 +240,16 @@ def test_plan_spreads_weights_over_the_sms():
             assert int(np.prod(spec.grid)) >= 256, (spec.name, spec.grid)
     routed = moe_triton.plan_routed_moe(1, 8, 128, 2048, 768, BF16, "sm90")
     assert [s.name for s in routed] == ["moe_decode_route_gate_up_kernel", "moe_decode_down_kernel"]
+
+
+def test_decode_path_refuses_layer_features():
+    """Biases, another layout or the clamped SwiGLU send a decode-sized call down the aligned
+    path (the decode kernels have none of them); forcing the decode path names the feature."""
+    from jaxmoe.ops.moe import decode as _decode
+
+    assert _decode.features_in_use("silu", "out_in", None, None) == ()
+    got = _decode.features_in_use(jaxmoe.ClampedSwiGLU(), "in_out_interleaved", jnp.zeros(1), None)
+    assert len(got) == 3 and "layout='in_out_interleaved'" in got and "b1" in got
+    assert not _decode.choose(1, jnp.bfloat16, features=("b2",)).decode
+    with pytest.raises(ValueError, match="b2"):
+        _decode.choose(1, jnp.bfloat16, decode=True, features=("b2",))
