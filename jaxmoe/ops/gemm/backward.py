@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.backends.launch import match_varying
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
 from jaxmoe.ops.gemm.config import GemmTile
@@ -121,5 +122,6 @@ def grouped_gemm(a: jax.Array, b: jax.Array, routing: RoutingData, *, topk_weigh
     static = _Static(activation, tile, topk_weights is not None, routing.block_size, routing.num_experts,
                      routing.top_k, routing.num_rows)
     weights = jnp.asarray(topk_weights) if topk_weights is not None else jnp.zeros((1,), jnp.float32)
+    a, b, weights = match_varying(a, b, weights)  # inside shard_map: see match_varying
     return _grouped(static, a, b, weights, routing.sorted_token_ids, routing.expert_ids,
                     routing.num_tokens_post_padded)

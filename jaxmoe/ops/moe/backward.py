@@ -42,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.backends.launch import match_varying
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
 from jaxmoe.ops.gemm.config import MoEConfig
@@ -160,7 +161,8 @@ def experts(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *,
     """
     static = _Static(config, activation, arch, bool(remat), routing.block_size, routing.num_experts, routing.top_k,
                      routing.num_rows)
-    return _experts(static, x, w1, w2, routing.topk_weights, routing.sorted_token_ids, routing.expert_ids,
+    x, w1, w2, topk_weights = match_varying(x, w1, w2, routing.topk_weights)  # shard_map: see match_varying
+    return _experts(static, x, w1, w2, topk_weights, routing.sorted_token_ids, routing.expert_ids,
                     routing.num_tokens_post_padded, routing.topk_ids)
 
 
