@@ -158,3 +158,27 @@ class TestOpGradTritonGPU(OpGradTests):
     GEMM_CASES = {**GEMM_CASES,
                   "stage1-silu-large-bf16": (1024, 1024, 1024, 16, 4, 1, "silu", False, BF16),
                   "stage2-weighted-large-bf16": (1024, 512, 1024, 16, 4, 2, None, True, BF16)}
+
+
+@pytest.mark.parametrize("arch", ["sm90", "gfx942"])
+def test_weight_grad_tiles_by_arch(rng, arch):
+    """The weight gradient with the tile each arch gets at BLOCK_M = 64 (NVIDIA: 128 x 128
+    over 64 rows a step; AMD: 64 x 64 over 32), against its definition in jnp (fp32: 1e-5,
+    exact fp32 products in both)."""
+    from jaxmoe.ops.gemm import config as _config
+    from jaxmoe.ops.gemm import triton as gemm_triton
+
+    m, k, e, n, kd = 40, 2, 3, 72, 40
+    ids = jnp.asarray(np.stack([rng.choice(e, size=k, replace=False) for _ in range(m)]), jnp.int32)
+    routing = ops.align(ids, e, 64, implementation="reference")
+    g = randn(rng, (m * k, n), F32)
+    a = randn(rng, (m, kd), F32)
+    tw = jnp.asarray(rng.uniform(0.1, 1.0, (m, k)), F32)
+    assert _config.weight_grad_tile(64, F32, arch)[4] == (64 if arch == "sm90" else 32)
+    got = jax.jit(lambda g, a, tw: gemm_triton.weight_grad(g, a, routing, out_dtype=F32, topk_weights=tw,
+                                                           arch=arch))(g, a, tw)
+    rows_a = np.repeat(np.asarray(a), k, axis=0)
+    want = np.zeros((e, n, kd))
+    for f, ex in enumerate(np.asarray(ids).reshape(-1)):
+        want[ex] += np.asarray(tw).reshape(-1)[f] * np.outer(np.asarray(g)[f], rows_a[f])
+    assert rel_err(got, want) <= 1e-5

@@ -90,7 +90,7 @@ def _bwd(static, residuals, dc):
         g = gemm_triton.gemm(d_gate_up, b, routing, tile=tile, arch=arch, topk_weights=None, activation=None,
                              transpose_b=True, out_dtype=jnp.float32, split_tail=False)
         da_rows = jnp.where(covered, g, 0.0)
-        db = gemm_triton.weight_grad(d_gate_up, a, routing, out_dtype=b.dtype)
+        db = gemm_triton.weight_grad(d_gate_up, a, routing, out_dtype=b.dtype, arch=arch)
         if static.has_weights:  # <dc, act(gate) * up>: the unweighted forward again
             h = gemm_triton.grouped_gemm(a, b, routing, activation=static.activation, tile=static.tile)
             d_w = jnp.sum(dc * h.astype(jnp.float32), axis=-1)
@@ -100,7 +100,7 @@ def _bwd(static, residuals, dc):
         g = jnp.where(covered, g, 0.0)
         da_rows = g * w
         db = gemm_triton.weight_grad(dc.astype(a.dtype), a, routing, out_dtype=b.dtype,
-                                     topk_weights=weights if static.has_weights else None)
+                                     topk_weights=weights if static.has_weights else None, arch=arch)
         if static.has_weights:
             a_rows = a if a_top_k == 1 else jnp.repeat(a, a_top_k, axis=0)
             d_w = jnp.sum(g * a_rows.astype(jnp.float32), axis=-1)

@@ -142,8 +142,9 @@ def experts_bwd(static: _Static, residuals, dout):
                                activation=None, transpose_b=True, out_dtype=jnp.float32, split_tail=False)
     dx = jnp.sum(jnp.where(valid, dx_rows, 0.0).reshape(m, k, d), axis=1).astype(x.dtype)
     # 4. weight gradients, per expert over its own rows
-    dw2 = gemm_triton.weight_grad(dout, h, routing, out_dtype=w2.dtype, topk_weights=topk_weights)
-    dw1 = gemm_triton.weight_grad(d_gate_up, x, routing, out_dtype=w1.dtype)
+    dw2 = gemm_triton.weight_grad(dout, h, routing, out_dtype=w2.dtype, topk_weights=topk_weights,
+                                  arch=arch)
+    dw1 = gemm_triton.weight_grad(d_gate_up, x, routing, out_dtype=w1.dtype, arch=arch)
     d_weights = d_weights.reshape(topk_weights.shape).astype(topk_weights.dtype)
     return dx, dw1, dw2, d_weights, None, None, None, None
 
