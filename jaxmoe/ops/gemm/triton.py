@@ -232,27 +232,22 @@ def act_backward(a: jax.Array, w1: jax.Array, dh: jax.Array, routing: RoutingDat
     return c
 
 
-# The weight-gradient tile: (BLOCK_N, BLOCK_K, num_warps, num_stages), one for every shape
-# so the backward adds few compiled kernels; BLOCK_R (rows a step) follows BLOCK_M.
-WEIGHT_GRAD_TILE = (64, 64, 4, 2)
-
-
-def _weight_grad_rows(block_m: int) -> int:
-    # A step's rows must divide BLOCK_M (an expert's run is whole blocks) and be >= 16 (tl.dot).
-    return min(block_m, 32)
+# The weight-gradient tile (BLOCK_N, BLOCK_K, num_warps, num_stages, BLOCK_R) by BLOCK_M
+# and arch: config.weight_grad_tile.
+WEIGHT_GRAD_TILE = _config.WEIGHT_GRAD_TILE
 
 
 def plan_weight_grad(*, g_shape: tuple[int, int], a_shape: tuple[int, int], num_experts: int, dtype: Any,
                      out_dtype: Any, num_rows: int, top_k_g: int, top_k_a: int, block_m: int, num_blocks: int,
-                     mul_routed_weight: bool) -> KernelLaunch:
+                     mul_routed_weight: bool, arch: str | None = None) -> KernelLaunch:
     """The grouped weight gradient, ``moe_weight_grad_kernel``: ``C [E, N, K]`` in
     ``out_dtype`` from ``G [g_rows, N]`` and ``A [a_rows, K]`` (both ``dtype``), one program
-    per output tile. One tile for every target: at most 32 KiB of shared memory."""
+    per output tile, the tile from :func:`~jaxmoe.ops.gemm.config.weight_grad_tile`
+    (``arch`` None: the small tile, which fits every target)."""
     from jaxmoe.ops.gemm import kernels
 
     (g_rows, n), (a_rows, k) = g_shape, a_shape
-    block_n, block_k, num_warps, num_stages = WEIGHT_GRAD_TILE
-    block_r = _weight_grad_rows(block_m)
+    block_n, block_k, num_warps, num_stages, block_r = _config.weight_grad_tile(block_m, dtype, arch)
     if block_m % block_r or block_r < 16:
         raise ValueError(f"BLOCK_M={block_m} must be a multiple of 16 for the weight gradient")
     constexprs = {
@@ -285,7 +280,7 @@ def expert_offsets(routing: RoutingData) -> jax.Array:
 
 
 def weight_grad(g: jax.Array, a: jax.Array, routing: RoutingData, *, out_dtype: Any,
-                topk_weights: jax.Array | None = None) -> jax.Array:
+                topk_weights: jax.Array | None = None, arch: str | None = None) -> jax.Array:
     """``C [E, N, K]``: per expert, the sum over its rows f of ``w_f * G[f]^T A[f]``, where
     a ``[M, *]`` operand is read at row ``f // top_k`` and a ``[M * top_k, *]`` one at ``f``.
     Deterministic; an expert without rows gets zeros."""
@@ -295,7 +290,7 @@ def weight_grad(g: jax.Array, a: jax.Array, routing: RoutingData, *, out_dtype: 
     spec = plan_weight_grad(g_shape=g.shape, a_shape=a.shape, num_experts=routing.num_experts, dtype=a.dtype,
                             out_dtype=out_dtype, num_rows=routing.num_rows, top_k_g=top_k_of(g), top_k_a=top_k_of(a),
                             block_m=routing.block_size, num_blocks=routing.num_blocks,
-                            mul_routed_weight=topk_weights is not None)
+                            mul_routed_weight=topk_weights is not None, arch=arch)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
     (c,) = launch(spec, g, a, routing.sorted_token_ids.astype(jnp.int32), expert_offsets(routing), weights)

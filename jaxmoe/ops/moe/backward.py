@@ -51,10 +51,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.backends.launch import match_varying
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
 from jaxmoe.ops.gemm.config import MoEConfig
-from jaxmoe.ops.routing import reference as routing_reference
+from jaxmoe.ops.routing import autodiff as routing_autodiff
 from jaxmoe.types import RoutingData
 
 __all__ = ["experts", "experts_forward", "experts_fwd", "experts_bwd", "routing_weights"]
@@ -176,11 +177,11 @@ def experts_bwd(static: _Static, residuals, dout):
     dx = jnp.sum(jnp.where(valid, dx_rows, 0.0).reshape(m, k, d), axis=1).astype(x.dtype)
     # 4. weight gradients, per expert over its own rows, in the stored layout
     if in_out:
-        dw2 = gemm_triton.weight_grad(h, dout, routing, out_dtype=w2.dtype, topk_weights=topk_weights)
-        dw1 = gemm_triton.weight_grad(x, d_gate_up, routing, out_dtype=w1.dtype)
+        dw2 = gemm_triton.weight_grad(h, dout, routing, out_dtype=w2.dtype, topk_weights=topk_weights, arch=arch)
+        dw1 = gemm_triton.weight_grad(x, d_gate_up, routing, out_dtype=w1.dtype, arch=arch)
     else:
-        dw2 = gemm_triton.weight_grad(dout, h, routing, out_dtype=w2.dtype, topk_weights=topk_weights)
-        dw1 = gemm_triton.weight_grad(d_gate_up, x, routing, out_dtype=w1.dtype)
+        dw2 = gemm_triton.weight_grad(dout, h, routing, out_dtype=w2.dtype, topk_weights=topk_weights, arch=arch)
+        dw1 = gemm_triton.weight_grad(d_gate_up, x, routing, out_dtype=w1.dtype, arch=arch)
     db1 = None if b1 is None else _bias_grad(d_gate_up, routing, b1.dtype)
     db2 = None if b2 is None else _bias_grad(dout, routing, b2.dtype, topk_weights)
     d_weights = d_weights.reshape(topk_weights.shape).astype(topk_weights.dtype)
@@ -204,39 +205,13 @@ def experts(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: RoutingData, *,
 
     static = _Static(config, checks.resolve_activation(activation), arch, bool(remat), routing.block_size,
                      routing.num_experts, routing.top_k, routing.num_rows, checks.check_layout(layout))
-    return _experts(static, x, w1, w2, b1, b2, routing.topk_weights, routing.sorted_token_ids, routing.expert_ids,
+    # shard_map: see match_varying
+    x, w1, w2, b1, b2, topk_weights = match_varying(x, w1, w2, b1, b2, routing.topk_weights)
+    return _experts(static, x, w1, w2, b1, b2, topk_weights, routing.sorted_token_ids, routing.expert_ids,
                     routing.num_tokens_post_padded, routing.topk_ids)
 
 
 # --------------------------------------------------------------------------- routing
 
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _kernel_weights(logits, topk_ids, kernel_weights, options):
-    return kernel_weights
-
-
-@_kernel_weights.defjvp
-def _kernel_weights_jvp(options, primals, tangents):
-    logits, topk_ids, kernel_weights = primals
-    d_logits = tangents[0]
-    _, d_weights = jax.jvp(lambda lg: routing_reference.weights_at(lg, topk_ids, **dict(options)), (logits,),
-                           (d_logits,))
-    return kernel_weights, d_weights
-
-
-def routing_weights(logits: jax.Array, topk_ids: jax.Array, kernel_weights: jax.Array, *, scoring: str,
-                    renormalize: bool, routed_scaling_factor: float) -> jax.Array:
-    """The routing kernel's weights ``[M, k] float32``, differentiable in ``logits [M, E]``.
-
-    The value is ``kernel_weights`` as they are (the kernel's and the gradient path's
-    forward agree bitwise); the derivative is that of
-    :func:`~jaxmoe.ops.routing.reference.weights_at` at the chosen ids (softmax or sigmoid
-    scores, renormalized or not, times the static ``routed_scaling_factor``). Ids are
-    constants: grouping and the correction bias change which experts are chosen, never
-    the derivative, so the bias gets no gradient. The kernel must have been given
-    ``jax.lax.stop_gradient`` of the logits.
-    """
-    options = (("scoring", scoring), ("renormalize", bool(renormalize)),
-               ("routed_scaling_factor", float(routed_scaling_factor)))
-    return _kernel_weights(logits, topk_ids, kernel_weights, options)
+# The routing weights' derivative lives with the routing op (the routing kernel uses it too).
+routing_weights = routing_autodiff.routing_weights

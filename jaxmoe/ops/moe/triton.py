@@ -261,7 +261,7 @@ def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidde
     blocks = max_blocks(num_rows, num_experts, config.block_m)
     common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks)
     grad = dict(num_experts=num_experts, dtype=dtype, out_dtype=dtype, num_rows=num_rows, block_m=config.block_m,
-                num_blocks=blocks)
+                num_blocks=blocks, arch=arch)
     tile = _config.backward_tile(config.block_m, dtype, arch, fused=False)
     fused_tile = _config.backward_tile(config.block_m, dtype, arch, fused=True)
     in_out = layout.startswith("in_out")
