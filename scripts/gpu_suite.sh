@@ -23,7 +23,7 @@ run_memcheck() {
     timeout "${MEMCHECK_TIMEOUT:-480}" compute-sanitizer --tool memcheck --target-processes all \
         --print-limit 50 --error-exitcode 99 \
         "$py" -m pytest -q -p no:cacheprovider -n "${MEMCHECK_WORKERS:-6}" -m "not gpu" \
-        ${MEMCHECK_TESTS:-tests/test_gemm.py tests/test_moe.py tests/test_moe_grad.py tests/test_alignment.py tests/test_routing.py tests/test_route_align.py tests/test_layer.py} \
+        ${MEMCHECK_TESTS:-$(ls tests/test_{gemm,moe,moe_grad,alignment,routing,route_align,layer,decode,moe_features,op_grads,quant}*.py 2>/dev/null | sort -u)} \
         -k "${MEMCHECK_K:-Triton or triton or kernel}" >"$out/memcheck.log" 2>&1
     local rc=$?
     echo "memcheck rc=$rc: $(grep -c 'ERROR SUMMARY: 0 errors' "$out/memcheck.log") processes with 0 errors," \
@@ -34,14 +34,14 @@ run_memcheck() {
 if [[ $what == memcheck || $what == all ]]; then
     run_memcheck & mpid=$!
 fi
+if [[ $what == check || $what == all ]]; then
+    timeout 300 "$py" -m jaxmoe check >"$out/check.log" 2>&1 & cpid=$!
+fi
 if [[ $what == tests || $what == all ]]; then
     timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -q -p no:cacheprovider -m gpu -n "${WORKERS:-6}" tests/ \
         >"$out/tests.log" 2>&1 || status=1
-    tail -25 "$out/tests.log"
+    grep -E "^(FAILED|ERROR) " "$out/tests.log" | head -40; tail -1 "$out/tests.log"
 fi
-if [[ $what == check || $what == all ]]; then
-    timeout 300 "$py" -m jaxmoe check >"$out/check.log" 2>&1 || status=1
-    tail -25 "$out/check.log"
-fi
+if [[ -n ${cpid:-} ]]; then wait "$cpid" || status=1; tail -12 "$out/check.log"; fi
 if [[ -n ${mpid:-} ]]; then wait "$mpid" || status=1; fi
 exit $status
