@@ -2,8 +2,9 @@
 
     python examples/load_layer.py /path/to/checkpoint --layer 3 [--family deepseek_v3] [--tokens 8]
 
-The directory holds config.json and *.safetensors (bf16 or fp32). Prints the output's shape,
-dtype and norm, and how many tokens each expert received.
+The directory holds config.json and *.safetensors (bf16 or fp32) of a Mixtral, Qwen2-MoE,
+Qwen3-MoE, DeepSeek-V3 or gpt-oss checkpoint. Prints the output's shape, dtype and norm, and
+how many tokens each expert received.
 """
 
 from __future__ import annotations

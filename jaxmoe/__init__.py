@@ -10,7 +10,7 @@ Public API::
     jaxmoe.parallel.shard_params / communication_bytes / choose_schedule
     jaxmoe.ops.align / grouped_gemm / moe_align_block_size / moe_gemm / max_padded_rows / router_sigmoid_top1
     jaxmoe.reference.*                                    (plain jax.numpy versions)
-    jaxmoe.RoutingData, jaxmoe.QuantizedWeights, jaxmoe.Numerics   (the data types)
+    jaxmoe.RoutingData, jaxmoe.QuantizedWeights, jaxmoe.Numerics, jaxmoe.ClampedSwiGLU   (the data types)
     jaxmoe.quantize_weights(w, scheme)                    -> QuantizedWeights (docs/quantization.md)
     jaxmoe.quantize.from_mxfp4 / from_gptq / from_awq / with_fp8_dtype
 
@@ -23,9 +23,9 @@ from jaxmoe.layer import init_moe_params, moe_layer
 from jaxmoe.ops.moe import fused_moe
 from jaxmoe.ops.routing import route
 from jaxmoe.quantize import quantize_weights
-from jaxmoe.types import Numerics, QuantizedWeights, RoutingData
+from jaxmoe.types import ClampedSwiGLU, Numerics, QuantizedWeights, RoutingData
 
 __version__ = "0.1.0"
 
 __all__ = ["route", "fused_moe", "moe_layer", "init_moe_params", "ops", "parallel", "reference", "RoutingData",
-           "QuantizedWeights", "Numerics", "quantize", "quantize_weights", "__version__"]
+           "QuantizedWeights", "Numerics", "ClampedSwiGLU", "quantize", "quantize_weights", "__version__"]

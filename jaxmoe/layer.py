@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxmoe.ops import checks
 from jaxmoe.ops.base import check_implementation
-from jaxmoe.ops.gemm.reference import apply_activation
+from jaxmoe.ops.gemm.reference import gated
 from jaxmoe.ops.moe import ROUTED_MOE
 
 __all__ = ["init_moe_params", "moe_layer"]
@@ -116,7 +116,7 @@ def _shared_experts(params: dict[str, Any], x2d: jax.Array, activation: str) -> 
     i = w1.shape[1] // 2
     hi = jax.lax.Precision.HIGHEST
     gate_up = jnp.einsum("md,sjd->smj", x2d, w1, preferred_element_type=jnp.float32, precision=hi)
-    h = (apply_activation(activation, gate_up[..., :i]) * gate_up[..., i:]).astype(x2d.dtype)
+    h = gated(activation, gate_up[..., :i], gate_up[..., i:]).astype(x2d.dtype)
     out = jnp.einsum("smi,sdi->md", h, w2, preferred_element_type=jnp.float32, precision=hi)
     if "shared_gate" in params:
         g = jnp.dot(x2d, params["shared_gate"], preferred_element_type=jnp.float32, precision=hi)
@@ -131,7 +131,7 @@ def moe_layer(
     top_k: int,
     scoring: str = "softmax",
     renormalize: bool = True,
-    activation: str = "silu",
+    activation: Any = "silu",
     implementation: Any = None,
     num_expert_group: int | None = None,
     topk_group: int | None = None,
@@ -139,6 +139,7 @@ def moe_layer(
     routed_scaling_factor: Any = 1.0,
     group_scoring: str | None = None,
     return_routing: bool = False,
+    layout: str = "out_in",
     mesh: Any = None,
     expert_axis: str | None = None,
     tensor_axis: str | None = None,
@@ -156,7 +157,9 @@ def moe_layer(
         ``w1``'s dtype) applied to every token and added to the routed output, and
         ``"shared_gate": [D, 1]`` (Qwen2-MoE) scaling their sum by ``sigmoid(x @ shared_gate)``.
         Shared experts are a dense ``jax.numpy`` MLP on every implementation, computed
-        beside the routed launch (not fused into it).
+        beside the routed launch (not fused into it). Optional expert biases ``"b1" [E, 2I]``
+        and ``"b2" [E, D]`` (see :func:`jaxmoe.fused_moe`) and a router bias
+        ``"router_bias" [E]`` added to the logits (gpt-oss).
       x: ``[..., D]`` in ``w1``'s dtype (bf16, fp16 or fp32; any of them with quantized
         ``w1``/``w2``, :class:`~jaxmoe.QuantizedWeights` from :func:`jaxmoe.quantize_weights`);
         leading dims are flattened into tokens and restored.
@@ -164,8 +167,10 @@ def moe_layer(
         kernels, see :func:`jaxmoe.fused_moe`. Not with a mesh.
       top_k, scoring, renormalize, num_expert_group, topk_group, correction_bias,
         routed_scaling_factor, group_scoring: routing options, see :func:`jaxmoe.route`.
-      activation: ``"silu"`` or ``"gelu"``, see :func:`jaxmoe.fused_moe` (shared experts
-        use it too).
+      activation: ``"silu"``, ``"gelu"``, ``"clamped_swiglu"`` or a :class:`~jaxmoe.ClampedSwiGLU`,
+        see :func:`jaxmoe.fused_moe` (shared experts use it too).
+      layout: how ``params["w1"]``/``params["w2"]`` are stored (see :func:`jaxmoe.fused_moe`);
+        shared experts are always ``[S, 2Is, D]`` gate rows then up rows.
       implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence
         of them; used for both the routing and the experts.
       return_routing: also return the routing, for auxiliary losses (load balancing,
@@ -185,11 +190,15 @@ def moe_layer(
         one); None picks the one :func:`jaxmoe.parallel.choose_schedule` models as sending
         fewer bytes. See ``docs/parallel.md``.
 
-      The mesh path takes neither shared experts nor ``return_routing``.
+      On a mesh, shared experts are replicated and applied to each device's own tokens,
+      and ``return_routing`` gives each device's tokens' routing, sharded like the output;
+      the mesh path takes no expert or router biases, no ``layout`` other than ``"out_in"``
+      and not the clamped SwiGLU.
 
     Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
     ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
-    ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision). With
+    ``jnp.dot(x, router, preferred_element_type=float32)`` (full fp32 precision), plus
+    ``router_bias`` in fp32 when given. With
     ``return_routing``: ``(y, routing)`` where ``routing`` is ``{"logits": [M, E] float32,
     "topk_ids": [M, top_k] int32, "topk_weights": [M, top_k] float32}`` over the ``M``
     flattened tokens. With shared experts the routed output (in ``x``'s dtype) and the fp32
@@ -207,27 +216,24 @@ def moe_layer(
             raise NotImplementedError("moe_layer(mesh=...) takes neither quantized weights nor act_quant yet; "
                                       "run them without a mesh")
 
-        if return_routing or "shared" in params or "shared_gate" in params:
-            raise NotImplementedError("moe_layer(mesh=...) takes neither shared experts nor return_routing=True; "
-                                      "run those without a mesh")
-        if group_scoring is not None:
-            from jaxmoe.ops import checks as _checks
-
-            if _checks.resolve_group_scoring(group_scoring, correction_bias) != \
-                    _checks.resolve_group_scoring(None, correction_bias):
-                raise NotImplementedError(f"moe_layer(mesh=...): group_scoring={group_scoring!r} differs from the "
-                                          "default rule for these arguments, which the sharded layer applies")
-
+        extra = [name for name in ("b1", "b2", "router_bias") if params.get(name) is not None]
+        if extra or layout != "out_in" or not isinstance(activation, str) or activation == "clamped_swiglu":
+            raise NotImplementedError(
+                f"moe_layer(mesh=...) takes neither expert or router biases ({extra or 'none given'}), nor "
+                f"layout={layout!r} other than 'out_in', nor the clamped SwiGLU (activation={activation!r}); "
+                "run those without a mesh")
         return sharded_moe_layer(params, x, top_k=top_k, mesh=mesh, expert_axis=expert_axis,
                                  tensor_axis=tensor_axis, data_axis=data_axis, schedule=schedule, scoring=scoring,
                                  renormalize=renormalize, activation=activation, implementation=implementation,
                                  num_expert_group=num_expert_group, topk_group=topk_group,
-                                 correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor)
+                                 correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+                                 group_scoring=group_scoring, return_routing=return_routing)
     if expert_axis is not None or tensor_axis is not None or data_axis is not None or schedule is not None:
         raise ValueError("expert_axis, tensor_axis, data_axis and schedule need a mesh (mesh=...)")
     check_implementation(implementation)
-    d, _, _ = checks.check_layer_args(params, x, top_k)
-    checks.check_act_quant(act_quant, params["w1"], params["w2"], x.dtype, ("params['w1']", "params['w2']"))
+    d, _, _ = checks.check_layer_args(params, x, top_k, layout)
+    checks.check_act_quant(act_quant, params["w1"], params["w2"], x.dtype, ("params['w1']", "params['w2']"),
+                           layout=layout)
     _check_shared(params, d, x.dtype)
     if not isinstance(return_routing, bool):
         raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
@@ -235,11 +241,13 @@ def moe_layer(
     logits = jnp.dot(
         x2d, params["router"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
     )
+    if params.get("router_bias") is not None:
+        logits = logits + params["router_bias"].astype(jnp.float32)
     out = ROUTED_MOE(x2d, params["w1"], params["w2"], logits, top_k, activation=activation, scoring=scoring,
                      renormalize=renormalize, num_expert_group=num_expert_group, topk_group=topk_group,
                      correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-                     group_scoring=group_scoring, return_routing=return_routing, act_quant=act_quant,
-                     implementation=implementation)
+                     group_scoring=group_scoring, return_routing=return_routing, b1=params.get("b1"),
+                     b2=params.get("b2"), layout=layout, act_quant=act_quant, implementation=implementation)
     y, topk_weights, topk_ids = out if return_routing else (out, None, None)
     if params.get("shared") is not None:
         y = (y.astype(jnp.float32) + _shared_experts(params, x2d, activation)).astype(y.dtype)

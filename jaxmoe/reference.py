@@ -31,9 +31,10 @@ def moe_gemm(a, b, sorted_token_ids, expert_ids, num_tokens_post_padded, *, top_
 
 
 def moe_layer(params: Any, x: Any, *, top_k: int, scoring: str = "softmax", renormalize: bool = True,
-              activation: str = "silu", num_expert_group: int | None = None, topk_group: int | None = None,
+              activation: Any = "silu", num_expert_group: int | None = None, topk_group: int | None = None,
               correction_bias: Any = None, routed_scaling_factor: Any = 1.0, group_scoring: str | None = None,
-              return_routing: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+              return_routing: bool = False, layout: str = "out_in"
+              ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Reference of :func:`jaxmoe.moe_layer` (see there for the contract, shared experts and
     ``return_routing`` included): the layer with every op on its ``jax.numpy`` reference."""
     from jaxmoe.layer import moe_layer as layer
@@ -41,4 +42,5 @@ def moe_layer(params: Any, x: Any, *, top_k: int, scoring: str = "softmax", reno
     return layer(params, jnp.asarray(x), top_k=top_k, scoring=scoring, renormalize=renormalize,
                  activation=activation, num_expert_group=num_expert_group, topk_group=topk_group,
                  correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-                 group_scoring=group_scoring, return_routing=return_routing, implementation="reference")
+                 group_scoring=group_scoring, return_routing=return_routing, layout=layout,
+                 implementation="reference")

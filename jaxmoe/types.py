@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["RoutingData", "Numerics", "QuantizedWeights", "WeightScheme", "WEIGHT_SCHEMES", "ACT_QUANTS",
-           "ACT_QUANT_SCHEMES", "FP8_DTYPES", "FP8_MAX", "INT8_MAX", "QUANT_BLOCK", "MX_BLOCK"]
+           "ACT_QUANT_SCHEMES", "FP8_DTYPES", "FP8_MAX", "INT8_MAX", "QUANT_BLOCK", "MX_BLOCK", "ClampedSwiGLU"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,3 +242,31 @@ class Numerics:
             raise ValueError(f"unknown weight scheme {self.weights!r}; known: {sorted(WEIGHT_SCHEMES)}")
         if self.act_quant is not None and self.act_quant not in ACT_QUANTS:
             raise ValueError(f"act_quant must be None or one of {ACT_QUANTS}, got {self.act_quant!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's gated activation, fused in stage 1's epilogue (static, hashable)::
+
+        gate = min(gate, limit)            (no lower clamp)
+        up   = clip(up, -limit, limit)
+        h    = (up + 1) * gate * sigmoid(alpha * gate)
+
+    ``activation="clamped_swiglu"`` means ``ClampedSwiGLU()`` (gpt-oss's ``alpha=1.702``,
+    ``limit=7.0``; a checkpoint's ``swiglu_limit`` overrides the limit). A NaN in gate or up
+    stays NaN (the clamps compare, they do not drop NaN).
+    """
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+                raise TypeError(f"ClampedSwiGLU.{name} must be a Python float, got {type(v).__name__}")
+            if not np.isfinite(v):
+                raise ValueError(f"ClampedSwiGLU.{name} must be finite, got {v}")
+            object.__setattr__(self, name, float(v))
+        if self.limit <= 0:
+            raise ValueError(f"ClampedSwiGLU.limit must be > 0, got {self.limit}")

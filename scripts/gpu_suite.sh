@@ -3,7 +3,8 @@
 # command-line check, and (on CUDA, when compute-sanitizer is on the PATH) memcheck over the
 # kernel tests with one device allocation per buffer, so that an out-of-bounds access lands
 # outside every allocation. Logs go to $OUT (default ./gpu-out).
-#   scripts/gpu_suite.sh [tests|check|memcheck|all] [pytest -k expression for memcheck]
+#   scripts/gpu_suite.sh [tests|check|memcheck|all]
+# Environment: MEMCHECK_TESTS (files), MEMCHECK_K (a pytest -k expression), WORKERS, *_TIMEOUT.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"; mkdir -p "$out"
@@ -13,28 +14,34 @@ py="${PYTHON:-python3}"
 status=0
 
 run_memcheck() {
+    # The CPU test tier (its adversarial inputs: invalid ids, empty experts, M = 1, NaN
+    # rows, poisoned outputs) with JAX on the CPU and every kernel launch run compiled on
+    # this GPU (JAXMOE_CPU_LAUNCH=gpu, jaxmoe/backends/cuda_host.py), one allocation per
+    # array, under compute-sanitizer's memcheck. One sanitizer per pytest worker.
     command -v compute-sanitizer >/dev/null || { echo "memcheck: no compute-sanitizer" | tee "$out/memcheck.log"; return 1; }
-    XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS="--xla_gpu_autotune_level=0" \
+    JAX_PLATFORMS=cpu JAXMOE_CPU_LAUNCH=gpu PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     timeout "${MEMCHECK_TIMEOUT:-480}" compute-sanitizer --tool memcheck --target-processes all \
-        --print-limit 20 --error-exitcode 99 \
-        "$py" -m pytest -q -p no:cacheprovider -m gpu -x ${MEMCHECK_TESTS:-tests/test_gemm.py tests/test_moe.py tests/test_moe_grad.py tests/test_alignment.py tests/test_routing.py} \
-        ${2:+-k "$2"} >"$out/memcheck.log" 2>&1
+        --print-limit 50 --error-exitcode 99 \
+        "$py" -m pytest -q -p no:cacheprovider -n "${MEMCHECK_WORKERS:-6}" -m "not gpu" \
+        ${MEMCHECK_TESTS:-$(ls tests/test_{gemm,moe,moe_grad,alignment,routing,route_align,layer,decode,moe_features,op_grads,quant}*.py 2>/dev/null | sort -u)} \
+        -k "${MEMCHECK_K:-Triton or triton or kernel}" >"$out/memcheck.log" 2>&1
     local rc=$?
-    echo "memcheck rc=$rc"; grep -E "ERROR SUMMARY|passed|failed" "$out/memcheck.log" | tail -5
+    echo "memcheck rc=$rc: $(grep -c 'ERROR SUMMARY: 0 errors' "$out/memcheck.log") processes with 0 errors," \
+         "$(grep 'ERROR SUMMARY' "$out/memcheck.log" | grep -vc ' 0 errors') with errors; $(tail -1 "$out/memcheck.log")"
     return $rc
 }
 
 if [[ $what == memcheck || $what == all ]]; then
-    run_memcheck "$@" & mpid=$!
+    run_memcheck & mpid=$!
+fi
+if [[ $what == check || $what == all ]]; then
+    timeout 300 "$py" -m jaxmoe check >"$out/check.log" 2>&1 & cpid=$!
 fi
 if [[ $what == tests || $what == all ]]; then
     timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -q -p no:cacheprovider -m gpu -n "${WORKERS:-6}" tests/ \
         >"$out/tests.log" 2>&1 || status=1
-    tail -25 "$out/tests.log"
+    grep -E "^(FAILED|ERROR) " "$out/tests.log" | head -40; tail -1 "$out/tests.log"
 fi
-if [[ $what == check || $what == all ]]; then
-    timeout 300 "$py" -m jaxmoe check >"$out/check.log" 2>&1 || status=1
-    tail -25 "$out/check.log"
-fi
+if [[ -n ${cpid:-} ]]; then wait "$cpid" || status=1; tail -12 "$out/check.log"; fi
 if [[ -n ${mpid:-} ]]; then wait "$mpid" || status=1; fi
 exit $status

@@ -104,3 +104,71 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, activation_name="silu"):
             h = activation(activation_name, gate_up[:i]) * gate_up[i:]
             out[t] += topk_weights[t, j] * (w2[ex] @ h)
     return out
+
+
+def gpt_oss_moe(x, router_weight, router_bias, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k,
+                alpha=1.702, limit=7.0):
+    """gpt-oss's MoE block (``GptOssMLP``) in float64, token by token, from the published
+    modelling code: router ``logits = x @ W.T + b``; the top-k logits, then a softmax over
+    them; per chosen expert ``gate_up = x @ gate_up_proj[e] + bias`` ([E, D, 2I], gate at
+    even and up at odd columns), the gate clamped above at ``limit``, up to
+    ``[-limit, limit]``, ``(up + 1) * gate * sigmoid(alpha * gate)``, then ``@ down_proj[e]
+    + down_bias`` ([E, I, D]) times the routing weight. Returns ``(y [M, D], ids [M, k])``,
+    ids in descending logit order."""
+    x = np.asarray(x, np.float64)
+    w, b = np.asarray(router_weight, np.float64), np.asarray(router_bias, np.float64)
+    gu, gub = np.asarray(gate_up_proj, np.float64), np.asarray(gate_up_proj_bias, np.float64)
+    dn, dnb = np.asarray(down_proj, np.float64), np.asarray(down_proj_bias, np.float64)
+    m, d = x.shape
+    y = np.zeros((m, d))
+    ids = np.zeros((m, top_k), np.int64)
+    for t in range(m):
+        logits = w @ x[t] + b
+        chosen = sorted(range(len(logits)), key=lambda e: (-logits[e], e))[:top_k]
+        top = np.array([logits[e] for e in chosen])
+        z = np.exp(top - top.max())
+        weights = z / z.sum()
+        ids[t] = chosen
+        for e, weight in zip(chosen, weights):
+            gate_up = x[t] @ gu[e] + gub[e]
+            gate, up = gate_up[0::2], gate_up[1::2]
+            gate = np.minimum(gate, limit)
+            up = np.clip(up, -limit, limit)
+            h = (up + 1.0) * gate / (1.0 + np.exp(-alpha * gate))
+            y[t] += weight * (h @ dn[e] + dnb[e])
+    return y, ids
+
+
+def fused_moe_with(x, w1, w2, topk_weights, topk_ids, *, layout="out_in", b1=None, b2=None, activation_name="silu",
+                   alpha=1.702, limit=7.0):
+    """The fused MoE for every weight layout, expert bias and activation, in float64:
+    the per-expert matrices are read out of the stored layout by index, one token and slot
+    at a time. ``activation_name`` "clamped_swiglu" is gpt-oss's form."""
+    x, w1, w2 = (np.asarray(v, np.float64) for v in (x, w1, w2))
+    topk_weights, topk_ids = np.asarray(topk_weights, np.float64), np.asarray(topk_ids)
+    m, d = x.shape
+    e = w1.shape[0]
+    in_out, interleaved = layout.startswith("in_out"), layout.endswith("interleaved")
+    two_i = w1.shape[2] if in_out else w1.shape[1]
+    i = two_i // 2
+    gate_idx = [2 * j if interleaved else j for j in range(i)]
+    up_idx = [2 * j + 1 if interleaved else i + j for j in range(i)]
+    out = np.zeros((m, d))
+    for t in range(m):
+        for s in range(topk_ids.shape[1]):
+            ex = int(topk_ids[t, s])
+            if not 0 <= ex < e:
+                continue
+            a = w1[ex].T if in_out else w1[ex]  # [2I, D]
+            gate_up = a @ x[t] + (0.0 if b1 is None else np.asarray(b1, np.float64)[ex])
+            gate, up = gate_up[gate_idx], gate_up[up_idx]
+            if activation_name == "clamped_swiglu":
+                gate = np.minimum(gate, limit)
+                up = np.clip(up, -limit, limit)
+                h = (up + 1.0) * gate / (1.0 + np.exp(-alpha * gate))
+            else:
+                h = activation(activation_name, gate) * up
+            down = w2[ex].T if in_out else w2[ex]  # [D, I]
+            row = down @ h + (0.0 if b2 is None else np.asarray(b2, np.float64)[ex])
+            out[t] += topk_weights[t, s] * row
+    return out

@@ -261,8 +261,11 @@ def _compare_grads(params, x, top_k, routing, mesh, axes):
     out = []
     for schedule in ("allgather", "all_to_all"):
         got = _grads(params, x, top_k, routing, mesh=mesh, schedule=schedule, **axes)
-        errs = {name: _rel(g, w) for name, g, w in zip(("router", "w1", "w2"), *(
-            [t[0][n] for n in ("router", "w1", "w2")] for t in (got, want)))}
+        flat_got = dict(jax.tree_util.tree_flatten_with_path(got[0])[0])
+        flat_want = dict(jax.tree_util.tree_flatten_with_path(want[0])[0])
+        assert flat_got.keys() == flat_want.keys(), (flat_got.keys(), flat_want.keys())
+        errs = {jax.tree_util.keystr(path): _rel(flat_got[path].reshape(flat_want[path].shape), w)
+                for path, w in flat_want.items()}
         errs["x"] = _rel(got[1], want[1])
         assert max(errs.values()) <= 1e-5, (schedule, errs)
         out.append(f"{schedule}: max rel err {max(errs.values()):.1e}")
@@ -281,6 +284,61 @@ def grad_deepseek_ep8():
     params, x = _layer(DEEPSEEK, 16, seed=52)
     bias = 0.1 * jax.random.normal(jax.random.key(53), (256,), jnp.float32)
     return _compare_grads(params, x, 8, _deepseek_routing(bias), _mesh((8,), ("ep",)), dict(expert_axis="ep"))
+
+
+# --------------------------------------------------------------------------- shared experts, routing out, group scoring
+
+def _with_shared(params, seed, gate):
+    d = params["w1"].shape[-1]
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    shared = {"w1": jax.random.normal(k1, (2, 24, d), jnp.float32) / np.sqrt(d),
+              "w2": jax.random.normal(k2, (2, d, 12), jnp.float32) / np.sqrt(12)}
+    out = {**params, "shared": shared}
+    if gate:
+        out["shared_gate"] = jax.random.normal(k3, (d, 1), jnp.float32) / np.sqrt(d)
+    return out
+
+
+@case
+def shared_experts_routing_out_group_scoring():
+    """DeepSeek-like with two shared experts (and a Qwen2-style gate), group_scoring="max"
+    (not the default with a bias), return_routing: output and routing equal the single device's."""
+    params, x = _layer(DEEPSEEK, 20, seed=70)  # 20 tokens: padded to the 8 token shards
+    bias = 0.1 * jax.random.normal(jax.random.key(71), (256,), jnp.float32)
+    routing = {**_deepseek_routing(bias), "group_scoring": "max"}
+    out = []
+    for gate in (False, True):
+        p = _with_shared(params, 72, gate)
+        want, want_r = jaxmoe.moe_layer(p, x, top_k=8, implementation="reference", return_routing=True, **routing)
+        for mesh, axes in ((_mesh((2, 2, 2), ("dp", "ep", "tp")), dict(expert_axis="ep", tensor_axis="tp",
+                                                                      data_axis="dp")),
+                           (_mesh((8,), ("ep",)), dict(expert_axis="ep"))):
+            for schedule in ("allgather", "all_to_all"):
+                got, got_r = jax.jit(lambda p, x: jaxmoe.moe_layer(
+                    p, x, top_k=8, mesh=mesh, schedule=schedule, implementation="reference", return_routing=True,
+                    **axes, **routing))(p, x)
+                assert got.shape == x.shape, got.shape
+                err = _rel(got, want)
+                assert err <= 1e-5, (gate, schedule, err)
+                np.testing.assert_array_equal(np.asarray(got_r["topk_ids"]), np.asarray(want_r["topk_ids"]))
+                np.testing.assert_allclose(np.asarray(got_r["topk_weights"]), np.asarray(want_r["topk_weights"]),
+                                           rtol=1e-6)
+                np.testing.assert_allclose(np.asarray(got_r["logits"]), np.asarray(want_r["logits"]), rtol=1e-6,
+                                           atol=1e-6)
+                out.append(f"gate={gate} {tuple(mesh.shape.values())} {schedule}: {err:.1e}")
+    # the rule is applied, not ignored: "max" routes differently from the default "top2_sum" here
+    _, default_r = jaxmoe.moe_layer(params, x, top_k=8, implementation="reference", return_routing=True,
+                                    **_deepseek_routing(bias))
+    _, max_r = jaxmoe.moe_layer(params, x, top_k=8, implementation="reference", return_routing=True, **routing)
+    assert (np.asarray(default_r["topk_ids"]) != np.asarray(max_r["topk_ids"])).any()
+    return "; ".join(out)
+
+
+@case
+def grad_shared_experts_ep4_tp2():
+    params, x = _layer(MIXTRAL, 16, seed=74)
+    return _compare_grads(_with_shared(params, 75, True), x, 2, {}, _mesh((4, 2), ("ep", "tp")),
+                          dict(expert_axis="ep", tensor_axis="tp"))
 
 
 # --------------------------------------------------------------------------- Triton's interpreter inside shard_map

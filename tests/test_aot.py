@@ -12,6 +12,7 @@ import pytest
 
 from jaxmoe.backends import KernelLaunch, aot
 from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.moe import decode
 from jaxmoe.ops.moe import triton as moe_triton
 from jaxmoe.models import PRESETS
 
@@ -25,7 +26,7 @@ DTYPES = (jnp.bfloat16, jnp.float32)  # fp16 tiles are the bf16 ones: same sizes
 # all, a shift, a division), and which runtime sizes equal 1 (a constant on a real launch).
 # Batch sizes are runtime arguments already, so they never multiply the compiles.
 _SHAPE_ONLY = {"stride_am", "stride_be", "stride_bn", "stride_bk", "stride_cm", "stride_gm", "K", "N_OUT", "TOP_K",
-               "TOP_K_G", "TOP_K_A", "NUM_EXPERTS"}
+               "TOP_K_G", "TOP_K_A", "NUM_EXPERTS", "UP_SHIFT"}
 
 
 def _rows_class(top_k: int) -> str:
@@ -133,6 +134,32 @@ def quantized_launches_for(arch: str) -> list[KernelLaunch]:
     return list(seen.values())
 
 
+def feature_launches_for(arch: str) -> list[KernelLaunch]:
+    """gpt-oss's layer as the loader gives it (layout in_out_interleaved, expert biases, the
+    clamped SwiGLU) at gpt-oss-120b's shape: the forward at M = 1 and 4096, the backward at
+    M = 4096 (its tiles depend on BLOCK_M only), GEMM kernels only (the alignment's are the
+    plain layer's), one per code key not already compiled by the plain layer's tests."""
+    from jaxmoe.types import ClampedSwiGLU
+
+    p = PRESETS["gpt-oss-120b"]
+    plain = {**_distinct_over_presets(moe_triton.plan_fused_moe, arch),
+             **_distinct_over_presets(moe_triton.plan_fused_moe_backward, arch)}
+    seen: dict = {}
+    options = dict(layout="in_out_interleaved", biases=True)
+    plans = [*moe_triton.plan_fused_moe(1, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, arch,
+                                        ClampedSwiGLU(), **options),
+             *moe_triton.plan_fused_moe(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, arch,
+                                        ClampedSwiGLU(), **options),
+             *moe_triton.plan_fused_moe_backward(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
+                                                 arch, ClampedSwiGLU(), **options)]
+    for spec in plans:
+        if spec.name.startswith("moe_") and "gemm" in spec.name or spec.name == "moe_weight_grad_kernel":
+            key = _key(spec)
+            if key not in plain:
+                seen.setdefault(key, spec)
+    return list(seen.values())
+
+
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_every_quantized_launch_compiles(target):
     specs = quantized_launches_for(TARGETS[target])
@@ -143,6 +170,55 @@ def test_every_quantized_launch_compiles(target):
     _compile_all(specs, target)
 
 
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_feature_launch_compiles(target):
+    specs = feature_launches_for(TARGETS[target])
+    names = {spec.name for spec in specs}
+    assert {"moe_gemm_kernel", "moe_gemm_act_bwd_kernel"} <= names, names  # the epilogues are new code
+    assert any(dict(s.constexprs).get("HAS_BIAS") and dict(s.constexprs).get("ACTIVATION") == "clamped_swiglu"
+               for s in specs)
+    _compile_all(specs, target)
+
+
 def test_heuristic_buckets_cover_every_block_m():
     picked = {_config.heuristic_config(m, 2, 8, 4096, 14336, jnp.bfloat16).block_m for m in (1, 64, 300, 4096)}
     assert picked == {16, 32, 64, 128}
+
+
+# The decode path: shape constexprs of its kernels, and what else decides their code.
+_DECODE_SHAPE_ONLY = {"D", "I", "E", "K"}
+
+
+def _decode_key(spec: KernelLaunch):
+    const = dict(spec.constexprs)
+    tile = "BLOCK_N" if "BLOCK_N" in const else "BLOCK_D"
+    cols = const["I"] if tile == "BLOCK_N" else const["D"]
+    depth = const["D"] if tile == "BLOCK_N" else const["I"]
+    masks = (cols % const[tile] == 0, depth % const["BLOCK_K"] == 0, _rows_class(const["K"]))
+    shape_free = tuple((k, v) for k, v in spec.constexprs if k not in _DECODE_SHAPE_ONLY)
+    return (spec.name, tuple(a.dtype.name for a in (*spec.args, *spec.outs)), shape_free, masks, spec.num_warps)
+
+
+def decode_launches() -> list[KernelLaunch]:
+    """One launch per code shape of the decode path over every preset, its routing and both
+    activations (bf16: fp16 is the same code; tiles do not depend on M)."""
+    seen: dict = {}
+    for preset in PRESETS.values():
+        routing = dict(scoring=preset.scoring, renormalize=preset.renormalize,
+                       num_expert_group=preset.num_expert_group, topk_group=preset.topk_group,
+                       bias_dtype=jnp.float32 if preset.correction_bias else None,
+                       routed_scaling_factor=preset.routed_scaling_factor, group_scoring=preset.group_scoring)
+        for activation in ("silu", "gelu"):
+            shape = (1, preset.top_k, preset.experts, preset.hidden, preset.intermediate, jnp.bfloat16)
+            for spec in (*decode.plan_decode(*shape, activation=activation),
+                         *decode.plan_decode(*shape, activation=activation, routed=True, **routing)):
+                seen.setdefault(_decode_key(spec), spec)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_decode_launch_compiles(target):
+    specs = decode_launches()
+    assert {s.name for s in specs} == {"moe_decode_gate_up_kernel", "moe_decode_route_gate_up_kernel",
+                                       "moe_decode_down_kernel"}
+    _compile_all(specs, target)

@@ -17,6 +17,7 @@ import pytest
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import jaxmoe  # noqa: E402
+import oracle  # noqa: E402
 from conftest import rel_err, to_f64, tolerance  # noqa: E402
 from jaxmoe.models import CheckpointError, infer_family, load_layer  # noqa: E402
 
@@ -38,6 +39,10 @@ CONFIGS = {
                         num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                         norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",
                         first_k_dense_replace=1, moe_layer_freq=1, num_hidden_layers=2),
+    # swiglu_alpha is not in the published configs (the code's 1.702 applies); swiglu_limit is
+    "gpt_oss": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], hidden_size=D, intermediate_size=I,
+                    num_local_experts=8, num_experts_per_tok=4, num_hidden_layers=2, swiglu_limit=7.0,
+                    layer_types=["sliding_attention", "full_attention"], attention_bias=True),
 }
 LAYER = 1  # DeepSeek-V3's layer 0 is dense (first_k_dense_replace=1)
 
@@ -54,6 +59,9 @@ def make_tensors(rng, family, dtype) -> dict[str, np.ndarray]:
     cfg = CONFIGS[family]
     t = {"model.embed_tokens.weight": rng.standard_normal((16, D)).astype(dtype)}
     for layer in range(cfg["num_hidden_layers"]):
+        if family == "gpt_oss":
+            t.update(gpt_oss_layer(rng, layer, dtype))
+            continue
         if family == "mixtral":
             p = f"model.layers.{layer}.block_sparse_moe."
             t[p + "gate.weight"] = rng.standard_normal((8, D)).astype(dtype)
@@ -76,6 +84,22 @@ def make_tensors(rng, family, dtype) -> dict[str, np.ndarray]:
             t[p + "gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(e)).astype(np.float32)
             t.update(_mlp(rng, p + "shared_experts.", names, I * cfg["n_shared_experts"], dtype))
     return t
+
+
+def gpt_oss_layer(rng, layer, dtype, e=8) -> dict[str, np.ndarray]:
+    """gpt-oss's bf16 MoE tensors of one layer, named and shaped as the published checkpoints
+    hold them (experts stacked, x @ w orientation, gate/up interleaved on the 2I axis). The
+    gate/up weights are scaled so that about a quarter of the pre-activations pass the clamp
+    at 7 (gate above, up on both sides)."""
+    p = f"model.layers.{layer}.mlp."
+    return {
+        p + "router.weight": rng.standard_normal((e, D)).astype(dtype),
+        p + "router.bias": rng.standard_normal(e).astype(dtype),
+        p + "experts.gate_up_proj": (6.0 * rng.standard_normal((e, D, 2 * I)) / math.sqrt(D)).astype(dtype),
+        p + "experts.gate_up_proj_bias": rng.standard_normal((e, 2 * I)).astype(dtype),
+        p + "experts.down_proj": (rng.standard_normal((e, I, D)) / math.sqrt(I)).astype(dtype),
+        p + "experts.down_proj_bias": rng.standard_normal((e, D)).astype(dtype),
+    }
 
 
 def write_checkpoint(path, family, tensors, *, shards=1, config=None):
@@ -122,6 +146,12 @@ def family_block(family, t, x) -> tuple[np.ndarray, np.ndarray]:
     cfg = CONFIGS[family]
     x = _f64(x)
     k = cfg["num_experts_per_tok"]
+    if family == "gpt_oss":
+        p = f"model.layers.{LAYER}.mlp."
+        return oracle.gpt_oss_moe(x, *(t[p + n] for n in ("router.weight", "router.bias", "experts.gate_up_proj",
+                                                          "experts.gate_up_proj_bias", "experts.down_proj",
+                                                          "experts.down_proj_bias")),
+                                  k, limit=cfg["swiglu_limit"])
     if family == "mixtral":
         p = f"model.layers.{LAYER}.block_sparse_moe."
         t = {**t, **{f"{p}experts.{j}.{a}.weight": t[f"{p}experts.{j}.{b}.weight"]
@@ -195,6 +225,8 @@ def test_routing_kwargs_per_family(tmp_path, rng):
         "mixtral": dict(top_k=2, scoring="softmax", renormalize=True, num_expert_group=None),
         "qwen3_moe": dict(top_k=2, scoring="softmax", renormalize=False),
         "qwen2_moe": dict(top_k=2, scoring="softmax", renormalize=True),
+        "gpt_oss": dict(top_k=4, scoring="topk_softmax", renormalize=True, layout="in_out_interleaved",
+                        activation=jaxmoe.ClampedSwiGLU(1.702, 7.0)),
         "deepseek_v3": dict(top_k=4, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
                             routed_scaling_factor=2.5, group_scoring="top2_sum"),
     }
@@ -313,3 +345,107 @@ def test_example_runs(tmp_path, rng):
                           "--implementation", "reference"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "shape=(8, 32) dtype=bfloat16 norm=" in out.stdout
+
+
+# --------------------------------------------------------------------------- gpt-oss
+
+
+def test_gpt_oss_loads_without_a_copy_of_the_experts(tmp_path, rng):
+    """gpt-oss's experts come back as stored (w1 = gate_up_proj [E, D, 2I], w2 = down_proj
+    [E, I, D], their biases b1 / b2, the router's bias), read with layout="in_out_interleaved";
+    a swiglu_limit of the config reaches the activation."""
+    tensors = make_tensors(rng, "gpt_oss", ml_dtypes.bfloat16)
+    config = {**CONFIGS["gpt_oss"], "swiglu_limit": 5.5}
+    params, routing = load_layer(write_checkpoint(tmp_path / "g", "gpt_oss", tensors, config=config), layer=LAYER)
+    p = f"model.layers.{LAYER}.mlp."
+    for key, name in (("w1", "experts.gate_up_proj"), ("w2", "experts.down_proj"), ("b1", "experts.gate_up_proj_bias"),
+                      ("b2", "experts.down_proj_bias"), ("router_bias", "router.bias")):
+        assert params[key].shape == tensors[p + name].shape and params[key].dtype == jnp.bfloat16, key
+        np.testing.assert_array_equal(np.asarray(params[key]), tensors[p + name])
+    np.testing.assert_array_equal(np.asarray(params["router"]), tensors[p + "router.weight"].T)
+    assert routing["layout"] == "in_out_interleaved" and routing["activation"] == jaxmoe.ClampedSwiGLU(1.702, 5.5)
+    x = jnp.asarray(rng.standard_normal((M, D)), jnp.float32).astype(jnp.bfloat16)
+    y, got = _run(params, routing, x, "reference")
+    want_y, want_ids = oracle.gpt_oss_moe(to_f64(x), *(tensors[p + n] for n in (
+        "router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj",
+        "experts.down_proj_bias")), 4, limit=5.5)
+    np.testing.assert_array_equal(got["topk_ids"], want_ids)  # descending logit order, as the model's topk
+    assert rel_err(y, want_y) <= tolerance(jnp.bfloat16)
+
+
+def test_gpt_oss_clamp_is_exercised(rng):
+    """The test checkpoint's pre-activations pass the clamp often enough to test it."""
+    t = gpt_oss_layer(rng, LAYER, np.float32)
+    x = rng.standard_normal((64, D))
+    gate_up = np.einsum("md,edn->emn", x, t[f"model.layers.{LAYER}.mlp.experts.gate_up_proj"])
+    assert 0.1 < np.mean(gate_up[..., 0::2] > 7.0) + np.mean(np.abs(gate_up[..., 1::2]) > 7.0) < 0.9
+
+
+def test_gpt_oss_mxfp4_experts_load_as_the_mxfp4_scheme(tmp_path, rng):
+    """The mxfp4 form (*_blocks [E, 2I, D/32, 16] / *_scales [E, 2I, D/32] uint8) loads as
+    ``QuantizedWeights(scheme="mxfp4")`` (gate/up rows interleaved, as stored); the layer on
+    the kernels matches the layer on the same weights dequantized to bf16."""
+    from jaxmoe.quantize import E2M1_VALUES
+
+    tensors = make_tensors(rng, "gpt_oss", ml_dtypes.bfloat16)
+    p = f"model.layers.{LAYER}.mlp.experts."
+    e = CONFIGS["gpt_oss"]["num_local_experts"]
+    for name, (n, k) in (("gate_up_proj", (2 * I, D)), ("down_proj", (D, I))):
+        del tensors[p + name]
+        tensors[p + name + "_blocks"] = rng.integers(0, 256, (e, n, k // 32, 16), dtype=np.uint8)
+        tensors[p + name + "_scales"] = rng.integers(118, 124, (e, n, k // 32), dtype=np.uint8)
+    config = {**CONFIGS["gpt_oss"], "quantization_config": {"quant_method": "mxfp4",
+                                                            "modules_to_not_convert": ["model.layers.*.self_attn"]}}
+    path = write_checkpoint(tmp_path / "mx", "gpt_oss", tensors, config=config)
+    params, routing = load_layer(path, layer=LAYER)
+    assert params["w1"].scheme == params["w2"].scheme == "mxfp4" and routing["layout"] == "out_in_interleaved"
+    assert params["w1"].shape == (e, 2 * I, D) and params["w2"].shape == (e, D, I)
+    blocks, scales = tensors[p + "down_proj_blocks"], tensors[p + "down_proj_scales"].astype(np.float64)
+    lut = np.asarray(E2M1_VALUES)
+    want = np.stack([lut[blocks & 15], lut[blocks >> 4]], -1).reshape(e, D, I // 32, 32) * 2.0 ** (scales[..., None] - 127)
+    np.testing.assert_array_equal(np.asarray(params["w2"].dequantize()), want.reshape(e, D, I).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((5, D)), jnp.bfloat16)
+    y = jaxmoe.moe_layer(params, x, **routing, implementation="triton")
+    plain = {**params, "w1": params["w1"].dequantize().astype(jnp.bfloat16),
+             "w2": params["w2"].dequantize().astype(jnp.bfloat16)}  # exact: e2m1 * 2^e is a bf16 value
+    assert rel_err(y, jaxmoe.moe_layer(plain, x, **routing, implementation="reference")) <= 1e-2
+
+
+def test_gpt_oss_wrong_shapes_are_named(tmp_path, rng):
+    tensors = make_tensors(rng, "gpt_oss", np.float32)
+    p = f"model.layers.{LAYER}.mlp.experts."
+    tensors[p + "down_proj"] = np.swapaxes(tensors[p + "down_proj"], 1, 2).copy()  # [E, D, I]: the wrong way round
+    path = write_checkpoint(tmp_path / "bad", "gpt_oss", tensors)
+    with pytest.raises(CheckpointError, match=r"experts\.down_proj' is \[8, 32, 16\], expected \[8, 16, 32\]"):
+        load_layer(path, layer=LAYER)
+
+
+@pytest.mark.gpu
+class TestGptOssTritonGPU:
+    """gpt-oss's layer loaded from a larger checkpoint, on the GPU kernels, against the oracle."""
+
+    def test_matches_oracle(self, tmp_path, rng):
+        e, d, i, m = 32, 256, 128, 300
+        p = f"model.layers.{LAYER}.mlp."
+        t = {p + "router.weight": rng.standard_normal((e, d)).astype(ml_dtypes.bfloat16),
+             p + "router.bias": rng.standard_normal(e).astype(ml_dtypes.bfloat16),
+             p + "experts.gate_up_proj": (6.0 * rng.standard_normal((e, d, 2 * i)) / math.sqrt(d)).astype(
+                 ml_dtypes.bfloat16),
+             p + "experts.gate_up_proj_bias": rng.standard_normal((e, 2 * i)).astype(ml_dtypes.bfloat16),
+             p + "experts.down_proj": (rng.standard_normal((e, i, d)) / math.sqrt(i)).astype(ml_dtypes.bfloat16),
+             p + "experts.down_proj_bias": rng.standard_normal((e, d)).astype(ml_dtypes.bfloat16)}
+        config = {**CONFIGS["gpt_oss"], "hidden_size": d, "intermediate_size": i, "num_local_experts": e}
+        params, routing = load_layer(write_checkpoint(tmp_path / "g", "gpt_oss", t, config=config), layer=LAYER)
+        x = jnp.asarray(rng.standard_normal((m, d)), jnp.float32).astype(jnp.bfloat16)
+        y, got = _run(params, routing, x, "triton")
+        want_y, want_ids = oracle.gpt_oss_moe(to_f64(x), *(t[p + n] for n in (
+            "router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+            "experts.down_proj", "experts.down_proj_bias")), 4)
+        # fp32 logits against float64: ids may differ only where two logits are within fp32 rounding
+        logits = to_f64(x) @ np.asarray(t[p + "router.weight"], np.float64).T + np.asarray(t[p + "router.bias"],
+                                                                                          np.float64)
+        top = np.sort(logits, axis=1)[:, ::-1]
+        untied = np.min(np.abs(np.diff(top[:, :5], axis=1)), axis=1) > 1e-4 * np.abs(top[:, 0])
+        assert untied.mean() > 0.9
+        np.testing.assert_array_equal(got["topk_ids"][untied], want_ids[untied])
+        assert rel_err(y, want_y) <= tolerance(jnp.bfloat16)

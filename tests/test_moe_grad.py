@@ -183,6 +183,24 @@ class TestFusedMoeGradTritonGPU(KernelGradTests):
                   "large-bf16-silu": (512, 1024, 512, 16, 4, None, "silu", BF16),
                   "large-fp32-gelu": (300, 512, 384, 8, 2, None, "gelu", F32)}
 
+    def test_backward_offsets_past_int32(self, rng):
+        """The backward's row offsets pass 2^31 elements: g and h at f * I, d gate_up at
+        f * 2I, the weight gradient's rows likewise (M * k * I > 2^31). The cotangent is
+        zero but on the last 4096 tokens, whose offsets are the largest: every gradient is
+        then that of those tokens alone, compared with the fp32 reference on them; the
+        other tokens' x gradients are exactly zero (no stray writes)."""
+        m, d, i, e, k, tail = (1 << 21) + 4096, 128, 128, 8, 8, 4096
+        assert m * k * i > 2**31
+        x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, BF16)
+        c = jnp.zeros((m, d), F32).at[m - tail:].set(cotangent(rng, (tail, d)))
+        got = jax.jit(jax.grad(moe_loss(self.fused(), c), argnums=(0, 1, 2, 3)))(x, w1, w2, tw, ids)
+        rows = slice(m - tail, m)
+        want = reference_grads(x[rows], w1, w2, tw[rows], ids[rows], c[rows])
+        for name, g, w in zip(ARGS, (got[0][rows], got[1], got[2], got[3][rows]), want):
+            assert np.isfinite(np.asarray(g, F32)).all(), name
+            assert rel_err(g, w) <= GRAD_TOLERANCE["bfloat16"], name
+        assert not np.asarray(got[0][: m - tail], F32).any()
+
 
 # ----------------------------------------------------------------------------- the layer
 

@@ -147,3 +147,16 @@ def test_int64_ids_outside_int32_are_invalid_not_wrapped(rng):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         layout = ops.moe_align_block_size(bad, 4, 16, implementation=implementation)
         assert int(layout[2][0]) == int(ops.moe_align_block_size(clean.astype(np.int32), 4, 16)[2][0])
+
+
+def test_cpu_launch_switch(monkeypatch):
+    """JAXMOE_CPU_LAUNCH picks the interpreter (unset/'interpreter') or the compiled kernels on
+    the local GPU ('gpu', for memory checking); anything else is refused by name."""
+    from jaxmoe.backends import cuda_host
+
+    for value, want in (("", False), ("interpreter", False), ("gpu", True), (" GPU ", True)):
+        monkeypatch.setenv("JAXMOE_CPU_LAUNCH", value)
+        assert cuda_host.enabled() is want, value
+    monkeypatch.setenv("JAXMOE_CPU_LAUNCH", "cuda0")
+    with pytest.raises(ValueError, match="JAXMOE_CPU_LAUNCH='cuda0'"):
+        cuda_host.enabled()

@@ -21,12 +21,14 @@ batch size), then the output pointers, then the ``tl.constexpr`` parameters by n
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.custom_batching
 import numpy as np
 
 from jaxmoe.backends import platform as _platform
@@ -169,7 +171,67 @@ def launch(spec: KernelLaunch, *args: jax.Array) -> tuple[jax.Array, ...]:
     if _platform.default_platform() in _platform.GPU_PLATFORMS:
         from jaxmoe.backends import jax_triton
 
-        return jax_triton.launch(spec, args, poison)
-    from jaxmoe.backends import interpreter
+        run = functools.partial(jax_triton.launch, spec, poison=poison)
+    else:
+        from jaxmoe.backends import cuda_host, interpreter
 
-    return interpreter.launch(spec, args, poison)
+        # JAXMOE_CPU_LAUNCH=gpu: the compiled kernels on the local GPU, for memory checking
+        run = functools.partial((cuda_host if cuda_host.enabled() else interpreter).launch, spec, poison=poison)
+
+        run = functools.partial(interpreter.launch, spec, poison=poison)
+    return _batchable(run)(*args)
+
+
+def _varying(x: Any) -> frozenset:
+    """The ``jax.shard_map`` mesh axes ``x`` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax 0.11; "vma" before
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _to_varying(xs: Sequence[Any], axes: set) -> tuple[Any, ...]:
+    out = []
+    for x in xs:
+        missing = tuple(sorted(axes - _varying(x))) if x is not None else ()
+        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+    return tuple(out)
+
+
+def _varying_like(args: Sequence[jax.Array], outs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """Inside ``jax.shard_map``, outputs vary over the mesh axes their inputs vary over (a
+    custom call's outputs carry no such type, and autodiff rules compare them)."""
+    axes = set().union(*(_varying(a) for a in args))
+    return _to_varying(outs, axes) if axes else outs
+
+
+def match_varying(*xs: Any) -> tuple[Any, ...]:
+    """``xs`` (arrays or None) each cast to vary over every mesh axis any of them varies
+    over, for a ``jax.custom_vjp`` inside ``jax.shard_map``: its backward's cotangents vary
+    where the data do, and the cast's transpose sums an invariant input's (weights
+    replicated over the mesh) over the axes. Outside shard_map: ``xs`` unchanged."""
+    axes = set().union(*(_varying(x) for x in xs if x is not None))
+    return _to_varying(xs, axes) if axes else tuple(xs)
+
+
+def _batchable(run: Any) -> Any:
+    """``run(args)`` as a function of the arrays with a batching rule: under ``jax.vmap``
+    the launch runs once per batch element (``lax.map`` over the batched arguments, the
+    others shared), on every platform: jax-triton has no batching rule of its own, and the
+    CPU path takes the same rule so that its tests witness the GPU's."""
+
+    @jax.custom_batching.custom_vmap
+    def call(*args: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(run(args))
+
+    @call.def_vmap
+    def _rule(axis_size: int, in_batched: Any, *args: jax.Array) -> tuple[tuple[jax.Array, ...], Any]:
+        batched = [a for a, b in zip(args, in_batched) if b]
+
+        def one(xs: list[jax.Array]) -> tuple[jax.Array, ...]:
+            it = iter(xs)
+            return call(*[next(it) if b else a for a, b in zip(args, in_batched)])  # nested vmap: again
+
+        outs = jax.lax.map(one, batched)
+        return outs, tuple(True for _ in outs)
+
+    return lambda *args: _varying_like(args, call(*args))

@@ -11,6 +11,11 @@ Layouts produced (see :func:`jaxmoe.init_moe_params`)::
     w2     [E, D, I]    <- per expert down [D, I]
     shared {"w1": [S, 2Is, D], "w2": [S, D, Is]}, shared_gate [D, 1] (when the family has them)
 
+gpt-oss keeps its experts as stored, read by the layer through ``layout="in_out_interleaved"``
+(no copy): ``w1`` is ``experts.gate_up_proj [E, D, 2I]`` (gate j at column 2j, up j at
+2j + 1), ``w2`` is ``experts.down_proj [E, I, D]``, with ``b1`` / ``b2`` their biases and
+``router_bias`` the router's.
+
 Weights keep the checkpoint's dtype (bf16 or fp32 as stored); a correction bias is fp32.
 """
 
@@ -30,12 +35,13 @@ import numpy as np
 
 __all__ = ["FAMILIES", "CheckpointError", "infer_family", "load_layer"]
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
 
 _MODEL_TYPES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
-                "deepseek_v3": "deepseek_v3"}
+                "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss"}
 _ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-                  "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3"}
+                  "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
+                  "GptOssForCausalLM": "gpt_oss"}
 _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
                "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 
@@ -144,6 +150,8 @@ _FAMILY_LAYOUT = {
     "qwen2_moe": _Family("mlp.", _hf_expert, "num_experts", "moe_intermediate_size"),
     "qwen3_moe": _Family("mlp.", _hf_expert, "num_experts", "moe_intermediate_size"),
     "deepseek_v3": _Family("mlp.", _hf_expert, "n_routed_experts", "moe_intermediate_size"),
+    # experts stacked in three tensors, not one per expert (see _load_gpt_oss)
+    "gpt_oss": _Family("mlp.", lambda j: ("", "", ""), "num_local_experts", "intermediate_size"),
 }
 
 
@@ -210,6 +218,56 @@ def _stack_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tuple[n
     return w1, w2
 
 
+def _expect(tensors: _Tensors, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    value = tensors.get(name)
+    if tuple(value.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {name!r} is {list(value.shape)}, expected {list(shape)}")
+    return value
+
+
+def _mxfp4_weights(blocks: np.ndarray, scales: np.ndarray, name: str) -> Any:
+    """gpt-oss's mxfp4 experts (``*_blocks [E, N, K/32, 16]`` uint8, two e2m1 values a byte;
+    ``*_scales [E, N, K/32]`` uint8 e8m0 exponents; ``[out, in]``, gate/up interleaved) as
+    quantized weights: the one call the ``"mxfp4"`` weight scheme plugs into."""
+    from jaxmoe.quantize import from_mxfp4
+
+    return from_mxfp4(jnp.asarray(blocks), jnp.asarray(scales))
+
+
+def _load_gpt_oss(config: dict[str, Any], tensors: _Tensors, base: str, num_experts: int
+                  ) -> tuple[dict[str, Any], str]:
+    """gpt-oss's MoE block: ``(params, layout)``, the experts as stored (no transpose copy)."""
+    d = int(_require(config, "hidden_size", "gpt_oss"))
+    i = int(_require(config, "intermediate_size", "gpt_oss"))
+    e = num_experts
+    router = _expect(tensors, base + "router.weight", (e, d))
+    params: dict[str, Any] = {
+        "router": jnp.asarray(router.T),
+        "router_bias": jnp.asarray(_expect(tensors, base + "router.bias", (e,))),
+        "b1": jnp.asarray(_expect(tensors, base + "experts.gate_up_proj_bias", (e, 2 * i))),
+        "b2": jnp.asarray(_expect(tensors, base + "experts.down_proj_bias", (e, d))),
+    }
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method == "mxfp4" or (base + "experts.gate_up_proj_blocks") in tensors:
+        w1 = _mxfp4_weights(_expect(tensors, base + "experts.gate_up_proj_blocks", (e, 2 * i, d // 32, 16)),
+                            _expect(tensors, base + "experts.gate_up_proj_scales", (e, 2 * i, d // 32)),
+                            base + "experts.gate_up_proj")
+        w2 = _mxfp4_weights(_expect(tensors, base + "experts.down_proj_blocks", (e, d, i // 32, 16)),
+                            _expect(tensors, base + "experts.down_proj_scales", (e, d, i // 32)),
+                            base + "experts.down_proj")
+        params.update(w1=w1, w2=w2)
+        return params, "out_in_interleaved"
+    if method is not None:
+        raise NotImplementedError(f"quantized gpt-oss checkpoints ({method!r}) are not supported by the loader")
+    w1 = _expect(tensors, base + "experts.gate_up_proj", (e, d, 2 * i))
+    w2 = _expect(tensors, base + "experts.down_proj", (e, i, d))
+    if w2.dtype != w1.dtype:
+        raise CheckpointError(f"{base}experts.down_proj is {w2.dtype}, gate_up_proj {w1.dtype}: they must agree")
+    params.update(w1=jnp.asarray(w1), w2=jnp.asarray(w2))
+    return params, "in_out_interleaved"
+
+
 def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One MoE layer of a checkpoint directory, ready for :func:`jaxmoe.moe_layer`.
@@ -217,19 +275,23 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
     Args:
       path: a directory with ``config.json`` and ``*.safetensors`` (sharded files listed by
         ``model.safetensors.index.json``).
-      family: ``"mixtral"``, ``"qwen2_moe"``, ``"qwen3_moe"`` or ``"deepseek_v3"``; None reads
-        it from config.json's ``model_type`` (then ``architectures``).
+      family: ``"mixtral"``, ``"qwen2_moe"``, ``"qwen3_moe"``, ``"deepseek_v3"`` or ``"gpt_oss"``;
+        None reads it from config.json's ``model_type`` (then ``architectures``).
       layer: the decoder layer index ``L`` (``model.layers.L.*``), a Python int.
 
     Returns ``(params, routing_kwargs)``: ``params`` holds ``router [D, E]``, ``w1 [E, 2I, D]``,
     ``w2 [E, D, I]`` in the checkpoint's dtype (and ``shared`` / ``shared_gate`` for
     Qwen2-MoE and DeepSeek-V3), as jax arrays; ``routing_kwargs`` holds ``top_k``,
     ``scoring``, ``renormalize``, ``num_expert_group``, ``topk_group``, ``correction_bias``
-    (``[E]`` float32 or None), ``routed_scaling_factor`` and ``group_scoring``, so
-    ``moe_layer(params, x, **routing_kwargs)`` computes the family's MoE block.
+    (``[E]`` float32 or None), ``routed_scaling_factor``, ``group_scoring``, ``activation``
+    and ``layout``, so ``moe_layer(params, x, **routing_kwargs)`` computes the family's MoE
+    block. gpt-oss: ``w1 [E, D, 2I]`` and ``w2 [E, I, D]`` as stored (``layout=
+    "in_out_interleaved"``), ``b1``, ``b2``, ``router_bias``, ``scoring="topk_softmax"`` and
+    ``activation=ClampedSwiGLU(swiglu_alpha, swiglu_limit)``.
 
     Raises :class:`CheckpointError` (a ValueError) for a bad directory, config or missing
-    tensor, or for a dense layer; NotImplementedError for fp8 checkpoints.
+    tensor, or for a dense layer; NotImplementedError for fp8 checkpoints and, until the
+    ``"mxfp4"`` weight scheme exists, for gpt-oss's mxfp4 checkpoints.
     """
     path = Path(path)
     if not path.is_dir():
@@ -258,6 +320,15 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
     top_k = int(_require(config, "num_experts_per_tok", family))
     tensors = _Tensors(path)
     base = f"model.layers.{layer}.{fam.prefix}"
+    if family == "gpt_oss":
+        from jaxmoe.types import ClampedSwiGLU
+
+        params, layout = _load_gpt_oss(config, tensors, base, num_experts)
+        activation = ClampedSwiGLU(alpha=float(config.get("swiglu_alpha", 1.702)),
+                                   limit=float(config.get("swiglu_limit", 7.0)))
+        return params, dict(top_k=top_k, scoring="topk_softmax", renormalize=True, num_expert_group=None,
+                            topk_group=None, correction_bias=None, routed_scaling_factor=1.0, group_scoring=None,
+                            activation=activation, layout=layout)
     _check_not_quantized(config, tensors, base)
 
     router = tensors.get(base + "gate.weight")
@@ -269,7 +340,7 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
     params: dict[str, Any] = {"router": jnp.asarray(router.T), "w1": jnp.asarray(w1), "w2": jnp.asarray(w2)}
     routing: dict[str, Any] = dict(top_k=top_k, scoring="softmax", renormalize=True, num_expert_group=None,
                                    topk_group=None, correction_bias=None, routed_scaling_factor=1.0,
-                                   group_scoring=None)
+                                   group_scoring=None, activation="silu", layout="out_in")
 
     if family in ("qwen2_moe", "qwen3_moe"):
         # norm_topk_prob defaults to False in both Qwen configs

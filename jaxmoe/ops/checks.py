@@ -18,6 +18,11 @@ import numpy as np
 __all__ = [
     "FLOAT_DTYPES",
     "ACTIVATIONS",
+    "LAYOUTS",
+    "resolve_activation",
+    "check_layout",
+    "layout_shapes",
+    "check_biases",
     "SCORINGS",
     "as_ids",
     "check_weights_like_ids",
@@ -37,8 +42,12 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-ACTIVATIONS = ("silu", "gelu")
-SCORINGS = ("softmax", "sigmoid")
+ACTIVATIONS = ("silu", "gelu", "clamped_swiglu")
+SCORINGS = ("softmax", "sigmoid", "topk_softmax")
+# How w1 / w2 are stored: "out_in" is w1 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]
+# (PyTorch Linear, vLLM); "in_out" is w1 [E, D, 2I], w2 [E, I, D] (x @ w, JAX codebases);
+# "_interleaved": the 2I axis alternates gate and up (gate j at 2j, up j at 2j + 1: gpt-oss).
+LAYOUTS = ("out_in", "out_in_interleaved", "in_out", "in_out_interleaved")
 GROUP_SCORINGS = ("max", "top2_sum")
 
 
@@ -118,12 +127,60 @@ def check_weights_like_ids(topk_weights: Any, topk_ids: Any) -> None:
         raise ValueError(f"topk_weights must have the shape of topk_ids {list(ids)}, got {list(ws)}")
 
 
-def check_activation(activation: Any, *, optional: bool = False) -> None:
+def resolve_activation(activation: Any, *, optional: bool = False) -> Any:
+    """The canonical activation: ``"silu"``, ``"gelu"``, a :class:`~jaxmoe.ClampedSwiGLU`
+    (also for the name ``"clamped_swiglu"``), or None where ``optional``; raises otherwise."""
+    from jaxmoe.types import ClampedSwiGLU
+
     if optional and activation is None:
-        return
-    if activation not in ACTIVATIONS:
-        allowed = ACTIVATIONS + ((None,) if optional else ())
-        raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
+        return None
+    if isinstance(activation, ClampedSwiGLU):
+        return activation
+    if isinstance(activation, str) and activation in ACTIVATIONS:
+        return ClampedSwiGLU() if activation == "clamped_swiglu" else activation
+    allowed = ACTIVATIONS + ((None,) if optional else ())
+    raise ValueError(f"activation must be one of {allowed} or a jaxmoe.ClampedSwiGLU, got {activation!r}")
+
+
+def check_activation(activation: Any, *, optional: bool = False) -> None:
+    resolve_activation(activation, optional=optional)
+
+
+def check_layout(layout: Any) -> str:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def layout_shapes(layout: str, e: int, d: int, i: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """``(w1 shape, w2 shape)`` of ``layout`` for E experts, hidden D, intermediate I."""
+    if layout.startswith("in_out"):
+        return (e, d, 2 * i), (e, i, d)
+    return (e, 2 * i, d), (e, d, i)
+
+
+def _w1_dims(layout: str, w1s: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(E, 2I, D)`` read from a ``w1`` shape stored in ``layout``."""
+    return (w1s[0], w1s[2], w1s[1]) if layout.startswith("in_out") else tuple(w1s)
+
+
+def _w_spec(layout: str, which: str) -> str:
+    if layout.startswith("in_out"):
+        return "[E, D, 2I]" if which == "w1" else "[E, I, D]"
+    return "[E, 2I, D]" if which == "w1" else "[E, D, I]"
+
+
+def check_biases(b1: Any, b2: Any, e: int, d: int, i: int, in_params: bool = False) -> None:
+    """``b1 [E, 2I]`` (in w1's gate/up order) and ``b2 [E, D]``, each optional, any float dtype."""
+    for name, b, want in (("b1", b1, (e, 2 * i)), ("b2", b2, (e, d))):
+        if b is None:
+            continue
+        label = f"params['{name}']" if in_params else name
+        bs, bd = _shape_dtype(label, b)
+        _require_float_dtype(label, bd)
+        if bs != want:
+            what = "[E, 2I]" if name == "b1" else "[E, D]"
+            raise ValueError(f"{label} must be {what} = {list(want)}, got {list(bs)}")
 
 
 def check_top_k(top_k: Any, num_experts: int, name: str = "top_k") -> int:
@@ -171,6 +228,13 @@ def check_route_args(
         raise TypeError(
             f"routed_scaling_factor must be a number or a float scalar array, got {type(routed_scaling_factor).__name__}"
         )
+    if scoring == "topk_softmax":
+        if not renormalize:
+            raise ValueError("scoring='topk_softmax' (a softmax over the k chosen logits) always sums to 1: "
+                             "renormalize=False has no meaning with it; use scoring='softmax', renormalize=False")
+        if num_expert_group is not None or correction_bias is not None:
+            raise ValueError("scoring='topk_softmax' takes neither grouped routing (num_expert_group) nor a "
+                             "correction_bias; use scoring='softmax' or 'sigmoid' for those")
     if group_scoring is not None and group_scoring not in GROUP_SCORINGS:
         raise ValueError(f"group_scoring must be None or one of {GROUP_SCORINGS}, got {group_scoring!r}")
     if (num_expert_group is None) != (topk_group is None):
@@ -197,14 +261,17 @@ def check_route_args(
     return m, e
 
 
-def check_act_quant(act_quant: Any, w1: Any, w2: Any, x_dtype: Any, w_names: tuple[str, str] = ("w1", "w2")
-                    ) -> None:
+def check_act_quant(act_quant: Any, w1: Any, w2: Any, x_dtype: Any, w_names: tuple[str, str] = ("w1", "w2"),
+                    layout: Any = "out_in") -> None:
     """``act_quant`` is None or an activation quantization that ``w1``'s and ``w2``'s schemes
     multiply against (fp8 with the fp8 schemes, int8 with int8); mxfp4 needs bf16 or fp32
     activations (its e8m0 scales reach past fp16's range)."""
     from jaxmoe.types import ACT_QUANT_SCHEMES, ACT_QUANTS, QuantizedWeights
 
     schemes = [w.scheme if isinstance(w, QuantizedWeights) else "none" for w in (w1, w2)]
+    if any(sch != "none" for sch in schemes) and str(layout).startswith("in_out"):
+        raise ValueError(f"quantized {w_names[0]}/{w_names[1]} are stored [out, in]: layout must be 'out_in' or "
+                         f"'out_in_interleaved', got {layout!r}")
     if act_quant is not None:
         if act_quant not in ACT_QUANTS:
             raise ValueError(f"act_quant must be None or one of {ACT_QUANTS}, got {act_quant!r}")
@@ -228,42 +295,50 @@ def _weights_shape_dtype(name: str, w: Any, x_dtype: Any) -> tuple[tuple[int, ..
     return _shape_dtype(name, w)
 
 
-def check_experts_args(hidden_states: Any, w1: Any, w2: Any) -> tuple[int, int, int, int]:
-    """Checks the tokens and the expert weights of a fused MoE; returns ``(M, D, E, I)``.
-    ``w1``/``w2`` may be :class:`~jaxmoe.QuantizedWeights` (validated when built)."""
+def check_experts_args(hidden_states: Any, w1: Any, w2: Any, *, layout: Any = "out_in", b1: Any = None,
+                       b2: Any = None) -> tuple[int, int, int, int]:
+    """Checks the tokens, the expert weights (stored in ``layout``) and the optional expert
+    biases of a fused MoE; returns ``(M, D, E, I)``. ``w1``/``w2`` may be
+    :class:`~jaxmoe.QuantizedWeights` (validated when built; stored ``[out, in]``)."""
+    layout = check_layout(layout)
     xs, xd = _shape_dtype("hidden_states", hidden_states)
     _require_ndim("hidden_states", xs, 2, "[M, D]")
     _require_float_dtype("hidden_states", xd, FLOAT_DTYPES)
     m, d = xs
     if d < 1:
         raise ValueError(f"hidden_states must be [M, D] with D >= 1, got shape {list(xs)}")
+    s1, s2 = _w_spec(layout, "w1"), _w_spec(layout, "w2")
     w1s, w1d = _weights_shape_dtype("w1", w1, xd)
-    _require_ndim("w1", w1s, 3, "[E, 2I, D]")
+    _require_ndim("w1", w1s, 3, s1)
     w2s, w2d = _weights_shape_dtype("w2", w2, xd)
-    _require_ndim("w2", w2s, 3, "[E, D, I]")
+    _require_ndim("w2", w2s, 3, s2)
     for name, dt in (("w1", w1d), ("w2", w2d)):
         if dt != xd:
             raise TypeError(f"{name} must have the dtype of hidden_states ({xd}), got {dt}")
-    e, two_i, d1 = w1s
+    e, two_i, d1 = _w1_dims(layout, w1s)
     if d1 != d:
-        raise ValueError(f"w1 must be [E, 2I, D] with D = hidden_states.shape[1] = {d}, got {list(w1s)}")
+        raise ValueError(f"w1 must be {s1} (layout={layout!r}) with D = hidden_states.shape[1] = {d}, "
+                         f"got {list(w1s)}")
     if two_i % 2 or two_i == 0:
-        raise ValueError(f"w1 must be [E, 2I, D] (gate rows then up rows): its dim 1 must be even and > 0, got {two_i}")
+        raise ValueError(f"w1 must be {s1} (layout={layout!r}): its 2I dim must be even and > 0, got {two_i}")
     i = two_i // 2
-    if w2s != (e, d, i):
-        raise ValueError(f"w2 must be [E, D, I] = {[e, d, i]} to match w1 {list(w1s)}, got {list(w2s)}")
+    want2 = layout_shapes(layout, e, d, i)[1]
+    if w2s != want2:
+        raise ValueError(f"w2 must be {s2} = {list(want2)} (layout={layout!r}) to match w1 {list(w1s)}, "
+                         f"got {list(w2s)}")
     if e < 1:
         raise ValueError("w1 must hold at least one expert")
+    check_biases(b1, b2, e, d, i)
     return m, d, e, i
 
 
 def check_fused_moe_args(
-    hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, activation: Any = "silu",
-    act_quant: Any = None,
+    hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, activation: Any = "silu", *,
+    b1: Any = None, b2: Any = None, layout: Any = "out_in", act_quant: Any = None,
 ) -> tuple[int, int, int, int, int]:
     """Checks :func:`jaxmoe.fused_moe`'s arguments; returns ``(M, D, E, I, k)``."""
-    m, d, e, i = check_experts_args(hidden_states, w1, w2)
-    check_act_quant(act_quant, w1, w2, hidden_states.dtype)
+    m, d, e, i = check_experts_args(hidden_states, w1, w2, layout=layout, b1=b1, b2=b2)
+    check_act_quant(act_quant, w1, w2, hidden_states.dtype, layout=layout)
     ws, wd = _shape_dtype("topk_weights", topk_weights)
     _require_ndim("topk_weights", ws, 2, "[M, k]")
     _require_float_dtype("topk_weights", wd)
@@ -354,8 +429,10 @@ def check_moe_gemm_args(
     return e, n, kdim, n_out
 
 
-def check_params(params: Any) -> tuple[int, int, int]:
-    """Checks a :func:`jaxmoe.init_moe_params` dict; returns ``(D, E, I)``."""
+def check_params(params: Any, layout: Any = "out_in") -> tuple[int, int, int]:
+    """Checks a :func:`jaxmoe.init_moe_params` dict (``w1``/``w2`` stored in ``layout``, optional
+    ``b1`` [E, 2I], ``b2`` [E, D], ``router_bias`` [E]); returns ``(D, E, I)``."""
+    layout = check_layout(layout)
     if not isinstance(params, dict) or not {"router", "w1", "w2"} <= set(params):
         raise TypeError("params must be a dict with keys 'router', 'w1', 'w2' (see jaxmoe.init_moe_params)")
     rs, rd = _shape_dtype("params['router']", params["router"])
@@ -364,27 +441,37 @@ def check_params(params: Any) -> tuple[int, int, int]:
     d, e = rs
     if d < 1 or e < 1:
         raise ValueError(f"params['router'] must be [D, E] with D >= 1 and E >= 1, got {list(rs)}")
+    s1, s2 = _w_spec(layout, "w1"), _w_spec(layout, "w2")
     w1s, w1d = _weights_shape_dtype("params['w1']", params["w1"], None)
-    _require_ndim("params['w1']", w1s, 3, "[E, 2I, D]")
-    if w1s[0] != e or w1s[2] != d:
-        raise ValueError(f"params['w1'] must be [E, 2I, D] = [{e}, 2I, {d}] to match params['router'] {list(rs)}, got {list(w1s)}")
-    if w1s[1] % 2 or w1s[1] == 0:
-        raise ValueError(f"params['w1'] must be [E, 2I, D] (gate rows then up rows): its dim 1 must be even and > 0, "
-                         f"got {w1s[1]}")
-    i = w1s[1] // 2
+    _require_ndim("params['w1']", w1s, 3, s1)
+    e1, two_i, d1 = _w1_dims(layout, w1s)
+    if e1 != e or d1 != d:
+        raise ValueError(f"params['w1'] must be {s1} (layout={layout!r}) with E={e}, D={d} to match "
+                         f"params['router'] {list(rs)}, got {list(w1s)}")
+    if two_i % 2 or two_i == 0:
+        raise ValueError(f"params['w1'] must be {s1} (layout={layout!r}): its 2I dim must be even and > 0, "
+                         f"got {two_i}")
+    i = two_i // 2
     w2s, w2d = _weights_shape_dtype("params['w2']", params["w2"], None)
-    _require_ndim("params['w2']", w2s, 3, "[E, D, I]")
-    if w2s != (e, d, i):
-        raise ValueError(f"params['w2'] must be [E, D, I] = {[e, d, i]} to match params['w1'] {list(w1s)}, "
-                         f"got {list(w2s)}")
+    _require_ndim("params['w2']", w2s, 3, s2)
+    want2 = layout_shapes(layout, e, d, i)[1]
+    if w2s != want2:
+        raise ValueError(f"params['w2'] must be {s2} = {list(want2)} (layout={layout!r}) to match params['w1'] "
+                         f"{list(w1s)}, got {list(w2s)}")
     if w1d is not None and w2d is not None and w2d != w1d:
         raise TypeError(f"params['w2'] must have the dtype of params['w1'] ({w1d}), got {w2d}")
+    check_biases(params.get("b1"), params.get("b2"), e, d, i, in_params=True)
+    if params.get("router_bias") is not None:
+        bs, bd = _shape_dtype("params['router_bias']", params["router_bias"])
+        _require_float_dtype("params['router_bias']", bd)
+        if bs != (e,):
+            raise ValueError(f"params['router_bias'] must be [E] = [{e}], got {list(bs)}")
     return d, e, i
 
 
-def check_layer_args(params: Any, x: Any, top_k: Any) -> tuple[int, int, int]:
+def check_layer_args(params: Any, x: Any, top_k: Any, layout: Any = "out_in") -> tuple[int, int, int]:
     """Checks :func:`jaxmoe.moe_layer`'s params and input; returns ``(D, E, I)``."""
-    d, e, i = check_params(params)
+    d, e, i = check_params(params, layout)
     xs, xd = _shape_dtype("x", x)
     if len(xs) < 1 or xs[-1] != d:
         raise ValueError(f"x must be [..., D] with D = {d} (params['router'].shape[0]), got shape {list(xs)}")

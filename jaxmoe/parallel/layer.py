@@ -113,14 +113,26 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
                       scoring: str = "softmax", renormalize: bool = True, activation: str = "silu",
                       implementation: Any = None, num_expert_group: int | None = None,
                       topk_group: int | None = None, correction_bias: Any = None,
-                      routed_scaling_factor: Any = 1.0) -> jax.Array:
-    """:func:`jaxmoe.moe_layer` on ``mesh``; see there for the arguments and the result."""
+                      routed_scaling_factor: Any = 1.0, group_scoring: str | None = None,
+                      return_routing: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`jaxmoe.moe_layer` on ``mesh``; see there for the arguments and the result.
+
+    Shared experts (``params["shared"]``, ``params["shared_gate"]``) are replicated on every
+    device and applied to its own tokens after the routed experts' combine (on a tensor axis,
+    after the sum over it): every device of a tensor group computes them in full.
+    ``return_routing`` returns the routing of each device's own tokens, sharded as ``y``.
+    """
+    from jaxmoe.layer import _check_shared
+
     check_implementation(implementation)
     axes = resolve_axes(mesh, expert_axis, tensor_axis, data_axis)
     routing = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, correction_bias=correction_bias,
-                   routed_scaling_factor=routed_scaling_factor)
+                   routed_scaling_factor=routed_scaling_factor, group_scoring=group_scoring)
     d, e, i = check_sharded_layer_args(params, x, top_k, axes, schedule, activation=activation, **routing)
+    _check_shared(params, d, params["w1"].dtype)
+    if not isinstance(return_routing, bool):
+        raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
     x = jnp.asarray(x)
     plain = x.ndim == 2 and x.shape[0] % (axes.dp * axes.ep) == 0
     if not plain:
@@ -145,23 +157,38 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
         arrays["bias"], specs["bias"] = jnp.asarray(correction_bias), P()
     if not static_scale:
         arrays["scale"], specs["scale"] = jnp.asarray(routed_scaling_factor), P()
-    arrays = {k: place(v, mesh, specs[k]) for k, v in arrays.items()}
+    if params.get("shared") is not None:
+        arrays["shared"] = {"w1": params["shared"]["w1"], "w2": params["shared"]["w2"]}
+        specs["shared"] = {"w1": P(), "w2": P()}
+        if "shared_gate" in params:
+            arrays["shared_gate"], specs["shared_gate"] = params["shared_gate"], P()
+    arrays = jax.tree.map(lambda v, spec: place(v, mesh, spec), arrays, specs)
     options = dict(top_k=top_k, scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
-                   topk_group=topk_group, activation=activation, implementation=implementation)
+                   topk_group=topk_group, group_scoring=group_scoring, activation=activation,
+                   implementation=implementation, return_routing=return_routing)
 
-    def body(a: dict[str, jax.Array]) -> jax.Array:
+    def body(a: dict[str, Any]) -> Any:
         return _local_layer(a, axes, schedule, e, static_scale and routed_scaling_factor, **options)
 
-    y = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=axes.token_spec)(arrays)
+    out_specs = (axes.token_spec, {"logits": axes.token_spec, "topk_ids": axes.token_spec,
+                                   "topk_weights": axes.token_spec}) if return_routing else axes.token_spec
+    out = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=out_specs)(arrays)
+    y, info = out if return_routing else (out, None)
     if not plain:
         y = place(y, mesh, P())[:m].reshape(x.shape)
-    return y
+    if not return_routing:
+        return y
+    if m_pad != m or not plain:
+        info = {k: place(v, mesh, P())[:m] for k, v in info.items()}
+    return y, info
 
 
 def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_experts: int, static_scale: Any, *,
                  top_k: int, scoring: str, renormalize: bool, num_expert_group: int | None,
-                 topk_group: int | None, activation: str, implementation: Any) -> jax.Array:
-    """One device's part of the layer (inside shard_map): ``x [T, D]`` to ``y [T, D]``."""
+                 topk_group: int | None, group_scoring: str | None, activation: str, implementation: Any,
+                 return_routing: bool) -> Any:
+    """One device's part of the layer (inside shard_map): ``x [T, D]`` to ``y [T, D]`` (and,
+    with ``return_routing``, the routing of those ``T`` tokens)."""
     e_loc = num_experts // axes.ep
     w1 = a["w1"]
     w1 = w1.reshape(w1.shape[0], -1, w1.shape[-1])  # [E_loc, 2 * I/tp, D]: this device's gate rows, then up rows
@@ -170,9 +197,10 @@ def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_exp
 
     def routed(x):
         logits = jnp.dot(x, a["router"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-        return route(logits, top_k, scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
-                     topk_group=topk_group, correction_bias=a.get("bias"), routed_scaling_factor=scale,
-                     implementation=implementation)
+        weights, ids = route(logits, top_k, scoring=scoring, renormalize=renormalize,
+                             num_expert_group=num_expert_group, topk_group=topk_group, correction_bias=a.get("bias"),
+                             routed_scaling_factor=scale, group_scoring=group_scoring, implementation=implementation)
+        return logits, weights, ids
 
     def experts(x, weights, local_ids):
         k = local_ids.shape[1]
@@ -185,17 +213,26 @@ def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_exp
         return rows.reshape(-1, k, rows.shape[-1]).astype(jnp.float32).sum(axis=1).astype(x.dtype)
 
     x = a["x"]
+    t = x.shape[0]
     if schedule == "allgather":
         x_all = x if axes.expert is None else jax.lax.all_gather(x, axes.expert, tiled=True)  # [n*T, D]
-        weights, ids = routed(x_all)
+        logits, weights, ids = routed(x_all)
         y = experts(x_all, weights, ids - first)  # ids of other devices fall outside [0, E_loc)
         if axes.expert is not None:
             y = jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0, tiled=True)  # [T, D]
+            own = jax.lax.axis_index(axes.expert) * t  # this device's tokens within x_all
+            logits, weights, ids = (jax.lax.dynamic_slice_in_dim(v, own, t) for v in (logits, weights, ids))
     else:
-        weights, ids = routed(x)
+        logits, weights, ids = routed(x)
         plan = plan_dispatch(ids, e_loc, axes.ep)
         x_recv, w_recv, ids_recv, _ = dispatch(plan, x, weights, axes.expert)
         y = combine(plan, experts(x_recv, w_recv, ids_recv), axes.expert)
     if axes.tensor is not None:
         y = jax.lax.psum(y, axes.tensor)
+    if "shared" in a:
+        from jaxmoe.layer import _shared_experts
+
+        y = (y.astype(jnp.float32) + _shared_experts(a, x, activation)).astype(y.dtype)
+    if return_routing:
+        return y, {"logits": logits, "topk_ids": ids, "topk_weights": weights}
     return y

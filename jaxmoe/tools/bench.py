@@ -10,15 +10,24 @@ jitted model. The fixed cost of a jit call (Python dispatch, argument handling),
 model pays once for all its layers, is reported apart as ``overhead_ms`` in the CSV/JSON
 (see :func:`time_layer_detail`).
 
-Peers in the same run: the jax.numpy reference (``implementation="reference"``) and a
+Peers in the same run: the jax.numpy reference (``implementation="reference"``), a
 ``jax.lax.ragged_dot`` pipeline (sort rows by expert, gather, ragged_dot, activation,
 ragged_dot, weighted combine) with its weights pre-transposed to ragged_dot's layout
-outside the timed region. A peer that runs out of memory or fails is reported as such.
+outside the timed region, and the same pipeline with tokamax's ``ragged_dot`` when tokamax
+is importable. A peer that runs out of memory or fails is reported as such. After the
+timed calls the chain's output is checked: a cell whose data overflowed to inf/NaN is
+reported as ``non-finite`` instead of a time (the weights are scaled by 1/sqrt(fan_in),
+so a residual chain stays finite).
 
-Roofline (DESIGN.md): bytes = experts_hit * 3 * I * D * itemsize + 2 * M * D * itemsize
+Roofline: bytes = experts_hit * 3 * I * D * itemsize + 2 * M * D * itemsize
 (experts_hit: distinct experts per timed layer, averaged, from that layer's own routing),
-flops = 2 * M * k * 3 * I * D, floor = max(bytes / 3.0e12, flops / 790e12) on one H100;
-efficiency = floor / time.
+flops = 2 * M * k * 3 * I * D, floor = max(bytes / copy bandwidth, flops / matmul rate),
+efficiency = floor / time, with the ceilings of the card the run is on, measured at the
+start of the run (:mod:`jaxmoe.tools.ceilings`; ``--ceilings table`` takes the table of
+known devices) and printed in the header.
+
+``--mode train`` times one layer's forward and backward instead (:mod:`jaxmoe.tools.train_bench`).
+``--breakdown`` prints each timed cell's per-kernel device time (:mod:`jaxmoe.tools.timeline`).
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ from jaxmoe import reference
 from jaxmoe.layer import init_moe_params, moe_layer
 from jaxmoe.models import PRESETS, ModelPreset
 from jaxmoe.tools import CommandError, implementations, positive_int
+from jaxmoe.tools.ceilings import FALLBACK, Ceilings, ceilings_for
 
-PEAK_BYTES_PER_S = 3.0e12
-PEAK_FLOPS = 790e12
+PEAK_BYTES_PER_S = FALLBACK.bytes_per_s  # used only where no ceilings are given
+PEAK_FLOPS = FALLBACK.bf16_flops
 SETS = 8  # input batches in the long chain
 SHORT = 2  # ... and in the short one
-IMPLEMENTATIONS = ("jaxmoe", "ragged_dot", "reference")
+IMPLEMENTATIONS = ("jaxmoe", "ragged_dot", "tokamax", "reference")
+MODES = ("forward", "train")
 DEFAULT_M = tuple(2**i for i in range(14))  # 1 .. 8192
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
@@ -70,6 +81,7 @@ class Row:
     speedup: dict[str, float] = dataclasses.field(default_factory=dict)
     overhead_ms: float | None = None  # fixed cost per jit call, not counted in time_ms
     experts_hit: float | None = None  # distinct experts per timed layer (mean), in the roofline
+    mode: str = "forward"  # "forward" (the layer) or "train" (its forward and backward)
 
 
 def experts_hit_per_layer(params: dict[str, jax.Array], xs: jax.Array, routing: dict[str, Any],
@@ -97,17 +109,45 @@ def experts_hit_per_layer(params: dict[str, jax.Array], xs: jax.Array, routing: 
     return [int(np.unique(layer_ids[(layer_ids >= 0) & (layer_ids < num_experts)]).size) for layer_ids in ids]
 
 
-def roofline(preset: ModelPreset, m: int, experts_hit: float, itemsize: int) -> tuple[float, float, float]:
-    """(bytes, flops, floor seconds) of one layer, as defined in DESIGN.md."""
+def roofline(preset: ModelPreset, m: int, experts_hit: float, itemsize: int,
+             ceilings: Ceilings | None = None) -> tuple[float, float, float]:
+    """(bytes, flops, floor seconds) of one layer's forward (see the module docstring)."""
+    c = ceilings or FALLBACK
     d, i = preset.hidden, preset.intermediate
     nbytes = experts_hit * 3 * i * d * itemsize + 2 * m * d * itemsize
     flops = 2 * m * preset.top_k * 3 * i * d
-    return nbytes, flops, max(nbytes / PEAK_BYTES_PER_S, flops / PEAK_FLOPS)
+    return nbytes, flops, max(nbytes / c.bytes_per_s, flops / c.bf16_flops)
+
+
+def tokamax_ragged_dot() -> Callable | None:
+    """tokamax's ``ragged_dot`` (Mosaic GPU implementation) when tokamax is importable, else None."""
+    try:
+        import tokamax
+    except Exception:  # noqa: BLE001  (not installed, or its dependencies are not)
+        return None
+
+    def dot(lhs, rhs, group_sizes, preferred_element_type=None):
+        return tokamax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
+                                  implementation="mosaic")
+
+    return dot
+
+
+class NonFiniteError(RuntimeError):
+    """The timed data overflowed: the time would be that of inf/NaN arithmetic."""
+
+
+def check_finite(tree: Any) -> None:
+    """Raise :class:`NonFiniteError` if any floating leaf of ``tree`` holds an inf or NaN."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    if leaves and not bool(jax.jit(lambda ls: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in ls])))(leaves)):
+        raise NonFiniteError("the timed data hold inf or NaN")
 
 
 def ragged_dot_layer(params: dict[str, jax.Array], x: jax.Array, routing: dict[str, Any],
-                     activation: str = "silu") -> jax.Array:
-    """The MoE layer a JAX user writes today with ``jax.lax.ragged_dot``.
+                     activation: str = "silu", dot: Callable = jax.lax.ragged_dot) -> jax.Array:
+    """The MoE layer a JAX user writes today with ``jax.lax.ragged_dot`` (or ``dot``, a
+    function of the same contract, such as tokamax's).
 
     ``params["w1_t"]`` [E, D, 2I] and ``params["w2_t"]`` [E, I, D] are ragged_dot's layout.
     """
@@ -120,20 +160,22 @@ def ragged_dot_layer(params: dict[str, jax.Array], x: jax.Array, routing: dict[s
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     rows = x[order // k]
-    h = jax.lax.ragged_dot(rows, params["w1_t"], group_sizes, preferred_element_type=jnp.float32)
+    h = dot(rows, params["w1_t"], group_sizes, preferred_element_type=jnp.float32)
     i = h.shape[1] // 2
     act = jax.nn.silu if activation == "silu" else (lambda g: jax.nn.gelu(g, approximate=False))
     h = (act(h[:, :i]) * h[:, i:]).astype(x.dtype)
-    y = jax.lax.ragged_dot(h, params["w2_t"], group_sizes, preferred_element_type=jnp.float32)
+    y = dot(h, params["w2_t"], group_sizes, preferred_element_type=jnp.float32)
     y = y * weights.reshape(-1)[order][:, None]
     out = jnp.zeros((m * k, d), jnp.float32).at[order].set(y)
     return out.reshape(m, k, d).sum(axis=1).astype(x.dtype)
 
 
+RAGGED_LAYOUT = ("ragged_dot", "tokamax")  # peers that take the weights in ragged_dot's layout
+
+
 # --quant: the quantized layer is timed as one more implementation, "jaxmoe:<scheme>[+a<act>]",
 # beside the bf16 kernels and the peers (which run the unquantized weights).
 QUANTS = ("fp8", "fp8_tensor", "fp8_block", "int8", "int4", "int4_zp", "mxfp4")
-FP8_DOT_SPEEDUP = 2.0  # dense fp8 (and int8) / bf16 tensor-core rate on H100/H200 (NVIDIA's datasheets)
 
 
 def quant_label(quant: str, act_quant: str | None) -> str:
@@ -141,20 +183,22 @@ def quant_label(quant: str, act_quant: str | None) -> str:
 
 
 def quant_roofline(preset: ModelPreset, m: int, experts_hit: float, itemsize: int, quant: str,
-                   act_quant: str | None) -> tuple[float, float, float]:
+                   act_quant: str | None, ceilings: Ceilings | None = None) -> tuple[float, float, float]:
     """The roofline of the quantized layer: weights at their stored bytes plus their scales
-    (fp32; uint8 for mxfp4), activations at ``itemsize``; the compute floor at the 8-bit
-    dot rate (``FP8_DOT_SPEEDUP`` x bf16) with ``act_quant``, else bf16's."""
+    (fp32; uint8 for mxfp4), activations at ``itemsize``; the compute floor at the card's
+    fp8 rate with ``act_quant`` (twice bf16's where it was not measured: the dense ratio of
+    the H100/H200 datasheets), else bf16's."""
     from jaxmoe.types import WEIGHT_SCHEMES
 
+    c = ceilings or FALLBACK
     spec = WEIGHT_SCHEMES[quant]
     d, i = preset.hidden, preset.intermediate
     per_scale = 1 if quant == "mxfp4" else 4
     per_weight = spec.bits / 8 + per_scale / ((spec.group_n or i) * (spec.group_k or d))
     nbytes = experts_hit * 3 * i * d * per_weight + 2 * m * d * itemsize
     flops = 2 * m * preset.top_k * 3 * i * d
-    rate = PEAK_FLOPS * (FP8_DOT_SPEEDUP if act_quant else 1.0)
-    return nbytes, flops, max(nbytes / PEAK_BYTES_PER_S, flops / rate)
+    rate = (c.fp8_flops or 2 * c.bf16_flops) if act_quant else c.bf16_flops
+    return nbytes, flops, max(nbytes / c.bytes_per_s, flops / rate)
 
 
 def _layer_fn(impl: str, preset: ModelPreset, routing: dict[str, Any], act_quant: str | None = None) -> Callable:
@@ -162,6 +206,11 @@ def _layer_fn(impl: str, preset: ModelPreset, routing: dict[str, Any], act_quant
         return lambda p, x: moe_layer(p, x, implementation="triton", act_quant=act_quant, **routing)
     if impl == "ragged_dot":
         return lambda p, x: ragged_dot_layer(p, x, routing)
+    if impl == "tokamax":
+        dot = tokamax_ragged_dot()
+        if dot is None:
+            raise ModuleNotFoundError("tokamax is not installed")
+        return lambda p, x: ragged_dot_layer(p, x, routing, dot=dot)
     return lambda p, x: moe_layer(p, x, implementation="triton" if impl == "jaxmoe" else "reference", **routing)
 
 
@@ -206,11 +255,13 @@ def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int) -> tu
         jax.block_until_ready(f(params, xs))
         jax.block_until_ready(f(params, xs))
     t_short, t_long = [], []
+    out = None
     for _ in range(reps):
         for f, ts in ((short, t_short), (long, t_long)):
             t0 = time.perf_counter()
-            jax.block_until_ready(f(params, xs))
+            out = jax.block_until_ready(f(params, xs))
             ts.append(time.perf_counter() - t0)
+    check_finite(out)  # the long chain's last output: what the timed layers computed
     per_layer = statistics.median(b - a for a, b in zip(t_short, t_long)) / (sets - SHORT)
     if per_layer <= 0:
         return statistics.median(t_long) / sets, 0.0
@@ -223,15 +274,34 @@ def time_layer(fn: Callable, params: Any, xs: jax.Array, reps: int) -> float:
 
 
 def _failure(exc: Exception) -> str:
+    if isinstance(exc, NonFiniteError):
+        return "non-finite (inf/NaN in the timed data: time discarded)"
+    if isinstance(exc, ModuleNotFoundError):
+        return "not installed"
     msg = str(exc).lower()
     if "resource_exhausted" in msg or "out of memory" in msg:
         return "out of memory"
     return f"failed: {type(exc).__name__}"
 
 
+def ragged_params(params: dict[str, jax.Array], impls: Sequence[str]) -> tuple[dict[str, jax.Array] | None, str]:
+    """ragged_dot's own weight layout, made once outside the timed region (its best case), and
+    the status of the peers that need it (their failure, if the copy does not fit)."""
+    if not any(impl in RAGGED_LAYOUT for impl in impls):
+        return None, "ok"
+    try:
+        params_rd = {"router": params["router"], "w1_t": jnp.swapaxes(params["w1"], 1, 2)}
+        params_rd["w2_t"] = jnp.swapaxes(params["w2"], 1, 2)
+        jax.block_until_ready(params_rd)
+    except Exception as exc:  # the transposed copy itself may not fit beside the weights
+        return None, _failure(exc) + " (weights in ragged_dot's layout)"
+    return params_rd, "ok"
+
+
 def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dtype: Any, reps: int,
-                progress: Callable[[str], None], quant: str | None = None, act_quant: str | None = None
-                ) -> list[Row]:
+                progress: Callable[[str], None], ceilings: Ceilings | None = None,
+                breakdown: Callable[[str, Callable[[], object], int], None] | None = None,
+                quant: str | None = None, act_quant: str | None = None) -> list[Row]:
     key = jax.random.key(0)
     params = init_moe_params(key, hidden=preset.hidden, intermediate=preset.intermediate,
                              experts=preset.experts, dtype=dtype)
@@ -244,26 +314,17 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
         jax.block_until_ready(params_q)
         impls = [*impls, quant_label(quant, act_quant)]
     routing = preset.routing_kwargs(jax.random.key(1))
-    params_rd: dict[str, jax.Array] | None = None
-    rd_status = "ok"
-    if "ragged_dot" in impls:
-        # ragged_dot's own weight layout, made once outside the timed region (its best case).
-        try:
-            params_rd = {"router": params["router"], "w1_t": jnp.swapaxes(params["w1"], 1, 2)}
-            params_rd["w2_t"] = jnp.swapaxes(params["w2"], 1, 2)
-            jax.block_until_ready(params_rd)
-        except Exception as exc:  # the transposed copy itself may not fit beside the weights
-            params_rd = None
-            rd_status = _failure(exc) + " (weights in ragged_dot's layout)"
+    params_rd, rd_status = ragged_params(params, impls)
     itemsize = jnp.dtype(dtype).itemsize
     rows: list[Row] = []
     for m in ms:
         xs = jax.random.normal(jax.random.key(m), (SETS, m, preset.hidden), jnp.float32).astype(dtype)
         hits = experts_hit_per_layer(params, xs, routing, preset.experts)[SHORT:]  # the layers timed
         experts_hit = float(np.mean(hits))
-        floors = {"": roofline(preset, m, experts_hit, itemsize)}
+        floors = {"": roofline(preset, m, experts_hit, itemsize, ceilings)}
         if quant is not None:
-            floors[quant_label(quant, act_quant)] = quant_roofline(preset, m, experts_hit, itemsize, quant, act_quant)
+            floors[quant_label(quant, act_quant)] = quant_roofline(preset, m, experts_hit, itemsize, quant, act_quant,
+                                                                   ceilings)
         by_impl: dict[str, Row] = {}
         for impl in impls:
             nbytes, flops, floor = floors.get(impl, floors[""])
@@ -271,13 +332,18 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
             row = Row(preset.name, impl, m, preset.intermediate, preset.hidden, preset.experts, preset.top_k,
                       None, None, None, None, "ok", experts_hit=experts_hit)
             try:
-                if impl == "ragged_dot" and params_rd is None:
+                if impl in RAGGED_LAYOUT and params_rd is None:
                     row.status = rd_status
                     by_impl[impl] = row
                     rows.append(row)
                     continue
-                p = params_rd if impl == "ragged_dot" else params_q if impl.startswith("jaxmoe:") else params
-                t, overhead = time_layer_detail(_layer_fn(impl, preset, routing, act_quant), p, xs, reps)
+                p = params_rd if impl in RAGGED_LAYOUT else params_q if impl.startswith("jaxmoe:") else params
+                fn = _layer_fn(impl, preset, routing, act_quant)
+                t, overhead = time_layer_detail(fn, p, xs, reps)
+                if breakdown is not None:
+                    chain = _chain(fn, SETS)
+                    breakdown(f"{preset.name} M={m} {impl} (per layer of {SETS})",
+                              lambda: chain(p, xs), SETS)
                 row.time_ms = t * 1e3
                 row.overhead_ms = overhead * 1e3
                 row.tflops = flops / t / 1e12
@@ -319,10 +385,10 @@ def write_outputs(rows: Sequence[Row], prefix: str) -> list[str]:
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "impl", "M", "N", "K", "E", "top_k", "Time_(ms)", "TFLOPS", "Bandwidth_(GB/s)",
-                    "efficiency", "status", "speedup", "overhead_ms", "experts_hit"])
+                    "efficiency", "status", "speedup", "overhead_ms", "experts_hit", "mode"])
         for r in rows:
             w.writerow([r.model, r.impl, r.M, r.N, r.K, r.E, r.top_k, r.time_ms, r.tflops, r.bandwidth_gbs,
-                        r.efficiency, r.status, json.dumps(r.speedup), r.overhead_ms, r.experts_hit])
+                        r.efficiency, r.status, json.dumps(r.speedup), r.overhead_ms, r.experts_hit, r.mode])
     written.append(prefix + ".csv")
     try:
         import matplotlib
@@ -375,6 +441,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "against the roofline of the quantized bytes")
     p.add_argument("--act-quant", choices=("fp8", "int8"), default=None,
                    help="with --quant: activations rounded per token to fp8 or int8 in the kernels (w8a8)")
+    p.add_argument("--mode", choices=MODES, default="forward",
+                   help="forward: the layer (default); train: its forward and backward, grads of x, w1, w2 and "
+                        "the router (default models Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V3 at M = 4096, 16384)")
+    p.add_argument("--ceilings", choices=("measure", "table"), default="measure",
+                   help="the roofline's copy bandwidth and matmul rate: measured on this device at the start "
+                        "(default), or the table of known devices")
+    p.add_argument("--breakdown", action="store_true",
+                   help="print each timed cell's per-kernel device time (needs a GPU with CUPTI)")
 
 
 def _check_writable(prefix: str) -> None:
@@ -391,33 +465,75 @@ def _check_writable(prefix: str) -> None:
             os.remove(path)
 
 
+def default_implementations(mode: str) -> list[str]:
+    """Every implementation that can run here (tokamax only when importable); in train mode
+    without the dense reference (E times the work of the experts, and out of memory on the
+    large presets): ask for it with ``--impl``."""
+    impls = [i for i in IMPLEMENTATIONS if i != "tokamax" or tokamax_ragged_dot() is not None]
+    return [i for i in impls if i != "reference"] if mode == "train" else impls
+
+
+def _print_breakdown(label: str, fn: Callable[[], object], per_call: int) -> None:
+    from jaxmoe.tools.timeline import format_breakdown, kernel_breakdown
+
+    try:
+        result = kernel_breakdown(fn, per_call=per_call)
+    except Exception as exc:  # noqa: BLE001  (a breakdown that fails must not lose the run)
+        print(f"{label}: breakdown failed: {type(exc).__name__}: {exc}", flush=True)
+        return
+    print(format_breakdown(label, result), flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    impls = implementations(args.impl, IMPLEMENTATIONS) or list(IMPLEMENTATIONS)
-    if args.act_quant is not None:
+    mode = getattr(args, "mode", "forward")
+    impls = implementations(args.impl, IMPLEMENTATIONS) or default_implementations(mode)
+    quant, act_quant = getattr(args, "quant", None), getattr(args, "act_quant", None)
+    if act_quant is not None:
         from jaxmoe.types import ACT_QUANT_SCHEMES
 
-        if args.quant not in ACT_QUANT_SCHEMES[args.act_quant]:
-            raise CommandError(f"--act-quant {args.act_quant} needs --quant one of "
-                               f"{', '.join(ACT_QUANT_SCHEMES[args.act_quant])}, got {args.quant}")
+        if quant not in ACT_QUANT_SCHEMES[act_quant]:
+            raise CommandError(f"--act-quant {act_quant} needs --quant one of "
+                               f"{', '.join(ACT_QUANT_SCHEMES[act_quant])}, got {quant}")
+    if quant is not None and mode == "train":
+        raise CommandError("--quant times the forward only (the quantized kernels have no backward)")
     _check_writable(args.out)
     on_cpu = jax.default_backend() == "cpu"
-    models = args.model or (["tiny"] if on_cpu else [n for n in PRESETS if n != "tiny"])
-    ms = args.m or ([1, 8] if on_cpu else list(DEFAULT_M))
+    if mode == "train":
+        from jaxmoe.tools import train_bench
+
+        models = args.model or (["tiny"] if on_cpu else list(train_bench.DEFAULT_MODELS))
+        ms = args.m or ([8] if on_cpu else list(train_bench.DEFAULT_M))
+    else:
+        models = args.model or (["tiny"] if on_cpu else [n for n in PRESETS if n != "tiny"])
+        ms = args.m or ([1, 8] if on_cpu else list(DEFAULT_M))
     reps = args.reps or (2 if on_cpu else 20)
     if on_cpu and any(n != "tiny" for n in models):
         print("note: on a CPU the kernels run in Triton's interpreter; only use small presets there", file=sys.stderr)
-    print(f"jaxmoe bench on {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.dtype}: "
-          f"whole layer inside jax.jit, time per layer = median over {reps} paired calls of (jit of {SETS} "
-          f"chained layers - jit of {SHORT}) / {SETS - SHORT}, warm, a different input batch per layer; "
-          f"efficiency = roofline floor / time (3.0 TB/s, 790 TFLOP/s)", flush=True)
+    ceilings = ceilings_for(getattr(args, "ceilings", "measure"))
+    if mode == "train":
+        method = (f"one layer's forward + backward (grads of x, w1, w2, router) inside jax.jit, time per step "
+                  f"= median over {reps} rounds of calls on {train_bench.SETS if not on_cpu else 2} input batches, each "
+                  f"blocked on, warm; efficiency = fwd+bwd roofline floor (three GEMM passes) / time")
+    else:
+        method = (f"whole layer inside jax.jit, time per layer = median over {reps} paired calls of (jit of "
+                  f"{SETS} chained layers - jit of {SHORT}) / {SETS - SHORT}, warm, a different input batch "
+                  f"per layer; efficiency = roofline floor / time")
+    print(f"jaxmoe bench --mode {mode} on {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.dtype}: "
+          f"{method}", flush=True)
+    print(f"ceilings: {ceilings.describe()}", flush=True)
+    breakdown = _print_breakdown if getattr(args, "breakdown", False) else None
     rows: list[Row] = []
     start = time.perf_counter()
     for name in models:
         def progress(msg: str) -> None:
             print(f"  [{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-        rows += bench_model(PRESETS[name], ms, impls, DTYPES[args.dtype], reps, progress, quant=args.quant,
-                            act_quant=args.act_quant)
+        if mode == "train":
+            rows += train_bench.bench_model_train(PRESETS[name], ms, impls, DTYPES[args.dtype], reps, progress,
+                                                  ceilings, breakdown)
+        else:
+            rows += bench_model(PRESETS[name], ms, impls, DTYPES[args.dtype], reps, progress, ceilings, breakdown,
+                                quant=getattr(args, "quant", None), act_quant=getattr(args, "act_quant", None))
         _write(rows, args.out)  # after each model: a run cut short keeps what it measured
     print(format_table(rows))
     files = _write(rows, args.out)

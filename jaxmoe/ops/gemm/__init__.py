@@ -8,14 +8,16 @@ import jax
 
 from jaxmoe.ops import checks
 from jaxmoe.ops.base import Op, triton_implementation
-from jaxmoe.ops.gemm import reference, triton
+from jaxmoe.ops.gemm import backward, reference, triton
 from jaxmoe.ops.gemm.config import GemmTile, MoEConfig
 from jaxmoe.types import RoutingData
 
 __all__ = ["GROUPED_GEMM", "grouped_gemm", "moe_gemm", "GemmTile", "MoEConfig"]
 
+# The kernel path differentiates through its own Triton backward (ops/gemm/backward.py).
 GROUPED_GEMM = Op("grouped_gemm", check=checks.check_grouped_gemm_args, reference=reference.grouped_gemm,
-                  implementations=[triton_implementation(triton.grouped_gemm)])
+                  implementations=[triton_implementation(backward.grouped_gemm)],
+                  vjp=(backward._fwd, backward._bwd))
 
 
 def grouped_gemm(a: Any, b: Any, routing: RoutingData, *, topk_weights: Any = None, activation: str | None = None,
@@ -39,6 +41,10 @@ def grouped_gemm(a: Any, b: Any, routing: RoutingData, *, topk_weights: Any = No
     in ``[0, M * k)`` and whose block's expert ``e`` is in ``[0, E)``,
     ``c[f] = a[row] @ b[e].T`` accumulated in fp32, the epilogue in fp32, rounded once to
     ``a``'s dtype. Rows no such position covers are 0.
+
+    Gradients: differentiable in ``a``, ``b`` and ``topk_weights`` (the reference by JAX's
+    autodiff, the kernels by Triton kernels, :mod:`jaxmoe.ops.gemm.backward`); uncovered
+    rows get no gradient, experts without rows zero weight gradients. ``moe_gemm`` too.
     """
     return GROUPED_GEMM(a, b, routing, topk_weights=topk_weights, activation=activation, tile=tile,
                         implementation=implementation)

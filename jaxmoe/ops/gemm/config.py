@@ -179,13 +179,40 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
 
 # The backward's GEMM tile (stage-2 backward, stage-1 backward, dx), one per BLOCK_M, dtype
 # and arch, fitted to shared memory: the backward adds few compiled kernels whatever the
-# forward's tuned tiles are. Not yet tuned on a GPU.
+# forward's tuned tiles are. Training batches (BLOCK_M >= 64, many rows per expert) are
+# compute-bound: there NVIDIA takes the forward heuristic's 128-wide tiles (8 warps at
+# 128 rows, as stage 1's measured 128 x 256 tile), AMD stays at 64 x 64 (its 64 KiB LDS).
+# Not yet tuned on a GPU.
 BACKWARD_TILE = GemmTile(block_n=64, block_k=64, group_size_m=8, num_warps=4, num_stages=3)
+BACKWARD_TILE_LARGE = {64: GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=3),
+                       128: GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=8, num_stages=3)}
 
 
 def backward_tile(block_m: int, dtype: Any, arch: str, fused: bool) -> GemmTile:
     """The backward's tile for rows of ``block_m`` (``fused``: the stage-1 backward, two B tiles)."""
-    return _fit(BACKWARD_TILE, block_m, dtype, arch, fused)
+    tile = BACKWARD_TILE
+    if not arch.startswith("gfx") and block_m >= 64:
+        tile = BACKWARD_TILE_LARGE[min(block_m, 128)]
+    return _fit(tile, block_m, dtype, arch, fused)
+
+
+# The grouped weight gradient's tile, (BLOCK_N, BLOCK_K, num_warps, num_stages, BLOCK_R):
+# one program per output tile of one expert, walking its rows BLOCK_R at a time. With many
+# rows per expert (BLOCK_M >= 64) on NVIDIA a 128 x 128 tile over 64 rows a step reads each
+# row once per 128 columns instead of 64 (twice the FLOPs per byte); elsewhere 64 x 64 over
+# 32 rows (32 KiB of shared memory: fits every target). Not yet tuned on a GPU.
+WEIGHT_GRAD_TILE = (64, 64, 4, 2, 32)
+WEIGHT_GRAD_TILE_LARGE = (128, 128, 8, 3, 64)
+
+
+def weight_grad_tile(block_m: int, dtype: Any, arch: str | None) -> tuple[int, int, int, int, int]:
+    """The weight gradient's tile for rows aligned to ``block_m`` (``arch`` None: the small
+    tile, which fits every target). BLOCK_R divides BLOCK_M and is >= 16 (``tl.dot``)."""
+    tile = WEIGHT_GRAD_TILE
+    if arch is not None and not arch.startswith("gfx") and block_m >= 64:
+        tile = WEIGHT_GRAD_TILE_LARGE
+    block_n, block_k, warps, stages, block_r = tile
+    return block_n, block_k, warps, stages, min(block_r, block_m)
 
 
 def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool, b_itemsize: int | None = None,

@@ -32,6 +32,17 @@ block is often mostly padding (with 130 rows and BLOCK_M = 128, the second block
 With ``SPLIT_TAIL`` = s > 0, a block whose valid rows all sit in its first BLOCK_M / 2
 (or, for s = 2, BLOCK_M / 4) positions runs a tile of that many rows instead, so padding
 costs a half (or a quarter) of the multiply work it would.
+
+Epilogue options (compile-time): ``HAS_BIAS`` adds an expert bias in fp32 before the
+activation (stage 1: ``b1 [E, 2I]`` in B's gate/up order) or before the routing weight
+(stage 2: ``b2 [E, D]``, so the bias is weighted with its row, as gpt-oss does); the
+``"clamped_swiglu"`` activation is gpt-oss's ``(clip(up) + 1) * g * sigmoid(ALPHA * g)``
+with ``g = min(gate, LIMIT)``.
+
+Weight layouts are strides, never copies: B's element (n, k) of an expert is at
+``n * stride_bn + k * stride_bk`` (``[E, N, K]`` or, transposed, ``[E, K, N]``), and with
+the fused activation gate j sits at B index ``j * GATE_STEP`` and its up at
+``j * GATE_STEP + UP_SHIFT`` (gate rows then up rows: 1 and N_OUT; interleaved: 2 and 1).
 """
 
 import triton
@@ -176,15 +187,28 @@ def _apply_scales(acc, a_scale, s_ptrs, col_ok, W_SCHEME: tl.constexpr, A_SCHEME
 
 
 @triton.jit
+def _gated(gate, up, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """Stage 1's ``h`` from the fp32 gate and up tiles."""
+    if ACTIVATION == "clamped_swiglu":
+        # where, not minimum: a NaN stays NaN
+        g = tl.where(gate > LIMIT, LIMIT, gate)
+        u = tl.where(up > LIMIT, LIMIT, tl.where(up < -LIMIT, -LIMIT, up))
+        return (u + 1.0) * (g / (1.0 + tl.exp(-ALPHA * g)))
+    else:
+        return _activation(gate, ACTIVATION) * up
+
+
+@triton.jit
 def _tile(
-    a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert, expert_ok,
+    a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, expert,
+    expert_ok,
     num_rows,
     N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
-    stride_cm: tl.constexpr,
+    stride_cm: tl.constexpr, GATE_STEP: tl.constexpr, UP_SHIFT: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
-    FP32_IEEE: tl.constexpr,
+    FP32_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
     W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
 ):
@@ -201,13 +225,13 @@ def _tile(
     a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
     b_base = b_ptr + expert * stride_be
     if FUSE_ACTIVATION:
-        # One [BLOCK_K, 2 * BLOCK_N] B tile whose columns alternate gate row n, up row
-        # N_OUT + n: a single wide dot (measured on an H100 at least as fast as two dots of
-        # BLOCK_N, and faster at large M), and act(gate) * up pairs adjacent accumulator columns.
+        # One [BLOCK_K, 2 * BLOCK_N] B tile whose columns alternate gate n, up n: a single
+        # wide dot (measured on an H100 at least as fast as two dots of BLOCK_N, and faster
+        # at large M), and act(gate) * up pairs adjacent accumulator columns.
         j = tl.arange(0, 2 * BLOCK_N)
-        b_rows = pid_n * BLOCK_N + j // 2
-        b_cols_ok = b_rows < N_OUT
-        b_rows = b_rows + (j % 2) * N_OUT
+        gate_n = pid_n * BLOCK_N + j // 2
+        b_cols_ok = gate_n < N_OUT
+        b_rows = gate_n * GATE_STEP + (j % 2) * UP_SHIFT
         acc = tl.zeros([ROWS, 2 * BLOCK_N], dtype=tl.float32)
     else:
         b_rows = offs_n
@@ -248,9 +272,14 @@ def _tile(
             b_ptrs += BLOCK_K * stride_bk
     acc = _apply_scales(acc, a_scale, s_ptrs, b_cols_ok, W_SCHEME, A_SCHEME)
 
+    if HAS_BIAS:
+        # B's N indices are the bias's; a block without a valid expert adds none (its rows stay 0)
+        n_total: tl.constexpr = 2 * N_OUT if FUSE_ACTIVATION else N_OUT
+        bias = tl.load(bias_ptr + expert * n_total + b_rows, mask=b_cols_ok & expert_ok, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
     if FUSE_ACTIVATION:
         gate, up = tl.split(tl.reshape(acc, [ROWS, BLOCK_N, 2]))
-        acc = _activation(gate, ACTIVATION) * up
+        acc = _gated(gate, up, ACTIVATION, ALPHA, LIMIT)
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
@@ -261,6 +290,7 @@ def _tile(
 @triton.jit
 def moe_gemm_kernel(
     a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
+    bias_ptr,
     num_rows,  # M * top_k: rows of C; sorted ids outside [0, num_rows) are padding
     c_ptr,
     N_OUT: tl.constexpr,  # columns of C (I when the activation is fused, else N)
@@ -269,11 +299,14 @@ def moe_gemm_kernel(
     NUM_EXPERTS: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
     stride_cm: tl.constexpr,
+    GATE_STEP: tl.constexpr, UP_SHIFT: tl.constexpr,  # B index of gate j: j * GATE_STEP; its up: + UP_SHIFT
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     FUSE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     NUM_XCDS: tl.constexpr,
     FP32_IEEE: tl.constexpr,  # fp32 operands multiplied exactly, not rounded to TF32
     SPLIT_TAIL: tl.constexpr,  # 0, 1 or 2: how many times a mostly-padding block may halve its rows
+    HAS_BIAS: tl.constexpr,  # add bias_ptr's [E, N] expert bias in the epilogue
+    ALPHA: tl.constexpr, LIMIT: tl.constexpr,  # the clamped SwiGLU's parameters (else unused)
     W_SCHEME: tl.constexpr,  # how B is stored: a key of jaxmoe.types.WEIGHT_SCHEMES
     A_SCHEME: tl.constexpr,  # how A is rounded: "none", "fp8_token", "fp8_group", "int8_token"
     QMAX: tl.constexpr,  # the quantized activations' largest magnitude (448, 240 or 127)
@@ -310,20 +343,20 @@ def moe_gemm_kernel(
         if SPLIT_TAIL > 1:
             quarter = used <= BLOCK_M // 4
     if quarter:
-        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-              BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE,
-              W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
+        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
+              expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
+              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
     elif half:
-        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-              BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE,
-              W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
+        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
+              expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
+              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
     else:
-        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, c_ptr, row0, pid_n, expert,
-              expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-              BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT, FP32_IEEE,
-              W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
+        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
+              expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
+              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
 
 
 # --------------------------------------------------------------------------- backward
@@ -341,29 +374,50 @@ def _activation_and_derivative(gate, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _gated_grads(gate, up, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """``(d h / d gate, d h / d up)`` in fp32 for :func:`_gated`'s ``h``."""
+    if ACTIVATION == "clamped_swiglu":
+        # the clamps pass the gradient where the value is inside them (boundaries included)
+        over = gate > LIMIT
+        g = tl.where(over, LIMIT, gate)
+        u_out = (up > LIMIT) | (up < -LIMIT)
+        u = tl.where(up > LIMIT, LIMIT, tl.where(up < -LIMIT, -LIMIT, up))
+        sig = 1.0 / (1.0 + tl.exp(-ALPHA * g))
+        glu = g * sig
+        d_glu = sig * (1.0 + ALPHA * g * (1.0 - sig))
+        return tl.where(over, 0.0, (u + 1.0) * d_glu), tl.where(u_out, 0.0, glu)
+    else:
+        act, act_grad = _activation_and_derivative(gate, ACTIVATION)
+        return act_grad * up, act
+
+
+@triton.jit
 def moe_gemm_act_bwd_kernel(
-    a_ptr, b_ptr, dh_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+    a_ptr, b_ptr, dh_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, bias_ptr,
     num_rows,  # M * top_k: rows of dh and C; sorted ids outside [0, num_rows) are padding
     c_ptr,
     N_OUT: tl.constexpr,  # I: columns of dh; C has 2 * N_OUT
     K: tl.constexpr,
     TOP_K: tl.constexpr,
     NUM_EXPERTS: tl.constexpr,
-    stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr,
+    stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
+    GATE_STEP: tl.constexpr, UP_SHIFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     ACTIVATION: tl.constexpr, NUM_XCDS: tl.constexpr, FP32_IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
 ):
-    """Stage 1 backward: the gate/up gradients of ``h = act(gate) * up``, rows by expert.
+    """Stage 1 backward: the gate/up gradients of ``h = gated(gate, up)``, rows by expert.
 
     Recomputes the stage-1 pre-activation tile exactly as ``moe_gemm_kernel`` does
-    (``gate_up[f] = A[f // TOP_K] @ B[e].T``, gate and up columns interleaved in one dot),
-    then, in the epilogue, with ``dh[f]``:
+    (``gate_up[f] = A[f // TOP_K] @ B[e].T`` (+ the bias), gate and up columns interleaved
+    in one dot, B read through the same strides), then, in the epilogue, with ``dh[f]``:
 
-        C[f, n]         = dh[f, n] * act'(gate[f, n]) * up[f, n]      (d gate)
-        C[f, N_OUT + n] = dh[f, n] * act(gate[f, n])                  (d up)
+        C[f, n * GATE_STEP]            = dh[f, n] * dh/dgate[f, n]      (d gate)
+        C[f, n * GATE_STEP + UP_SHIFT] = dh[f, n] * dh/dup[f, n]        (d up)
 
-    so neither the pre-activation nor its gradient before the cast reaches memory. Rows of
-    a block without a valid expert are written as zeros (their A rows and dh load as zeros).
+    (C's columns in B's gate/up order), so neither the pre-activation nor its gradient
+    before the cast reaches memory. Rows of a block without a valid expert are written as
+    zeros (their A rows and dh load as zeros).
     """
     num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
     num_programs = tl.num_programs(0)
@@ -390,10 +444,10 @@ def moe_gemm_act_bwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
     j = tl.arange(0, 2 * BLOCK_N)
-    b_rows = pid_n * BLOCK_N + j // 2
-    b_cols_ok = b_rows < N_OUT
-    b_rows = b_rows + (j % 2) * N_OUT
-    b_ptrs = b_ptr + expert * stride_be + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    gate_n = pid_n * BLOCK_N + j // 2
+    b_cols_ok = gate_n < N_OUT
+    b_rows = gate_n * GATE_STEP + (j % 2) * UP_SHIFT
+    b_ptrs = b_ptr + expert * stride_be + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if K % BLOCK_K == 0:
@@ -407,16 +461,19 @@ def moe_gemm_act_bwd_kernel(
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
 
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * (2 * N_OUT) + b_rows, mask=b_cols_ok & expert_ok, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
-    act, act_grad = _activation_and_derivative(gate, ACTIVATION)
+    d_gate, d_up = _gated_grads(gate, up, ACTIVATION, ALPHA, LIMIT)
     tile_mask = a_mask[:, None] & n_mask[None, :]
     dh = tl.load(dh_ptr + rows[:, None] * N_OUT + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     store_mask = row_mask[:, None] & n_mask[None, :]
-    c_ptrs = c_ptr + rows[:, None] * (2 * N_OUT) + offs_n[None, :]
-    tl.store(c_ptrs, (dh * act_grad * up).to(c_ptr.dtype.element_ty), mask=store_mask)
-    tl.store(c_ptrs + N_OUT, (dh * act).to(c_ptr.dtype.element_ty), mask=store_mask)
+    c_ptrs = c_ptr + rows[:, None] * (2 * N_OUT) + (offs_n * GATE_STEP)[None, :]
+    tl.store(c_ptrs, (dh * d_gate).to(c_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(c_ptrs + UP_SHIFT, (dh * d_up).to(c_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxmoe.ops import checks
 from jaxmoe.types import RoutingData
 
-__all__ = ["apply_activation", "dot_t", "grouped_gemm"]
+__all__ = ["apply_activation", "gated", "dot_t", "grouped_gemm"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -17,6 +17,20 @@ def apply_activation(name: str, gate: jax.Array) -> jax.Array:
     if name == "silu":
         return jax.nn.silu(gate)
     return jax.nn.gelu(gate, approximate=False)  # the exact, erf-based gelu
+
+
+def gated(activation, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """The gated activation of stage 1 in fp32: ``act(gate) * up`` for ``"silu"``/``"gelu"``,
+    gpt-oss's clamped form for a :class:`~jaxmoe.ClampedSwiGLU` (or ``"clamped_swiglu"``)."""
+    activation = checks.resolve_activation(activation)
+    if isinstance(activation, str):
+        return apply_activation(activation, gate) * up
+    limit, alpha = activation.limit, activation.alpha
+    # where, not minimum/clip: a NaN stays NaN, and the gradient passes where the value is
+    # inside the clamp, boundaries included (as torch.clamp's does)
+    gate = jnp.where(gate > limit, limit, gate)
+    up = jnp.where(up > limit, limit, jnp.where(up < -limit, -limit, up))
+    return (up + 1.0) * (gate * jax.nn.sigmoid(alpha * gate))
 
 
 def dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -60,7 +74,7 @@ def grouped_gemm(a, b, routing: RoutingData, *, topk_weights=None, activation=No
             used = jnp.zeros(a.shape[0], bool).at[source_row].max(mine)
             y = dot_t(jnp.where(used[:, None], a, jnp.zeros((), a.dtype)), b[ex])[source_row]  # [num_rows, N] fp32
             if activation is not None:
-                y = apply_activation(activation, y[:, : n // 2]) * y[:, n // 2 :]
+                y = gated(activation, y[:, : n // 2], y[:, n // 2 :])
             if topk_weights is not None:
                 y = y * jnp.where(mine, row_weight, 0.0)[:, None]
             return jnp.where(mine[:, None], y.astype(out_dtype), c)

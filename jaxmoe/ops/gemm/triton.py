@@ -26,6 +26,24 @@ def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
 
 
+def _activation_constexprs(activation: Any) -> dict[str, Any]:
+    """``ACTIVATION`` (a name), ``ALPHA`` and ``LIMIT`` (the clamped SwiGLU's, else 0) of an activation."""
+    from jaxmoe.types import ClampedSwiGLU
+
+    if isinstance(activation, ClampedSwiGLU):
+        return {"ACTIVATION": "clamped_swiglu", "ALPHA": activation.alpha, "LIMIT": activation.limit}
+    if activation == "clamped_swiglu":
+        return _activation_constexprs(ClampedSwiGLU())
+    return {"ACTIVATION": activation or "none", "ALPHA": 0.0, "LIMIT": 0.0}
+
+
+def _gate_up_constexprs(gate_up: str, n_out: int) -> dict[str, int]:
+    """B index of gate j is ``j * GATE_STEP``, of its up ``+ UP_SHIFT``."""
+    if gate_up not in ("concat", "interleaved"):
+        raise ValueError(f"gate_up must be 'concat' or 'interleaved', got {gate_up!r}")
+    return {"GATE_STEP": 2, "UP_SHIFT": 1} if gate_up == "interleaved" else {"GATE_STEP": 1, "UP_SHIFT": n_out}
+
+
 A_SCHEMES = ("none", "fp8_token", "fp8_group", "int8_token")
 
 
@@ -65,21 +83,25 @@ def check_scheme_tile(w_scheme: str, a_scheme: str, block_k: int) -> None:
 
 
 def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
-              top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str | None,
+              top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: Any,
               mul_routed_weight: bool, arch: str = "sm90", transpose_b: bool = False,
-              out_dtype: Any = None, split_tail: bool = True, w_scheme: str = "none", b_dtype: Any = None,
+              out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
+              bias: bool = False, w_scheme: str = "none", b_dtype: Any = None,
               act_quant: str | None = None) -> KernelLaunch:
     """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert].
 
     ``b_shape`` is B's stored shape: ``[E, N, K]``, or with ``transpose_b`` ``[E, K, N]``
     (B read transposed through its strides, no copy: the backward's ``dy @ w2[e]`` and
-    ``d gate_up @ w1[e]``). ``out_dtype`` is C's dtype (default ``dtype``; fp32 keeps the
-    accumulator unrounded). ``split_tail=False`` keeps mostly-padding blocks at full height
-    (the backward's GEMMs: one compiled kernel fewer per tile).
+    ``d gate_up @ w1[e]``, and the ``"in_out"`` weight layouts). ``out_dtype`` is C's dtype
+    (default ``dtype``; fp32 keeps the accumulator unrounded). ``split_tail=False`` keeps
+    mostly-padding blocks at full height (the backward's GEMMs: one compiled kernel fewer
+    per tile). With an ``activation`` (a name or a :class:`~jaxmoe.ClampedSwiGLU`),
+    ``gate_up`` says how B's N axis holds gate and up (``"concat"``: gate rows then up rows;
+    ``"interleaved"``: alternating). ``bias``: an fp32 ``[E, N]`` bias input added in the epilogue.
 
     Quantized B: ``w_scheme`` (a key of ``WEIGHT_SCHEMES``; ``b_shape`` stays the logical
-    ``[E, N, K]``), ``b_dtype`` its stored values' dtype (the fp8 type of the arch),
-    ``act_quant`` None, ``"fp8"`` or ``"int8"`` (A rounded per token in the kernel).
+    ``[E, N, K]``, stored ``[out, in]``), ``b_dtype`` its stored values' dtype (the fp8 type
+    of the arch), ``act_quant`` None, ``"fp8"`` or ``"int8"`` (A rounded per token in the kernel).
     """
     from jaxmoe.ops.gemm import kernels
 
@@ -90,8 +112,6 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     else:
         num_experts, n, k_b = b_shape
         stride_bn, stride_bk = k, 1
-    if transpose_b and activation:
-        raise ValueError("the fused activation reads gate and up rows of an untransposed B")
     if k_b != k:
         raise ValueError(f"A has K={k} but B has K={k_b}")
     spec_w = WEIGHT_SCHEMES[w_scheme]
@@ -118,17 +138,21 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     positions = num_blocks * block_m
     constexprs = {
         "N_OUT": n_out, "K": k, "TOP_K": top_k, "NUM_EXPERTS": num_experts,
-        "stride_am": k, "stride_be": n * (k // 2 if spec_w.packed else k), "stride_bn": stride_bn, "stride_bk": stride_bk, "stride_cm": n_out,
+        "stride_am": k, "stride_be": n * (k // 2 if spec_w.packed else k), "stride_bn": stride_bn,
+        "stride_bk": stride_bk, "stride_cm": n_out,
+        **_gate_up_constexprs(gate_up if activation else "concat", n_out),
         "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
         "GROUP_SIZE_M": tile.group_size_m, "FUSE_ACTIVATION": activation is not None,
-        "ACTIVATION": activation or "none", "MUL_ROUTED_WEIGHT": mul_routed_weight,
+        "ACTIVATION": None, "MUL_ROUTED_WEIGHT": mul_routed_weight,
         "NUM_XCDS": _config.NUM_XCDS[arch],
         "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
         "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m) if split_tail else 0,
+        "HAS_BIAS": bool(bias), "ALPHA": None, "LIMIT": None,
         "W_SCHEME": w_scheme, "A_SCHEME": a_scheme,
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
+    constexprs.update(_activation_constexprs(activation))
     i32 = jnp.int32
     stored = (num_experts, n, k // 2) if spec_w.packed else tuple(b_shape)
     scales = spec_w.expected_scales(stored)
@@ -138,6 +162,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         _sds(scales if spec_w.zero_points else (1,), jnp.uint8), _sds((positions,), i32),
         _sds((num_blocks,), i32), _sds((1,), i32),
         _sds((num_rows,) if mul_routed_weight else (1,), jnp.float32),
+        _sds((num_experts, n) if bias else (1,), jnp.float32),
     )
     amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
     return KernelLaunch(
@@ -167,24 +192,27 @@ def kernel_weights(b: Any, arch: str) -> tuple[str, jax.Array, jax.Array, jax.Ar
 
 
 def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: str,
-         topk_weights: jax.Array | None, activation: str | None, transpose_b: bool = False,
-         out_dtype: Any = None, split_tail: bool = True, act_quant: str | None = None) -> jax.Array:
+         topk_weights: jax.Array | None, activation: Any, transpose_b: bool = False,
+         out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
+         bias: jax.Array | None = None, act_quant: str | None = None) -> jax.Array:
     """One launch over ``routing``'s layout. Rows no live sorted position covers are left
-    unwritten: the caller masks them (or, in the fused layer, never reads them). ``b`` is
-    an array in ``a``'s dtype or a :class:`~jaxmoe.QuantizedWeights`; ``act_quant``
-    rounds ``a`` per token inside the kernel."""
+    unwritten: the caller masks them (or, in the fused layer, never reads them). ``bias``:
+    ``[E, N]`` any float (added in fp32 in the epilogue), or None. ``b`` is an array in
+    ``a``'s dtype or a :class:`~jaxmoe.QuantizedWeights`; ``act_quant`` rounds ``a`` per
+    token inside the kernel."""
     top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
     scheme, values, scales, zeros = kernel_weights(b, arch)
     spec = plan_gemm(a_shape=a.shape, b_shape=b.shape, dtype=a.dtype, num_rows=routing.num_rows, top_k=top_k,
                      block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
                      mul_routed_weight=topk_weights is not None, arch=arch, transpose_b=transpose_b,
-                     out_dtype=out_dtype, split_tail=split_tail, w_scheme=scheme, b_dtype=values.dtype,
-                     act_quant=act_quant)
+                     out_dtype=out_dtype, split_tail=split_tail, gate_up=gate_up, bias=bias is not None,
+                     w_scheme=scheme, b_dtype=values.dtype, act_quant=act_quant)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
+    bias = bias.astype(jnp.float32) if bias is not None else jnp.zeros((1,), jnp.float32)
     (c,) = launch(spec, a, values, scales, zeros, routing.sorted_token_ids.astype(jnp.int32),
                   routing.expert_ids.astype(jnp.int32),
-                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights)
+                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights, bias)
     return c
 
 
@@ -231,15 +259,23 @@ def stage_tile(a: jax.Array, b: jax.Array, routing: RoutingData, activation: str
 
 
 def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
-                      top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: str,
-                      arch: str = "sm90") -> KernelLaunch:
-    """Stage 1 backward, ``moe_gemm_act_bwd_kernel``: ``d gate_up [num_rows, 2I]`` from A
-    ``[a_rows, K]`` (rows ``f // top_k``), ``B = w1 [E, 2I, K]`` and ``dh [num_rows, I]``,
-    all in ``dtype``; the stage-1 tile (its pipeline needs the forward's shared memory)."""
+                      top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: Any,
+                      arch: str = "sm90", transpose_b: bool = False, gate_up: str = "concat",
+                      bias: bool = False) -> KernelLaunch:
+    """Stage 1 backward, ``moe_gemm_act_bwd_kernel``: ``d gate_up [num_rows, 2I]`` (columns in
+    B's gate/up order) from A ``[a_rows, K]`` (rows ``f // top_k``), ``B = w1 [E, 2I, K]``
+    (``[E, K, 2I]`` with ``transpose_b``) and ``dh [num_rows, I]``, all in ``dtype``, plus an
+    fp32 ``[E, 2I]`` bias input with ``bias``; the stage-1 tile (its pipeline needs the
+    forward's shared memory)."""
     from jaxmoe.ops.gemm import kernels
 
     a_rows, k = a_shape
-    num_experts, n, k_b = b_shape
+    if transpose_b:
+        num_experts, k_b, n = b_shape
+        stride_bn, stride_bk = 1, n
+    else:
+        num_experts, n, k_b = b_shape
+        stride_bn, stride_bk = k, 1
     if k_b != k or n % 2:
         raise ValueError(f"need A [rows, K] and B [E, 2I, K], got A{list(a_shape)} and B{list(b_shape)}")
     need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, True)
@@ -249,13 +285,17 @@ def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int]
     n_out = n // 2
     constexprs = {
         "N_OUT": n_out, "K": k, "TOP_K": top_k, "NUM_EXPERTS": num_experts,
-        "stride_am": k, "stride_be": n * k, "stride_bn": k,
+        "stride_am": k, "stride_be": n * k, "stride_bn": stride_bn, "stride_bk": stride_bk,
+        **_gate_up_constexprs(gate_up, n_out),
         "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_SIZE_M": tile.group_size_m,
-        "ACTIVATION": activation, "NUM_XCDS": _config.NUM_XCDS[arch], "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
+        "ACTIVATION": None, "NUM_XCDS": _config.NUM_XCDS[arch], "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
+        "HAS_BIAS": bool(bias), "ALPHA": None, "LIMIT": None,
     }
+    constexprs.update(_activation_constexprs(activation))
     i32 = jnp.int32
     args = (_sds((a_rows, k), dtype), _sds(b_shape, dtype), _sds((num_rows, n_out), dtype),
-            _sds((num_blocks * block_m,), i32), _sds((num_blocks,), i32), _sds((1,), i32))
+            _sds((num_blocks * block_m,), i32), _sds((num_blocks,), i32), _sds((1,), i32),
+            _sds((num_experts, n) if bias else (1,), jnp.float32))
     amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
     return KernelLaunch(
         kernels.moe_gemm_act_bwd_kernel, grid=(num_blocks * -(-n_out // tile.block_n),), args=args,
@@ -265,39 +305,37 @@ def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int]
 
 
 def act_backward(a: jax.Array, w1: jax.Array, dh: jax.Array, routing: RoutingData, *, tile: GemmTile, arch: str,
-                 activation: str) -> jax.Array:
-    """``d gate_up [num_rows, 2I]`` in ``a``'s dtype (gate columns then up columns); rows no
+                 activation: Any, transpose_b: bool = False, gate_up: str = "concat",
+                 bias: jax.Array | None = None) -> jax.Array:
+    """``d gate_up [num_rows, 2I]`` in ``a``'s dtype (columns in w1's gate/up order); rows no
     live sorted position covers are left unwritten."""
     top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
     spec = plan_act_backward(a_shape=a.shape, b_shape=w1.shape, dtype=a.dtype, num_rows=routing.num_rows,
                              top_k=top_k, block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile,
-                             activation=activation, arch=arch)
+                             activation=activation, arch=arch, transpose_b=transpose_b, gate_up=gate_up,
+                             bias=bias is not None)
+    bias = bias.astype(jnp.float32) if bias is not None else jnp.zeros((1,), jnp.float32)
     (c,) = launch(spec, a, w1, dh, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
-                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32))
+                  routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), bias)
     return c
 
 
-# The weight-gradient tile: (BLOCK_N, BLOCK_K, num_warps, num_stages), one for every shape
-# so the backward adds few compiled kernels; BLOCK_R (rows a step) follows BLOCK_M.
-WEIGHT_GRAD_TILE = (64, 64, 4, 2)
-
-
-def _weight_grad_rows(block_m: int) -> int:
-    # A step's rows must divide BLOCK_M (an expert's run is whole blocks) and be >= 16 (tl.dot).
-    return min(block_m, 32)
+# The weight-gradient tile (BLOCK_N, BLOCK_K, num_warps, num_stages, BLOCK_R) by BLOCK_M
+# and arch: config.weight_grad_tile.
+WEIGHT_GRAD_TILE = _config.WEIGHT_GRAD_TILE
 
 
 def plan_weight_grad(*, g_shape: tuple[int, int], a_shape: tuple[int, int], num_experts: int, dtype: Any,
                      out_dtype: Any, num_rows: int, top_k_g: int, top_k_a: int, block_m: int, num_blocks: int,
-                     mul_routed_weight: bool) -> KernelLaunch:
+                     mul_routed_weight: bool, arch: str | None = None) -> KernelLaunch:
     """The grouped weight gradient, ``moe_weight_grad_kernel``: ``C [E, N, K]`` in
     ``out_dtype`` from ``G [g_rows, N]`` and ``A [a_rows, K]`` (both ``dtype``), one program
-    per output tile. One tile for every target: at most 32 KiB of shared memory."""
+    per output tile, the tile from :func:`~jaxmoe.ops.gemm.config.weight_grad_tile`
+    (``arch`` None: the small tile, which fits every target)."""
     from jaxmoe.ops.gemm import kernels
 
     (g_rows, n), (a_rows, k) = g_shape, a_shape
-    block_n, block_k, num_warps, num_stages = WEIGHT_GRAD_TILE
-    block_r = _weight_grad_rows(block_m)
+    block_n, block_k, num_warps, num_stages, block_r = _config.weight_grad_tile(block_m, dtype, arch)
     if block_m % block_r or block_r < 16:
         raise ValueError(f"BLOCK_M={block_m} must be a multiple of 16 for the weight gradient")
     constexprs = {
@@ -330,7 +368,7 @@ def expert_offsets(routing: RoutingData) -> jax.Array:
 
 
 def weight_grad(g: jax.Array, a: jax.Array, routing: RoutingData, *, out_dtype: Any,
-                topk_weights: jax.Array | None = None) -> jax.Array:
+                topk_weights: jax.Array | None = None, arch: str | None = None) -> jax.Array:
     """``C [E, N, K]``: per expert, the sum over its rows f of ``w_f * G[f]^T A[f]``, where
     a ``[M, *]`` operand is read at row ``f // top_k`` and a ``[M * top_k, *]`` one at ``f``.
     Deterministic; an expert without rows gets zeros."""
@@ -340,7 +378,7 @@ def weight_grad(g: jax.Array, a: jax.Array, routing: RoutingData, *, out_dtype: 
     spec = plan_weight_grad(g_shape=g.shape, a_shape=a.shape, num_experts=routing.num_experts, dtype=a.dtype,
                             out_dtype=out_dtype, num_rows=routing.num_rows, top_k_g=top_k_of(g), top_k_a=top_k_of(a),
                             block_m=routing.block_size, num_blocks=routing.num_blocks,
-                            mul_routed_weight=topk_weights is not None)
+                            mul_routed_weight=topk_weights is not None, arch=arch)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
     (c,) = launch(spec, g, a, routing.sorted_token_ids.astype(jnp.int32), expert_offsets(routing), weights)

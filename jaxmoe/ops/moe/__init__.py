@@ -14,10 +14,11 @@ from jaxmoe.ops.routing import reference as routing_reference
 __all__ = ["FUSED_MOE", "ROUTED_MOE", "fused_moe"]
 
 
-def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
-                  return_routing: bool = False, act_quant: str | None = None, **routing: Any) -> None:
-    m, _, e, _ = checks.check_experts_args(x, w1, w2)
-    checks.check_act_quant(act_quant, w1, w2, x.dtype)
+def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: Any = "silu",
+                  return_routing: bool = False, b1: Any = None, b2: Any = None, layout: str = "out_in",
+                  act_quant: str | None = None, **routing: Any) -> None:
+    m, _, e, _ = checks.check_experts_args(x, w1, w2, layout=layout, b1=b1, b2=b2)
+    checks.check_act_quant(act_quant, w1, w2, x.dtype, layout=layout)
     lm, le = checks.check_route_args(logits, top_k, **routing)
     if (lm, le) != (m, e):
         raise ValueError(f"logits must be [M, E] = [{m}, {e}] (tokens of hidden_states, experts of w1), "
@@ -27,13 +28,15 @@ def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activati
         raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
 
 
-def _routed_reference(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: str = "silu",
-                      return_routing: bool = False, act_quant: str | None = None, **routing: Any
+def _routed_reference(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: Any = "silu",
+                      return_routing: bool = False, b1: Any = None, b2: Any = None, layout: str = "out_in",
+                      act_quant: str | None = None, **routing: Any
                       ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """``fused_moe(x, w1, w2, *route(logits, ...))``; with ``return_routing`` also the
     ``topk_weights [M, k]`` f32 and ``topk_ids [M, k]`` i32 it used."""
     topk_weights, topk_ids = routing_reference.route(logits, top_k, **routing)
-    y = reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation, act_quant=act_quant)
+    y = reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation, b1=b1, b2=b2, layout=layout,
+                            act_quant=act_quant)
     return (y, topk_weights, topk_ids) if return_routing else y
 
 
@@ -48,8 +51,9 @@ ROUTED_MOE = Op("routed_moe", check=_check_routed, reference=_routed_reference,
                 vjp=(backward.experts_fwd, backward.experts_bwd))
 
 
-def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, *, activation: str = "silu",
-              act_quant: str | None = None, implementation: Any = None) -> jax.Array:
+def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any, *, activation: Any = "silu",
+              b1: Any = None, b2: Any = None, layout: str = "out_in", act_quant: str | None = None,
+              implementation: Any = None) -> jax.Array:
     """Apply each token's ``k`` routed experts and sum their weighted outputs.
 
     Args:
@@ -57,7 +61,8 @@ def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids:
       w1: ``[E, 2I, D]`` in ``hidden_states``' dtype: per expert the gate rows (first I)
         then the up rows (last I), PyTorch ``Linear`` ``[out, in]`` layout; or a
         :class:`~jaxmoe.QuantizedWeights` of such weights (any scheme, e.g. from
-        :func:`jaxmoe.quantize_weights`; see ``docs/quantization.md``).
+        :func:`jaxmoe.quantize_weights`; see ``docs/quantization.md``; quantized weights
+        are stored ``[out, in]``). Other layouts: see ``layout``.
       w2: ``[E, D, I]`` likewise.
       act_quant: None (weight-only: activations stay in their dtype), ``"fp8"`` (with fp8,
         fp8_tensor or fp8_block weights) or ``"int8"`` (with int8 weights): x and the
@@ -67,14 +72,27 @@ def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids:
       topk_weights: ``[M, k]`` routing weights, any float dtype (used in fp32).
       topk_ids: ``[M, k]`` expert ids, any integer dtype (used as int32; ids outside the
         int32 range count as invalid).
-      activation: ``"silu"`` (``silu(gate) * up``) or ``"gelu"`` (``gelu(gate) * up``, the
-        exact erf-based gelu).
+      activation: ``"silu"`` (``silu(gate) * up``), ``"gelu"`` (``gelu(gate) * up``, the
+        exact erf-based gelu), or gpt-oss's clamped SwiGLU: ``"clamped_swiglu"`` or a
+        :class:`~jaxmoe.ClampedSwiGLU` ``(alpha, limit)``:
+        ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``.
+      b1: optional ``[E, 2I]`` expert bias of stage 1 (any float dtype, added in fp32 to
+        ``x @ w1[e]`` before the activation), its 2I axis in ``w1``'s gate/up order.
+      b2: optional ``[E, D]`` expert bias of stage 2, added before the routing weight:
+        ``topk_weights * (h @ w2[e] + b2[e])`` (as gpt-oss computes it).
+      layout: how ``w1``/``w2`` are stored, read through strides (never copied):
+        ``"out_in"`` (default: ``w1 [E, 2I, D]`` gate rows then up rows, ``w2 [E, D, I]``),
+        ``"out_in_interleaved"`` (the same shapes, w1's rows alternating gate, up),
+        ``"in_out"`` (``w1 [E, D, 2I]`` gate columns then up columns, ``w2 [E, I, D]``:
+        ``x @ w``) and ``"in_out_interleaved"`` (gpt-oss's ``gate_up_proj [E, D, 2I]``,
+        gate j at column 2j, up j at 2j + 1; ``down_proj [E, I, D]``).
       implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence
         of them (the first that serves).
 
     Returns:
       ``[M, D]`` in ``hidden_states``' dtype:
-      ``y[t] = sum_j topk_weights[t, j] * w2[e] @ act(w1[e] @ x[t])`` with ``e = topk_ids[t, j]``.
+      ``y[t] = sum_j topk_weights[t, j] * (w2[e] @ gated(w1[e] @ x[t] + b1[e]) + b2[e])`` with
+      ``e = topk_ids[t, j]`` (absent biases are 0).
 
     Rounding model (the kernels and the reference agree on it): stage 1 accumulates
     ``x @ w1[e].T`` in fp32, applies the activation in fp32 and rounds ``h`` to the input
@@ -90,12 +108,12 @@ def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids:
     exact: 8-bit values and 4-bit integers are exact in bf16/fp16, scales multiply fp32
     sums); with ``act_quant`` the rounding of x and h is the one extra step.
 
-    Gradients: differentiable in ``hidden_states``, ``w1``, ``w2`` and ``topk_weights``
+    Gradients: differentiable in ``hidden_states``, ``w1``, ``w2``, ``b1``, ``b2`` and ``topk_weights``
     (``jax.grad``, ``jax.vjp``, ``jax.checkpoint``); the reference by JAX's autodiff, the
     kernels by Triton kernels (:mod:`jaxmoe.ops.moe.backward`, which lists what the forward
     saves). Invalid ids get zero gradients; experts without rows zero weight gradients.
     The kernels with quantized weights or ``act_quant`` have no backward: ``jax.grad``
     raises ``NotImplementedError`` naming the way out (the reference differentiates).
     """
-    return FUSED_MOE(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, act_quant=act_quant,
-                     implementation=implementation)
+    return FUSED_MOE(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, b1=b1, b2=b2,
+                     layout=layout, act_quant=act_quant, implementation=implementation)

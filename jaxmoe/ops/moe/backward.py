@@ -29,8 +29,17 @@ the input dtype. With ``remat=True`` ``h`` is not saved: the backward runs stage
 (one more launch, bitwise the same ``h``). Stage 1's pre-activation ``[M*k, 2I]`` is never
 saved in either mode (step 2 recomputes it).
 
+Expert biases (``b1 [E, 2I]`` before the activation, ``b2 [E, D]`` before the routing
+weight) add, in jnp, ``<dout[t], b2[e]>`` to ``d w[f]``; their gradients are
+``d b1[e] = sum_f d gate_up[f]`` and ``d b2[e] = sum_f w[f] dout[t]``, from the same
+weight-gradient kernel (a column of ones as the other operand: deterministic, and only
+the expert's own rows are read). The ``"in_out"`` layouts read each GEMM's B through the
+other strides and swap the weight-gradient kernel's operands, so ``dw1 [E, D, 2I]`` and
+``dw2 [E, I, D]`` come out in the stored layout; interleaved gate/up keeps ``d gate_up``'s
+columns in w1's order, so steps 3 and 4 need no change.
+
 Rows of ids outside ``[0, E)`` get zero gradients (their x rows and weights); experts
-without rows get zero weight gradients.
+without rows get zero weight (and bias) gradients.
 
 Quantized weights (any scheme but ``"none"``) or ``act_quant``: the forward runs the
 quantized kernels; the backward is not implemented and raises ``NotImplementedError``
@@ -48,10 +57,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.backends.launch import match_varying
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
 from jaxmoe.ops.gemm.config import MoEConfig
-from jaxmoe.ops.routing import reference as routing_reference
+from jaxmoe.ops.routing import autodiff as routing_autodiff
 from jaxmoe.types import QuantizedWeights, RoutingData
 
 __all__ = ["experts", "experts_forward", "experts_fwd", "experts_bwd", "routing_weights"]
@@ -62,14 +72,23 @@ class _Static:
     """What the custom_vjp's rules need besides arrays (hashable: a nondiff argument)."""
 
     config: MoEConfig
-    activation: str
+    activation: Any  # a name or a ClampedSwiGLU
     arch: str
     remat: bool
     block_size: int
     num_experts: int
     top_k: int
     num_rows: int
+    layout: str = "out_in"
     act_quant: str | None = None
+
+    @property
+    def in_out(self) -> bool:
+        return self.layout.startswith("in_out")
+
+    @property
+    def gate_up(self) -> str:
+        return "interleaved" if self.layout.endswith("interleaved") else "concat"
 
 
 def _routing(static: _Static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids
@@ -85,87 +104,108 @@ def _valid(routing: RoutingData) -> jax.Array:
     return (ids >= 0) & (ids < routing.num_experts)
 
 
-def _stage1(x: jax.Array, w1: Any, routing: RoutingData, config: MoEConfig, activation: str, arch: str,
-            act_quant: str | None = None) -> jax.Array:
-    return gemm_triton.gemm(x, w1, routing, tile=config.stage1, arch=arch, topk_weights=None, activation=activation,
-                            act_quant=act_quant)
+def _stage1(static: _Static, x: jax.Array, w1: Any, b1: jax.Array | None, routing: RoutingData
+            ) -> jax.Array:
+    return gemm_triton.gemm(x, w1, routing, tile=static.config.stage1, arch=static.arch, topk_weights=None,
+                            activation=static.activation, transpose_b=static.in_out, gate_up=static.gate_up,
+                            bias=b1, act_quant=static.act_quant)
 
 
-def experts_forward(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
-                    activation: str, arch: str, act_quant: str | None = None) -> tuple[jax.Array, jax.Array]:
+def experts_forward(static: _Static, x: jax.Array, w1: Any, w2: Any, b1: jax.Array | None,
+                    b2: jax.Array | None, routing: RoutingData) -> tuple[jax.Array, jax.Array]:
     """Both GEMM stages and the sum over the k slots: ``(out [M, D], h [M*k, I])`` in x's
-    dtype (``w1``/``w2`` arrays or :class:`~jaxmoe.QuantizedWeights`; ``act_quant`` rounds
-    x and h per token inside the kernels)."""
+    dtype (``w1``/``w2`` arrays or :class:`~jaxmoe.QuantizedWeights`; ``static.act_quant``
+    rounds x and h per token inside the kernels)."""
     m, d = x.shape
-    h = _stage1(x, w1, routing, config, activation, arch, act_quant)
-    y = gemm_triton.gemm(h, w2, routing, tile=config.stage2, arch=arch, topk_weights=routing.topk_weights,
-                         activation=None, act_quant=act_quant)
+    h = _stage1(static, x, w1, b1, routing)
+    y = gemm_triton.gemm(h, w2, routing, tile=static.config.stage2, arch=static.arch,
+                         topk_weights=routing.topk_weights, activation=None, transpose_b=static.in_out, bias=b2,
+                         act_quant=static.act_quant)
     # Rows of out-of-range ids were never written: they contribute nothing.
     y = jnp.where(_valid(routing)[..., None], y.reshape(m, routing.top_k, d).astype(jnp.float32), 0.0)
     return jnp.sum(y, axis=1).astype(x.dtype), h
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _experts(static: _Static, x, w1, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+def _experts(static: _Static, x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
              topk_ids):
     routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
-    out, _ = experts_forward(x, w1, w2, routing, config=static.config, activation=static.activation,
-                             arch=static.arch)
+    out, _ = experts_forward(static, x, w1, w2, b1, b2, routing)
     return out
 
 
-def experts_fwd(static: _Static, x, w1, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                 topk_ids):
+def experts_fwd(static: _Static, x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids,
+                num_tokens_post_padded, topk_ids):
     routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
-    out, h = experts_forward(x, w1, w2, routing, config=static.config, activation=static.activation,
-                             arch=static.arch)
-    residuals = (x, w1, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids,
+    out, h = experts_forward(static, x, w1, w2, b1, b2, routing)
+    residuals = (x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids,
                  None if static.remat else h)
     return out, residuals
 
 
+def _bias_grad(g: jax.Array, routing: RoutingData, out_dtype: Any, topk_weights: jax.Array | None = None
+               ) -> jax.Array:
+    """``[E, N]``: per expert, the sum over its rows f of ``w_f * g[f]`` (g ``[M*k or M, N]``),
+    by the weight-gradient kernel against a column of ones."""
+    ones = jnp.ones((routing.num_rows, 1), g.dtype)
+    return gemm_triton.weight_grad(ones, g, routing, out_dtype=out_dtype, topk_weights=topk_weights)[:, 0, :]
+
+
 def experts_bwd(static: _Static, residuals, dout):
-    x, w1, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids, h = residuals
+    x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids, h = residuals
     routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
-    config, arch = static.config, static.arch
+    arch = static.arch
     m, d = x.shape
     k = static.top_k
+    in_out = static.in_out
     dout = dout.astype(x.dtype)
     if h is None:
-        h = _stage1(x, w1, routing, config, static.activation, arch)
+        h = _stage1(static, x, w1, b1, routing)
     valid = _valid(routing).reshape(-1, 1)  # rows of invalid ids are unwritten by every GEMM: masked
 
     tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False)
     fused_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=True)
-    # 1. stage 2: g = dy @ w2[e] (unweighted, fp32), d w = <g, h>, dh = w * g
+    # 1. stage 2: g = dy @ w2[e] (unweighted, fp32), d w = <g, h> (+ <dy, b2[e]>), dh = w * g
     g = gemm_triton.gemm(dout, w2, routing, tile=tile, arch=arch, topk_weights=None, activation=None,
-                         transpose_b=True, out_dtype=jnp.float32, split_tail=False)
+                         transpose_b=not in_out, out_dtype=jnp.float32, split_tail=False)
     g = jnp.where(valid, g, 0.0)
-    d_weights = jnp.where(valid[:, 0], jnp.sum(g * h.astype(jnp.float32), axis=-1), 0.0)
+    d_weights = jnp.sum(g * h.astype(jnp.float32), axis=-1)
+    if b2 is not None:
+        per_expert = jnp.dot(dout.astype(jnp.float32), b2.astype(jnp.float32).T,
+                             precision=jax.lax.Precision.HIGHEST)  # [M, E]: <dy[t], b2[e]>
+        ids = jnp.clip(topk_ids, 0, static.num_experts - 1)
+        d_weights = d_weights + jnp.take_along_axis(per_expert, ids, axis=1).reshape(-1)
+    d_weights = jnp.where(valid[:, 0], d_weights, 0.0)
     dh = (g * topk_weights.reshape(-1, 1).astype(jnp.float32)).astype(x.dtype)
-    # 2. stage 1: d gate_up through the activation's derivative
+    # 2. stage 1: d gate_up through the activation's derivative, in w1's gate/up order
     d_gate_up = gemm_triton.act_backward(x, w1, dh, routing, tile=fused_tile, arch=arch,
-                                         activation=static.activation)
+                                         activation=static.activation, transpose_b=in_out, gate_up=static.gate_up,
+                                         bias=b1)
     # 3. dx: d gate_up @ w1[e], summed over the slots in fp32
     dx_rows = gemm_triton.gemm(d_gate_up, w1, routing, tile=tile, arch=arch, topk_weights=None,
-                               activation=None, transpose_b=True, out_dtype=jnp.float32, split_tail=False)
+                               activation=None, transpose_b=not in_out, out_dtype=jnp.float32, split_tail=False)
     dx = jnp.sum(jnp.where(valid, dx_rows, 0.0).reshape(m, k, d), axis=1).astype(x.dtype)
-    # 4. weight gradients, per expert over its own rows
-    dw2 = gemm_triton.weight_grad(dout, h, routing, out_dtype=w2.dtype, topk_weights=topk_weights)
-    dw1 = gemm_triton.weight_grad(d_gate_up, x, routing, out_dtype=w1.dtype)
+    # 4. weight gradients, per expert over its own rows, in the stored layout
+    if in_out:
+        dw2 = gemm_triton.weight_grad(h, dout, routing, out_dtype=w2.dtype, topk_weights=topk_weights, arch=arch)
+        dw1 = gemm_triton.weight_grad(x, d_gate_up, routing, out_dtype=w1.dtype, arch=arch)
+    else:
+        dw2 = gemm_triton.weight_grad(dout, h, routing, out_dtype=w2.dtype, topk_weights=topk_weights, arch=arch)
+        dw1 = gemm_triton.weight_grad(d_gate_up, x, routing, out_dtype=w1.dtype, arch=arch)
+    db1 = None if b1 is None else _bias_grad(d_gate_up, routing, b1.dtype)
+    db2 = None if b2 is None else _bias_grad(dout, routing, b2.dtype, topk_weights)
     d_weights = d_weights.reshape(topk_weights.shape).astype(topk_weights.dtype)
-    return dx, dw1, dw2, d_weights, None, None, None, None
+    return dx, dw1, dw2, db1, db2, d_weights, None, None, None, None
 
 
 _experts.defvjp(experts_fwd, experts_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _quantized_experts(static: _Static, x, w1, w2, topk_weights, sorted_token_ids, expert_ids,
+def _quantized_experts(static: _Static, x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids,
                        num_tokens_post_padded, topk_ids):
     routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
-    out, _ = experts_forward(x, w1, w2, routing, config=static.config, activation=static.activation,
-                             arch=static.arch, act_quant=static.act_quant)
+    out, _ = experts_forward(static, x, w1, w2, b1, b2, routing)
     return out
 
 
@@ -184,54 +224,35 @@ _quantized_experts.defvjp(_quantized_fwd, _quantized_bwd)
 
 
 def experts(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
-            activation: str, arch: str, remat: bool = False, act_quant: str | None = None) -> jax.Array:
+            activation: Any, arch: str, remat: bool = False, b1: jax.Array | None = None,
+            b2: jax.Array | None = None, layout: str = "out_in", act_quant: str | None = None) -> jax.Array:
     """Both GEMM stages and the sum over the k slots, on aligned rows: ``[M, D]`` in x's dtype.
 
-    Differentiable in ``x [M, D]``, ``w1 [E, 2I, D]``, ``w2 [E, D, I]`` and
-    ``routing.topk_weights [M, k] float32`` by the Triton backward of this module;
-    ``remat`` recomputes stage 1's output in the backward instead of saving it.
+    Differentiable in ``x [M, D]``, ``w1``, ``w2`` (stored in ``layout``), the optional
+    biases ``b1 [E, 2I]`` and ``b2 [E, D]``, and ``routing.topk_weights [M, k] float32`` by
+    the Triton backward of this module; ``remat`` recomputes stage 1's output in the
+    backward instead of saving it.
     """
-    static = _Static(config, activation, arch, bool(remat), routing.block_size, routing.num_experts, routing.top_k,
-                     routing.num_rows, act_quant)
+    from jaxmoe.ops import checks
+
+    static = _Static(config, checks.resolve_activation(activation), arch, bool(remat), routing.block_size,
+                     routing.num_experts, routing.top_k, routing.num_rows, checks.check_layout(layout), act_quant)
     quantized = any(isinstance(w, QuantizedWeights) and w.scheme != "none" for w in (w1, w2))
     if quantized or act_quant is not None:
-        return _quantized_experts(static, x, w1, w2, routing.topk_weights, routing.sorted_token_ids,
+        if static.in_out:
+            raise ValueError(f"quantized weights are stored [out, in] (layout 'out_in' or 'out_in_interleaved'), "
+                             f"got layout={layout!r}")
+        return _quantized_experts(static, x, w1, w2, b1, b2, routing.topk_weights, routing.sorted_token_ids,
                                   routing.expert_ids, routing.num_tokens_post_padded, routing.topk_ids)
     w1 = w1.values if isinstance(w1, QuantizedWeights) else w1
     w2 = w2.values if isinstance(w2, QuantizedWeights) else w2
-    return _experts(static, x, w1, w2, routing.topk_weights, routing.sorted_token_ids, routing.expert_ids,
+    # shard_map: see match_varying
+    x, w1, w2, b1, b2, topk_weights = match_varying(x, w1, w2, b1, b2, routing.topk_weights)
+    return _experts(static, x, w1, w2, b1, b2, topk_weights, routing.sorted_token_ids, routing.expert_ids,
                     routing.num_tokens_post_padded, routing.topk_ids)
 
 
 # --------------------------------------------------------------------------- routing
 
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _kernel_weights(logits, topk_ids, kernel_weights, options):
-    return kernel_weights
-
-
-@_kernel_weights.defjvp
-def _kernel_weights_jvp(options, primals, tangents):
-    logits, topk_ids, kernel_weights = primals
-    d_logits = tangents[0]
-    _, d_weights = jax.jvp(lambda lg: routing_reference.weights_at(lg, topk_ids, **dict(options)), (logits,),
-                           (d_logits,))
-    return kernel_weights, d_weights
-
-
-def routing_weights(logits: jax.Array, topk_ids: jax.Array, kernel_weights: jax.Array, *, scoring: str,
-                    renormalize: bool, routed_scaling_factor: float) -> jax.Array:
-    """The routing kernel's weights ``[M, k] float32``, differentiable in ``logits [M, E]``.
-
-    The value is ``kernel_weights`` as they are (the kernel's and the gradient path's
-    forward agree bitwise); the derivative is that of
-    :func:`~jaxmoe.ops.routing.reference.weights_at` at the chosen ids (softmax or sigmoid
-    scores, renormalized or not, times the static ``routed_scaling_factor``). Ids are
-    constants: grouping and the correction bias change which experts are chosen, never
-    the derivative, so the bias gets no gradient. The kernel must have been given
-    ``jax.lax.stop_gradient`` of the logits.
-    """
-    options = (("scoring", scoring), ("renormalize", bool(renormalize)),
-               ("routed_scaling_factor", float(routed_scaling_factor)))
-    return _kernel_weights(logits, topk_ids, kernel_weights, options)
+# The routing weights' derivative lives with the routing op (the routing kernel uses it too).
+routing_weights = routing_autodiff.routing_weights

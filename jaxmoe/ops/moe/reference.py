@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.ops import checks
-from jaxmoe.ops.gemm.reference import apply_activation, dot_t
+from jaxmoe.ops.gemm.reference import HIGHEST, dot_t, gated
 from jaxmoe.types import QUANT_BLOCK, QuantizedWeights
 
 __all__ = ["fused_moe", "fused_moe_in", "unwrap_weights"]
@@ -62,18 +62,28 @@ def _vma(a) -> frozenset:
     return frozenset(vma)
 
 
-def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, compute_dtype, act_quant=None,
-                 act_groups=(None, None), fp8_dtype=None):
+def split_gate_up(gate_up: jax.Array, layout: str) -> tuple[jax.Array, jax.Array]:
+    """``(gate, up)`` of a ``[..., 2I]`` array in ``layout``'s gate/up order."""
+    if layout.endswith("interleaved"):
+        return gate_up[..., 0::2], gate_up[..., 1::2]
+    i = gate_up.shape[-1] // 2
+    return gate_up[..., :i], gate_up[..., i:]
+
+
+def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, compute_dtype, *, b1=None, b2=None,
+                 layout="out_in", act_quant=None, act_groups=(None, None), fp8_dtype=None):
     """The two-stage MoE, one expert at a time, rounding to ``compute_dtype`` where the kernels round.
 
     ``w1``/``w2`` may be stored in another dtype (e.g. bf16 weights for an fp32 oracle):
     each expert's slice is cast to ``compute_dtype`` as it is used; fp32 weights (the
-    dequantized ones of a quantized layer) multiply in fp32. ``act_quant`` rounds x and h
-    (:func:`jaxmoe.quantize.quantize_activations`, groups of ``act_groups`` channels).
+    dequantized ones of a quantized layer) multiply in fp32. ``b1``/``b2`` are added
+    in fp32 to the accumulators (``b2`` before the routing weight multiplies the row).
+    ``act_quant`` rounds x and h (:func:`jaxmoe.quantize.quantize_activations`, groups of
+    ``act_groups`` channels).
     """
     m, d = hidden_states.shape
-    e, two_i, _ = w1.shape
-    i = two_i // 2
+    in_out = layout.startswith("in_out")
+    e = w1.shape[0]
     if m == 0:
         return jnp.zeros((0, d), compute_dtype)
     x = hidden_states.astype(compute_dtype)
@@ -92,6 +102,8 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     # the loop: an implicit cast inside the cond would transpose to a psum inside a branch
     # that only some devices take, and the backward would hang.
     x, w1, w2, weights, ids = _varying_like((x, w1, w2, weights, ids))
+    bias1 = None if b1 is None else jnp.asarray(b1).astype(jnp.float32)
+    bias2 = None if b2 is None else jnp.asarray(b2).astype(jnp.float32)
 
     def one_expert(ex, rows):
         def compute(rows):
@@ -100,9 +112,14 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
             # even a NaN, reaches this expert's output or its weights' gradient.
             xe = jnp.where(jnp.any(slot, axis=1)[:, None], x, jnp.zeros((), compute_dtype))
             we = jnp.where(slot, weights, 0.0)
-            gate_up = dot_t(rounded(xe, act_groups[0]), w1[ex].astype(operand))  # [M, 2I] fp32
-            h = (apply_activation(activation, gate_up[:, :i]) * gate_up[:, i:]).astype(compute_dtype)
-            y = dot_t(rounded(h, act_groups[1]), w2[ex].astype(operand))  # [M, D] fp32
+            w1e, w2e = w1[ex].astype(operand), w2[ex].astype(operand)
+            gate_up = _dot(rounded(xe, act_groups[0]), w1e, in_out)  # [M, 2I] fp32, in w1's gate/up order
+            if bias1 is not None:
+                gate_up = gate_up + bias1[ex]
+            h = gated(activation, *split_gate_up(gate_up, layout)).astype(compute_dtype)
+            y = _dot(rounded(h, act_groups[1]), w2e, in_out)  # [M, D] fp32
+            if bias2 is not None:
+                y = y + bias2[ex]
             y = (y[:, None, :] * we[:, :, None]).astype(compute_dtype)  # [M, k, D]
             return jnp.where(slot[:, :, None], y, rows)
 
@@ -116,7 +133,15 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     return rows.astype(jnp.float32).sum(axis=1).astype(compute_dtype)
 
 
-def fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu", act_quant=None):
+def _dot(a, w, in_out: bool):
+    """``a @ w.T`` for an ``[out, in]`` expert slice, ``a @ w`` for an ``[in, out]`` one; fp32 out."""
+    if in_out:
+        return jnp.einsum("mk,kn->mn", a, w, preferred_element_type=jnp.float32, precision=HIGHEST)
+    return dot_t(a, w)
+
+
+def fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu", b1=None, b2=None,
+              layout="out_in", act_quant=None):
     """Reference of :func:`jaxmoe.fused_moe` (see there for the contract).
 
     Quantized weights are dequantized to fp32 and multiply the activations in fp32 (the
@@ -126,7 +151,8 @@ def fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu
     kernels round them, then dequantized."""
     hidden_states, topk_weights = jnp.asarray(hidden_states), jnp.asarray(topk_weights)
     w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
-    checks.check_fused_moe_args(hidden_states, w1, w2, topk_weights, topk_ids, activation, act_quant)
+    checks.check_fused_moe_args(hidden_states, w1, w2, topk_weights, topk_ids, activation, b1=b1, b2=b2,
+                                layout=layout, act_quant=act_quant)
     groups = (_act_group(w1), _act_group(w2))
     fp8 = _fp8_of(w1)
     if isinstance(w1, QuantizedWeights):
@@ -135,5 +161,5 @@ def fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu
         w2 = w2.dequantize()
     if hidden_states.dtype != jnp.float32 and (w1.dtype == jnp.float32) != (w2.dtype == jnp.float32):
         w1, w2 = w1.astype(jnp.float32), w2.astype(jnp.float32)  # one quantized, one not: both in fp32
-    return fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, hidden_states.dtype, act_quant,
-                        groups, fp8)
+    return fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, hidden_states.dtype, b1=b1,
+                        b2=b2, layout=layout, act_quant=act_quant, act_groups=groups, fp8_dtype=fp8)

@@ -1,6 +1,7 @@
 """Triton fused MoE: alignment, stage 1 (gate/up with the activation), stage 2 (down with
 the routing weight), and the sum over the k slots; with the routing folded into the
-alignment's launch at decode sizes (:func:`routed_moe`).
+alignment's launch at small sizes (:func:`routed_moe`); at decode sizes both take the
+two-launch decode path of :mod:`jaxmoe.ops.moe.decode` instead.
 
 ``plan_*`` functions return :class:`~jaxmoe.backends.launch.KernelLaunch` descriptions, used
 both to run and, in CI, to compile every kernel ahead of time for gfx942, gfx950 and sm_90.
@@ -19,6 +20,7 @@ from jaxmoe.ops import checks
 from jaxmoe.ops.alignment import triton as align_triton
 from jaxmoe.ops.alignment.reference import max_blocks
 from jaxmoe.ops.moe import backward
+from jaxmoe.ops.moe import decode as _decode
 from jaxmoe.ops.moe.reference import unwrap_weights
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm import triton as gemm_triton
@@ -36,8 +38,11 @@ def current_arch() -> str:
     return arch_for(default_platform())
 
 
-def _layer_config(m: int, top_k: int, w1: Any, dtype: Any, arch: str, act_quant: str | None = None) -> MoEConfig:
+def _layer_config(m: int, top_k: int, w1: Any, dtype: Any, arch: str, layout: str = "out_in",
+                  act_quant: str | None = None) -> MoEConfig:
     num_experts, two_i, d = w1.shape
+    if layout.startswith("in_out"):
+        num_experts, d, two_i = w1.shape
     return _config.select_config(m, top_k, num_experts, d, two_i // 2, dtype, arch, weight_scheme(w1), act_quant)
 
 
@@ -46,39 +51,64 @@ def weight_scheme(w: Any) -> str:
     return w.scheme if isinstance(w, QuantizedWeights) else "none"
 
 
+def _quant_features(w1: Any, w2: Any, act_quant: str | None) -> tuple[str, ...]:
+    """Quantized weights and activations, which only the aligned path's kernels take."""
+    out = [f"{name} scheme {weight_scheme(w)!r}" for name, w in (("w1", w1), ("w2", w2)) if weight_scheme(w) != "none"]
+    return tuple(out) + ((f"act_quant={act_quant!r}",) if act_quant is not None else ())
+
+
 def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Array, topk_ids: jax.Array, *,
-              activation: str = "silu", act_quant: str | None = None, config: MoEConfig | None = None,
-              remat: bool = False) -> jax.Array:
+              activation: Any = "silu", config: MoEConfig | None = None, remat: bool = False,
+              b1: jax.Array | None = None, b2: jax.Array | None = None, layout: str = "out_in",
+              decode: bool | None = None, act_quant: str | None = None) -> jax.Array:
     """Two-stage Triton MoE; shapes and contract as :func:`jaxmoe.fused_moe`. ``config``
     overrides the tuned or heuristic block configuration (the tuner passes candidates).
-    Quantized ``w1``/``w2`` (and ``act_quant``) run the quantized K loops; their gradients
-    are refused (:mod:`jaxmoe.ops.moe.backward`).
+    ``decode``: True/False forces the decode path (:mod:`jaxmoe.ops.moe.decode`) or the
+    aligned one; None lets ``JAXMOE_DECODE`` or the size rule choose. Quantized
+    ``w1``/``w2`` (and ``act_quant``) run the aligned path's quantized K loops; their
+    gradients are refused (:mod:`jaxmoe.ops.moe.backward`).
 
-    Differentiable in ``hidden_states``, ``w1``, ``w2`` and ``topk_weights`` through Triton
-    kernels (:mod:`jaxmoe.ops.moe.backward`, which says what is saved); ``remat=True``
-    recomputes stage 1's output ``[M*k, I]`` in the backward instead of saving it."""
+    Differentiable in ``hidden_states``, ``w1``, ``w2``, ``b1``, ``b2`` and ``topk_weights``
+    through Triton kernels (:mod:`jaxmoe.ops.moe.backward`, which says what is saved);
+    ``remat=True`` recomputes stage 1's output ``[M*k, I]`` in the backward instead of saving it."""
     w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
     m, d = hidden_states.shape
     top_k = topk_ids.shape[1]
     if m * top_k == 0:
         return jnp.zeros((m, d), hidden_states.dtype)
+    choice = _decode.choose(m, hidden_states.dtype, decode=decode, config=config,
+                            features=_decode.features_in_use(activation, layout, b1, b2)
+                            + _quant_features(w1, w2, act_quant))
+    if choice.decode:
+        return _decode.fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+                                 aligned=_fused_aligned, choice=choice,
+                                 aligned_options=(("activation", activation), ("remat", remat)))
+    _decode.log_choice("fused_moe", m, top_k, w1.shape, hidden_states.dtype, choice)
     arch = current_arch()
     if config is None:
-        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch, act_quant)
+        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch, layout, act_quant)
     ids = checks.as_ids(topk_ids, "topk_ids")
-    layout = align_triton.moe_align_block_size(ids, w1.shape[0], config.block_m)
-    routing = RoutingData(*layout, topk_ids=ids, topk_weights=topk_weights.astype(jnp.float32),
+    aligned = align_triton.moe_align_block_size(ids, w1.shape[0], config.block_m)
+    routing = RoutingData(*aligned, topk_ids=ids, topk_weights=topk_weights.astype(jnp.float32),
                           block_size=config.block_m, num_experts=w1.shape[0], top_k=top_k, num_rows=m * top_k)
     return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat,
-                   act_quant=act_quant)
+                   b1=b1, b2=b2, layout=layout, act_quant=act_quant)
+
+
+def _fused_aligned(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, topk_weights: jax.Array,
+                   topk_ids: jax.Array, *, activation: str, remat: bool) -> jax.Array:
+    """:func:`fused_moe` on the aligned path (what the decode path differentiates)."""
+    return fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, remat=remat,
+                     decode=False)
 
 
 def experts(hidden_states: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
-            activation: str, arch: str, remat: bool = False, act_quant: str | None = None) -> jax.Array:
+            activation: Any, arch: str, remat: bool = False, b1: jax.Array | None = None,
+            b2: jax.Array | None = None, layout: str = "out_in", act_quant: str | None = None) -> jax.Array:
     """Both GEMM stages and the sum over the k slots, on aligned rows; differentiable by the
     Triton backward of :mod:`jaxmoe.ops.moe.backward` (``remat``: see there)."""
     return backward.experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch,
-                            remat=remat, act_quant=act_quant)
+                            remat=remat, b1=b1, b2=b2, layout=layout, act_quant=act_quant)
 
 
 # --------------------------------------------------------------------------- routing + experts
@@ -122,13 +152,17 @@ def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, bl
 
 
 def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, top_k: int, *,
-               activation: str = "silu", scoring: str = "softmax", renormalize: bool = True,
+               activation: Any = "silu", scoring: str = "softmax", renormalize: bool = True,
                num_expert_group: int | None = None, topk_group: int | None = None,
                correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0,
                remat: bool = False, group_scoring: str | None = None, return_routing: bool = False,
-               act_quant: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+               b1: jax.Array | None = None, b2: jax.Array | None = None, layout: str = "out_in",
+               decode: bool | None = None, act_quant: str | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Routing then experts, ``fused_moe(x, w1, w2, *route(logits, top_k, ...))``, with the
-    routing and the alignment in one launch where the batch is small (decode). Beyond what
+    routing and the alignment in one launch where the batch is small, and at decode sizes
+    in the two launches of :mod:`jaxmoe.ops.moe.decode` (``decode``: as in
+    :func:`fused_moe`). Beyond what
     the routing kernel serves (``E > 4096`` or ``top_k > 64``) the reference routes and the
     kernels compute the experts. ``return_routing`` returns ``(y, topk_weights, topk_ids)``.
 
@@ -139,10 +173,26 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
     m, d = hidden_states.shape
     num_experts = w1.shape[0]
+    expert_options = dict(b1=b1, b2=b2, layout=layout, act_quant=act_quant)
+    weight_scoring = scoring
+    # top-k of the logits then a softmax over the k is the same choice and, mathematically,
+    # the same weights as softmax, top-k, renormalize: the kernels compute the latter
+    scoring = routing_triton.kernel_scoring(scoring)
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, group_scoring=group_scoring)
     scale = routing_triton._static_float(routed_scaling_factor)
-    weight_options = dict(scoring=scoring, renormalize=renormalize,
+    if m * top_k:
+        choice = _decode.choose(m, hidden_states.dtype, decode=decode, routed_scale=scale, num_experts=num_experts,
+                                top_k=top_k, features=_decode.features_in_use(activation, layout, b1, b2)
+                                + _quant_features(w1, w2, act_quant))
+        if choice.decode:
+            y, weights, ids = _decode.routed_moe(
+                hidden_states, w1, w2, logits, top_k, activation=activation, correction_bias=correction_bias,
+                aligned=_routed_aligned, routing={**options, "routed_scaling_factor": scale},
+                aligned_options=(("remat", remat),), choice=choice)
+            return (y, weights, ids) if return_routing else y
+        _decode.log_choice("routed_moe", m, top_k, w1.shape, hidden_states.dtype, choice)
+    weight_options = dict(scoring=weight_scoring, renormalize=renormalize,
                           routed_scaling_factor=1.0 if scale is None else scale)
     diff_logits = logits
     # The kernels see constants: the gradient reaches the logits through routing_weights only.
@@ -153,7 +203,7 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     spec = None
     config = None
     if m * top_k and routing_triton.kernel_serves(num_experts, top_k):
-        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch, act_quant)
+        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch, layout, act_quant)
         spec = plan_route_align(m, num_experts, top_k, logits.dtype, config.block_m, **options,
                                 bias_dtype=None if bias is None else bias.dtype,
                                 routed_scaling_factor=1.0 if scale is None else scale)
@@ -162,7 +212,7 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
 
         if not routing_triton.kernel_serves(num_experts, top_k):  # the reference routes, differentiably
             weights, ids = ROUTE.implementations["reference"].fn(
-                diff_logits, top_k, **options, correction_bias=correction_bias,
+                diff_logits, top_k, **{**options, "scoring": weight_scoring}, correction_bias=correction_bias,
                 routed_scaling_factor=routed_scaling_factor)
         else:
             weights, ids = ROUTE.implementations["triton"].fn(logits, top_k, **options, correction_bias=bias,
@@ -171,7 +221,7 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
             if scale is None:
                 weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
         y = fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat,
-                      act_quant=act_quant)
+                      **expert_options)
         return (y, weights, ids) if return_routing else y
     bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
     weights, ids, sorted_ids, expert_ids, padded, *_ = launch(spec, logits, bias_arg)
@@ -181,15 +231,24 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     routing = RoutingData(sorted_ids, expert_ids, padded, topk_ids=ids, topk_weights=weights,
                           block_size=config.block_m, num_experts=num_experts, top_k=top_k, num_rows=m * top_k)
     y = experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat,
-                act_quant=act_quant)
+                **expert_options)
     return (y, weights, ids) if return_routing else y
 
 
+def _routed_aligned(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, logits: jax.Array, *, top_k: int,
+                    **options: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`routed_moe` on the aligned path, with its routing (what the decode path differentiates)."""
+    return routed_moe(hidden_states, w1, w2, logits, top_k, **options, return_routing=True, decode=False)
+
+
 def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
-                   arch: str, activation: str = "silu", config: MoEConfig | None = None, weights: str = "none",
+                   arch: str, activation: Any = "silu", config: MoEConfig | None = None, *,
+                   layout: str = "out_in", biases: bool = False, weights: str = "none",
                    act_quant: str | None = None) -> list[KernelLaunch]:
-    """Every launch ``fused_moe`` makes for these shapes on ``arch`` (for AOT compilation),
-    for ``w1``/``w2`` of weight scheme ``weights`` (fp8 in the arch's fp8 type) and ``act_quant``."""
+    """Every launch ``fused_moe`` makes for these shapes on ``arch`` on its aligned path (for
+    AOT compilation; the decode path's are :func:`jaxmoe.ops.moe.decode.plan_decode`'s);
+    ``biases``: with ``b1`` and ``b2``; ``weights``: ``w1``/``w2``'s weight scheme (fp8 in
+    the arch's fp8 type), with ``act_quant``."""
     from jaxmoe.backends.platform import fp8_dtype
 
     if config is None:
@@ -198,66 +257,95 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, i
     num_rows = num_tokens * top_k
     blocks = max_blocks(num_rows, num_experts, config.block_m)
     b_dtype = {"fp8": fp8_dtype(arch), "int8": jnp.int8, "none": dtype}.get(weights.split("_")[0], jnp.uint8)
-    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks, arch=arch,
-                  w_scheme=weights, b_dtype=b_dtype, act_quant=act_quant)
+    common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks, arch=arch)
+    if weights != "none" or act_quant is not None:
+        common.update(w_scheme=weights, b_dtype=b_dtype, act_quant=act_quant)
+    in_out = layout.startswith("in_out")
+    w1_shape, w2_shape = checks.layout_shapes(layout, num_experts, hidden, intermediate)
+    gate_up = "interleaved" if layout.endswith("interleaved") else "concat"
     return [
         *align_triton.plan_align(num_rows, num_experts, config.block_m),
-        gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=(num_experts, 2 * intermediate, hidden),
-                              top_k=top_k, tile=config.stage1, activation=activation, mul_routed_weight=False,
-                              **common),
-        gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=(num_experts, hidden, intermediate),
-                              top_k=1, tile=config.stage2, activation=None, mul_routed_weight=True, **common),
+        gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=w1_shape, top_k=top_k, tile=config.stage1,
+                              activation=activation, mul_routed_weight=False, transpose_b=in_out, gate_up=gate_up,
+                              bias=biases, **common),
+        gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=w2_shape, top_k=1, tile=config.stage2,
+                              activation=None, mul_routed_weight=True, transpose_b=in_out, bias=biases, **common),
     ]
 
 
 def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
-                            dtype: Any, arch: str, activation: str = "silu", config: MoEConfig | None = None
-                            ) -> list[KernelLaunch]:
+                            dtype: Any, arch: str, activation: Any = "silu", config: MoEConfig | None = None, *,
+                            layout: str = "out_in", biases: bool = False) -> list[KernelLaunch]:
     """Every launch the backward of ``fused_moe`` makes for these shapes on ``arch`` (for AOT
-    compilation): stage 2 backward, stage 1 backward, dx, d w2, d w1. With ``remat`` it also
-    repeats the forward's stage-1 launch, already among :func:`plan_fused_moe`'s."""
+    compilation): stage 2 backward, stage 1 backward, dx, d w2, d w1 (and, with ``biases``,
+    d b1 and d b2). With ``remat`` it also repeats the forward's stage-1 launch, already
+    among :func:`plan_fused_moe`'s."""
     if config is None:
         config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
     num_rows = num_tokens * top_k
     blocks = max_blocks(num_rows, num_experts, config.block_m)
     common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks)
     grad = dict(num_experts=num_experts, dtype=dtype, out_dtype=dtype, num_rows=num_rows, block_m=config.block_m,
-                num_blocks=blocks)
+                num_blocks=blocks, arch=arch)
     tile = _config.backward_tile(config.block_m, dtype, arch, fused=False)
     fused_tile = _config.backward_tile(config.block_m, dtype, arch, fused=True)
-    return [
-        gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=(num_experts, hidden, intermediate),
-                              top_k=top_k, tile=tile, activation=None, mul_routed_weight=False,
-                              transpose_b=True, out_dtype=jnp.float32, split_tail=False, arch=arch, **common),
-        gemm_triton.plan_act_backward(a_shape=(num_tokens, hidden),
-                                      b_shape=(num_experts, 2 * intermediate, hidden), top_k=top_k,
-                                      tile=fused_tile, activation=activation, arch=arch, **common),
-        gemm_triton.plan_gemm(a_shape=(num_rows, 2 * intermediate), b_shape=(num_experts, 2 * intermediate, hidden),
-                              top_k=1, tile=tile, activation=None, mul_routed_weight=False,
-                              transpose_b=True, out_dtype=jnp.float32, split_tail=False, arch=arch, **common),
-        gemm_triton.plan_weight_grad(g_shape=(num_tokens, hidden), a_shape=(num_rows, intermediate),
-                                     top_k_g=top_k, top_k_a=1, mul_routed_weight=True, **grad),
-        gemm_triton.plan_weight_grad(g_shape=(num_rows, 2 * intermediate), a_shape=(num_tokens, hidden),
-                                     top_k_g=1, top_k_a=top_k, mul_routed_weight=False, **grad),
+    in_out = layout.startswith("in_out")
+    w1_shape, w2_shape = checks.layout_shapes(layout, num_experts, hidden, intermediate)
+    gate_up = "interleaved" if layout.endswith("interleaved") else "concat"
+    x_rows, h_rows, gu_rows = (num_tokens, hidden), (num_rows, intermediate), (num_rows, 2 * intermediate)
+    plans = [
+        gemm_triton.plan_gemm(a_shape=x_rows, b_shape=w2_shape, top_k=top_k, tile=tile, activation=None,
+                              mul_routed_weight=False, transpose_b=not in_out, out_dtype=jnp.float32,
+                              split_tail=False, arch=arch, **common),
+        gemm_triton.plan_act_backward(a_shape=x_rows, b_shape=w1_shape, top_k=top_k, tile=fused_tile,
+                                      activation=activation, arch=arch, transpose_b=in_out, gate_up=gate_up,
+                                      bias=biases, **common),
+        gemm_triton.plan_gemm(a_shape=gu_rows, b_shape=w1_shape, top_k=1, tile=tile, activation=None,
+                              mul_routed_weight=False, transpose_b=not in_out, out_dtype=jnp.float32,
+                              split_tail=False, arch=arch, **common),
     ]
+    if in_out:
+        plans += [gemm_triton.plan_weight_grad(g_shape=h_rows, a_shape=x_rows, top_k_g=1, top_k_a=top_k,
+                                               mul_routed_weight=True, **grad),
+                  gemm_triton.plan_weight_grad(g_shape=x_rows, a_shape=gu_rows, top_k_g=top_k, top_k_a=1,
+                                               mul_routed_weight=False, **grad)]
+    else:
+        plans += [gemm_triton.plan_weight_grad(g_shape=x_rows, a_shape=h_rows, top_k_g=top_k, top_k_a=1,
+                                               mul_routed_weight=True, **grad),
+                  gemm_triton.plan_weight_grad(g_shape=gu_rows, a_shape=x_rows, top_k_g=1, top_k_a=top_k,
+                                               mul_routed_weight=False, **grad)]
+    if biases:  # d b1 and d b2: a column of ones against d gate_up and dy
+        ones = (num_rows, 1)
+        plans += [gemm_triton.plan_weight_grad(g_shape=ones, a_shape=gu_rows, top_k_g=1, top_k_a=1,
+                                               mul_routed_weight=False, **grad),
+                  gemm_triton.plan_weight_grad(g_shape=ones, a_shape=x_rows, top_k_g=1, top_k_a=top_k,
+                                               mul_routed_weight=True, **grad)]
+    return plans
 
 
 def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int, dtype: Any,
                     arch: str, *, activation: str = "silu", logits_dtype: Any = jnp.float32, scoring: str = "softmax",
                     renormalize: bool = True, num_expert_group: int | None = None, topk_group: int | None = None,
                     bias_dtype: Any = None, routed_scaling_factor: float = 1.0,
-                    group_scoring: str | None = None, weights: str = "none",
-                    act_quant: str | None = None) -> list[KernelLaunch]:
-    """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes."""
+                    group_scoring: str | None = None, layout: str = "out_in", biases: bool = False,
+                    weights: str = "none", act_quant: str | None = None) -> list[KernelLaunch]:
+    """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes,
+    on the path the size rule (or ``JAXMOE_DECODE``) picks."""
     if num_tokens * top_k == 0:
         return []
+    scoring = routing_triton.kernel_scoring(scoring)
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, bias_dtype=bias_dtype, routed_scaling_factor=routed_scaling_factor,
                    group_scoring=group_scoring)
+    features = _decode.features_in_use(activation, layout, biases, biases)
+    features += (f"weights={weights!r}",) * (weights != "none") + (f"act_quant={act_quant!r}",) * (act_quant is not None)
+    if _decode.choose(num_tokens, dtype, num_experts=num_experts, top_k=top_k, features=features).decode:
+        return _decode.plan_decode(num_tokens, top_k, num_experts, hidden, intermediate, dtype, activation=activation,
+                                   routed=True, logits_dtype=logits_dtype, **options)
     config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, weights,
                                    act_quant)
     experts_plan = plan_fused_moe(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, activation,
-                                  config=config, weights=weights, act_quant=act_quant)
+                                  config=config, layout=layout, biases=biases, weights=weights, act_quant=act_quant)
     fused = plan_route_align(num_tokens, num_experts, top_k, logits_dtype, config.block_m, **options)
     if fused is not None:
         return [fused, *experts_plan[-2:]]

@@ -39,6 +39,14 @@ def route(
     )
     m, e = logits.shape
     logits = logits.astype(jnp.float32)
+    if scoring == "topk_softmax":  # gpt-oss: top-k of the logits, then a softmax over those k
+        # chosen by softmax score (the same order as the logits'), so rows with a NaN or +inf
+        # logit choose as softmax does (ids 0..k-1), as the kernels do
+        scores = jax.nn.softmax(logits, axis=-1)
+        _, topk_ids = jax.lax.top_k(jnp.where(jnp.isnan(scores), -jnp.inf, scores), top_k)
+        topk_weights = jax.nn.softmax(jnp.take_along_axis(logits, topk_ids, axis=-1), axis=-1)
+        topk_weights = topk_weights * jnp.asarray(routed_scaling_factor, jnp.float32)
+        return topk_weights.astype(jnp.float32), topk_ids.astype(jnp.int32)
     scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
 
     # Selection runs on biased scores; NaN counts as -inf so every id stays in [0, E).
@@ -71,8 +79,12 @@ def weights_at(logits, topk_ids, *, scoring="softmax", renormalize=True, routed_
     renormalized, scaled). Differentiable in ``logits`` (and a traced scale); the ids, and
     hence grouping and ``correction_bias``, enter as constants."""
     logits = jnp.asarray(logits).astype(jnp.float32)
+    ids = jnp.asarray(topk_ids).astype(jnp.int32)
+    if scoring == "topk_softmax":
+        weights = jax.nn.softmax(jnp.take_along_axis(logits, ids, axis=-1), axis=-1)
+        return weights * jnp.asarray(routed_scaling_factor, jnp.float32)
     scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
-    weights = jnp.take_along_axis(scores, jnp.asarray(topk_ids).astype(jnp.int32), axis=-1)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
     if renormalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return weights * jnp.asarray(routed_scaling_factor, jnp.float32)

@@ -26,6 +26,7 @@ __all__ = [
     "route",
     "kernel_inputs",
     "kernel_serves",
+    "kernel_scoring",
     "unsupported_route",
     "unsupported_sigmoid_top1",
     "router_sigmoid_top1",
@@ -177,6 +178,13 @@ def kernel_inputs(logits: jax.Array, correction_bias: jax.Array | None) -> tuple
     return logits, readable(bias)
 
 
+def kernel_scoring(scoring: str) -> str:
+    """The kernel's scoring mode for a routing ``scoring``: ``"topk_softmax"`` (top-k of the
+    logits, then a softmax over the k, gpt-oss) picks the same ids as softmax-then-top-k
+    and, renormalized, the same weights up to rounding, so the kernel computes it as that."""
+    return "softmax" if scoring == "topk_softmax" else scoring
+
+
 def kernel_serves(num_experts: int, top_k: int) -> bool:
     """Whether the routing kernels take this size (beyond it the reference serves)."""
     return num_experts <= MAX_EXPERTS and top_k <= MAX_TOP_K
@@ -213,14 +221,22 @@ def route(
 
     Semantics of :func:`jaxmoe.route`; one kernel launch. ``routed_scaling_factor`` is
     folded into the kernel when it is a Python number (a traced one costs a multiply).
+    Differentiable in ``logits`` (and a traced ``routed_scaling_factor``): the weights'
+    derivative is that of their recomputation at the kernel's ids
+    (:func:`~jaxmoe.ops.routing.autodiff.routing_weights`); ``correction_bias`` gets none.
     """
+    from jaxmoe.ops.routing import autodiff
+
     logits = jnp.asarray(logits)
     if logits.ndim < 1:
         raise ValueError(f"logits must be [..., E], got shape {logits.shape}")
     lead, e = logits.shape[:-1], logits.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
     k = int(top_k)
-    logits, bias = kernel_inputs(logits, correction_bias)
+    diff_logits = logits
+    # the kernel sees constants: the gradient reaches the logits through routing_weights only
+    logits, bias = kernel_inputs(jax.lax.stop_gradient(logits),
+                                 None if correction_bias is None else jax.lax.stop_gradient(correction_bias))
     if m == 0:
         return jnp.zeros((*lead, k), jnp.float32), jnp.zeros((*lead, k), jnp.int32)
     scale = _static_float(routed_scaling_factor)
@@ -229,7 +245,7 @@ def route(
         e,
         k,
         logits.dtype,
-        scoring=scoring,
+        scoring=kernel_scoring(scoring),
         renormalize=renormalize,
         num_expert_group=num_expert_group,
         topk_group=topk_group,
@@ -239,6 +255,8 @@ def route(
     )
     flat = logits.reshape(m, e)
     weights, ids = launch(spec, flat, bias) if bias is not None else launch(spec, flat)
+    weights = autodiff.routing_weights(diff_logits.reshape(m, e), ids, weights, scoring=scoring,
+                                       renormalize=renormalize, routed_scaling_factor=1.0 if scale is None else scale)
     if scale is None:
         weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
     return weights.reshape(*lead, k), ids.reshape(*lead, k)

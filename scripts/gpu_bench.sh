@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of this tree, one after another (never two on the card at once), each
+# under its own time limit; outputs (logs, JSON, CSV) go to $OUT (default ./gpu-out).
+#   scripts/gpu_bench.sh [STEP ...]   steps: decode train quant epilogue ab forward (default: all)
+# OLD_TREE: a source tree to A/B against (step ab; skipped when unset).
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out="${OUT:-gpu-out}"; mkdir -p "$out"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+py="${PYTHON:-python3}"
+steps=("$@"); [[ ${#steps[@]} == 0 ]] && steps=(decode train quant epilogue ab)
+status=0
+
+step() {  # step NAME SECONDS CMD...
+    local name=$1 secs=$2; shift 2
+    local t0=$SECONDS
+    timeout "$secs" "$@" >"$out/$name.log" 2>&1; local rc=$?
+    echo "== $name rc=$rc ($((SECONDS - t0)) s)"; tail -n "${TAIL:-30}" "$out/$name.log"
+    [[ $rc == 0 ]] || status=1
+}
+
+for s in "${steps[@]}"; do
+    case $s in
+    decode) step decode "${DECODE_S:-110}" "$py" bench/decode_bench.py --model qwen3-30b-a3b --model mixtral-8x7b \
+                --m 1 --m 2 --m 4 --m 8 --m 16 --m 32 --m 64 --reps 20 ;;
+    train) step train "${TRAIN_S:-150}" "$py" -m jaxmoe bench --mode train --model mixtral-8x7b --model qwen3-30b-a3b \
+                --m 4096 --m 16384 --reps 5 --out "$out/train" ;;
+    quant) for q in ${QUANTS:-fp8 int8 int4 mxfp4}; do
+               step "quant-$q" "${QUANT_S:-60}" "$py" -m jaxmoe bench --quant "$q" --model mixtral-8x7b --model qwen3-30b-a3b \
+                   --m 1 --m 16 --m 128 --m 4096 --impl jaxmoe --reps 10 --out "$out/quant-$q"
+           done ;;
+    epilogue) step epilogue "${EPILOGUE_S:-100}" "$py" bench/epilogue_cost.py --model gpt-oss-120b --m 1 --m 4096 \
+                --reps 10 --rounds 2 --out "$out/epilogue_cost" ;;
+    ab) if [[ -n ${OLD_TREE:-} ]]; then
+            step ab "${AB_S:-150}" "$py" bench/ab.py --a "$OLD_TREE" --b . --model mixtral-8x7b --model qwen3-30b-a3b \
+                --m 1 --m 128 --m 1024 --m 4096 --rounds 2 --reps 10 --out "$out/ab.json"
+        fi ;;
+    forward) step forward "${FORWARD_S:-150}" "$py" -m jaxmoe bench --model mixtral-8x7b --model qwen3-30b-a3b \
+                --model deepseek-v3 --m 1 --m 16 --m 128 --m 1024 --m 4096 --reps 10 --out "$out/forward" ;;
+    *) echo "unknown step $s"; status=1 ;;
+    esac
+done
+exit $status
