@@ -387,23 +387,25 @@ def test_gpt_oss_mxfp4_experts_load_as_the_mxfp4_scheme(tmp_path, rng):
     the kernels matches the layer on the same weights dequantized to bf16."""
     from jaxmoe.quantize import E2M1_VALUES
 
+    i = 32  # mxfp4 blocks are 32 values along K: the intermediate size of this checkpoint
     tensors = make_tensors(rng, "gpt_oss", ml_dtypes.bfloat16)
     p = f"model.layers.{LAYER}.mlp.experts."
     e = CONFIGS["gpt_oss"]["num_local_experts"]
-    for name, (n, k) in (("gate_up_proj", (2 * I, D)), ("down_proj", (D, I))):
+    tensors[p + "gate_up_proj_bias"] = rng.standard_normal((e, 2 * i)).astype(ml_dtypes.bfloat16)
+    for name, (n, k) in (("gate_up_proj", (2 * i, D)), ("down_proj", (D, i))):
         del tensors[p + name]
         tensors[p + name + "_blocks"] = rng.integers(0, 256, (e, n, k // 32, 16), dtype=np.uint8)
         tensors[p + name + "_scales"] = rng.integers(118, 124, (e, n, k // 32), dtype=np.uint8)
-    config = {**CONFIGS["gpt_oss"], "quantization_config": {"quant_method": "mxfp4",
-                                                            "modules_to_not_convert": ["model.layers.*.self_attn"]}}
+    config = {**CONFIGS["gpt_oss"], "intermediate_size": i,
+              "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}}
     path = write_checkpoint(tmp_path / "mx", "gpt_oss", tensors, config=config)
     params, routing = load_layer(path, layer=LAYER)
     assert params["w1"].scheme == params["w2"].scheme == "mxfp4" and routing["layout"] == "out_in_interleaved"
-    assert params["w1"].shape == (e, 2 * I, D) and params["w2"].shape == (e, D, I)
+    assert params["w1"].shape == (e, 2 * i, D) and params["w2"].shape == (e, D, i)
     blocks, scales = tensors[p + "down_proj_blocks"], tensors[p + "down_proj_scales"].astype(np.float64)
     lut = np.asarray(E2M1_VALUES)
-    want = np.stack([lut[blocks & 15], lut[blocks >> 4]], -1).reshape(e, D, I // 32, 32) * 2.0 ** (scales[..., None] - 127)
-    np.testing.assert_array_equal(np.asarray(params["w2"].dequantize()), want.reshape(e, D, I).astype(np.float32))
+    want = np.stack([lut[blocks & 15], lut[blocks >> 4]], -1).reshape(e, D, i // 32, 32) * 2.0 ** (scales[..., None] - 127)
+    np.testing.assert_array_equal(np.asarray(params["w2"].dequantize()), want.reshape(e, D, i).astype(np.float32))
     x = jnp.asarray(rng.standard_normal((5, D)), jnp.bfloat16)
     y = jaxmoe.moe_layer(params, x, **routing, implementation="triton")
     plain = {**params, "w1": params["w1"].dequantize().astype(jnp.bfloat16),
