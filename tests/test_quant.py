@@ -463,3 +463,25 @@ def test_configs_key_on_the_scheme(tmp_path, monkeypatch):
         for m in (1, 4096):
             c = _config.select_config(m, 2, 8, 4096, 14336, BF16, "gfx942", weights, act)
             assert ok(c.stage1.block_k) and ok(c.stage2.block_k), (weights, m, c)
+
+
+@pytest.mark.parametrize("scheme,act_quant", [("fp8", "fp8"), ("int4_zp", None), ("mxfp4", None)])
+def test_with_biases_clamped_swiglu_and_interleaved_gate_up(rng, scheme, act_quant):
+    """gpt-oss's features on quantized weights: biases on the dequantized accumulators, the
+    clamped SwiGLU, gate/up rows interleaved (each row its own scales); kernels against the
+    reference, and the reference against the same layer on the dequantized weights."""
+    x, w1, w2, tw, ids = moe_inputs(rng, 9, 64, 32, 4, 2, BF16)
+    b1 = randn(rng, (4, 64), F32, 0.5)
+    b2 = randn(rng, (4, 64), F32, 0.5)
+    q1, q2 = jaxmoe.quantize_weights(w1, scheme), jaxmoe.quantize_weights(w2, scheme)
+    kw = dict(b1=b1, b2=b2, layout="out_in_interleaved", activation="clamped_swiglu", act_quant=act_quant)
+    got = jax.jit(lambda *a: jaxmoe.fused_moe(*a, **kw, implementation="triton"))(x, q1, q2, tw, ids)
+    ref = jaxmoe.fused_moe(x, q1, q2, tw, ids, **kw, implementation="reference")
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    assert rel_err(got, ref) <= (2e-2 if act_quant else 1e-2)
+    if act_quant is None:  # weight-only: the dequantized weights in fp32 are the same layer
+        plain = jaxmoe.fused_moe(x.astype(F32), q1.dequantize(), q2.dequantize(), tw, ids, **kw,
+                                 implementation="reference")
+        assert rel_err(ref, plain) <= 1e-2
+    with pytest.raises(ValueError, match="out_in"):
+        jaxmoe.fused_moe(x, q1, q2, tw, ids, layout="in_out", implementation="reference")

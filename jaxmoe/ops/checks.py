@@ -300,7 +300,12 @@ def check_experts_args(hidden_states: Any, w1: Any, w2: Any, *, layout: Any = "o
     """Checks the tokens, the expert weights (stored in ``layout``) and the optional expert
     biases of a fused MoE; returns ``(M, D, E, I)``. ``w1``/``w2`` may be
     :class:`~jaxmoe.QuantizedWeights` (validated when built; stored ``[out, in]``)."""
+    from jaxmoe.types import QuantizedWeights
+
     layout = check_layout(layout)
+    if layout.startswith("in_out") and any(isinstance(w, QuantizedWeights) and w.scheme != "none" for w in (w1, w2)):
+        raise ValueError(f"quantized w1/w2 are stored [out, in]: layout must be 'out_in' or 'out_in_interleaved', "
+                         f"got {layout!r}")
     xs, xd = _shape_dtype("hidden_states", hidden_states)
     _require_ndim("hidden_states", xs, 2, "[M, D]")
     _require_float_dtype("hidden_states", xd, FLOAT_DTYPES)
