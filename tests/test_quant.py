@@ -485,3 +485,28 @@ def test_with_biases_clamped_swiglu_and_interleaved_gate_up(rng, scheme, act_qua
         assert rel_err(ref, plain) <= 1e-2
     with pytest.raises(ValueError, match="out_in"):
         jaxmoe.fused_moe(x, q1, q2, tw, ids, layout="in_out", implementation="reference")
+
+
+def test_bench_times_the_quantized_layer_against_its_bytes(tmp_path, capsys):
+    """``bench --quant``: the quantized layer is one more row, its roofline at the stored bytes."""
+    import json
+
+    from jaxmoe.__main__ import main
+    from jaxmoe.models import PRESETS
+    from jaxmoe.tools import bench
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU behaviour")
+    out = str(tmp_path / "b")
+    assert main(["bench", "--model", "tiny", "--m", "2", "--reps", "1", "--impl", "jaxmoe", "--quant", "int4",
+                 "--out", out]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "b.json").read_text())}
+    assert set(rows) == {"jaxmoe", "jaxmoe:int4"} and all(r["time_ms"] > 0 for r in rows.values())
+    p = PRESETS["mixtral-8x7b"]
+    full = bench.roofline(p, 1, 8.0, 2)[0]
+    four = bench.quant_roofline(p, 1, 8.0, 2, "int4", None)[0]
+    eight = bench.quant_roofline(p, 1, 8.0, 2, "fp8", "fp8")[0]
+    assert 0.26 < four / full < 0.27 and 0.5 < eight / full < 0.51  # 0.5 + 4/128 and 1 + 4/D bytes a weight
+    capsys.readouterr()
+    assert main(["bench", "--quant", "int4", "--act-quant", "fp8", "--out", out]) == 2
+    assert "--act-quant fp8 needs --quant" in capsys.readouterr().err
