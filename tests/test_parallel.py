@@ -22,6 +22,9 @@ import jaxmoe
 import parallel_worker
 from jaxmoe.parallel import choose_schedule, communication_bytes
 
+# One pytest-xdist worker runs this module: the 8-device worker process starts once.
+pytestmark = pytest.mark.xdist_group("parallel")
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
 
 
