@@ -38,9 +38,9 @@ if [[ $what == check || $what == all ]]; then
     timeout 300 "$py" -m jaxmoe check >"$out/check.log" 2>&1 & cpid=$!
 fi
 if [[ $what == tests || $what == all ]]; then
-    timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -q -p no:cacheprovider -m gpu -n "${WORKERS:-6}" tests/ \
+    timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -v -p no:cacheprovider -m gpu -n "${WORKERS:-6}" tests/ \
         >"$out/tests.log" 2>&1 || status=1
-    grep -E "^(FAILED|ERROR) " "$out/tests.log" | head -40; tail -1 "$out/tests.log"
+    grep -E "(FAILED|ERROR) " "$out/tests.log" | head -40; grep -c PASSED "$out/tests.log"; tail -1 "$out/tests.log"
 fi
 if [[ -n ${cpid:-} ]]; then wait "$cpid" || status=1; tail -12 "$out/check.log"; fi
 if [[ -n ${mpid:-} ]]; then wait "$mpid" || status=1; fi
