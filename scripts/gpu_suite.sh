@@ -38,7 +38,7 @@ if [[ $what == check || $what == all ]]; then
     timeout 300 "$py" -m jaxmoe check >"$out/check.log" 2>&1 & cpid=$!
 fi
 if [[ $what == tests || $what == all ]]; then
-    timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -v -p no:cacheprovider -m gpu -n "${WORKERS:-6}" tests/ \
+    timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -v -p no:cacheprovider -m gpu -n "${WORKERS:-8}" --dist loadgroup tests/ \
         >"$out/tests.log" 2>&1 || status=1
     grep -E "(FAILED|ERROR) " "$out/tests.log" | head -40; grep -c PASSED "$out/tests.log"; tail -1 "$out/tests.log"
 fi

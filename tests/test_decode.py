@@ -82,9 +82,10 @@ class DecodeTests(OpTests):
         logits = jnp.asarray(2.0 * rng.standard_normal((m, e)), F32)
         y, weights, ids = self.routed(x, w1, w2, logits, k, **opts)
         y_al, weights_al, ids_al = self.routed(x, w1, w2, logits, k, decode_=False, **opts)
-        # the same routing code runs in both: ids and weights agree bitwise
+        # the same routing code runs in both, inside different kernels: ids agree exactly,
+        # weights to fp32 rounding (on the H200 the two compiled kernels differ by 1 ulp)
         np.testing.assert_array_equal(ids, ids_al)
-        np.testing.assert_array_equal(weights, weights_al)
+        np.testing.assert_allclose(weights, weights_al, rtol=2e-7, atol=0)
         ref_w, ref_ids = jaxmoe.route(logits, k, implementation="reference", **opts)
         np.testing.assert_array_equal(ids, ref_ids)
         assert np.isfinite(np.asarray(y, np.float32)).all()
@@ -183,6 +184,7 @@ class TestDecodeTritonGPU(DecodeTests):
                                                            "topk_group": 4, "bias": True,
                                                            "routed_scaling_factor": 2.5})}
 
+    @pytest.mark.xdist_group("big-memory")  # tens of GB each: one at a time on the card
     def test_expert_offsets_past_int32(self, rng):
         """w1[e] starts at e * 2I * D elements: past 2^31 for the last experts here."""
         m, d, i, e, k = 2, 8192, 2048, 66, 2

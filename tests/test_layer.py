@@ -110,12 +110,18 @@ class TestMoeLayerTritonGPU(MoeLayerTests):
 
 
 @pytest.mark.gpu
-def test_gpu_moe_layer_launch_count():
-    """Decode: router matmul aside, the layer is three Triton launches (route+align, two GEMMs)."""
+@pytest.mark.parametrize("m,launches", [(1, 2), (64, 3)])
+def test_gpu_moe_layer_launch_count(m, launches):
+    """Router matmul aside, the layer is two Triton launches on the decode path (M = 1) and
+    three on the aligned path (route+align, two GEMMs), as its plan says."""
+    from jaxmoe.ops.moe import triton as moe_triton
+
     params = init_moe_params(jax.random.key(0), hidden=64, intermediate=32, experts=8, dtype=BF16)
-    x = jnp.ones((1, 64), BF16)
+    x = jnp.ones((m, 64), BF16)
     hlo = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, implementation="triton")).lower(params, x).as_text()
-    assert hlo.count("@triton_kernel_call") == 3
+    plan = moe_triton.plan_routed_moe(m, 2, 8, 64, 32, BF16, moe_triton.current_arch())
+    assert len(plan) == launches
+    assert hlo.count("@triton_kernel_call") == launches
 
 
 def test_moe_layer_errors(rng):

@@ -152,6 +152,7 @@ class TestFusedMoeTritonGPU(FusedMoeTests):
     FUSED_CASES = {**FUSED_CASES, **_named([(*s, None) for s in SEED_SHAPES], (BF16, F16, F32))}
     INVALID_CASES = {**INVALID_CASES, "200-1024-512-64-4": (200, 1024, 512, 64, 4, tuple(range(0, 64, 5)))}
 
+    @pytest.mark.xdist_group("big-memory")  # tens of GB each: one at a time on the card
     def test_offsets_past_int32(self, rng):
         """Stage 2 reads h[f] at f * I and writes y[f] at f * D: here both pass 2^31 elements."""
         m, d, i, e, k = (1 << 21) + 4096, 128, 128, 8, 8

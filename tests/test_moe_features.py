@@ -160,6 +160,7 @@ class TestFeaturesTritonGPU(KernelFeatureTests):
         f"large-{layout}-gptoss-bf16": (600, 512, 384, 16, 4, layout, GPT_OSS, True, BF16)
         for layout in ("out_in", "in_out_interleaved")}}
 
+    @pytest.mark.xdist_group("big-memory")  # tens of GB each: one at a time on the card
     def test_offsets_past_int32_in_out_interleaved(self, rng):
         """Rows whose h and y offsets pass 2^31 elements, with gpt-oss's layout and biases."""
         m, d, i, e, k, layout = (1 << 21) + 4096, 128, 128, 8, 8, "in_out_interleaved"

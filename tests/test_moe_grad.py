@@ -183,6 +183,7 @@ class TestFusedMoeGradTritonGPU(KernelGradTests):
                   "large-bf16-silu": (512, 1024, 512, 16, 4, None, "silu", BF16),
                   "large-fp32-gelu": (300, 512, 384, 8, 2, None, "gelu", F32)}
 
+    @pytest.mark.xdist_group("big-memory")  # tens of GB each: one at a time on the card
     def test_backward_offsets_past_int32(self, rng):
         """The backward's row offsets pass 2^31 elements: g and h at f * I, d gate_up at
         f * 2I, the weight gradient's rows likewise (M * k * I > 2^31). The cotangent is

@@ -171,7 +171,9 @@ def _mma(acc, a, b, a_inv, k0, offs_k, s_ptrs, z_ptrs, col_ok,
                 s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
                 acc = acc + tl.dot(qa, b) * (a_scale[:, None] * s[None, :])
             else:
-                acc = tl.dot(qa, b, acc)
+                # a fresh fp32 partial per K tile, added in registers: Hopper's fp8 MMA keeps
+                # fewer accumulator bits than fp32, so the sum over K must not stay inside it
+                acc = acc + tl.dot(qa, b)
     return acc
 
 
