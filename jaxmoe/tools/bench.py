@@ -338,7 +338,8 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
                     rows.append(row)
                     continue
                 p = params_rd if impl in RAGGED_LAYOUT else params_q if impl.startswith("jaxmoe:") else params
-                fn = _layer_fn(impl, preset, routing, act_quant)
+                fn = (_layer_fn(impl, preset, routing, act_quant) if impl.startswith("jaxmoe:")
+                      else _layer_fn(impl, preset, routing))
                 t, overhead = time_layer_detail(fn, p, xs, reps)
                 if breakdown is not None:
                     chain = _chain(fn, SETS)
