@@ -356,12 +356,17 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
             rows.append(row)
             progress(f"{preset.name} M={m} {impl}: " + (
                 f"{row.time_ms:.4f} ms, efficiency {row.efficiency:.2f}" if row.time_ms else row.status))
-        ours = by_impl.get("jaxmoe")
-        if ours and ours.time_ms:
-            for impl, row in by_impl.items():
-                if impl != "jaxmoe" and row.time_ms:
-                    ours.speedup[impl] = row.time_ms / ours.time_ms
+        record_speedups(by_impl)
     return rows
+
+
+def record_speedups(by_impl: dict[str, Any]) -> None:
+    """On jaxmoe's row of one cell: each timed peer's time / jaxmoe's."""
+    ours = by_impl.get("jaxmoe")
+    if ours and ours.time_ms:
+        for impl, row in by_impl.items():
+            if impl != "jaxmoe" and row.time_ms:
+                ours.speedup[impl] = row.time_ms / ours.time_ms
 
 
 def format_table(rows: Sequence[Row]) -> str:

@@ -150,9 +150,5 @@ def bench_model_train(preset: ModelPreset, ms: Sequence[int], impls: Sequence[st
             rows.append(row)
             progress(f"{preset.name} M={m} {impl} (train): " + (
                 f"{row.time_ms:.3f} ms, efficiency {row.efficiency:.2f}" if row.time_ms else row.status))
-        ours = by_impl.get("jaxmoe")
-        if ours and ours.time_ms:
-            for impl, row in by_impl.items():
-                if impl != "jaxmoe" and row.time_ms:
-                    ours.speedup[impl] = row.time_ms / ours.time_ms
+        bench.record_speedups(by_impl)
     return rows

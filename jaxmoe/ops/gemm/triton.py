@@ -22,6 +22,16 @@ __all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_backward", "act_backwa
            "weight_grad", "expert_offsets", "WEIGHT_GRAD_TILE"]
 
 
+
+def _b_layout(b_shape: tuple[int, ...], transpose_b: bool) -> tuple[int, int, int, int, int]:
+    """``(E, N, K, stride_n, stride_k)`` of a contiguous B read as ``[E, N, K]``: stored so
+    (``transpose_b=False``) or as ``[E, K, N]`` (``transpose_b=True``, read through strides)."""
+    if transpose_b:
+        num_experts, k, n = b_shape
+        return num_experts, n, k, 1, n
+    num_experts, n, k = b_shape
+    return num_experts, n, k, k, 1
+
 def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
 
@@ -106,12 +116,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     from jaxmoe.ops.gemm import kernels
 
     a_rows, k = a_shape
-    if transpose_b:
-        num_experts, k_b, n = b_shape
-        stride_bn, stride_bk = 1, n
-    else:
-        num_experts, n, k_b = b_shape
-        stride_bn, stride_bk = k, 1
+    num_experts, n, k_b, stride_bn, stride_bk = _b_layout(b_shape, transpose_b)
     if k_b != k:
         raise ValueError(f"A has K={k} but B has K={k_b}")
     spec_w = WEIGHT_SCHEMES[w_scheme]
@@ -270,12 +275,7 @@ def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int]
     from jaxmoe.ops.gemm import kernels
 
     a_rows, k = a_shape
-    if transpose_b:
-        num_experts, k_b, n = b_shape
-        stride_bn, stride_bk = 1, n
-    else:
-        num_experts, n, k_b = b_shape
-        stride_bn, stride_bk = k, 1
+    num_experts, n, k_b, stride_bn, stride_bk = _b_layout(b_shape, transpose_b)
     if k_b != k or n % 2:
         raise ValueError(f"need A [rows, K] and B [E, 2I, K], got A{list(a_shape)} and B{list(b_shape)}")
     need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, True)
