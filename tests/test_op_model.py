@@ -160,3 +160,24 @@ def test_cpu_launch_switch(monkeypatch):
     monkeypatch.setenv("JAXMOE_CPU_LAUNCH", "cuda0")
     with pytest.raises(ValueError, match="JAXMOE_CPU_LAUNCH='cuda0'"):
         cuda_host.enabled()
+
+
+def test_cpu_launch_switch_routes_launches(monkeypatch):
+    """With JAXMOE_CPU_LAUNCH=gpu every CPU launch goes to the compiled-kernel launcher (here
+    replaced by a stand-in that records the kernel), none to the interpreter."""
+    from jaxmoe.backends import cuda_host, interpreter
+
+    seen = []
+
+    def fake(spec, args, poison):
+        seen.append(spec.name)
+        return tuple(jnp.zeros(o.shape, o.dtype) for o in spec.outs)
+
+    def refuse(*a, **k):
+        raise AssertionError("the interpreter ran")
+
+    monkeypatch.setenv("JAXMOE_CPU_LAUNCH", "gpu")
+    monkeypatch.setattr(cuda_host, "launch", fake)
+    monkeypatch.setattr(interpreter, "launch", refuse)
+    jaxmoe.route(jnp.ones((3, 8), jnp.float32), 2, implementation="triton")
+    assert seen, "no launch reached the compiled-kernel launcher"

@@ -177,8 +177,6 @@ def launch(spec: KernelLaunch, *args: jax.Array) -> tuple[jax.Array, ...]:
 
         # JAXMOE_CPU_LAUNCH=gpu: the compiled kernels on the local GPU, for memory checking
         run = functools.partial((cuda_host if cuda_host.enabled() else interpreter).launch, spec, poison=poison)
-
-        run = functools.partial(interpreter.launch, spec, poison=poison)
     return _batchable(run)(*args)
 
 
