@@ -219,7 +219,11 @@ def quantize_activations(x: jax.Array, act_quant: str, *, fp8_dtype: Any = None,
     if act_quant not in ACT_QUANTS:
         raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
     m, k = x.shape
-    xf = x.astype(jnp.float32)
+    # The barriers keep XLA from folding a convert pair (x's own rounding to bf16/fp16 just
+    # before, q's to fp8 below) into excess precision: on a GPU XLA drops f32 -> narrow ->
+    # f32 round trips by default (xla_allow_excess_precision), which would leave the
+    # activations unrounded here while the kernels round them.
+    xf = jax.lax.optimization_barrier(x).astype(jnp.float32)
     g = _groups(xf, 1, group) if group else xf[:, None, :]
     if act_quant == "fp8":
         fp8 = jnp.dtype(fp8_dtype or jnp.float8_e4m3fn)
@@ -232,7 +236,7 @@ def quantize_activations(x: jax.Array, act_quant: str, *, fp8_dtype: Any = None,
     inv = jnp.where(amax > 0, qmax / jnp.where(amax > 0, amax, 1.0), 0.0)
     y = g * inv[..., None]
     if act_quant == "fp8":
-        q = jnp.clip(y, -qmax, qmax).astype(fp8).astype(jnp.float32)
+        q = jax.lax.optimization_barrier(jnp.clip(y, -qmax, qmax).astype(fp8)).astype(jnp.float32)
     else:
         q = jnp.clip(jnp.floor(y + 0.5), -qmax, qmax)
     out = (q * scale[..., None]).reshape(m, -1)

@@ -293,6 +293,30 @@ def _elementwise_bound(w, q):
     return s / 2
 
 
+def _check_activation_rounding_under_jit(rng):
+    """quantize_activations inside a jit, on h rounded to bf16 just before (as the reference
+    does), equals the numpy rounding: XLA on a GPU folds f32 -> bf16 -> f32 and f32 -> fp8
+    -> f32 convert pairs into excess precision unless something stops it."""
+    v = np.asarray(randn(rng, (6, 384), F32)) * np.float32(3.0)
+    for act_quant, group in (("fp8", None), ("fp8", 128), ("int8", None)):
+        got = jax.jit(lambda a: quantize.quantize_activations((a * 1.5).astype(BF16), act_quant, group=group))(v)
+        h = (v * np.float32(1.5)).astype(ml_dtypes.bfloat16).astype(np.float64)
+        want = np.stack([_np_quant(row, act_quant, group) for row in h])
+        # an fp32 ulp for q * scale (XLA's division may differ from numpy's); a skipped
+        # rounding would be off by up to 1/16 (e4m3), 1/254 of the row's max (int8)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=3e-7, atol=0)
+        assert not np.array_equal(want, h)  # the rounding did something
+
+
+def test_activation_rounding_under_jit(rng):
+    _check_activation_rounding_under_jit(rng)
+
+
+@pytest.mark.gpu
+def test_gpu_activation_rounding_under_jit(rng):
+    _check_activation_rounding_under_jit(rng)
+
+
 @pytest.mark.parametrize("scheme", EIGHT_BIT + FOUR_BIT)
 def test_round_trip_error_is_bounded(rng, scheme):
     w = _w(rng)

@@ -201,6 +201,31 @@ def _gated(gate, up, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.co
 
 
 @triton.jit
+def _block_of_program(N_OUT: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+                      NUM_XCDS: tl.constexpr):
+    """``(pid_m, pid_n)``: the row block and column block this program computes.
+
+    The grid is (row blocks x column blocks) in one axis; GROUP_SIZE_M row blocks share
+    each column block in turn, so B tiles stay in L2 (after the XCD remap on AMD)."""
+    num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
+    num_programs = tl.num_programs(0)
+    pid = _remap_for_xcds(tl.program_id(0), num_programs, NUM_XCDS)
+    per_group = GROUP_SIZE_M * num_n_blocks
+    first_m = (pid // per_group) * GROUP_SIZE_M
+    group_rows = tl.minimum(num_programs // num_n_blocks - first_m, GROUP_SIZE_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS: tl.constexpr):
+    """``(expert, expert_ok)`` of row block ``pid_m``: an id outside [0, NUM_EXPERTS) reads
+    as expert 0 (in bounds) with ``expert_ok`` False, so its rows are masked to zeros."""
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    expert_ok = (expert >= 0) & (expert < NUM_EXPERTS)
+    return tl.where(expert_ok, expert, 0), expert_ok
+
+
+@triton.jit
 def _tile(
     a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, expert,
     expert_ok,
@@ -315,24 +340,13 @@ def moe_gemm_kernel(
     stride_se: tl.constexpr, stride_sn: tl.constexpr,  # B's scales: per expert, per GROUP_N rows
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,  # rows and K values one scale covers
 ):
-    num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
-    num_programs = tl.num_programs(0)  # the grid is (row blocks x column blocks)
-    pid = _remap_for_xcds(tl.program_id(0), num_programs, NUM_XCDS)
-    # GROUP_SIZE_M row blocks share each column block in turn, so B tiles stay in L2.
-    per_group = GROUP_SIZE_M * num_n_blocks
-    first_m = (pid // per_group) * GROUP_SIZE_M
-    group_rows = tl.minimum(num_programs // num_n_blocks - first_m, GROUP_SIZE_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
+    pid_m, pid_n = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS)
     row0 = pid_m * BLOCK_M
     if row0 >= tl.load(num_tokens_post_padded_ptr):
         return  # this row block holds no rows: the grid is sized for the worst case
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     # No such expert: the block's rows are written as zeros through the one code path
     # (its A rows load as zeros against expert 0's weights, read in bounds).
-    expert_ok = (expert >= 0) & (expert < NUM_EXPERTS)
-    expert = tl.where(expert_ok, expert, 0)
+    expert, expert_ok = _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS)
 
     quarter = False  # compile-time False unless the kernel may split
     half = False
@@ -421,21 +435,12 @@ def moe_gemm_act_bwd_kernel(
     before the cast reaches memory. Rows of a block without a valid expert are written as
     zeros (their A rows and dh load as zeros).
     """
-    num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
-    num_programs = tl.num_programs(0)
-    pid = _remap_for_xcds(tl.program_id(0), num_programs, NUM_XCDS)
-    per_group = GROUP_SIZE_M * num_n_blocks
-    first_m = (pid // per_group) * GROUP_SIZE_M
-    group_rows = tl.minimum(num_programs // num_n_blocks - first_m, GROUP_SIZE_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
+    # the forward kernel's schedule: the same (row block, column block) per program
+    pid_m, pid_n = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS)
     row0 = pid_m * BLOCK_M
     if row0 >= tl.load(num_tokens_post_padded_ptr):
         return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    expert_ok = (expert >= 0) & (expert < NUM_EXPERTS)
-    expert = tl.where(expert_ok, expert, 0)
+    expert, expert_ok = _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
     rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
