@@ -4,7 +4,8 @@
 # kernel tests with one device allocation per buffer, so that an out-of-bounds access lands
 # outside every allocation. Logs go to $OUT (default ./gpu-out).
 #   scripts/gpu_suite.sh [tests|check|memcheck|all]
-# Environment: MEMCHECK_TESTS (files), MEMCHECK_K (a pytest -k expression), WORKERS, *_TIMEOUT.
+# Environment: TESTS_FILE (test ids, one a line; default all of tests/), MEMCHECK_TESTS (files),
+# MEMCHECK_K (a pytest -k expression), WORKERS, *_TIMEOUT.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"; mkdir -p "$out"
@@ -38,7 +39,10 @@ if [[ $what == check || $what == all ]]; then
     timeout 300 "$py" -m jaxmoe check >"$out/check.log" 2>&1 & cpid=$!
 fi
 if [[ $what == tests || $what == all ]]; then
-    timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -v -p no:cacheprovider -m gpu -n "${WORKERS:-8}" --dist loadgroup tests/ \
+    # SIGINT at the time limit: pytest stops and still prints the failures it has seen
+    # shellcheck disable=SC2046
+    timeout -s INT -k 60 "${TESTS_TIMEOUT:-420}" "$py" -m pytest -v -p no:cacheprovider -m gpu --tb=short \
+        -n "${WORKERS:-8}" --dist loadgroup $(if [[ -n ${TESTS_FILE:-} ]]; then cat "$TESTS_FILE"; else echo tests/; fi) \
         >"$out/tests.log" 2>&1 || status=1
     grep -E "(FAILED|ERROR) " "$out/tests.log" | head -40; grep -c PASSED "$out/tests.log"; tail -1 "$out/tests.log"
 fi
