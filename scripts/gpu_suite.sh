@@ -11,6 +11,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"; mkdir -p "$out"
 what="${1:-all}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# each pytest worker gives memory back as it frees it: workers side by side do not hoard the card
+export XLA_PYTHON_CLIENT_ALLOCATOR="${XLA_PYTHON_CLIENT_ALLOCATOR:-platform}"
 py="${PYTHON:-python3}"
 status=0
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,9 +95,14 @@ def _interpreted_twin(fn: Any) -> Any:
 
 
 @contextlib.contextmanager
-def patches() -> Iterator[None]:
+def patches(buffers: Sequence[tuple[int, int]] = (), kernel: str = "kernel") -> Iterator[None]:
     """The interpreter, put right for the duration of one kernel run (not thread-safe:
-    callers hold a lock)."""
+    callers hold a lock).
+
+    With ``buffers`` (``(address, nbytes)`` of every array the kernel is given), every load
+    and store checks that each address its mask lets through lies inside one of them, and
+    raises ``IndexError`` naming ``kernel`` where one does not: out-of-bounds accesses
+    fail on a CPU as they would under a GPU's memcheck."""
     import triton.language as tl
     from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
@@ -107,6 +112,31 @@ def patches() -> Iterator[None]:
     original_dot = builder_cls.create_dot
     original_cast = builder_cls.cast_impl
     original_fp_to_fp = builder_cls.create_fp_to_fp
+    original_load = builder_cls.create_masked_load
+    original_store = builder_cls.create_masked_store
+    spans = sorted((int(a), int(a) + int(n)) for a, n in buffers if n > 0)
+    starts = np.array([a for a, _ in spans], np.uint64)
+    ends = np.array([e for _, e in spans], np.uint64)
+
+    def check(what: str, ptrs: Any, mask: Any) -> None:
+        addresses = np.asarray(ptrs.data, np.uint64)[np.broadcast_to(np.asarray(mask.data, bool), ptrs.data.shape)]
+        if addresses.size == 0:
+            return
+        size = np.uint64(np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize)
+        at = np.searchsorted(starts, addresses, side="right").astype(np.int64) - 1
+        inside = (at >= 0) & (addresses + size <= ends[np.maximum(at, 0)])
+        if not inside.all():
+            bad = int(addresses[~inside][0])
+            raise IndexError(f"{kernel}: out-of-bounds {what} of {int((~inside).sum())} element(s), the first at "
+                             f"{bad:#x}; the arguments span {[(hex(a), e - a) for a, e in spans]}")
+
+    def create_masked_load(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
+        check("load", ptrs, mask)
+        return original_load(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile)
+
+    def create_masked_store(self, ptrs, value, mask, cache_modifier, eviction_policy):
+        check("store", ptrs, mask)
+        return original_store(self, ptrs, value, mask, cache_modifier, eviction_policy)
 
     def widen(handle: Any) -> np.ndarray:
         if handle.dtype == tl.bfloat16:
@@ -156,6 +186,9 @@ def patches() -> Iterator[None]:
 
     builder_cls.create_dot = create_dot
     builder_cls.cast_impl = cast_impl
+    if spans:
+        builder_cls.create_masked_load = create_masked_load
+        builder_cls.create_masked_store = create_masked_store
     builder_cls.create_fp_to_fp = create_fp_to_fp
     interpreter._patch_lang_tensor = patch_lang_tensor
     try:
@@ -164,6 +197,8 @@ def patches() -> Iterator[None]:
         builder_cls.create_dot = original_dot
         builder_cls.cast_impl = original_cast
         builder_cls.create_fp_to_fp = original_fp_to_fp
+        builder_cls.create_masked_load = original_load
+        builder_cls.create_masked_store = original_store
         interpreter._patch_lang_tensor = original_patch_tensor
         for ns, before in saved:
             for name, value in before.items():

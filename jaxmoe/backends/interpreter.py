@@ -99,7 +99,8 @@ def run(spec: KernelLaunch, arrays: Sequence[np.ndarray], poison: bool) -> list[
     # a second thread must not see the module half executed.
     with _LOCK:
         fn = _interpreted(spec.kernel)
-        with triton_interpreter.patches():
+        buffers = [(a.ctypes.data, a.nbytes) for a in (*inputs, *outs)]
+        with triton_interpreter.patches(buffers, spec.name):
             HostGridExecutor(fn.rewrite(), fn.arg_names, grid)(*in_ptrs, *scalars, *out_ptrs,
                                                                **dict(spec.constexprs))
     return outs

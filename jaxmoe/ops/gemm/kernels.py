@@ -122,11 +122,12 @@ def _e8m0(e):
 
 
 @triton.jit
-def _mma(acc, a, b, a_inv, k0, offs_k, s_ptrs, z_ptrs, col_ok,
+def _mma(acc, a, b, a_inv, k0, offs_k, k_mask, s_ptrs, z_ptrs, col_ok,
          W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, GROUP_K: tl.constexpr,
          FP32_IEEE: tl.constexpr):
     """One K step: ``acc`` plus A tile ``a`` [R, BLOCK_K] times B tile ``b`` [BLOCK_K, W] as
-    stored (``W_SCHEME``), A rounded per ``A_SCHEME`` (``a_inv``: per-row QMAX / absmax)."""
+    stored (``W_SCHEME``), A rounded per ``A_SCHEME`` (``a_inv``: per-row QMAX / absmax);
+    ``k_mask`` the tile's K positions inside K (a per-K scale past the last is never read)."""
     if A_SCHEME == "none":
         if W_SCHEME == "int4" or W_SCHEME == "int4_zp":
             q = _nibbles(b, offs_k).to(tl.int32)
@@ -137,7 +138,8 @@ def _mma(acc, a, b, a_inv, k0, offs_k, s_ptrs, z_ptrs, col_ok,
                 q = q - z[None, :]
             bw = q.to(tl.float32).to(a.dtype)  # exact: |q| <= 15
         elif W_SCHEME == "mxfp4":
-            e = tl.load(s_ptrs[None, :] + ((k0 + offs_k) // GROUP_K)[:, None], mask=col_ok[None, :], other=127)
+            e = tl.load(s_ptrs[None, :] + ((k0 + offs_k) // GROUP_K)[:, None], mask=k_mask[:, None] & col_ok[None, :],
+                        other=127)
             bw = (_e2m1(_nibbles(b, offs_k)) * _e8m0(e)).to(a.dtype)
         elif W_SCHEME == "none":
             bw = b
@@ -290,7 +292,7 @@ def _tile(
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
         else:  # integer storage
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
-        acc = _mma(acc, a, b, a_inv, k0, offs_k, s_ptrs, z_ptrs, b_cols_ok, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
+        acc = _mma(acc, a, b, a_inv, k0, offs_k, k_mask, s_ptrs, z_ptrs, b_cols_ok, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
                    FP32_IEEE)
         a_ptrs += BLOCK_K
         if W_SCHEME == "int4" or W_SCHEME == "int4_zp" or W_SCHEME == "mxfp4":
