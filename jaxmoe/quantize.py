@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.ops.gemm.reference import round_to
 from jaxmoe.types import (ACT_QUANTS, FP8_DTYPES, FP8_MAX, INT8_MAX, MX_BLOCK, QUANT_BLOCK, WEIGHT_SCHEMES,
                           QuantizedWeights)
 
@@ -219,11 +220,7 @@ def quantize_activations(x: jax.Array, act_quant: str, *, fp8_dtype: Any = None,
     if act_quant not in ACT_QUANTS:
         raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
     m, k = x.shape
-    # The barriers keep XLA from folding a convert pair (x's own rounding to bf16/fp16 just
-    # before, q's to fp8 below) into excess precision: on a GPU XLA drops f32 -> narrow ->
-    # f32 round trips by default (xla_allow_excess_precision), which would leave the
-    # activations unrounded here while the kernels round them.
-    xf = jax.lax.optimization_barrier(x).astype(jnp.float32)
+    xf = x.astype(jnp.float32)
     g = _groups(xf, 1, group) if group else xf[:, None, :]
     if act_quant == "fp8":
         fp8 = jnp.dtype(fp8_dtype or jnp.float8_e4m3fn)
@@ -236,7 +233,7 @@ def quantize_activations(x: jax.Array, act_quant: str, *, fp8_dtype: Any = None,
     inv = jnp.where(amax > 0, qmax / jnp.where(amax > 0, amax, 1.0), 0.0)
     y = g * inv[..., None]
     if act_quant == "fp8":
-        q = jax.lax.optimization_barrier(jnp.clip(y, -qmax, qmax).astype(fp8)).astype(jnp.float32)
+        q = round_to(jnp.clip(y, -qmax, qmax), fp8).astype(jnp.float32)  # a rounding XLA keeps on GPUs
     else:
         q = jnp.clip(jnp.floor(y + 0.5), -qmax, qmax)
     out = (q * scale[..., None]).reshape(m, -1)

@@ -27,6 +27,7 @@ import pytest
 import jaxmoe
 from conftest import moe_inputs, randn, rel_err, tolerance
 from jaxmoe import quantize
+from jaxmoe.ops.gemm.reference import round_to
 from jaxmoe.types import FP8_MAX, WEIGHT_SCHEMES, QuantizedWeights
 from op_base import BF16, F16, F32, OpTests, cases, with_invalid_ids
 
@@ -294,12 +295,12 @@ def _elementwise_bound(w, q):
 
 
 def _check_activation_rounding_under_jit(rng):
-    """quantize_activations inside a jit, on h rounded to bf16 just before (as the reference
-    does), equals the numpy rounding: XLA on a GPU folds f32 -> bf16 -> f32 and f32 -> fp8
-    -> f32 convert pairs into excess precision unless something stops it."""
+    """quantize_activations inside a jit, on h rounded to bf16 just before (``round_to``, as
+    the reference rounds h), equals the numpy rounding: XLA on a GPU folds f32 -> bf16 -> f32
+    and f32 -> fp8 -> f32 convert pairs into excess precision unless something stops it."""
     v = np.asarray(randn(rng, (6, 384), F32)) * np.float32(3.0)
     for act_quant, group in (("fp8", None), ("fp8", 128), ("int8", None)):
-        got = jax.jit(lambda a: quantize.quantize_activations((a * 1.5).astype(BF16), act_quant, group=group))(v)
+        got = jax.jit(lambda a: quantize.quantize_activations(round_to(a * 1.5, BF16), act_quant, group=group))(v)
         h = (v * np.float32(1.5)).astype(ml_dtypes.bfloat16).astype(np.float64)
         want = np.stack([_np_quant(row, act_quant, group) for row in h])
         got = np.asarray(got, np.float64)

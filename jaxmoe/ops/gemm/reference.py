@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxmoe.ops import checks
 from jaxmoe.types import RoutingData
 
-__all__ = ["apply_activation", "gated", "dot_t", "grouped_gemm"]
+__all__ = ["apply_activation", "gated", "dot_t", "grouped_gemm", "round_to"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -31,6 +31,15 @@ def gated(activation, gate: jax.Array, up: jax.Array) -> jax.Array:
     gate = jnp.where(gate > limit, limit, gate)
     up = jnp.where(up > limit, limit, jnp.where(up < -limit, -limit, up))
     return (up + 1.0) * (gate * jax.nn.sigmoid(alpha * gate))
+
+
+def round_to(v: jax.Array, dtype) -> jax.Array:
+    """``v`` rounded to ``dtype`` where a kernel rounds it (a store to a narrower dtype), a
+    rounding XLA keeps: on a GPU XLA folds ``f32 -> narrow -> f32`` convert pairs into
+    excess precision by default (``xla_allow_excess_precision``), which would leave a
+    reference that rounds like the kernels not rounding at all. Same shape as ``v``."""
+    out = v.astype(dtype)
+    return out if out.dtype == v.dtype else jax.lax.optimization_barrier(out)
 
 
 def dot_t(a: jax.Array, b: jax.Array) -> jax.Array:

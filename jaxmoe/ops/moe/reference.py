@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.ops import checks
-from jaxmoe.ops.gemm.reference import HIGHEST, dot_t, gated
+from jaxmoe.ops.gemm.reference import HIGHEST, dot_t, gated, round_to
 from jaxmoe.types import QUANT_BLOCK, QuantizedWeights
 
 __all__ = ["fused_moe", "fused_moe_in", "unwrap_weights"]
@@ -116,11 +116,11 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
             gate_up = _dot(rounded(xe, act_groups[0]), w1e, in_out)  # [M, 2I] fp32, in w1's gate/up order
             if bias1 is not None:
                 gate_up = gate_up + bias1[ex]
-            h = gated(activation, *split_gate_up(gate_up, layout)).astype(compute_dtype)
+            h = round_to(gated(activation, *split_gate_up(gate_up, layout)), compute_dtype)
             y = _dot(rounded(h, act_groups[1]), w2e, in_out)  # [M, D] fp32
             if bias2 is not None:
                 y = y + bias2[ex]
-            y = (y[:, None, :] * we[:, :, None]).astype(compute_dtype)  # [M, k, D]
+            y = round_to(y[:, None, :] * we[:, :, None], compute_dtype)  # [M, k, D]
             return jnp.where(slot[:, :, None], y, rows)
 
         return jax.lax.cond(jnp.any(ids == ex), compute, lambda r: r, rows)
