@@ -27,6 +27,7 @@ as the kernels do it (see there).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -148,12 +149,36 @@ def quantize_weights(w: Any, scheme: str, *, fp8_dtype: Any = None) -> Quantized
     spec = WEIGHT_SCHEMES[scheme]
     if spec.packed and shape[2] % 2:
         raise ValueError(f"scheme {scheme!r} packs two values a byte along K: w's K must be even, got {shape[2]}")
-    w = jnp.asarray(w).astype(jnp.float32)
-    e, n, k = w.shape
+    fp8 = None
     if scheme.startswith("fp8"):
         fp8 = platform.fp8_dtype() if fp8_dtype is None else jnp.dtype(fp8_dtype)
         if fp8.name not in FP8_DTYPES:
             raise TypeError(f"fp8_dtype must be one of {FP8_DTYPES}, got {fp8}")
+    values, scales, zero_points = _quantize_experts(jnp.asarray(w), scheme, None if fp8 is None else fp8.name)
+    return QuantizedWeights(values=values, scales=scales, scheme=scheme, zero_points=zero_points)
+
+
+# Experts are quantized a batch at a time, each batch holding at most this many weights, so
+# the fp32 temporaries stay a few hundred MB even for DeepSeek-V3's 7.5e9-value w1.
+_QUANTIZE_BATCH_VALUES = 2**26
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "fp8_name"))
+def _quantize_experts(w: jax.Array, scheme: str, fp8_name: str | None) -> tuple[jax.Array, jax.Array, Any]:
+    """``(values, scales, zero_points or None)`` of ``w [E, N, K]``, expert by expert (no scheme's
+    scale spans two experts)."""
+    e, n, k = w.shape
+    batch = max(1, min(e, _QUANTIZE_BATCH_VALUES // max(1, n * k)))
+    return jax.lax.map(lambda we: _quantize_one(we, scheme, fp8_name), w, batch_size=batch)
+
+
+def _quantize_one(w: jax.Array, scheme: str, fp8_name: str | None) -> tuple[jax.Array, jax.Array, Any]:
+    """One expert ``w [N, K]``: ``(values, scales, zero_points or None)`` without the E axis."""
+    w = w.astype(jnp.float32)[None]
+    e, n, k = w.shape
+    spec = WEIGHT_SCHEMES[scheme]
+    if scheme.startswith("fp8"):
+        fp8 = jnp.dtype(fp8_name)
         qmax = FP8_MAX[fp8.name]
         if scheme == "fp8":
             s = _safe_scale(jnp.max(jnp.abs(w), axis=2), qmax)
@@ -166,23 +191,22 @@ def quantize_weights(w: Any, scheme: str, *, fp8_dtype: Any = None) -> Quantized
             s = _safe_scale(jnp.max(blocks, axis=(2, 4)), qmax)
             full = _expand(_expand(s, 1, QUANT_BLOCK, n), 2, QUANT_BLOCK, k)
         q = jnp.clip(w / full, -qmax, qmax).astype(fp8)
-        return QuantizedWeights(values=q, scales=s, scheme=scheme)
+        return q[0], s[0], None
     if scheme == "int8":
         s = _safe_scale(jnp.max(jnp.abs(w), axis=2), INT8_MAX)
         q = jnp.clip(jnp.round(w / s[:, :, None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-        return QuantizedWeights(values=q, scales=s, scheme=scheme)
+        return q[0], s[0], None
     g = _groups(w, 2, spec.group_k)  # [E, N, G, group]
     if scheme == "int4":
         s = _safe_scale(jnp.max(jnp.abs(g), axis=3), 7.0)
         q = jnp.clip(jnp.round(g / s[..., None]), -8, 7).astype(jnp.int32) & 0xF
-        return QuantizedWeights(values=pack_int4(q.reshape(e, n, -1)[:, :, :k]), scales=s, scheme=scheme)
+        return pack_int4(q.reshape(e, n, -1)[:, :, :k])[0], s[0], None
     if scheme == "int4_zp":
         lo, hi = jnp.minimum(jnp.min(g, axis=3), 0.0), jnp.maximum(jnp.max(g, axis=3), 0.0)
         s = _safe_scale(hi - lo, 15.0)
         z = jnp.clip(jnp.round(-lo / s), 0, 15)
         q = jnp.clip(jnp.round(g / s[..., None]) + z[..., None], 0, 15).astype(jnp.int32)
-        return QuantizedWeights(values=pack_int4(q.reshape(e, n, -1)[:, :, :k]), scales=s, scheme=scheme,
-                                zero_points=z.astype(jnp.uint8))
+        return pack_int4(q.reshape(e, n, -1)[:, :, :k])[0], s[0], z.astype(jnp.uint8)[0]
     # mxfp4: the smallest 2^x with amax <= 6 * 2^x, from the exponent of amax / 6 (exact)
     amax = jnp.max(jnp.abs(g), axis=3)
     mant, ex = jnp.frexp(amax / 6.0)  # amax / 6 = mant * 2^ex, mant in [0.5, 1)
@@ -197,8 +221,7 @@ def quantize_weights(w: Any, scheme: str, *, fp8_dtype: Any = None) -> Quantized
     tie = jnp.isin(v, mids) & (idx % 2 == 1)
     idx = jnp.clip(jnp.where(tie, idx - 1, idx), 0, 7)
     nib = idx | jnp.where(g < 0, 8, 0)
-    return QuantizedWeights(values=pack_int4(nib.reshape(e, n, -1)[:, :, :k]),
-                            scales=(x + 127).astype(jnp.uint8), scheme="mxfp4")
+    return pack_int4(nib.reshape(e, n, -1)[:, :, :k])[0], (x + 127).astype(jnp.uint8)[0], None
 
 
 def quantize_activations(x: jax.Array, act_quant: str, *, fp8_dtype: Any = None, group: int | None = None

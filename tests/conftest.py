@@ -3,6 +3,7 @@ visible skipping of GPU-only tests on a CPU."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import zlib
@@ -54,7 +55,14 @@ def tolerance(dtype) -> float:
 
 
 def randn(rng: np.random.Generator, shape, dtype=jnp.float32, scale: float = 1.0) -> jax.Array:
-    return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32).astype(dtype)
+    """Standard normal values times ``scale``, drawn from ``rng`` (float32 on the host), or for
+    arrays of real-model size (DeepSeek-V3's w1 holds 7.5e9 values, 60 GB as numpy's float64)
+    drawn on the default device from a key that ``rng`` gives, so that no host copy is made."""
+    if math.prod(shape) >= 2**26:
+        key = jax.random.key(int(rng.integers(2**31)))
+        return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return jnp.asarray(np.multiply(rng.standard_normal(shape, dtype=np.float32), np.float32(scale)),
+                       jnp.float32).astype(dtype)
 
 
 def random_ids(rng: np.random.Generator, m: int, k: int, experts) -> jax.Array:

@@ -207,11 +207,19 @@ class TestQuantMoeTritonGPU(QuantMoeTests):
     QUANT_CASES = {
         **QUANT_CASES,
         **_cases([(32, 512, 1024, 8, 2), (200, 1024, 512, 64, 4), (1024, 1024, 384, 8, 2)], ALL_COMBOS),
+    }
+    MODEL_CASES = {  # real models' expert shapes: up to 80 GB on the card (DeepSeek-V3's fp32 oracle weights)
         **_cases([(16, 4096, 14336, 8, 2)], [("fp8", None), ("fp8", "fp8"), ("int8", "int8"), ("int4", None),
                                              ("mxfp4", None)]),  # Mixtral-8x7B
         **_cases([(64, 7168, 2048, 256, 8)], [("fp8_block", None), ("fp8_block", "fp8")]),  # DeepSeek-V3
         **_cases([(8, 2880, 2880, 128, 4)], [("mxfp4", None), ("int4_zp", None)]),  # gpt-oss-120b
     }
+
+    @pytest.mark.xdist_group("big-memory")  # tens of GB each: one at a time on the card
+    @cases("MODEL_CASES", "m,d,i,e,k,scheme,act_quant")
+    def test_model_shapes_match_oracle(self, rng, m, d, i, e, k, scheme, act_quant):
+        x, q1, q2, tw, ids = quantized_inputs(rng, m, d, i, e, k, BF16, scheme)
+        self.check(x, q1, q2, tw, ids, act_quant)
 
     def check(self, x, q1, q2, tw, ids, act_quant=None, activation="silu"):
         if x.shape[0] * x.shape[1] * q2.shape[2] * ids.shape[1] <= 2**24:

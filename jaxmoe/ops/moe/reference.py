@@ -75,8 +75,9 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     """The two-stage MoE, one expert at a time, rounding to ``compute_dtype`` where the kernels round.
 
     ``w1``/``w2`` may be stored in another dtype (e.g. bf16 weights for an fp32 oracle):
-    each expert's slice is cast to ``compute_dtype`` as it is used; fp32 weights (the
-    dequantized ones of a quantized layer) multiply in fp32. ``b1``/``b2`` are added
+    each expert's slice is cast to ``compute_dtype`` as it is used. ``QuantizedWeights`` are
+    dequantized to fp32 one expert at a time (no fp32 copy of all experts is made); they and
+    fp32 weights on either side make every product fp32. ``b1``/``b2`` are added
     in fp32 to the accumulators (``b2`` before the routing weight multiplies the row).
     ``act_quant`` rounds x and h (:func:`jaxmoe.quantize.quantize_activations`, groups of
     ``act_groups`` channels).
@@ -87,7 +88,9 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     if m == 0:
         return jnp.zeros((0, d), compute_dtype)
     x = hidden_states.astype(compute_dtype)
-    operand = jnp.float32 if w1.dtype == jnp.float32 else compute_dtype  # dequantized weights: fp32 products
+    # dequantized weights multiply in fp32, and so does a layer with fp32 weights on either side
+    wide = [isinstance(w, QuantizedWeights) or w.dtype == jnp.float32 for w in (w1, w2)]
+    operand = jnp.float32 if any(wide) else compute_dtype
     if act_quant is not None:
         from jaxmoe.quantize import quantize_activations
 
@@ -101,7 +104,8 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     # Under shard_map every operand is made to vary over the same manual axes here, outside
     # the loop: an implicit cast inside the cond would transpose to a psum inside a branch
     # that only some devices take, and the backward would hang.
-    x, w1, w2, weights, ids = _varying_like((x, w1, w2, weights, ids))
+    leaves, tree = jax.tree.flatten((x, w1, w2, weights, ids))  # QuantizedWeights: each array
+    x, w1, w2, weights, ids = jax.tree.unflatten(tree, _varying_like(tuple(leaves)))
     bias1 = None if b1 is None else jnp.asarray(b1).astype(jnp.float32)
     bias2 = None if b2 is None else jnp.asarray(b2).astype(jnp.float32)
 
@@ -112,7 +116,7 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
             # even a NaN, reaches this expert's output or its weights' gradient.
             xe = jnp.where(jnp.any(slot, axis=1)[:, None], x, jnp.zeros((), compute_dtype))
             we = jnp.where(slot, weights, 0.0)
-            w1e, w2e = w1[ex].astype(operand), w2[ex].astype(operand)
+            w1e, w2e = _expert(w1, ex, operand), _expert(w2, ex, operand)
             gate_up = _dot(rounded(xe, act_groups[0]), w1e, in_out)  # [M, 2I] fp32, in w1's gate/up order
             if bias1 is not None:
                 gate_up = gate_up + bias1[ex]
@@ -131,6 +135,15 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     (rows,) = _varying_like((jnp.zeros((m, ids.shape[1], d), compute_dtype),), x)
     rows = jax.lax.fori_loop(0, e, one_expert, rows)
     return rows.astype(jnp.float32).sum(axis=1).astype(compute_dtype)
+
+
+def _expert(w: Any, ex: jax.Array, operand: Any) -> jax.Array:
+    """Expert ``ex``'s ``[N, K]`` slice of ``w`` in ``operand``; quantized weights are
+    dequantized (fp32) one expert at a time, never all at once."""
+    if isinstance(w, QuantizedWeights):
+        one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, ex, 1, 0), w)
+        return one.dequantize()[0]
+    return w[ex].astype(operand)
 
 
 def _dot(a, w, in_out: bool):
@@ -155,11 +168,5 @@ def fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu
                                 layout=layout, act_quant=act_quant)
     groups = (_act_group(w1), _act_group(w2))
     fp8 = _fp8_of(w1)
-    if isinstance(w1, QuantizedWeights):
-        w1 = w1.dequantize()
-    if isinstance(w2, QuantizedWeights):
-        w2 = w2.dequantize()
-    if hidden_states.dtype != jnp.float32 and (w1.dtype == jnp.float32) != (w2.dtype == jnp.float32):
-        w1, w2 = w1.astype(jnp.float32), w2.astype(jnp.float32)  # one quantized, one not: both in fp32
     return fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, hidden_states.dtype, b1=b1,
                         b2=b2, layout=layout, act_quant=act_quant, act_groups=groups, fp8_dtype=fp8)
