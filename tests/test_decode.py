@@ -83,9 +83,10 @@ class DecodeTests(OpTests):
         y, weights, ids = self.routed(x, w1, w2, logits, k, **opts)
         y_al, weights_al, ids_al = self.routed(x, w1, w2, logits, k, decode_=False, **opts)
         # the same routing code runs in both, inside different kernels: ids agree exactly,
-        # weights to fp32 rounding (on the H200 the two compiled kernels differ by 1 ulp)
+        # weights to a few fp32 roundings (sigmoid, bias, the normalising division and the
+        # scale, compiled into two kernels: on the H200 they differ by up to 2 ulp)
         np.testing.assert_array_equal(ids, ids_al)
-        np.testing.assert_allclose(weights, weights_al, rtol=2e-7, atol=0)
+        np.testing.assert_allclose(weights, weights_al, rtol=5e-7, atol=0)
         ref_w, ref_ids = jaxmoe.route(logits, k, implementation="reference", **opts)
         np.testing.assert_array_equal(ids, ref_ids)
         assert np.isfinite(np.asarray(y, np.float32)).all()
