@@ -7,6 +7,7 @@ set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"; mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this tree's jaxmoe
 py="${PYTHON:-python3}"
 steps=("$@"); [[ ${#steps[@]} == 0 ]] && steps=(decode train quant epilogue ab)
 status=0

@@ -158,6 +158,7 @@ class DecodeTests(OpTests):
     def test_layer_takes_the_decode_path(self, rng, monkeypatch, capsys):
         """moe_layer at M = 1 takes the path by the size rule (and says so), and matches the reference."""
         monkeypatch.delenv(decode.ENV, raising=False)
+        monkeypatch.setattr(decode, "DECODE_MAX_TOKENS", 4)  # the rule on a card where the path wins
         monkeypatch.setenv("JAXMOE_LOG_CONFIG", "1")
         params = jaxmoe.init_moe_params(jax.random.key(3), hidden=64, intermediate=32, experts=8)
         x = jnp.asarray(rng.standard_normal((1, 64)), F32).astype(BF16)
@@ -205,7 +206,10 @@ class TestDecodeTritonGPU(DecodeTests):
 
 def test_size_rule_and_overrides(monkeypatch):
     monkeypatch.delenv(decode.ENV, raising=False)
-    limit = decode.DECODE_MAX_TOKENS
+    # as shipped the rule never picks the path (the aligned one is faster on the H200)
+    assert decode.DECODE_MAX_TOKENS == 0 and not decode.choose(1, BF16).decode
+    limit = 4  # a card where the decode path wins up to 4 tokens
+    monkeypatch.setattr(decode, "DECODE_MAX_TOKENS", limit)
     assert decode.choose(1, BF16).decode and decode.choose(limit, F16).decode
     assert not decode.choose(limit + 1, BF16).decode
     assert not decode.choose(1, F32).decode  # fp32 stays on the aligned path
@@ -236,8 +240,9 @@ def test_forcing_the_decode_path_where_it_cannot_serve_raises(rng, monkeypatch):
         moe_triton.fused_moe(x, w1, w2, tw, ids, decode=True)
 
 
-def test_plan_spreads_weights_over_the_sms():
+def test_plan_spreads_weights_over_the_sms(monkeypatch):
     """At M = 1 the real shapes' launches have >= 256 programs each (>= 132 SMs streaming)."""
+    monkeypatch.setenv(decode.ENV, "1")
     for e, k, d, i in ((128, 8, 2048, 768), (8, 2, 4096, 14336), (256, 8, 7168, 2048)):
         for spec in decode.plan_decode(1, k, e, d, i, BF16, routed=True):
             assert int(np.prod(spec.grid)) >= 256, (spec.name, spec.grid)

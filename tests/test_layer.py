@@ -110,12 +110,13 @@ class TestMoeLayerTritonGPU(MoeLayerTests):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,launches", [(1, 2), (64, 3)])
-def test_gpu_moe_layer_launch_count(m, launches):
-    """Router matmul aside, the layer is two Triton launches on the decode path (M = 1) and
-    three on the aligned path (route+align, two GEMMs), as its plan says."""
+@pytest.mark.parametrize("m,decode,launches", [(1, "1", 2), (1, "auto", 3), (64, "auto", 3)])
+def test_gpu_moe_layer_launch_count(m, decode, launches, monkeypatch):
+    """Router matmul aside, the layer is two Triton launches on the decode path (M = 1,
+    JAXMOE_DECODE=1) and three on the aligned path (route+align, two GEMMs), as its plan says."""
     from jaxmoe.ops.moe import triton as moe_triton
 
+    monkeypatch.setenv("JAXMOE_DECODE", decode)
     params = init_moe_params(jax.random.key(0), hidden=64, intermediate=32, experts=8, dtype=BF16)
     x = jnp.ones((m, 64), BF16)
     hlo = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, implementation="triton")).lower(params, x).as_text()

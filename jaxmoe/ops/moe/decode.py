@@ -20,7 +20,8 @@ columns split so that, at M = 1, hundreds of programs stream weights (Qwen3-30B-
 384 in A, 256 in B). Rows of one expert are not grouped: each (token, slot) reads its
 expert's rows, so a batch whose tokens share experts reads them more than once (from L2
 when the programs run together, grid order making that likely). That is why the path
-serves small batches only: :data:`DECODE_MAX_TOKENS`.
+serves small batches only: :data:`DECODE_MAX_TOKENS`, which is 0 (the path is taken only
+when asked for) because on the H200 the aligned path is faster even at M = 1.
 
 Which path a call takes: :func:`choose` (the ``decode=`` argument of the Triton functions,
 True or False, where True raises if the path cannot serve the call; else ``JAXMOE_DECODE``:
@@ -57,9 +58,12 @@ __all__ = ["DECODE_MAX_TOKENS", "DECODE_TOKEN_LIMIT", "DECODE_DTYPES", "Choice",
            "fused_moe", "routed_moe"]
 
 # The size rule: batches of at most this many tokens take the decode path when nothing
-# forces a path. To be calibrated on each card with bench/decode_bench.py, which prints
-# the largest M where the decode path is faster for every preset.
-DECODE_MAX_TOKENS = 4
+# forces a path; bench/decode_bench.py prints the largest M where the decode path is
+# faster for every preset. 0, so the rule never picks it: on an H200 (jax 0.11.2,
+# triton 3.6.0) the aligned path is faster at every M measured (Qwen3-30B-A3B M = 1, 2, 4:
+# 42.6/64.8/96.9 us against 57.6/97.0/137.3 us; Mixtral-8x7B M = 1: 0.18 against 0.27 ms),
+# and no other card has been measured. JAXMOE_DECODE=1 or decode=True still take it.
+DECODE_MAX_TOKENS = 0
 # Past this the path is never taken, even when forced: its scratch (one [k] row per
 # program of launch A) and its repeated weight reads grow with M.
 DECODE_TOKEN_LIMIT = 256
