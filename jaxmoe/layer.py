@@ -192,8 +192,9 @@ def moe_layer(
 
       On a mesh, shared experts are replicated and applied to each device's own tokens,
       and ``return_routing`` gives each device's tokens' routing, sharded like the output;
-      the mesh path takes no expert or router biases, no ``layout`` other than ``"out_in"``
-      and not the clamped SwiGLU.
+      expert biases are sharded like the weights, a router bias replicated, and every
+      activation (the clamped SwiGLU too) is taken. The mesh path takes no ``layout`` other
+      than ``"out_in"`` and no quantized weights or ``act_quant`` yet.
 
     Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
     ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
@@ -216,12 +217,9 @@ def moe_layer(
             raise NotImplementedError("moe_layer(mesh=...) takes neither quantized weights nor act_quant yet; "
                                       "run them without a mesh")
 
-        extra = [name for name in ("b1", "b2", "router_bias") if params.get(name) is not None]
-        if extra or layout != "out_in" or not isinstance(activation, str) or activation == "clamped_swiglu":
-            raise NotImplementedError(
-                f"moe_layer(mesh=...) takes neither expert or router biases ({extra or 'none given'}), nor "
-                f"layout={layout!r} other than 'out_in', nor the clamped SwiGLU (activation={activation!r}); "
-                "run those without a mesh")
+        if layout != "out_in":
+            raise NotImplementedError(f"moe_layer(mesh=...) takes only layout='out_in' yet, got layout={layout!r}; "
+                                      "transpose the weights to [E, 2I, D] / [E, D, I] or run without a mesh")
         return sharded_moe_layer(params, x, top_k=top_k, mesh=mesh, expert_axis=expert_axis,
                                  tensor_axis=tensor_axis, data_axis=data_axis, schedule=schedule, scoring=scoring,
                                  renormalize=renormalize, activation=activation, implementation=implementation,

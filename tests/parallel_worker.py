@@ -341,6 +341,69 @@ def grad_shared_experts_ep4_tp2():
                           dict(expert_axis="ep", tensor_axis="tp"))
 
 
+# --------------------------------------------------------------------------- gpt-oss's features: biases, clamped SwiGLU
+
+def _with_biases(params, seed):
+    e, two_i, d = params["w1"].shape
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return {**params, "b1": 0.5 * jax.random.normal(k1, (e, two_i), jnp.float32),
+            "b2": 0.5 * jax.random.normal(k2, (e, d), jnp.float32),
+            "router_bias": jax.random.normal(k3, (e,), jnp.float32)}
+
+
+def _gpt_oss_routing():
+    return dict(scoring="topk_softmax", activation=jaxmoe.ClampedSwiGLU(alpha=1.702, limit=0.5))
+
+
+@case
+def biases_clamped_swiglu_every_mesh():
+    """Expert biases b1/b2, a router bias and gpt-oss's clamped SwiGLU (a limit low enough
+    to clamp) on dp x ep x tp, ep x tp and tp alone: output equal to the single device's."""
+    params, x = _layer(MIXTRAL, 16, seed=80)
+    params = _with_biases(params, 81)
+    out = []
+    for shape, names, axes in (((2, 2, 2), ("dp", "ep", "tp"), dict(expert_axis="ep", tensor_axis="tp", data_axis="dp")),
+                               ((4, 2), ("ep", "tp"), dict(expert_axis="ep", tensor_axis="tp")),
+                               ((8,), ("tp",), dict(tensor_axis="tp"))):
+        out.append(f"{shape}: " + _compare(params, x, _mesh(shape, names), axes, 2, routing=_gpt_oss_routing()))
+    # each feature matters here: dropping one changes the single-device output
+    want = jaxmoe.moe_layer(params, x, top_k=2, implementation="reference", **_gpt_oss_routing())
+    for name in ("b1", "b2", "router_bias"):
+        assert _rel(jaxmoe.moe_layer({k: v for k, v in params.items() if k != name}, x, top_k=2,
+                                     implementation="reference", **_gpt_oss_routing()), want) > 1e-2, name
+    return " | ".join(out)
+
+
+@case
+def biases_shard_params_and_kernels():
+    """shard_params keeps and places b1, b2 and router_bias (a shared expert too); the
+    interpreted Triton kernels with biases inside shard_map match the reference."""
+    params, x = _layer(MIXTRAL, 16, seed=82)
+    params = _with_shared(_with_biases(params, 83), 84, True)
+    mesh = _mesh((4, 2), ("ep", "tp"))
+    placed = jaxmoe.parallel.shard_params(params, mesh, expert_axis="ep", tensor_axis="tp")
+    assert set(placed) == set(params), (set(placed), set(params))
+    assert placed["b1"].sharding.spec[0] == "ep" and placed["router_bias"].sharding.spec == P()
+    want = jaxmoe.moe_layer(params, x, top_k=2, implementation="reference", **_gpt_oss_routing())
+    got = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, mesh=mesh, expert_axis="ep", tensor_axis="tp",
+                                               implementation="reference", **_gpt_oss_routing()))(placed, x)
+    err = _rel(got, want)
+    assert err <= 1e-5, err
+    kern = _compare(_with_biases(_layer(MIXTRAL, 16, seed=85)[0], 86), _layer(MIXTRAL, 16, seed=85)[1],
+                    _mesh((2, 2), ("ep", "tp")), dict(expert_axis="ep", tensor_axis="tp"), 2,
+                    routing=_gpt_oss_routing(), implementation="triton", schedules=("all_to_all",), tol=1e-4)
+    return f"shard_params: {err:.1e}; kernels ep=2 x tp=2: {kern}"
+
+
+@case
+def grad_biases_clamped_swiglu_dp2_ep2_tp2():
+    """Gradients of every parameter (b1, b2 and router_bias included) and of x on a
+    dp x ep x tp mesh equal the single device's."""
+    params, x = _layer(MIXTRAL, 16, seed=87)
+    return _compare_grads(_with_biases(params, 88), x, 2, _gpt_oss_routing(), _mesh((2, 2, 2), ("dp", "ep", "tp")),
+                          dict(expert_axis="ep", tensor_axis="tp", data_axis="dp"))
+
+
 # --------------------------------------------------------------------------- Triton's interpreter inside shard_map
 
 @case
@@ -355,22 +418,25 @@ def triton_interpreter_mixtral():
 @case
 def triton_interpreter_grads_ep2_tp2():
     """Gradients through the Triton kernels (their backward kernels, interpreted) inside
-    shard_map on an ep=2 x tp=2 mesh equal the reference's on one device."""
+    shard_map on an ep=2 x tp=2 mesh equal the reference's on one device, plain and with
+    expert and router biases and the clamped SwiGLU."""
     params, x = _layer(MIXTRAL, 12, seed=62)
+    out = []
+    for params, extra in ((params, {}), (_with_biases(params, 63), _gpt_oss_routing())):  # plain; gpt-oss's features
+        def grads(implementation, **kw):
+            def loss(p, x):
+                y = jaxmoe.moe_layer(p, x, top_k=2, implementation=implementation, **extra, **kw)
+                return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
+            return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
-    def grads(implementation, **kw):
-        def loss(p, x):
-            y = jaxmoe.moe_layer(p, x, top_k=2, implementation=implementation, **kw)
-            return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-
-    want = grads("reference")
-    got = grads("triton", mesh=_mesh((2, 2), ("ep", "tp")), expert_axis="ep", tensor_axis="tp",
-                schedule="all_to_all")
-    errs = {name: _rel(got[0][name].reshape(want[0][name].shape), want[0][name]) for name in ("router", "w1", "w2")}
-    errs["x"] = _rel(got[1], want[1])
-    assert max(errs.values()) <= 1e-4, errs
-    return f"max rel err {max(errs.values()):.1e}"
+        want = grads("reference")
+        got = grads("triton", mesh=_mesh((2, 2), ("ep", "tp")), expert_axis="ep", tensor_axis="tp",
+                    schedule="all_to_all")
+        errs = {name: _rel(got[0][name].reshape(want[0][name].shape), want[0][name]) for name in want[0]}
+        errs["x"] = _rel(got[1], want[1])
+        assert max(errs.values()) <= 1e-4, errs
+        out.append(f"{sorted(want[0])}: max rel err {max(errs.values()):.1e}")
+    return "; ".join(out)
 
 
 # --------------------------------------------------------------------------- errors, before tracing

@@ -267,7 +267,7 @@ def test_feature_errors(rng, case):
              "layout-shape": r"w2 must be \[E, I, D\] = \[4, 16, 32\] \(layout='in_out'\)", "activation": "activation must be one of",
              "clamp-limit": "ClampedSwiGLU.limit must be > 0", "topk-softmax-norm": "renormalize=False has no meaning",
              "topk-softmax-bias": "topk_softmax' takes neither", "router-bias": r"params\['router_bias'\] must be \[E\]",
-             "mesh": r"moe_layer\(mesh=...\) takes neither expert or router biases"}[case]
+             "mesh": r"moe_layer\(mesh=...\) takes only layout='out_in'"}[case]
     error = TypeError if case == "b1-int" else NotImplementedError if case == "mesh" else ValueError
     with pytest.raises(error, match=match):
         if case == "b1-shape":
@@ -290,6 +290,7 @@ def test_feature_errors(rng, case):
         elif case in ("router-bias", "mesh"):
             params = {"router": jnp.zeros((32, 4)), "w1": w1, "w2": w2, "router_bias": jnp.zeros(3 if case == "router-bias" else 4)}
             mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",)) if case == "mesh" else None
-            jaxmoe.moe_layer(params, x, top_k=2, mesh=mesh, expert_axis="ep" if mesh else None)
+            jaxmoe.moe_layer(params, x, top_k=2, mesh=mesh, expert_axis="ep" if mesh else None,
+                             layout="in_out" if mesh else "out_in")
         else:
             jaxmoe.fused_moe(x, w1, w2, tw, ids, **call)

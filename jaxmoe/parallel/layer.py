@@ -86,7 +86,9 @@ def shard_params(params: dict[str, Any], mesh: Any, *, expert_axis: str | None =
 
     Returns ``{"router": [D, E] replicated, "w1": [E, 2, I, D] sharded
     P(expert_axis, None, tensor_axis, None), "w2": [E, D, I] sharded P(expert_axis, None,
-    tensor_axis)}``, dtypes kept. ``w1`` comes in its split view (``w1.reshape(E, 2, I, D)``)
+    tensor_axis)}``, dtypes kept, plus what else ``params`` holds: ``b1 [E, 2I]`` and
+    ``b2 [E, D]`` sharded P(expert_axis), everything else (``router_bias``, shared experts,
+    ``shared_gate``) replicated. ``w1`` comes in its split view (``w1.reshape(E, 2, I, D)``)
     because no sharding of ``[E, 2I, D]`` gives each tensor-parallel device its gate rows
     and its up rows together; ``moe_layer`` takes either form.
     """
@@ -104,8 +106,13 @@ def shard_params(params: dict[str, Any], mesh: Any, *, expert_axis: str | None =
     def put(a, spec):
         return jax.device_put(a, NamedSharding(mesh, spec))
 
-    return {"router": put(params["router"], P()), "w1": put(w1, axes.w1_spec),
-            "w2": put(params["w2"], axes.w2_spec)}
+    placed = {"router": put(params["router"], P()), "w1": put(w1, axes.w1_spec),
+              "w2": put(params["w2"], axes.w2_spec)}
+    for name, value in params.items():
+        if name not in placed and value is not None:
+            spec = P(axes.expert) if name in ("b1", "b2") else P()
+            placed[name] = jax.tree.map(lambda v, spec=spec: put(v, spec), value)
+    return placed
 
 
 def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, expert_axis: str | None = None,
@@ -119,7 +126,10 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
 
     Shared experts (``params["shared"]``, ``params["shared_gate"]``) are replicated on every
     device and applied to its own tokens after the routed experts' combine (on a tensor axis,
-    after the sum over it): every device of a tensor group computes them in full.
+    after the sum over it): every device of a tensor group computes them in full. Expert
+    biases are sharded as the weights are (``b1`` over the expert and tensor axes, ``b2``
+    over the expert axis, added by the first device of each tensor group only, so the sum
+    over the tensor axis holds it once); a router bias is replicated.
     ``return_routing`` returns the routing of each device's own tokens, sharded as ``y``.
     """
     from jaxmoe.layer import _check_shared
@@ -130,6 +140,7 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
                    topk_group=topk_group, correction_bias=correction_bias,
                    routed_scaling_factor=routed_scaling_factor, group_scoring=group_scoring)
     d, e, i = check_sharded_layer_args(params, x, top_k, axes, schedule, activation=activation, **routing)
+    activation = checks.resolve_activation(activation)
     _check_shared(params, d, params["w1"].dtype)
     if not isinstance(return_routing, bool):
         raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
@@ -155,6 +166,12 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
     specs = {"x": axes.token_spec, "router": P(), "w1": axes.w1_spec, "w2": axes.w2_spec}
     if correction_bias is not None:
         arrays["bias"], specs["bias"] = jnp.asarray(correction_bias), P()
+    if params.get("router_bias") is not None:
+        arrays["router_bias"], specs["router_bias"] = jnp.asarray(params["router_bias"]), P()
+    if params.get("b1") is not None:  # [E, 2I] in the split view [E, 2, I], sharded as w1 is
+        arrays["b1"], specs["b1"] = jnp.asarray(params["b1"]).reshape(e, 2, i), P(axes.expert, None, axes.tensor)
+    if params.get("b2") is not None:
+        arrays["b2"], specs["b2"] = jnp.asarray(params["b2"]), P(axes.expert, None)
     if not static_scale:
         arrays["scale"], specs["scale"] = jnp.asarray(routed_scaling_factor), P()
     if params.get("shared") is not None:
@@ -185,7 +202,7 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
 
 def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_experts: int, static_scale: Any, *,
                  top_k: int, scoring: str, renormalize: bool, num_expert_group: int | None,
-                 topk_group: int | None, group_scoring: str | None, activation: str, implementation: Any,
+                 topk_group: int | None, group_scoring: str | None, activation: Any, implementation: Any,
                  return_routing: bool) -> Any:
     """One device's part of the layer (inside shard_map): ``x [T, D]`` to ``y [T, D]`` (and,
     with ``return_routing``, the routing of those ``T`` tokens)."""
@@ -194,9 +211,17 @@ def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_exp
     w1 = w1.reshape(w1.shape[0], -1, w1.shape[-1])  # [E_loc, 2 * I/tp, D]: this device's gate rows, then up rows
     first = 0 if axes.expert is None else jax.lax.axis_index(axes.expert) * e_loc
     scale = a["scale"] if "scale" in a else static_scale
+    b1 = a.get("b1")
+    if b1 is not None:
+        b1 = b1.reshape(b1.shape[0], -1)  # [E_loc, 2 * I/tp]: this device's gate biases, then up biases
+    b2 = a.get("b2")
+    if b2 is not None and axes.tensor is not None:
+        b2 = jnp.where(jax.lax.axis_index(axes.tensor) == 0, b2, jnp.zeros_like(b2))
 
     def routed(x):
         logits = jnp.dot(x, a["router"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+        if "router_bias" in a:
+            logits = logits + a["router_bias"].astype(jnp.float32)
         weights, ids = route(logits, top_k, scoring=scoring, renormalize=renormalize,
                              num_expert_group=num_expert_group, topk_group=topk_group, correction_bias=a.get("bias"),
                              routed_scaling_factor=scale, group_scoring=group_scoring, implementation=implementation)
@@ -205,11 +230,12 @@ def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_exp
     def experts(x, weights, local_ids):
         k = local_ids.shape[1]
         if k <= e_loc:
-            return fused_moe(x, w1, a["w2"], weights, local_ids, activation=activation, implementation=implementation)
+            return fused_moe(x, w1, a["w2"], weights, local_ids, activation=activation, b1=b1, b2=b2,
+                             implementation=implementation)
         # More slots than local experts (the op takes k <= E): one row per (token, slot), which
         # rounds each slot's row as the op does, then the op's fp32 sum over the slots.
         rows = fused_moe(jnp.repeat(x, k, axis=0), w1, a["w2"], weights.reshape(-1, 1), local_ids.reshape(-1, 1),
-                         activation=activation, implementation=implementation)
+                         activation=activation, b1=b1, b2=b2, implementation=implementation)
         return rows.reshape(-1, k, rows.shape[-1]).astype(jnp.float32).sum(axis=1).astype(x.dtype)
 
     x = a["x"]

@@ -104,10 +104,10 @@ def fused_moe_in(hidden_states, w1, w2, topk_weights, topk_ids, activation, comp
     # Under shard_map every operand is made to vary over the same manual axes here, outside
     # the loop: an implicit cast inside the cond would transpose to a psum inside a branch
     # that only some devices take, and the backward would hang.
-    leaves, tree = jax.tree.flatten((x, w1, w2, weights, ids))  # QuantizedWeights: each array
-    x, w1, w2, weights, ids = jax.tree.unflatten(tree, _varying_like(tuple(leaves)))
     bias1 = None if b1 is None else jnp.asarray(b1).astype(jnp.float32)
     bias2 = None if b2 is None else jnp.asarray(b2).astype(jnp.float32)
+    leaves, tree = jax.tree.flatten((x, w1, w2, weights, ids, bias1, bias2))  # QuantizedWeights: each array
+    x, w1, w2, weights, ids, bias1, bias2 = jax.tree.unflatten(tree, _varying_like(tuple(leaves)))
 
     def one_expert(ex, rows):
         def compute(rows):
