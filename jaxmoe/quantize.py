@@ -159,7 +159,7 @@ def quantize_weights(w: Any, scheme: str, *, fp8_dtype: Any = None) -> Quantized
 
 
 # Experts are quantized a batch at a time, each batch holding at most this many weights, so
-# the fp32 temporaries stay a few hundred MB even for DeepSeek-V3's 7.5e9-value w1.
+# each fp32 temporary is at most 256 MB, even for DeepSeek-V3's 7.5e9-value w1.
 _QUANTIZE_BATCH_VALUES = 2**26
 
 

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.xdist_group("parallel")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
 
 
-# Session scope: pytest tears a module fixture down whenever its worker runs another module's
-# test in between (loadgroup interleaves them), and the 8-device worker would run again.
+# Scoped to the whole pytest run: pytest tears a module fixture down whenever its worker runs
+# another module's test in between, and the 8-device worker would run again.
 @pytest.fixture(scope="session")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel") / "results.json"
