@@ -6,7 +6,7 @@
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"; mkdir -p "$out"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # a step cut by its time limit keeps its log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this tree's jaxmoe
 py="${PYTHON:-python3}"
 steps=("$@"); [[ ${#steps[@]} == 0 ]] && steps=(decode train quant epilogue ab)
@@ -24,17 +24,17 @@ for s in "${steps[@]}"; do
     case $s in
     decode) step decode "${DECODE_S:-110}" "$py" bench/decode_bench.py --model qwen3-30b-a3b --model mixtral-8x7b \
                 --m 1 --m 2 --m 4 --m 8 --m 16 --m 32 --m 64 --reps 20 ;;
-    train) step train "${TRAIN_S:-150}" "$py" -m jaxmoe bench --mode train --model mixtral-8x7b --model qwen3-30b-a3b \
+    train) step train "${TRAIN_S:-240}" "$py" -m jaxmoe bench --mode train --model mixtral-8x7b --model qwen3-30b-a3b \
                 --m 4096 --m 16384 --reps 5 --out "$out/train" ;;
     quant) for q in ${QUANTS:-fp8 int8 int4 mxfp4}; do
-               step "quant-$q" "${QUANT_S:-60}" "$py" -m jaxmoe bench --quant "$q" --model mixtral-8x7b --model qwen3-30b-a3b \
+               step "quant-$q" "${QUANT_S:-170}" "$py" -m jaxmoe bench --quant "$q" --model mixtral-8x7b --model qwen3-30b-a3b \
                    --m 1 --m 16 --m 128 --m 4096 --impl jaxmoe --reps 10 --out "$out/quant-$q"
            done ;;
     epilogue) step epilogue "${EPILOGUE_S:-100}" "$py" bench/epilogue_cost.py --model gpt-oss-120b --m 1 --m 4096 \
                 --reps 10 --rounds 2 --out "$out/epilogue_cost" ;;
     ab) if [[ -n ${OLD_TREE:-} ]]; then
             step ab "${AB_S:-150}" "$py" bench/ab.py --a "$OLD_TREE" --b . --model mixtral-8x7b --model qwen3-30b-a3b \
-                --m 1 --m 128 --m 1024 --m 4096 --rounds 2 --reps 10 --out "$out/ab.json"
+                --m 1 --m 128 --m 1024 --m 4096 --rounds "${AB_ROUNDS:-2}" --reps "${AB_REPS:-10}" --out "$out/ab.json"
         fi ;;
     forward) step forward "${FORWARD_S:-150}" "$py" -m jaxmoe bench --model mixtral-8x7b --model qwen3-30b-a3b \
                 --model deepseek-v3 --m 1 --m 16 --m 128 --m 1024 --m 4096 --reps 10 --out "$out/forward" ;;
