@@ -2,7 +2,9 @@
 # The GPU benchmarks of this tree, one after another (never two on the card at once), each
 # under its own time limit; outputs (logs, JSON, CSV) go to $OUT (default ./gpu-out).
 #   scripts/gpu_bench.sh [STEP ...]   steps: decode train quant epilogue ab forward (default: all)
-# OLD_TREE: a source tree to A/B against (step ab; skipped when unset).
+# OLD_TREE: a source tree to A/B against (step ab; skipped when unset; AB_ROUNDS, AB_REPS: its
+# rounds and reps, default 2 and 10; 4 rounds resolve about 1 % where a cell is steady).
+# Time limits in seconds: DECODE_S, TRAIN_S, QUANT_S (each scheme of QUANTS), EPILOGUE_S, AB_S, FORWARD_S.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"; mkdir -p "$out"
