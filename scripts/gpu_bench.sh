@@ -4,7 +4,7 @@
 #   scripts/gpu_bench.sh [STEP ...]   steps: decode train quant epilogue ab forward (default: all)
 # OLD_TREE: a source tree to A/B against (step ab; skipped when unset; AB_ROUNDS, AB_REPS: its
 # rounds and reps, default 2 and 10; 4 rounds resolve about 1 % where a cell is steady).
-# Time limits in seconds: DECODE_S, TRAIN_S, QUANT_S (each scheme of QUANTS), EPILOGUE_S, AB_S, FORWARD_S.
+# Time limits in seconds: DECODE_S, TRAIN_S, TRAIN_PEER_S, QUANT_S (each scheme of QUANTS), EPILOGUE_S, AB_S, FORWARD_S.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"; mkdir -p "$out"
@@ -26,8 +26,11 @@ for s in "${steps[@]}"; do
     case $s in
     decode) step decode "${DECODE_S:-110}" "$py" bench/decode_bench.py --model qwen3-30b-a3b --model mixtral-8x7b \
                 --m 1 --m 2 --m 4 --m 8 --m 16 --m 32 --m 64 --reps 20 ;;
-    train) step train "${TRAIN_S:-240}" "$py" -m jaxmoe bench --mode train --model mixtral-8x7b --model qwen3-30b-a3b \
-                --m 4096 --m 16384 --reps 5 --out "$out/train" ;;
+    # jaxmoe at both sizes first; lax.ragged_dot's autodiff (minutes at M = 16384) at M = 4096 only
+    train) step train "${TRAIN_S:-150}" "$py" -m jaxmoe bench --mode train --model mixtral-8x7b --model qwen3-30b-a3b \
+                --m 4096 --m 16384 --impl jaxmoe --reps 5 --out "$out/train"
+           step train-ragged_dot "${TRAIN_PEER_S:-120}" "$py" -m jaxmoe bench --mode train --model mixtral-8x7b \
+                --model qwen3-30b-a3b --m 4096 --impl ragged_dot --reps 5 --out "$out/train-ragged_dot" ;;
     quant) for q in ${QUANTS:-fp8 int8 int4 mxfp4}; do
                step "quant-$q" "${QUANT_S:-170}" "$py" -m jaxmoe bench --quant "$q" --model mixtral-8x7b --model qwen3-30b-a3b \
                    --m 1 --m 16 --m 128 --m 4096 --impl jaxmoe --reps 10 --out "$out/quant-$q"
