@@ -2,8 +2,8 @@
 
     python examples/load_layer.py /path/to/checkpoint --layer 3 [--family deepseek_v3] [--tokens 8]
 
-The directory holds config.json and *.safetensors (bf16 or fp32) of a Mixtral, Qwen2-MoE,
-Qwen3-MoE, DeepSeek-V3 or gpt-oss checkpoint. Prints the output's shape, dtype and norm, and
+The directory holds config.json and *.safetensors (bf16 or fp32; fp8 block-scaled or mxfp4
+experts load quantized) of a Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 or gpt-oss checkpoint. Prints the output's shape, dtype and norm, and
 how many tokens each expert received.
 """
 
@@ -30,7 +30,8 @@ def main() -> None:
 
     params, routing = load_layer(args.path, args.family, layer=args.layer)
     hidden = params["router"].shape[0]
-    x = jax.random.normal(jax.random.key(0), (args.tokens, hidden), jnp.float32).astype(params["w1"].dtype)
+    # activations in the router's dtype: the experts' own, or bf16 beside quantized experts
+    x = jax.random.normal(jax.random.key(0), (args.tokens, hidden), jnp.float32).astype(params["router"].dtype)
 
     # The bias is an array: pass it as an argument so it is not baked into the program.
     bias = routing.pop("correction_bias")

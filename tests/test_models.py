@@ -141,9 +141,10 @@ def _topk(values, k):
     return np.argsort(-values, kind="stable")[:k]
 
 
-def family_block(family, t, x) -> tuple[np.ndarray, np.ndarray]:
-    """The family's MoE block on ``x [M, D]`` in float64: ``(y [M, D], topk_ids [M, k])``."""
-    cfg = CONFIGS[family]
+def family_block(family, t, x, cfg=None) -> tuple[np.ndarray, np.ndarray]:
+    """The family's MoE block on ``x [M, D]`` in float64: ``(y [M, D], topk_ids [M, k])``
+    (``cfg``: the checkpoint's config, default ``CONFIGS[family]``)."""
+    cfg = CONFIGS[family] if cfg is None else cfg
     x = _f64(x)
     k = cfg["num_experts_per_tok"]
     if family == "gpt_oss":
@@ -319,11 +320,15 @@ def test_errors(tmp_path, rng):
     with pytest.raises(CheckpointError, match=r"experts\.7\.up_proj\.weight.* missing"):
         load_layer(path, layer=LAYER)
 
-    fp8 = dict(tensors)
+    fp8 = dict(tensors)  # a block scale beside fp32 weights: neither an fp8 nor a plain checkpoint
     fp8[f"model.layers.{LAYER}.mlp.experts.0.up_proj.weight_scale_inv"] = np.ones((1, 1), np.float32)
     path = write_checkpoint(tmp_path / "fp8", "deepseek_v3", fp8)
-    with pytest.raises(NotImplementedError, match="fp8_block"):
+    with pytest.raises(CheckpointError, match=r"experts\.0\.gate_proj\.weight' is F32, but .* fp8"):
         load_layer(path, layer=LAYER)
+    gptq = write_checkpoint(tmp_path / "gptq", "deepseek_v3", tensors,
+                            config={**CONFIGS["deepseek_v3"], "quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(NotImplementedError, match="'gptq'"):
+        load_layer(gptq, layer=LAYER)
 
     bad_index = write_checkpoint(tmp_path / "index", "mixtral", make_tensors(rng, "mixtral", np.float32), shards=2)
     (bad_index / "model-00002-of-00002.safetensors").unlink()
@@ -345,6 +350,12 @@ def test_example_runs(tmp_path, rng):
                           "--implementation", "reference"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "shape=(8, 32) dtype=bfloat16 norm=" in out.stdout
+    # an fp8 checkpoint: the experts stay quantized, the tokens are bf16 (the router's dtype)
+    fp8 = write_checkpoint(tmp_path / "ds8", "deepseek_v3", deepseek_fp8_tensors(rng, 160, 128, 8), config=FP8_CONFIG)
+    out = subprocess.run([sys.executable, str(root / "examples" / "load_layer.py"), str(fp8), "--layer", "1",
+                          "--implementation", "reference"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "experts=8 top_k=2 shared=True" in out.stdout and "shape=(8, 160) dtype=bfloat16 norm=" in out.stdout
 
 
 # --------------------------------------------------------------------------- gpt-oss
@@ -413,6 +424,112 @@ def test_gpt_oss_mxfp4_experts_load_as_the_mxfp4_scheme(tmp_path, rng):
     assert rel_err(y, jaxmoe.moe_layer(plain, x, **routing, implementation="reference")) <= 1e-2
 
 
+def deepseek_fp8_tensors(rng, d, i, e):
+    """One DeepSeek-V3 MoE layer as its fp8 release stores it: e4m3 ``.weight`` values with
+    fp32 ``.weight_scale_inv [ceil(out / 128), ceil(in / 128)]``, a bf16 router, an fp32
+    correction bias; one fp8 shared expert."""
+    p = f"model.layers.{LAYER}.mlp."
+    t = {p + "gate.weight": rng.standard_normal((e, d)).astype(ml_dtypes.bfloat16),
+         p + "gate.e_score_correction_bias": (0.1 * rng.standard_normal(e)).astype(np.float32)}
+
+    def linear(name, n, k):
+        t[name + ".weight"] = np.clip(rng.standard_normal((n, k)) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        blocks = (-(-n // 128), -(-k // 128))
+        t[name + ".weight_scale_inv"] = (rng.uniform(0.5, 2.0, blocks) / (100 * math.sqrt(k))).astype(np.float32)
+
+    for prefix in [f"{p}experts.{j}." for j in range(e)] + [p + "shared_experts."]:
+        linear(prefix + "gate_proj", i, d)
+        linear(prefix + "up_proj", i, d)
+        linear(prefix + "down_proj", d, i)
+    return t
+
+
+# DeepSeek-V3's fp8 release's config keys, at a small shape (D = 160, I = 128, E = 8)
+FP8_CONFIG = {**CONFIGS["deepseek_v3"], "hidden_size": 160, "moe_intermediate_size": 128, "n_routed_experts": 8,
+              "n_group": 4, "topk_group": 2, "num_experts_per_tok": 2,
+              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}}
+
+
+def _dequant_fp8(t, name):
+    """float32 value x its block's scale, as a checkpoint reader computes it."""
+    values, scale = t[name + ".weight"].astype(np.float32), t[name + ".weight_scale_inv"]
+    full = np.kron(scale, np.ones((128, 128), np.float32))[: values.shape[0], : values.shape[1]]
+    return values * full
+
+
+def test_deepseek_fp8_experts_load_as_the_fp8_block_scheme(tmp_path, rng):
+    """DeepSeek-V3's fp8 release (quant_method "fp8", 128 x 128 weight_scale_inv blocks) loads
+    as ``"fp8_block"`` weights holding the stored values and scales (gate and up stacked on
+    w1's N), with partial blocks where D is not a multiple of 128; the layer on the kernels
+    matches the reference on the same weights dequantized."""
+    d, i, e = 160, 128, 8  # D = 1.25 blocks: w1's K and w2's N end in a partial block
+    tensors = deepseek_fp8_tensors(rng, d, i, e)
+    path = write_checkpoint(tmp_path / "fp8", "deepseek_v3", tensors, config=FP8_CONFIG)
+    params, routing = load_layer(path, layer=LAYER)
+    w1, w2 = params["w1"], params["w2"]
+    assert w1.scheme == w2.scheme == "fp8_block" and w1.shape == (e, 2 * i, d) and w2.shape == (e, d, i)
+    assert w1.scales.shape == (e, 2, 2) and w2.scales.shape == (e, 2, 1)
+    p = f"model.layers.{LAYER}.mlp."
+    want1 = np.stack([np.concatenate([_dequant_fp8(tensors, f"{p}experts.{j}.gate_proj"),
+                                      _dequant_fp8(tensors, f"{p}experts.{j}.up_proj")]) for j in range(e)])
+    want2 = np.stack([_dequant_fp8(tensors, f"{p}experts.{j}.down_proj") for j in range(e)])
+    np.testing.assert_array_equal(np.asarray(w1.dequantize()), want1)
+    np.testing.assert_array_equal(np.asarray(w2.dequantize()), want2)
+    # the shared expert, a dense path, is dequantized to the router's dtype
+    assert params["shared"]["w1"].dtype == jnp.bfloat16
+    shared_gate = _dequant_fp8(tensors, p + "shared_experts.gate_proj")
+    np.testing.assert_array_equal(np.asarray(params["shared"]["w1"][0, :i]),
+                                  shared_gate.astype(ml_dtypes.bfloat16))
+
+    _check_fp8_layer(params, routing, tensors, FP8_CONFIG, jnp.asarray(rng.standard_normal((12, d)), jnp.bfloat16))
+
+
+def _check_fp8_layer(params, routing, tensors, config, x):
+    """The loaded fp8 layer on the kernels against the family's float64 block on the
+    checkpoint's weights dequantized (value x block scale): ids equal where the scores are
+    not tied, outputs within bf16's tolerance (x, h and y are bf16; the weights are exact)."""
+    p = f"model.layers.{LAYER}.mlp."
+    deq = {name[: -len("_scale_inv")]: _dequant_fp8(tensors, name[: -len(".weight_scale_inv")])
+           for name in tensors if name.endswith(".weight_scale_inv")}
+    deq.update({k: v for k, v in tensors.items() if not k.endswith("weight") and not k.endswith("_scale_inv")})
+    deq[p + "gate.weight"] = tensors[p + "gate.weight"]
+    y, got = _run(params, routing, x, "triton")
+    want_y, want_ids = family_block("deepseek_v3", deq, to_f64(x), config)
+    assert y.dtype == jnp.bfloat16
+    logits = to_f64(x) @ _f64(tensors[p + "gate.weight"]).T
+    scores = 1.0 / (1.0 + np.exp(-logits)) + _f64(tensors[p + "gate.e_score_correction_bias"])
+    top = np.sort(scores, axis=1)[:, ::-1]
+    k = config["num_experts_per_tok"]
+    untied = np.min(np.abs(np.diff(top[:, : k + 1], axis=1)), axis=1) > 1e-5
+    assert untied.mean() > 0.5
+    np.testing.assert_array_equal(np.sort(got["topk_ids"][untied], 1), np.sort(want_ids[untied], 1))
+    assert rel_err(y, want_y) <= tolerance(jnp.bfloat16)
+
+
+def test_fp8_checkpoint_errors_are_named(tmp_path, rng):
+    d, i, e = 32, 128, 4
+    config = {**CONFIGS["deepseek_v3"], "hidden_size": d, "moe_intermediate_size": i, "n_routed_experts": e,
+              "n_group": 1, "topk_group": 1, "num_experts_per_tok": 2,
+              "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    p = f"model.layers.{LAYER}.mlp."
+    tensors = deepseek_fp8_tensors(rng, d, i, e)
+    no_scale = {k: v for k, v in tensors.items() if k != p + "experts.2.down_proj.weight_scale_inv"}
+    with pytest.raises(CheckpointError, match=r"experts\.2\.down_proj\.weight' has no .*weight_scale_inv"):
+        load_layer(write_checkpoint(tmp_path / "a", "deepseek_v3", no_scale, config=config), layer=LAYER)
+    wrong = dict(tensors)
+    wrong[p + "experts.1.up_proj.weight_scale_inv"] = np.ones((2, 1), np.float32)
+    with pytest.raises(CheckpointError, match="weight_scale_inv"):
+        load_layer(write_checkpoint(tmp_path / "b", "deepseek_v3", wrong, config=config), layer=LAYER)
+    narrow = deepseek_fp8_tensors(rng, d, 64, e)  # gate and up would share a 128-row scale block
+    with pytest.raises(CheckpointError, match="multiple of 128"):
+        load_layer(write_checkpoint(tmp_path / "c", "deepseek_v3", narrow,
+                                    config={**config, "moe_intermediate_size": 64}), layer=LAYER)
+    blocks = {**config, "quantization_config": {"quant_method": "fp8", "weight_block_size": [1, 128]}}
+    with pytest.raises(NotImplementedError, match=r"weight_block_size \[1, 128\]"):
+        load_layer(write_checkpoint(tmp_path / "d", "deepseek_v3", tensors, config=blocks), layer=LAYER)
+
+
 def test_gpt_oss_wrong_shapes_are_named(tmp_path, rng):
     tensors = make_tensors(rng, "gpt_oss", np.float32)
     p = f"model.layers.{LAYER}.mlp.experts."
@@ -420,6 +537,22 @@ def test_gpt_oss_wrong_shapes_are_named(tmp_path, rng):
     path = write_checkpoint(tmp_path / "bad", "gpt_oss", tensors)
     with pytest.raises(CheckpointError, match=r"experts\.down_proj' is \[8, 32, 16\], expected \[8, 16, 32\]"):
         load_layer(path, layer=LAYER)
+
+
+@pytest.mark.gpu
+class TestDeepseekFp8TritonGPU:
+    """DeepSeek-V3's fp8 release loaded at a larger shape (D = 3 blocks, E = 32), on the GPU
+    kernels, against the family's float64 block on the dequantized weights."""
+
+    def test_matches_its_model(self, tmp_path, rng):
+        d, i, e = 384, 256, 32
+        config = {**FP8_CONFIG, "hidden_size": d, "moe_intermediate_size": i, "n_routed_experts": e,
+                  "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4}
+        tensors = deepseek_fp8_tensors(rng, d, i, e)
+        params, routing = load_layer(write_checkpoint(tmp_path / "ds8", "deepseek_v3", tensors, config=config),
+                                     layer=LAYER)
+        assert params["w1"].scheme == "fp8_block"
+        _check_fp8_layer(params, routing, tensors, config, jnp.asarray(rng.standard_normal((200, d)), jnp.bfloat16))
 
 
 @pytest.mark.gpu

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxmoe.types import QUANT_BLOCK, QuantizedWeights
+
 __all__ = ["FAMILIES", "CheckpointError", "infer_family", "load_layer"]
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
@@ -43,7 +45,7 @@ _ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2
                   "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                   "GptOssForCausalLM": "gpt_oss"}
 _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-               "I64": np.int64, "I32": np.int32, "U8": np.uint8}
+               "I64": np.int64, "I32": np.int32, "U8": np.uint8, "F8_E4M3": ml_dtypes.float8_e4m3fn}
 
 
 class CheckpointError(ValueError):
@@ -106,8 +108,8 @@ class _Tensors:
         try:
             with safe_open(str(file), framework="np") as f:
                 value = f.get_tensor(name)
-        except (TypeError, ValueError, RuntimeError):
-            value = None  # a safetensors build whose numpy API cannot hold this dtype
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            value = None  # a safetensors build whose numpy API cannot hold this dtype (fp8 in numpy)
         if value is not None and not (stored == "BF16" and value.dtype != ml_dtypes.bfloat16):
             return value
         return self._raw(file, name)
@@ -190,21 +192,67 @@ def _check_sparse_layer(config: dict[str, Any], family: str, layer: int) -> None
                                   f"(first_k_dense_replace={first}, moe_layer_freq={freq}), not an MoE layer")
 
 
-def _check_not_quantized(config: dict[str, Any], tensors: _Tensors, base: str) -> None:
-    """Refuse quantized checkpoints: the loader reads bf16, fp16 and fp32 weights only."""
+def _fp8_block_size(config: dict[str, Any], tensors: _Tensors, base: str) -> bool:
+    """Whether the layer's experts are fp8 with 128 x 128 block scales (DeepSeek-V3's
+    ``quant_method: "fp8"``, ``weight_scale_inv``); other quantized checkpoints are refused."""
     quant = config.get("quantization_config") or {}
     method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method == "fp8" or any(name.startswith(base) and name.endswith("weight_scale_inv") for name in tensors.files):
-        raise NotImplementedError(
-            "this checkpoint holds fp8 block-scaled weights (weight_scale_inv); loading them needs the "
-            "'fp8_block' weight scheme, which jaxmoe does not implement yet: use a bf16 checkpoint")
+    scaled = any(name.startswith(base) and name.endswith("weight_scale_inv") for name in tensors.files)
+    if method == "fp8" or (method is None and scaled):
+        block = list(quant.get("weight_block_size") or [QUANT_BLOCK, QUANT_BLOCK]) if isinstance(quant, dict) else []
+        if block != [QUANT_BLOCK, QUANT_BLOCK]:
+            raise NotImplementedError(f"fp8 checkpoints with weight_block_size {block} are not supported: "
+                                      f"the 'fp8_block' scheme takes {QUANT_BLOCK} x {QUANT_BLOCK} blocks")
+        fmt = quant.get("fmt", "e4m3") if isinstance(quant, dict) else "e4m3"
+        if fmt != "e4m3":
+            raise NotImplementedError(f"fp8 checkpoints in format {fmt!r} are not supported (e4m3 only)")
+        return True
     if method is not None:
         raise NotImplementedError(f"quantized checkpoints ({method!r}) are not supported by the loader")
+    return False
+
+
+def _stack_fp8_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tuple[Any, Any]:
+    """``w1 [N, 2I, D]`` and ``w2 [N, D, I]`` as ``"fp8_block"`` weights from N (gate, up,
+    down) names, each an e4m3 ``.weight`` with its ``.weight_scale_inv [ceil(out / 128),
+    ceil(in / 128)]`` fp32 block scales (dequantized weight = value x scale, as stored). The
+    values keep their bits, converted only where the default platform's kernels multiply
+    another fp8 type (e4m3fnuz on MI300: exact, the scales doubled), once, here."""
+    from jaxmoe.backends.platform import fp8_dtype
+    from jaxmoe.quantize import with_fp8_dtype
+
+    for name in (n for triple in names for n in triple):
+        if tensors.dtype(name) != "F8_E4M3":
+            raise CheckpointError(f"tensor {name!r} is {tensors.dtype(name)}, but this checkpoint's experts "
+                                  "are fp8 (F8_E4M3 with weight_scale_inv)")
+        if name[: -len("weight")] + "weight_scale_inv" not in tensors:
+            raise CheckpointError(f"tensor {name!r} has no {name[: -len('weight')]}weight_scale_inv")
+    w1, w2 = _stack_mlps(tensors, names)
+    i = w1.shape[1] // 2
+    if i % QUANT_BLOCK:
+        raise CheckpointError(f"fp8 experts with an intermediate size of {i} are not supported: gate and up "
+                              f"share w1's {QUANT_BLOCK}-row scale blocks, so it must be a multiple of "
+                              f"{QUANT_BLOCK}")
+    # the scales stack as the values do: [ceil(I/128), ceil(D/128)] twice, then [ceil(D/128), ceil(I/128)]
+    s1, s2 = _stack_mlps(tensors, [tuple(n + "_scale_inv" for n in triple) for triple in names])
+    for what, w, sc in (("gate/up", w1, s1), ("down", w2, s2)):
+        want = (w.shape[0], -(-w.shape[1] // QUANT_BLOCK), -(-w.shape[2] // QUANT_BLOCK))
+        if tuple(sc.shape) != want:
+            raise CheckpointError(f"the {what} weight_scale_inv blocks are {list(sc.shape[1:])} per expert, "
+                                  f"expected {list(want[1:])}")
+    out = []
+    for values, scales in ((w1, s1), (w2, s2)):
+        q = QuantizedWeights(values=jnp.asarray(values), scales=jnp.asarray(scales, jnp.float32), scheme="fp8_block")
+        out.append(with_fp8_dtype(q, fp8_dtype()))
+    return out[0], out[1]
 
 
 def _stack_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """``w1 [N, 2I, D]`` (gate rows, then up rows) and ``w2 [N, D, I]`` from N (gate, up, down) names."""
+    """``w1 [N, 2I, D]`` (gate rows, then up rows) and ``w2 [N, D, I]`` from N (gate, up, down)
+    names of ``[I, D]``, ``[I, D]`` and ``[D, I]`` tensors (or of their block scales)."""
     first = tensors.get(names[0][0])
+    if first.ndim != 2:
+        raise CheckpointError(f"tensor {names[0][0]!r} is {list(first.shape)}, expected 2-D")
     i, d = first.shape
     w1 = np.empty((len(names), 2 * i, d), first.dtype)  # filled in place: one copy of the experts
     w2 = np.empty((len(names), d, i), first.dtype)
@@ -290,8 +338,15 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
     ``activation=ClampedSwiGLU(swiglu_alpha, swiglu_limit)``.
 
     Raises :class:`CheckpointError` (a ValueError) for a bad directory, config or missing
-    tensor, or for a dense layer; NotImplementedError for fp8 checkpoints and, until the
-    ``"mxfp4"`` weight scheme exists, for gpt-oss's mxfp4 checkpoints.
+    tensor, or for a dense layer; NotImplementedError for quantized checkpoints other than
+    fp8 with 128 x 128 block scales and gpt-oss's mxfp4.
+
+    Quantized checkpoints load without a dequantized copy of the experts: fp8 ones
+    (``quant_method: "fp8"``, e4m3 ``.weight`` with ``.weight_scale_inv`` blocks, as
+    DeepSeek-V3 and Qwen3's FP8 releases ship) as ``"fp8_block"`` weights, in the fp8 type
+    the default platform's kernels multiply (converted once here on MI300: exact); shared
+    experts, a dense path, dequantized to the router's dtype. gpt-oss's mxfp4 ``*_blocks`` /
+    ``*_scales`` load as ``"mxfp4"`` weights.
     """
     path = Path(path)
     if not path.is_dir():
@@ -329,15 +384,27 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
         return params, dict(top_k=top_k, scoring="topk_softmax", renormalize=True, num_expert_group=None,
                             topk_group=None, correction_bias=None, routed_scaling_factor=1.0, group_scoring=None,
                             activation=activation, layout=layout)
-    _check_not_quantized(config, tensors, base)
+    fp8 = _fp8_block_size(config, tensors, base)
 
     router = tensors.get(base + "gate.weight")
     if router.ndim != 2 or router.shape[0] != num_experts:
         raise CheckpointError(f"{base}gate.weight is {list(router.shape)}, expected [E={num_experts}, D]")
-    w1, w2 = _stack_mlps(tensors, [tuple(base + n for n in fam.expert(j)) for j in range(num_experts)])
+    experts = [tuple(base + n for n in fam.expert(j)) for j in range(num_experts)]
+    w1, w2 = _stack_fp8_mlps(tensors, experts) if fp8 else map(jnp.asarray, _stack_mlps(tensors, experts))
     if w1.shape[2] != router.shape[1]:
         raise CheckpointError(f"experts have D={w1.shape[2]} but the router has D={router.shape[1]}")
-    params: dict[str, Any] = {"router": jnp.asarray(router.T), "w1": jnp.asarray(w1), "w2": jnp.asarray(w2)}
+    params: dict[str, Any] = {"router": jnp.asarray(router.T), "w1": w1, "w2": w2}
+    # Shared experts run in the activations' dtype: the experts' own, or for fp8 experts the
+    # router's (bf16 in the published checkpoints), dequantized once here.
+    dense = router.dtype if fp8 else w1.dtype
+
+    def shared(names: tuple[str, str, str]) -> dict[str, Any]:
+        if fp8:
+            sw1, sw2 = _stack_fp8_mlps(tensors, [names])
+            return {"w1": sw1.dequantize().astype(dense), "w2": sw2.dequantize().astype(dense)}
+        sw1, sw2 = _stack_mlps(tensors, [names])
+        return {"w1": jnp.asarray(sw1.astype(dense)), "w2": jnp.asarray(sw2.astype(dense))}
+
     routing: dict[str, Any] = dict(top_k=top_k, scoring="softmax", renormalize=True, num_expert_group=None,
                                    topk_group=None, correction_bias=None, routed_scaling_factor=1.0,
                                    group_scoring=None, activation="silu", layout="out_in")
@@ -346,8 +413,7 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
         # norm_topk_prob defaults to False in both Qwen configs
         routing["renormalize"] = bool(config.get("norm_topk_prob", False))
     if family == "qwen2_moe" and (base + "shared_expert.gate_proj.weight") in tensors:
-        sw1, sw2 = _stack_mlps(tensors, [tuple(base + f"shared_expert.{n}_proj.weight" for n in ("gate", "up", "down"))])
-        params["shared"] = {"w1": jnp.asarray(sw1.astype(w1.dtype)), "w2": jnp.asarray(sw2.astype(w1.dtype))}
+        params["shared"] = shared(tuple(base + f"shared_expert.{n}_proj.weight" for n in ("gate", "up", "down")))
         gate = tensors.get(base + "shared_expert_gate.weight")
         if gate.shape != (1, w1.shape[2]):
             raise CheckpointError(f"{base}shared_expert_gate.weight is {list(gate.shape)}, expected [1, D]")
@@ -365,6 +431,5 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
         if n_group is not None and topk_group is not None and int(n_group) > 1:
             routing.update(num_expert_group=int(n_group), topk_group=int(topk_group))
         if int(config.get("n_shared_experts") or 0) > 0:
-            sw1, sw2 = _stack_mlps(tensors, [tuple(base + f"shared_experts.{n}_proj.weight" for n in ("gate", "up", "down"))])
-            params["shared"] = {"w1": jnp.asarray(sw1.astype(w1.dtype)), "w2": jnp.asarray(sw2.astype(w1.dtype))}
+            params["shared"] = shared(tuple(base + f"shared_experts.{n}_proj.weight" for n in ("gate", "up", "down")))
     return params, routing
