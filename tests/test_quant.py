@@ -18,6 +18,8 @@ Tolerances (norm-wise relative error against the oracle) and why:
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -402,11 +404,23 @@ def test_fp8_dtype_conversion_is_exact(rng):
 
 
 def test_fnuz_weights_run_on_the_kernels(rng):
-    """Weights in the other fp8 type are converted to the platform's, exactly."""
+    """Weights in the other fp8 type are converted to the platform's, exactly, with a warning
+    that says the conversion runs in every call and how to make it once."""
+    from jaxmoe.ops.gemm.triton import FP8ConversionWarning
+
     x, w1, w2, tw, ids = moe_inputs(rng, 5, 64, 32, 4, 2, BF16)
     q1, q2 = (jaxmoe.quantize_weights(w, "fp8", fp8_dtype=jnp.float8_e4m3fnuz) for w in (w1, w2))
-    got = jax.jit(lambda *a: jaxmoe.fused_moe(*a, implementation="triton"))(x, q1, q2, tw, ids)
+    with pytest.warns(FP8ConversionWarning, match=r"float8_e4m3fnuz are converted to float8_e4m3fn.*with_fp8_dtype"):
+        got = jax.jit(lambda *a: jaxmoe.fused_moe(*a, implementation="triton"))(x, q1, q2, tw, ids)
     assert rel_err(got, oracle(x, q1, q2, tw, ids)) <= 1e-2
+    # converted once, they run without the warning
+    from jaxmoe.backends.platform import fp8_dtype
+
+    n1, n2 = (quantize.with_fp8_dtype(q, fp8_dtype()) for q in (q1, q2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FP8ConversionWarning)
+        again = jax.jit(lambda *a: jaxmoe.fused_moe(*a, implementation="triton"))(x, n1, n2, tw, ids)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
 
 
 # ----------------------------------------------------------------------------- checkpoint layouts

@@ -7,6 +7,7 @@ the grid, so one compiled kernel serves every batch size that selects the same t
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -177,6 +178,11 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         amd_options=tuple(amd.items()) if arch.startswith("gfx") else ())
 
 
+class FP8ConversionWarning(UserWarning):
+    """fp8 weights of the other e4m3 type than the kernels multiply on this platform: each
+    call converts them (exactly), a pass over the weights that a one-time conversion saves."""
+
+
 def kernel_weights(b: Any, arch: str) -> tuple[str, jax.Array, jax.Array, jax.Array]:
     """``(scheme, values, scales, zero_points)`` as the GEMM kernel reads them on ``arch``:
     fp8 values in the arch's fp8 type (:func:`jaxmoe.quantize.with_fp8_dtype` converts,
@@ -189,7 +195,13 @@ def kernel_weights(b: Any, arch: str) -> tuple[str, jax.Array, jax.Array, jax.Ar
         values = b.values if isinstance(b, QuantizedWeights) else b
         return "none", values, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.uint8)
     if b.scheme.startswith("fp8"):
-        b = with_fp8_dtype(b, fp8_dtype(arch))
+        target = fp8_dtype(arch)
+        if jnp.dtype(b.values.dtype) != target:
+            warnings.warn(f"{b.scheme} weights in {jnp.dtype(b.values.dtype).name} are converted to {target.name}, "
+                          f"the fp8 type the kernels multiply on {arch}, in every call (a pass over the weights): "
+                          f"convert them once with jaxmoe.quantize.with_fp8_dtype(w, "
+                          f"jaxmoe.backends.platform.fp8_dtype())", FP8ConversionWarning, stacklevel=2)
+        b = with_fp8_dtype(b, target)
     scales = jnp.asarray(b.scales)
     scales = scales.astype(jnp.uint8 if b.scheme == "mxfp4" else jnp.float32)
     zeros = jnp.asarray(b.zero_points) if b.zero_points is not None else jnp.zeros((1,), jnp.uint8)
