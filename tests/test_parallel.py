@@ -132,3 +132,25 @@ def test_choose_schedule():
         communication_bytes(64, 8, 2, 6, ep=4)
     with pytest.raises(ValueError, match="tokens"):
         communication_bytes(0, 8, 2, 8, ep=1)
+
+
+def test_comm_model_bench_prints_the_documented_bytes(tmp_path):
+    """bench/comm_model.py prints communication_bytes per schedule for presets: the rows of
+    docs/parallel.md's table (bf16, 8192 tokens), and writes them as JSON."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path]), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(root / "bench" / "comm_model.py"), "--model", "mixtral-8x7b",
+                          "--model", "deepseek-v3", "--m", "8192", "--ep", "8", "--out", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    table = {(r["model"], r["ep"]): r for r in json.loads((tmp_path / "c.json").read_text())}
+    mix, ds = table[("mixtral-8x7b", 8)], table[("deepseek-v3", 8)]
+    assert [round(mix[f"{c}_mib"], 1) for c in ("allgather", "all_to_all", "all_to_all_ragged")] == [112.0, 112.1, 28.0]
+    assert [round(ds[f"{c}_mib"], 1) for c in ("allgather", "all_to_all", "all_to_all_ragged")] == [196.0, 196.4, 130.0]
+    assert mix["chosen"] == ds["chosen"] == "allgather"
+    assert "mixtral-8x7b       8192    8              112.0" in out.stdout
+    bad = subprocess.run([sys.executable, str(root / "bench" / "comm_model.py"), "--model", "mixtral-8x7b",
+                          "--m", "8", "--ep", "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "does not divide" in bad.stderr
