@@ -424,7 +424,7 @@ def test_gpt_oss_mxfp4_experts_load_as_the_mxfp4_scheme(tmp_path, rng):
     assert rel_err(y, jaxmoe.moe_layer(plain, x, **routing, implementation="reference")) <= 1e-2
 
 
-def deepseek_fp8_tensors(rng, d, i, e):
+def deepseek_fp8_tensors(rng, d, i, e, shared_i=None):
     """One DeepSeek-V3 MoE layer as its fp8 release stores it: e4m3 ``.weight`` values with
     fp32 ``.weight_scale_inv [ceil(out / 128), ceil(in / 128)]``, a bf16 router, an fp32
     correction bias; one fp8 shared expert."""
@@ -437,10 +437,10 @@ def deepseek_fp8_tensors(rng, d, i, e):
         blocks = (-(-n // 128), -(-k // 128))
         t[name + ".weight_scale_inv"] = (rng.uniform(0.5, 2.0, blocks) / (100 * math.sqrt(k))).astype(np.float32)
 
-    for prefix in [f"{p}experts.{j}." for j in range(e)] + [p + "shared_experts."]:
-        linear(prefix + "gate_proj", i, d)
-        linear(prefix + "up_proj", i, d)
-        linear(prefix + "down_proj", d, i)
+    for prefix, inter in [(f"{p}experts.{j}.", i) for j in range(e)] + [(p + "shared_experts.", shared_i or i)]:
+        linear(prefix + "gate_proj", inter, d)
+        linear(prefix + "up_proj", inter, d)
+        linear(prefix + "down_proj", d, inter)
     return t
 
 
@@ -521,6 +521,12 @@ def test_fp8_checkpoint_errors_are_named(tmp_path, rng):
     wrong[p + "experts.1.up_proj.weight_scale_inv"] = np.ones((2, 1), np.float32)
     with pytest.raises(CheckpointError, match="weight_scale_inv"):
         load_layer(write_checkpoint(tmp_path / "b", "deepseek_v3", wrong, config=config), layer=LAYER)
+    # a shared expert is dequantized tensor by tensor: its size need not be a multiple of 128
+    odd = deepseek_fp8_tensors(rng, d, i, e, shared_i=96)
+    params, _ = load_layer(write_checkpoint(tmp_path / "s", "deepseek_v3", odd, config=config), layer=LAYER)
+    gate, up = (_dequant_fp8(odd, p + f"shared_experts.{n}_proj") for n in ("gate", "up"))
+    np.testing.assert_array_equal(np.asarray(params["shared"]["w1"][0]),
+                                  np.concatenate([gate, up]).astype(ml_dtypes.bfloat16))
     narrow = deepseek_fp8_tensors(rng, d, 64, e)  # gate and up would share a 128-row scale block
     with pytest.raises(CheckpointError, match="multiple of 128"):
         load_layer(write_checkpoint(tmp_path / "c", "deepseek_v3", narrow,

@@ -192,7 +192,7 @@ def _check_sparse_layer(config: dict[str, Any], family: str, layer: int) -> None
                                   f"(first_k_dense_replace={first}, moe_layer_freq={freq}), not an MoE layer")
 
 
-def _fp8_block_size(config: dict[str, Any], tensors: _Tensors, base: str) -> bool:
+def _is_fp8_block_checkpoint(config: dict[str, Any], tensors: _Tensors, base: str) -> bool:
     """Whether the layer's experts are fp8 with 128 x 128 block scales (DeepSeek-V3's
     ``quant_method: "fp8"``, ``weight_scale_inv``); other quantized checkpoints are refused."""
     quant = config.get("quantization_config") or {}
@@ -212,6 +212,28 @@ def _fp8_block_size(config: dict[str, Any], tensors: _Tensors, base: str) -> boo
     return False
 
 
+def _check_fp8_tensor(tensors: _Tensors, name: str) -> None:
+    """An fp8 checkpoint's ``name`` (a ``.weight``) is e4m3 and has its ``.weight_scale_inv``."""
+    if tensors.dtype(name) != "F8_E4M3":
+        raise CheckpointError(f"tensor {name!r} is {tensors.dtype(name)}, but this checkpoint's experts "
+                              "are fp8 (F8_E4M3 with weight_scale_inv)")
+    if name + "_scale_inv" not in tensors:
+        raise CheckpointError(f"tensor {name!r} has no {name}_scale_inv")
+
+
+def _dequantized_fp8(tensors: _Tensors, name: str) -> np.ndarray:
+    """An fp8 ``.weight [out, in]`` times its ``.weight_scale_inv`` blocks, in float32."""
+    _check_fp8_tensor(tensors, name)
+    values = tensors.get(name).astype(np.float32)
+    scales = tensors.get(name + "_scale_inv").astype(np.float32)
+    blocks = tuple(-(-n // QUANT_BLOCK) for n in values.shape)
+    if values.ndim != 2 or scales.shape != blocks:
+        raise CheckpointError(f"tensor {name + '_scale_inv'!r} is {list(scales.shape)}, expected {list(blocks)} "
+                              f"blocks for {name!r} {list(values.shape)}")
+    full = np.repeat(np.repeat(scales, QUANT_BLOCK, axis=0), QUANT_BLOCK, axis=1)
+    return values * full[: values.shape[0], : values.shape[1]]
+
+
 def _stack_fp8_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tuple[Any, Any]:
     """``w1 [N, 2I, D]`` and ``w2 [N, D, I]`` as ``"fp8_block"`` weights from N (gate, up,
     down) names, each an e4m3 ``.weight`` with its ``.weight_scale_inv [ceil(out / 128),
@@ -222,11 +244,7 @@ def _stack_fp8_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tup
     from jaxmoe.quantize import with_fp8_dtype
 
     for name in (n for triple in names for n in triple):
-        if tensors.dtype(name) != "F8_E4M3":
-            raise CheckpointError(f"tensor {name!r} is {tensors.dtype(name)}, but this checkpoint's experts "
-                                  "are fp8 (F8_E4M3 with weight_scale_inv)")
-        if name[: -len("weight")] + "weight_scale_inv" not in tensors:
-            raise CheckpointError(f"tensor {name!r} has no {name[: -len('weight')]}weight_scale_inv")
+        _check_fp8_tensor(tensors, name)
     w1, w2 = _stack_mlps(tensors, names)
     i = w1.shape[1] // 2
     if i % QUANT_BLOCK:
@@ -384,7 +402,7 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
         return params, dict(top_k=top_k, scoring="topk_softmax", renormalize=True, num_expert_group=None,
                             topk_group=None, correction_bias=None, routed_scaling_factor=1.0, group_scoring=None,
                             activation=activation, layout=layout)
-    fp8 = _fp8_block_size(config, tensors, base)
+    fp8 = _is_fp8_block_checkpoint(config, tensors, base)
 
     router = tensors.get(base + "gate.weight")
     if router.ndim != 2 or router.shape[0] != num_experts:
@@ -399,9 +417,13 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
     dense = router.dtype if fp8 else w1.dtype
 
     def shared(names: tuple[str, str, str]) -> dict[str, Any]:
-        if fp8:
-            sw1, sw2 = _stack_fp8_mlps(tensors, [names])
-            return {"w1": sw1.dequantize().astype(dense), "w2": sw2.dequantize().astype(dense)}
+        if fp8:  # a dense path: each tensor dequantized on its own, whatever its block alignment
+            gate, up, down = (_dequantized_fp8(tensors, n) for n in names)
+            if gate.shape != up.shape or down.shape != gate.shape[::-1]:
+                raise CheckpointError(f"shared expert tensors {names} are {gate.shape}, {up.shape}, {down.shape}: "
+                                      "expected [I, D], [I, D], [D, I]")
+            return {"w1": jnp.asarray(np.concatenate([gate, up])[None].astype(dense)),
+                    "w2": jnp.asarray(down[None].astype(dense))}
         sw1, sw2 = _stack_mlps(tensors, [names])
         return {"w1": jnp.asarray(sw1.astype(dense)), "w2": jnp.asarray(sw2.astype(dense))}
 
