@@ -119,3 +119,26 @@ def test_a_rewritten_table_is_read_again(tmp_path, monkeypatch):
     for block_m in (32, 128):
         path.write_text(json.dumps({SHAPE: {"1": dict(copy.deepcopy(ENTRY), block_m=block_m)}}))
         assert _config.select_config(1, 2, 8, 4096, 14336, "bfloat16", "sm90").block_m == block_m
+
+
+@pytest.mark.parametrize("weights,act_quant", [("int4", None), ("int4_zp", None), ("fp8_block", None),
+                                               ("fp8_block", "fp8"), ("fp8", "fp8")])
+@pytest.mark.parametrize("arch", _config.ARCHS)
+def test_heuristic_narrows_tiles_that_keep_two_accumulators(weights, act_quant, arch):
+    # at every batch size, each of the two fp32 tiles fits the register budget per thread
+    for m in (1, 16, 128, 1024, 4096, 16384):
+        config = _config.heuristic_config(m, 2, 8, 4096, 14336, "bfloat16", arch, weights, act_quant)
+        for tile, width in ((config.stage1, 2), (config.stage2, 1)):
+            per_thread = config.block_m * width * tile.block_n / (32 * tile.num_warps)
+            assert per_thread <= _config.TWO_ACCUMULATOR_REGISTERS, (m, tile)
+    # and only those schemes: the one-accumulator ones keep the bf16 layer's wide tiles
+    wide = _config.heuristic_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90", "int8", "int8")
+    assert wide.stage2.block_n == _config.WIDE_STAGE2.block_n
+    narrow = _config.heuristic_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90", weights, act_quant)
+    assert narrow.stage2.block_n < _config.WIDE_STAGE2.block_n
+
+
+def test_mxfp4_k_tiles_hold_whole_scale_groups():
+    tile = _config.GemmTile(block_n=64, block_k=16)
+    assert _config.fit_scheme(tile, "mxfp4", None).block_k == 32
+    assert _config.fit_scheme(tile, "int4", None).block_k == 16  # one scale per 128: 16 divides it

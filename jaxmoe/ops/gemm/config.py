@@ -54,7 +54,7 @@ class GemmTile:
     def shared_bytes(self, block_m: int, itemsize: int, fused: bool, b_itemsize: int | None = None) -> int:
         """Shared memory the software pipeline needs: A tile plus one (or two) B tiles per
         stage (``b_itemsize``: B's stored bytes per element, default ``itemsize``; 1 for
-        quantized weights, whose 4-bit tiles are loaded a byte per element)."""
+        quantized weights, which also counts, for 4-bit ones, the tile converted for the dot)."""
         b_tiles = 2 if fused else 1
         b_itemsize = itemsize if b_itemsize is None else b_itemsize
         return ((block_m * self.block_k * itemsize + b_tiles * self.block_k * self.block_n * b_itemsize)
@@ -92,15 +92,43 @@ def shape_key(num_experts: int, hidden: int, intermediate: int, dtype: Any, weig
 def fit_scheme(tile: GemmTile, weights: str, act_quant: str | None) -> GemmTile:
     """``tile`` with a K tile the weight and activation schemes can use: inside one scale
     group for per-group scales (fp8_block, int4: <= 128), exactly one 128-channel group for
-    fp8 activations against fp8_block weights, >= 32 for 8-bit dots."""
+    fp8 activations against fp8_block weights, whole mxfp4 scale groups (>= 32), >= 32 for
+    8-bit dots."""
     k = tile.block_k
     if weights in ("fp8_block", "int4", "int4_zp"):
         k = min(k, 128)
     if weights == "fp8_block" and act_quant is not None:
         k = 128
-    if act_quant is not None:
+    if act_quant is not None or weights == "mxfp4":
         k = max(k, 32)
     return tile if k == tile.block_k else dataclasses.replace(tile, block_k=k)
+
+
+def two_accumulators(weights: str, act_quant: str | None) -> bool:
+    """Whether the GEMM keeps a second fp32 tile beside its accumulator: each K step's
+    partial product, scaled per K group (fp8_block, int4) or added outside the fp8 MMA
+    (fp8 activations)."""
+    return weights in ("fp8_block", "int4", "int4_zp") or act_quant == "fp8"
+
+
+# fp32 registers per thread one accumulator tile may take when the GEMM keeps two: two
+# 128 x 256 tiles over 8 warps (128 registers each) leave nothing for the pipeline's
+# operands, and ptxas spills 0.3-1.4 KB a thread to local memory (sm_90, measured with
+# ``ptxas -v``); at 64 a tile both fit in the 255 registers.
+TWO_ACCUMULATOR_REGISTERS = 64
+
+
+def fit_accumulators(tile: GemmTile, block_m: int, fused: bool, weights: str, act_quant: str | None) -> GemmTile:
+    """``tile`` narrowed (BLOCK_N halved, down to 32) until, for a GEMM that keeps two fp32
+    tiles (:func:`two_accumulators`), each takes at most ``TWO_ACCUMULATOR_REGISTERS``
+    registers per thread (the fused stage's tile is 2 * BLOCK_N wide)."""
+    if not two_accumulators(weights, act_quant):
+        return tile
+    width = 2 if fused else 1
+    while (block_m * width * tile.block_n > TWO_ACCUMULATOR_REGISTERS * 32 * tile.num_warps
+           and tile.block_n > 32):
+        tile = dataclasses.replace(tile, block_n=tile.block_n // 2)
+    return tile
 
 
 def rows_per_expert(num_rows: int, num_experts: int) -> float:
@@ -138,8 +166,9 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
                      dtype: Any, arch: str = "sm90", weights: str = "none", act_quant: str | None = None
                      ) -> MoEConfig:
     """A sound default from the average rows per expert; untuned shapes land here. For
-    quantized weights the same tiles, with K tiles the schemes can use (:func:`fit_scheme`)
-    and shared memory counted at a byte per weight element."""
+    quantized weights the same tiles, with K tiles the schemes can use (:func:`fit_scheme`),
+    narrower where the GEMM keeps two accumulators (:func:`fit_accumulators`), and shared
+    memory counted at a byte per weight element."""
     rows = rows_per_expert(num_tokens * top_k, num_experts)
     # Few rows per expert: the weights dominate, and an expert whose rows spill into a second
     # row block has its weights streamed twice. Cover the busier experts too (mean + two
@@ -173,6 +202,8 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
         s2 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=4)
     b_itemsize = None if weights == "none" else 1
     s1, s2 = fit_scheme(s1, weights, act_quant), fit_scheme(s2, weights, act_quant)
+    s1 = fit_accumulators(s1, block_m, True, weights, act_quant)
+    s2 = fit_accumulators(s2, block_m, False, weights, act_quant)
     return MoEConfig(block_m, _fit(s1, block_m, dtype, arch, True, b_itemsize, weights, act_quant),
                      _fit(s2, block_m, dtype, arch, False, b_itemsize, weights, act_quant))
 

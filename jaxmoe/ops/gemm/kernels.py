@@ -99,9 +99,12 @@ def _inverse_scale(amax, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _nibbles(b, offs_k):
-    """The 4-bit values of a [BLOCK_K, W] tile of bytes loaded at k // 2: element k's nibble."""
-    return (b >> ((offs_k % 2) * 4).to(tl.uint8)[:, None]) & 0xF
+def _nibbles(b):
+    """The 4-bit values of a [W, BLOCK_K // 2] tile of bytes (two K values a byte, the even
+    one in the low nibble) as a [W, BLOCK_K] tile: column k holds value k's nibble."""
+    lo = b & 0xF
+    hi = b >> 4
+    return tl.reshape(tl.join(lo, hi), [b.shape[0], 2 * b.shape[1]])
 
 
 @triton.jit
@@ -122,25 +125,30 @@ def _e8m0(e):
 
 
 @triton.jit
-def _mma(acc, a, b, a_inv, k0, offs_k, k_mask, s_ptrs, z_ptrs, col_ok,
+def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K: tl.constexpr,
          W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, GROUP_K: tl.constexpr,
          FP32_IEEE: tl.constexpr):
-    """One K step: ``acc`` plus A tile ``a`` [R, BLOCK_K] times B tile ``b`` [BLOCK_K, W] as
-    stored (``W_SCHEME``), A rounded per ``A_SCHEME`` (``a_inv``: per-row QMAX / absmax);
-    ``k_mask`` the tile's K positions inside K (a per-K scale past the last is never read)."""
+    """One K step: ``acc`` plus A tile ``a`` [R, BLOCK_K] times B tile ``b`` as stored
+    (``W_SCHEME``): [BLOCK_K, W], or for the 4-bit schemes [W, BLOCK_K // 2] bytes, turned
+    into A's dtype and transposed in registers. A is rounded per ``A_SCHEME`` (``a_inv``:
+    per-row QMAX / absmax). A per-K scale past K's last group is never read."""
     if A_SCHEME == "none":
         if W_SCHEME == "int4" or W_SCHEME == "int4_zp":
-            q = _nibbles(b, offs_k).to(tl.int32)
+            q = _nibbles(b).to(tl.int32)
             if W_SCHEME == "int4":
                 q = q - ((q >> 3) << 4)  # two's complement
             else:
                 z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.int32)
-                q = q - z[None, :]
-            bw = q.to(tl.float32).to(a.dtype)  # exact: |q| <= 15
+                q = q - z[:, None]
+            bw = tl.trans(q.to(tl.float32).to(a.dtype))  # exact: |q| <= 15
         elif W_SCHEME == "mxfp4":
-            e = tl.load(s_ptrs[None, :] + ((k0 + offs_k) // GROUP_K)[:, None], mask=k_mask[:, None] & col_ok[None, :],
-                        other=127)
-            bw = (_e2m1(_nibbles(b, offs_k)) * _e8m0(e)).to(a.dtype)
+            # one e8m0 exponent per GROUP_K (32) values: a [W, BLOCK_K // 32] tile, broadcast
+            groups = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
+            e = tl.load(s_ptrs[:, None] + groups[None, :],
+                        mask=col_ok[:, None] & (groups < (K + GROUP_K - 1) // GROUP_K)[None, :], other=127)
+            scale = tl.reshape(tl.broadcast_to(_e8m0(e)[:, :, None], [e.shape[0], BLOCK_K // GROUP_K, GROUP_K]),
+                               [e.shape[0], BLOCK_K])
+            bw = tl.trans((_e2m1(_nibbles(b)) * scale).to(a.dtype))
         elif W_SCHEME == "none":
             bw = b
         else:  # fp8 and int8 values: exact in bf16, fp16 and fp32
@@ -266,8 +274,12 @@ def _tile(
         b_rows = offs_n
         b_cols_ok = n_mask
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    if W_SCHEME == "int4" or W_SCHEME == "int4_zp" or W_SCHEME == "mxfp4":  # two values a byte along K
-        b_ptrs = b_base + b_rows.to(tl.int64)[None, :] * stride_bn + (offs_k // 2)[:, None]
+    PACKED: tl.constexpr = W_SCHEME == "int4" or W_SCHEME == "int4_zp" or W_SCHEME == "mxfp4"
+    if PACKED:
+        # two values a byte along K (K even): a [W, BLOCK_K // 2] tile of whole bytes, each
+        # column's K contiguous, so the loads are wide and asynchronous like 8-bit B's
+        offs_kb = tl.arange(0, BLOCK_K // 2)
+        b_ptrs = b_base + b_rows.to(tl.int64)[:, None] * stride_bn + offs_kb[None, :]
     else:
         b_ptrs = b_base + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
     # the scales (and zero points) of B's columns: [E, N // GROUP_N, K groups] flattened
@@ -288,14 +300,19 @@ def _tile(
         else:
             k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
-        if W_SCHEME == "none" or W_SCHEME == "fp8" or W_SCHEME == "fp8_tensor" or W_SCHEME == "fp8_block":
+        if PACKED:
+            if K % BLOCK_K == 0:
+                b = tl.load(b_ptrs, mask=b_cols_ok[:, None], other=0)
+            else:
+                b = tl.load(b_ptrs, mask=b_cols_ok[:, None] & (offs_kb < (K - k0) // 2)[None, :], other=0)
+        elif W_SCHEME == "none" or W_SCHEME == "fp8" or W_SCHEME == "fp8_tensor" or W_SCHEME == "fp8_block":
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
-        else:  # integer storage
+        else:  # int8 storage
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
-        acc = _mma(acc, a, b, a_inv, k0, offs_k, k_mask, s_ptrs, z_ptrs, b_cols_ok, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
+        acc = _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
                    FP32_IEEE)
         a_ptrs += BLOCK_K
-        if W_SCHEME == "int4" or W_SCHEME == "int4_zp" or W_SCHEME == "mxfp4":
+        if PACKED:
             b_ptrs += BLOCK_K // 2
         else:
             b_ptrs += BLOCK_K * stride_bk

@@ -83,7 +83,7 @@ def scale_layout(w_scheme: str, n: int, k: int) -> dict[str, int]:
 def check_scheme_tile(w_scheme: str, a_scheme: str, block_k: int) -> None:
     """Raise unless a K tile of ``block_k`` can serve these schemes: per-K-block scales need
     the tile inside one group, 128-channel activation groups need the tile to be one group,
-    8-bit dots need K tiles of at least 32."""
+    mxfp4 needs whole 32-value scale groups, 8-bit dots need K tiles of at least 32."""
     spec = WEIGHT_SCHEMES[w_scheme]
     if w_scheme in ("fp8_block", "int4", "int4_zp") and spec.group_k % block_k:
         raise ValueError(f"weight scheme {w_scheme!r} needs block_k dividing {spec.group_k}, got {block_k}")
@@ -91,6 +91,8 @@ def check_scheme_tile(w_scheme: str, a_scheme: str, block_k: int) -> None:
         raise ValueError(f"per-128-channel activation scales need block_k = {spec.group_k}, got {block_k}")
     if a_scheme != "none" and block_k < 32:
         raise ValueError(f"8-bit dots need block_k >= 32, got {block_k}")
+    if w_scheme == "mxfp4" and block_k % spec.group_k:
+        raise ValueError(f"mxfp4 weights need block_k a multiple of {spec.group_k} (whole scale groups), got {block_k}")
 
 
 def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
