@@ -176,6 +176,24 @@ class QuantMoeTests(OpTests):
                       act_quant=act_quant)
         assert rel_err(out[clean], want) <= (2e-2 if act_quant else 1e-2)
 
+    def test_mxfp4_k_tiles_of_several_scale_groups(self, rng, tmp_path, monkeypatch):
+        """mxfp4 with K tiles of 64 and 128 values (each weight times its group's exponent
+        before the dot) as a tuned table may pick, beside the heuristic's one-group tiles
+        (the exponent on the partial product); K = 160 and 80 end in a partial group."""
+        import json
+
+        from jaxmoe.ops.gemm import config as _config
+
+        tile = {"block_m": 16, "stage1": {"block_n": 32, "block_k": 64}, "stage2": {"block_n": 64, "block_k": 128}}
+        table = {_config.shape_key(5, 160, 80, BF16, "mxfp4"): {"1": tile}}
+        for arch in _config.ARCHS:
+            (tmp_path / f"{arch}.json").write_text(json.dumps(table))
+        monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+        picked = _config.select_config(13, 2, 5, 160, 80, BF16, "sm90", "mxfp4")
+        assert (picked.stage1.block_k, picked.stage2.block_k) == (64, 128)
+        x, q1, q2, tw, ids = quantized_inputs(rng, 13, 160, 80, 5, 2, BF16, "mxfp4")
+        self.check(x, q1, q2, tw, with_invalid_ids(ids, 5))
+
     def test_all_zero_tokens_and_weight_rows(self, rng):
         """Zero activations (a zero absmax) and zero weight rows: zeros out, no 0/0."""
         x, w1, w2, tw, ids = moe_inputs(rng, 5, 64, 48, 4, 2, BF16)
