@@ -177,9 +177,8 @@ class QuantMoeTests(OpTests):
         assert rel_err(out[clean], want) <= (2e-2 if act_quant else 1e-2)
 
     def test_mxfp4_k_tiles_of_several_scale_groups(self, rng, tmp_path, monkeypatch):
-        """mxfp4 with K tiles of 64 and 128 values (each weight times its group's exponent
-        before the dot) as a tuned table may pick, beside the heuristic's one-group tiles
-        (the exponent on the partial product); K = 160 and 80 end in a partial group."""
+        """mxfp4 through a tuned table's K tiles of 64 and 128 values (two and four
+        exponents per column a step); K = 160 and 80 end in a partial tile and group."""
         import json
 
         from jaxmoe.ops.gemm import config as _config

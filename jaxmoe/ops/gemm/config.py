@@ -104,18 +104,11 @@ def fit_scheme(tile: GemmTile, weights: str, act_quant: str | None) -> GemmTile:
     return tile if k == tile.block_k else dataclasses.replace(tile, block_k=k)
 
 
-def two_accumulators(weights: str, act_quant: str | None, block_k: int) -> bool:
+def two_accumulators(weights: str, act_quant: str | None) -> bool:
     """Whether the GEMM keeps a second fp32 tile beside its accumulator: each K step's
-    partial product, scaled per K group (fp8_block, int4, mxfp4 with one 32-group a K
-    tile) or added outside the fp8 MMA (fp8 activations)."""
-    return (weights in ("fp8_block", "int4", "int4_zp") or act_quant == "fp8"
-            or (weights == "mxfp4" and block_k == MXFP4_GROUP))
-
-
-# mxfp4's K tile in the heuristic: one 32-value scale group, so its exponent scales the
-# tile's partial product (a [rows, N] multiply) instead of every weight (a [N, K] one).
-MXFP4_GROUP = 32
-MXFP4_BLOCK_K = 32
+    partial product, scaled per K group (fp8_block, int4) or added outside the fp8 MMA
+    (fp8 activations)."""
+    return weights in ("fp8_block", "int4", "int4_zp") or act_quant == "fp8"
 
 
 # fp32 registers per thread one accumulator tile may take when the GEMM keeps two: two
@@ -129,7 +122,7 @@ def fit_accumulators(tile: GemmTile, block_m: int, fused: bool, weights: str, ac
     """``tile`` narrowed (BLOCK_N halved, down to 32) until, for a GEMM that keeps two fp32
     tiles (:func:`two_accumulators`), each takes at most ``TWO_ACCUMULATOR_REGISTERS``
     registers per thread (the fused stage's tile is 2 * BLOCK_N wide)."""
-    if not two_accumulators(weights, act_quant, tile.block_k):
+    if not two_accumulators(weights, act_quant):
         return tile
     width = 2 if fused else 1
     while (block_m * width * tile.block_n > TWO_ACCUMULATOR_REGISTERS * 32 * tile.num_warps
@@ -208,8 +201,6 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
         s1 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=3)
         s2 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=4)
     b_itemsize = None if weights == "none" else 1
-    if weights == "mxfp4":
-        s1, s2 = (dataclasses.replace(s, block_k=MXFP4_BLOCK_K) for s in (s1, s2))
     s1, s2 = fit_scheme(s1, weights, act_quant), fit_scheme(s2, weights, act_quant)
     s1 = fit_accumulators(s1, block_m, True, weights, act_quant)
     s2 = fit_accumulators(s2, block_m, False, weights, act_quant)

@@ -21,8 +21,7 @@ Quantized weights and activations: ``W_SCHEME`` names how B is stored (a key of
 "fp8_token", "fp8_group", "int8_token"); both are constexprs, so each combination compiles
 to its own straight-line K loop (:func:`_mma`). Weight-only schemes turn the B tile into
 A's dtype in registers (8-bit values and 4-bit integers exactly; mxfp4 as e2m1 * 2^e) and
-run A's dot (mxfp4 with 32-wide K tiles: e2m1 values, the tile's one exponent per column
-applied to its partial product in fp32); w8a8 quantizes the A tile in registers with a per-token scale (a first pass
+run A's dot; w8a8 quantizes the A tile in registers with a per-token scale (a first pass
 over the row's K finds its absmax) or, for "fp8_group", a per-token per-128-channel scale
 from the tile itself (BLOCK_K = 128), and runs the fp8 (fp32 accumulator) or int8 (int32
 accumulator) dot. Per-channel and per-tensor scales multiply the accumulator once after the
@@ -142,8 +141,6 @@ def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K:
                 z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.int32)
                 q = q - z[:, None]
             bw = tl.trans(q.to(tl.float32).to(a.dtype))  # exact: |q| <= 15
-        elif W_SCHEME == "mxfp4" and BLOCK_K == GROUP_K:
-            bw = tl.trans(_e2m1(_nibbles(b)).to(a.dtype))  # exact; the tile's one scale is applied below
         elif W_SCHEME == "mxfp4":
             # one e8m0 exponent per GROUP_K (32) values: a [W, BLOCK_K // 32] tile, broadcast
             groups = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
@@ -156,12 +153,8 @@ def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K:
             bw = b
         else:  # fp8 and int8 values: exact in bf16, fp16 and fp32
             bw = b.to(tl.float32).to(a.dtype)
-        if W_SCHEME == "fp8_block" or W_SCHEME == "int4" or W_SCHEME == "int4_zp" or (
-                W_SCHEME == "mxfp4" and BLOCK_K == GROUP_K):
-            if W_SCHEME == "mxfp4":  # 2^(e - 127), exact in fp32
-                s = _e8m0(tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=127))
-            else:
-                s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
+        if W_SCHEME == "fp8_block" or W_SCHEME == "int4" or W_SCHEME == "int4_zp":
+            s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
             if FP32_IEEE:
                 part = tl.dot(a, bw, input_precision="ieee")
             else:
