@@ -11,7 +11,10 @@ chain, as ``python -m jaxmoe bench`` measures it) for the plain layer (silu, wei
 * ``biases``: expert biases ``b1 [E, 2I]``, ``b2 [E, D]`` (and a router bias) in the epilogues;
 * ``clamped_swiglu``: gpt-oss's activation instead of silu;
 * ``layout``: weights stored ``in_out_interleaved`` (gpt-oss's ``gate_up_proj [E, D, 2I]``);
-* ``gpt_oss``: all of gpt-oss's block at once (the loader's routing: top-k then softmax);
+* ``gpt_oss``: all of gpt-oss's block at once as ``load_layer`` returns it (biases, the
+  clamped SwiGLU, top-k then softmax; experts converted to ``[E, 2I, D]`` / ``[E, D, I]``);
+* ``gpt_oss_stored``: the same with the experts as the checkpoint stores them
+  (``load_layer(..., layout="stored")``: ``in_out_interleaved``);
 * ``shared``: one shared expert of width I beside the routed ones (DeepSeek-V3's), which adds
   real work: its own bf16 roofline floor (weights + its x @ w) is printed beside it.
 
@@ -36,7 +39,7 @@ from jaxmoe.layer import init_moe_params
 from jaxmoe.models import PRESETS
 from jaxmoe.tools.bench import PEAK_BYTES_PER_S, PEAK_FLOPS, SETS, time_layer_detail
 
-VARIANTS = ("biases", "clamped_swiglu", "layout", "gpt_oss", "shared")
+VARIANTS = ("biases", "clamped_swiglu", "layout", "gpt_oss", "gpt_oss_stored", "shared")
 TARGET = 0.03
 
 
@@ -63,7 +66,10 @@ def variants(name: str, params: dict, routing: dict, key: jax.Array) -> dict:
     gpt = {key_: v for key_, v in routing.items() if key_ not in ("scoring", "renormalize")}
     if routing.get("num_expert_group") is None and routing.get("correction_bias") is None:
         gpt["scoring"] = "topk_softmax"
-    out["gpt_oss"] = ({**inter, **biases}, {**gpt, "activation": ClampedSwiGLU(), "layout": "in_out_interleaved"})
+    # as the loader returns it (experts converted to out_in), and as the checkpoint stores it
+    out["gpt_oss"] = ({**params, **biases}, {**gpt, "activation": ClampedSwiGLU()})
+    out["gpt_oss_stored"] = ({**inter, **biases}, {**gpt, "activation": ClampedSwiGLU(),
+                                                   "layout": "in_out_interleaved"})
     shared = init_moe_params(k4, hidden=d, intermediate=i, experts=1, dtype=params["w1"].dtype)
     out["shared"] = ({**params, "shared": {"w1": shared["w1"], "w2": shared["w2"]}}, routing)
     return out

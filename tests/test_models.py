@@ -226,7 +226,7 @@ def test_routing_kwargs_per_family(tmp_path, rng):
         "mixtral": dict(top_k=2, scoring="softmax", renormalize=True, num_expert_group=None),
         "qwen3_moe": dict(top_k=2, scoring="softmax", renormalize=False),
         "qwen2_moe": dict(top_k=2, scoring="softmax", renormalize=True),
-        "gpt_oss": dict(top_k=4, scoring="topk_softmax", renormalize=True, layout="in_out_interleaved",
+        "gpt_oss": dict(top_k=4, scoring="topk_softmax", renormalize=True, layout="out_in",
                         activation=jaxmoe.ClampedSwiGLU(1.702, 7.0)),
         "deepseek_v3": dict(top_k=4, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
                             routed_scaling_factor=2.5, group_scoring="top2_sum"),
@@ -361,20 +361,33 @@ def test_example_runs(tmp_path, rng):
 # --------------------------------------------------------------------------- gpt-oss
 
 
-def test_gpt_oss_loads_without_a_copy_of_the_experts(tmp_path, rng):
-    """gpt-oss's experts come back as stored (w1 = gate_up_proj [E, D, 2I], w2 = down_proj
-    [E, I, D], their biases b1 / b2, the router's bias), read with layout="in_out_interleaved";
-    a swiglu_limit of the config reaches the activation."""
+@pytest.mark.parametrize("layout", ["out_in", "stored"])
+def test_gpt_oss_experts_in_either_layout(tmp_path, rng, layout):
+    """gpt-oss's experts (gate_up_proj [E, D, 2I], gate/up interleaved; down_proj [E, I, D])
+    come back converted to w1 [E, 2I, D] gate rows then up rows and w2 [E, D, I] (b1
+    reordered with them), or with layout="stored" as stored, read with
+    layout="in_out_interleaved"; both compute the model's block. A swiglu_limit of the
+    config reaches the activation."""
     tensors = make_tensors(rng, "gpt_oss", ml_dtypes.bfloat16)
     config = {**CONFIGS["gpt_oss"], "swiglu_limit": 5.5}
-    params, routing = load_layer(write_checkpoint(tmp_path / "g", "gpt_oss", tensors, config=config), layer=LAYER)
+    params, routing = load_layer(write_checkpoint(tmp_path / "g", "gpt_oss", tensors, config=config), layer=LAYER,
+                                 layout=layout)
     p = f"model.layers.{LAYER}.mlp."
-    for key, name in (("w1", "experts.gate_up_proj"), ("w2", "experts.down_proj"), ("b1", "experts.gate_up_proj_bias"),
-                      ("b2", "experts.down_proj_bias"), ("router_bias", "router.bias")):
-        assert params[key].shape == tensors[p + name].shape and params[key].dtype == jnp.bfloat16, key
-        np.testing.assert_array_equal(np.asarray(params[key]), tensors[p + name])
+    gate_up, bias = tensors[p + "experts.gate_up_proj"], tensors[p + "experts.gate_up_proj_bias"]
+    if layout == "stored":
+        want = {"w1": gate_up, "w2": tensors[p + "experts.down_proj"], "b1": bias}
+        assert routing["layout"] == "in_out_interleaved"
+    else:
+        want = {"w1": np.concatenate([gate_up[..., 0::2], gate_up[..., 1::2]], -1).transpose(0, 2, 1),
+                "w2": tensors[p + "experts.down_proj"].transpose(0, 2, 1),
+                "b1": np.concatenate([bias[:, 0::2], bias[:, 1::2]], -1)}
+        assert routing["layout"] == "out_in"
+    want.update(b2=tensors[p + "experts.down_proj_bias"], router_bias=tensors[p + "router.bias"])
+    for key, value in want.items():
+        assert params[key].shape == value.shape and params[key].dtype == jnp.bfloat16, key
+        np.testing.assert_array_equal(np.asarray(params[key]), value)
     np.testing.assert_array_equal(np.asarray(params["router"]), tensors[p + "router.weight"].T)
-    assert routing["layout"] == "in_out_interleaved" and routing["activation"] == jaxmoe.ClampedSwiGLU(1.702, 5.5)
+    assert routing["activation"] == jaxmoe.ClampedSwiGLU(1.702, 5.5)
     x = jnp.asarray(rng.standard_normal((M, D)), jnp.float32).astype(jnp.bfloat16)
     y, got = _run(params, routing, x, "reference")
     want_y, want_ids = oracle.gpt_oss_moe(to_f64(x), *(tensors[p + n] for n in (
@@ -382,6 +395,8 @@ def test_gpt_oss_loads_without_a_copy_of_the_experts(tmp_path, rng):
         "experts.down_proj_bias")), 4, limit=5.5)
     np.testing.assert_array_equal(got["topk_ids"], want_ids)  # descending logit order, as the model's topk
     assert rel_err(y, want_y) <= tolerance(jnp.bfloat16)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        load_layer(tmp_path / "g", layer=LAYER, layout="in_out")
 
 
 def test_gpt_oss_clamp_is_exercised(rng):
@@ -394,8 +409,9 @@ def test_gpt_oss_clamp_is_exercised(rng):
 
 def test_gpt_oss_mxfp4_experts_load_as_the_mxfp4_scheme(tmp_path, rng):
     """The mxfp4 form (*_blocks [E, 2I, D/32, 16] / *_scales [E, 2I, D/32] uint8) loads as
-    ``QuantizedWeights(scheme="mxfp4")`` (gate/up rows interleaved, as stored); the layer on
-    the kernels matches the layer on the same weights dequantized to bf16."""
+    ``QuantizedWeights(scheme="mxfp4")``, its gate/up rows (and their scales) reordered to
+    gate rows then up rows, or interleaved as stored with layout="stored"; the layer on the
+    kernels matches the layer on the same weights dequantized to bf16, in both layouts."""
     from jaxmoe.quantize import E2M1_VALUES
 
     i = 32  # mxfp4 blocks are 32 values along K: the intermediate size of this checkpoint
@@ -410,9 +426,17 @@ def test_gpt_oss_mxfp4_experts_load_as_the_mxfp4_scheme(tmp_path, rng):
     config = {**CONFIGS["gpt_oss"], "intermediate_size": i,
               "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}}
     path = write_checkpoint(tmp_path / "mx", "gpt_oss", tensors, config=config)
+    stored, stored_routing = load_layer(path, layer=LAYER, layout="stored")
+    assert stored_routing["layout"] == "out_in_interleaved"
     params, routing = load_layer(path, layer=LAYER)
-    assert params["w1"].scheme == params["w2"].scheme == "mxfp4" and routing["layout"] == "out_in_interleaved"
+    assert params["w1"].scheme == params["w2"].scheme == "mxfp4" and routing["layout"] == "out_in"
     assert params["w1"].shape == (e, 2 * i, D) and params["w2"].shape == (e, D, i)
+    # the gate/up rows reordered with their scales: gate j was row 2j, up j row 2j + 1
+    w1, w1_stored = np.asarray(params["w1"].dequantize()), np.asarray(stored["w1"].dequantize())
+    np.testing.assert_array_equal(w1[:, :i], w1_stored[:, 0::2])
+    np.testing.assert_array_equal(w1[:, i:], w1_stored[:, 1::2])
+    np.testing.assert_array_equal(np.asarray(params["b1"]),
+                                  np.concatenate([np.asarray(stored["b1"])[:, 0::2], np.asarray(stored["b1"])[:, 1::2]], 1))
     blocks, scales = tensors[p + "down_proj_blocks"], tensors[p + "down_proj_scales"].astype(np.float64)
     lut = np.asarray(E2M1_VALUES)
     want = np.stack([lut[blocks & 15], lut[blocks >> 4]], -1).reshape(e, D, i // 32, 32) * 2.0 ** (scales[..., None] - 127)
@@ -422,6 +446,8 @@ def test_gpt_oss_mxfp4_experts_load_as_the_mxfp4_scheme(tmp_path, rng):
     plain = {**params, "w1": params["w1"].dequantize().astype(jnp.bfloat16),
              "w2": params["w2"].dequantize().astype(jnp.bfloat16)}  # exact: e2m1 * 2^e is a bf16 value
     assert rel_err(y, jaxmoe.moe_layer(plain, x, **routing, implementation="reference")) <= 1e-2
+    y_stored = jaxmoe.moe_layer(stored, x, **stored_routing, implementation="triton")
+    assert rel_err(y_stored, y) <= 1e-2
 
 
 def deepseek_fp8_tensors(rng, d, i, e, shared_i=None):
