@@ -77,6 +77,39 @@ def test_interpreter_still_mis_rounds_fp32_to_fp8():
     assert got[4] == 448.0 and np.isnan(got[5])
 
 
+def test_interpreter_still_lacks_dot_scaled():
+    """Unpatched, the interpreter has no ``create_dot_scaled``; patched, a bf16 lhs times a
+    K-packed e2m1 rhs with e8m0 scales is each value times its scale rounded to bf16 (a
+    zero exponent reads as a zero scale, 255 as NaN, as Triton's sm_90 lowering does), then
+    an fp32 product."""
+    tl, interpreter, builder = _handles()
+    from triton._C.libtriton import ir
+
+    assert not hasattr(builder, "create_dot_scaled"), "the interpreter has tl.dot_scaled now: drop that patch"
+    rng = np.random.default_rng(0)
+    m, k, n = 3, 64, 4
+    lhs = rng.standard_normal((m, k)).astype(np.float32)
+    packed = rng.integers(0, 256, (k // 2, n)).astype(np.uint8)
+    e = rng.integers(118, 136, (n, k // 32)).astype(np.uint8)
+    e[0, 0], e[1, 1] = 0, 255
+    bits = triton_interpreter.round_f32_to_bf16_bits(lhs)
+    args = (interpreter.TensorHandle(bits, tl.bfloat16), None, ir.ScaleDotElemTypeTY.BF16,
+            interpreter.TensorHandle(packed, tl.uint8), interpreter.TensorHandle(e, tl.uint8),
+            ir.ScaleDotElemTypeTY.E2M1, False, True, True,
+            interpreter.TensorHandle(np.ones((m, n), np.float32), tl.float32))
+    with triton_interpreter.patches():
+        got = builder.create_dot_scaled(interpreter.interpreter_builder, *args).data
+        with pytest.raises(NotImplementedError):
+            builder.create_dot_scaled(interpreter.interpreter_builder, *args[:6], False, True, False, args[9])
+    codes = np.stack([packed & 0xF, packed >> 4], axis=1).reshape(k, n)
+    scale = np.where(e == 0, 0.0, 2.0 ** (e.astype(np.float64) - 127)).T.repeat(32, axis=0)
+    w = triton_interpreter.E2M1_VALUES[codes] * scale  # exact in bf16: two significant bits
+    want = triton_interpreter.bf16_bits_to_f32(bits).astype(np.float64) @ w + 1.0
+    assert np.isnan(got[:, 1]).all() and not np.isnan(np.delete(got, 1, axis=1)).any()
+    np.testing.assert_allclose(np.delete(got, 1, axis=1), np.delete(want, 1, axis=1), rtol=1e-5)
+    assert not hasattr(builder, "create_dot_scaled")  # undone
+
+
 def test_patches_are_undone():
     tl, interpreter, builder = _handles()
     before = (builder.create_dot, builder.cast_impl, dict(vars(tl)))

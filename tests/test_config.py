@@ -142,3 +142,38 @@ def test_mxfp4_k_tiles_hold_whole_scale_groups():
     tile = _config.GemmTile(block_n=64, block_k=16)
     assert _config.fit_scheme(tile, "mxfp4", None).block_k == 32
     assert _config.fit_scheme(tile, "int4", None).block_k == 16  # one scale per 128: 16 divides it
+
+
+def test_weight_only_decode_tiles():
+    """Weight-only quantized layers that stream their weights (NVIDIA): 8-bit row blocks of
+    at most 32, 256-deep K tiles where K >= 2048, mxfp4's 256-deep tiles; AMD and w8a8 keep
+    the bf16 heuristic's tiles."""
+    mixtral = (8, 4096, 14336)  # E, D, I
+    qwen3 = (128, 2048, 768)
+    for weights in _config.EIGHT_BIT_WEIGHT_ONLY:
+        bf16 = _config.heuristic_config(128, 2, *mixtral, "bfloat16", "sm90")
+        c = _config.heuristic_config(128, 2, *mixtral, "bfloat16", "sm90", weights)
+        assert bf16.block_m == 64 and c.block_m == 32 and c.stage2.block_n == 128
+        c = _config.heuristic_config(1, 2, *mixtral, "bfloat16", "sm90", weights)
+        assert (c.stage1.block_k, c.stage2.block_k, c.stage2.num_warps) == (256, 256, 8)
+        c = _config.heuristic_config(1, 8, *qwen3, "bfloat16", "sm90", weights)  # stage 2's K = 768
+        assert (c.stage1.block_k, c.stage2.block_k) == (256, 128)
+        assert _config.heuristic_config(1, 2, *mixtral, "bfloat16", "gfx942", weights).stage1.block_k == 128
+    c = _config.heuristic_config(1, 2, *mixtral, "bfloat16", "sm90", "mxfp4")
+    assert (c.stage1.block_n, c.stage1.block_k, c.stage2.block_n, c.stage2.block_k) == (32, 256, 64, 256)
+    w8a8 = _config.heuristic_config(1, 2, *mixtral, "bfloat16", "sm90", "int8", "int8")
+    assert w8a8 == _config.heuristic_config(1, 2, *mixtral, "bfloat16", "sm90", "int8", "int8")
+    assert w8a8.stage1.block_k == 128
+    # past decode sizes the bf16 tiles, mxfp4's stage 2 narrowed to 128 columns (it spilled at 256)
+    assert _config.heuristic_config(4096, 2, *mixtral, "bfloat16", "sm90", "int8").block_m == 128
+    assert _config.heuristic_config(4096, 2, *mixtral, "bfloat16", "sm90", "mxfp4").stage2.block_n == 128
+
+
+def test_mma_operand_choices():
+    assert _config.swap_ab("int4", "none") and _config.swap_ab("int4_zp", "none")
+    assert not any(_config.swap_ab(w, "none") for w in ("none", "int8", "fp8", "fp8_block", "mxfp4"))
+    assert not _config.swap_ab("int8", "int8_token")
+    assert _config.scaled_dot("mxfp4", "bfloat16", "sm90") and _config.scaled_dot("mxfp4", "bfloat16", "gfx950")
+    assert not _config.scaled_dot("mxfp4", "bfloat16", "gfx942")
+    assert not _config.scaled_dot("mxfp4", "float16", "sm90") and not _config.scaled_dot("mxfp4", "float32", "sm90")
+    assert not _config.scaled_dot("int4", "bfloat16", "sm90")

@@ -21,6 +21,11 @@ unpatched interpreter, so a Triton that fixes one fails that test and the patch 
   ``@jit`` helper's globals name, and never undoes that for helpers (``tl.core``, seen from
   ``triton.language.standard``): a later real compile in the same process then built
   interpreter tensors. Every ``triton.language`` namespace is put back afterwards.
+* ``tl.dot_scaled``: the interpreter has no ``create_dot_scaled``. The product jaxmoe's
+  mxfp4 GEMM asks for (a bf16 lhs without scales times a K-packed e2m1 rhs with e8m0
+  scales) is computed as Triton's Hopper lowering does it: each e2m1 value times its
+  scale rounded to bf16 (the scale read as bf16 bits ``e << 7``: 0 for ``e = 0``, NaN for
+  255), then an fp32 product; any other combination raises ``NotImplementedError``.
 * A scalar kernel argument used as a Python index (``range(n)`` on a runtime ``n``): Triton
   3.6 converts the interpreter's one-element array with ``int(array)``, which NumPy >= 2.5
   refuses for arrays of one dimension; the conversion squeezes the array first, as later
@@ -40,7 +45,10 @@ import numpy as np
 __all__ = ["patches", "TESTED", "round_f32_to_bf16_bits", "bf16_bits_to_f32", "f32_to_e4m3fn_bits",
            "e4m3fn_bits_to_f32"]
 
-TESTED = ((3, 6), (3, 9))  # inclusive range of (major, minor) versions
+TESTED = ((3, 6), (3, 9))
+
+# e2m1 code -> value (sign bit 3, exponent bits 2-1, mantissa bit 0)
+E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)  # inclusive range of (major, minor) versions
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -110,6 +118,7 @@ def patches(buffers: Sequence[tuple[int, int]] = (), kernel: str = "kernel") -> 
     _warn_untested()
     builder_cls = type(interpreter.interpreter_builder)
     original_dot = builder_cls.create_dot
+    original_dot_scaled = vars(builder_cls).get("create_dot_scaled")
     original_cast = builder_cls.cast_impl
     original_fp_to_fp = builder_cls.create_fp_to_fp
     original_load = builder_cls.create_masked_load
@@ -144,6 +153,26 @@ def patches(buffers: Sequence[tuple[int, int]] = (), kernel: str = "kernel") -> 
         if handle.dtype == tl.float8e4nv:
             return e4m3fn_bits_to_f32(handle.data)
         return handle.data.astype(np.float32)
+
+    def create_dot_scaled(self, lhs, lhs_scale, lhs_format, rhs, rhs_scale, rhs_format, fast_math, lhs_k_pack,
+                          rhs_k_pack, acc):
+        from triton._C.libtriton import ir
+
+        kinds = ir.ScaleDotElemTypeTY
+        if not (lhs_scale is None and lhs_format == kinds.BF16 and rhs_format == kinds.E2M1 and rhs_k_pack
+                and rhs_scale is not None and rhs.data.ndim == 2):
+            raise NotImplementedError("the interpreter's tl.dot_scaled (a jaxmoe patch) takes a bf16 lhs without "
+                                      "scales times a K-packed e2m1 rhs with e8m0 scales only")
+        packed = rhs.data  # [K // 2, N]: value 2i in the low nibble, 2i + 1 in the high one
+        values = np.stack([E2M1_VALUES[packed & 0xF], E2M1_VALUES[packed >> 4]], axis=1)
+        values = values.reshape(2 * packed.shape[0], packed.shape[1])
+        e = rhs_scale.data.astype(np.int32)  # [N, K // 32]
+        scale = np.where(e == 255, np.nan, np.where(e == 0, 0.0, np.ldexp(1.0, e - 127))).astype(np.float32)
+        scale = np.repeat(scale.T, values.shape[0] // scale.shape[1], axis=0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            w = bf16_bits_to_f32(round_f32_to_bf16_bits(values * scale))
+            out = np.matmul(widen(lhs), w, dtype=np.float32) + acc.data
+        return interpreter.TensorHandle(out.astype(np.float32), tl.float32)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if any(h.dtype in (tl.bfloat16, tl.float8e4nv) for h in (a, b)):
@@ -185,6 +214,7 @@ def patches(buffers: Sequence[tuple[int, int]] = (), kernel: str = "kernel") -> 
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
     builder_cls.create_dot = create_dot
+    builder_cls.create_dot_scaled = create_dot_scaled
     builder_cls.cast_impl = cast_impl
     if spans:
         builder_cls.create_masked_load = create_masked_load
@@ -195,6 +225,10 @@ def patches(buffers: Sequence[tuple[int, int]] = (), kernel: str = "kernel") -> 
         yield
     finally:
         builder_cls.create_dot = original_dot
+        if original_dot_scaled is None:
+            del builder_cls.create_dot_scaled
+        else:
+            builder_cls.create_dot_scaled = original_dot_scaled
         builder_cls.cast_impl = original_cast
         builder_cls.create_fp_to_fp = original_fp_to_fp
         builder_cls.create_masked_load = original_load

@@ -31,6 +31,7 @@ import re
 import sys
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 ARCHS = ("sm90", "gfx942", "gfx950")
@@ -131,6 +132,23 @@ def fit_accumulators(tile: GemmTile, block_m: int, fused: bool, weights: str, ac
     return tile
 
 
+def swap_ab(w_scheme: str, a_scheme: str) -> bool:
+    """Whether the GEMM multiplies B's converted tile as the MMA's first operand (C
+    transposed), which sm_90 takes from registers instead of shared memory: weight-only
+    int4 and int4_zp (H200, Mixtral-8x7B M = 128 19 % faster, Qwen3-30B-A3B 10 %; M = 1
+    within the noise). 8-bit weights gain nothing at decode sizes: their 16- and 32-row
+    blocks run ``mma.sync`` from registers already."""
+    return w_scheme in ("int4", "int4_zp") and a_scheme == "none"
+
+
+def scaled_dot(w_scheme: str, dtype: Any, arch: str) -> bool:
+    """Whether mxfp4 weights go through Triton's ``tl.dot_scaled``: bf16 activations on sm_90
+    and gfx950 (H200: 1.9-2.7x faster than the kernel's own e2m1 conversion at M = 1 and
+    128). gfx942's lowering of it fails at 128-row tiles in Triton 3.6; fp16 and fp32
+    activations keep the kernel's conversion."""
+    return w_scheme == "mxfp4" and np.dtype(dtype) == np.dtype(jnp.bfloat16) and arch in ("sm90", "gfx950")
+
+
 def rows_per_expert(num_rows: int, num_experts: int) -> float:
     """Average sorted rows ((token, slot) pairs) per expert that can receive any."""
     return num_rows / max(min(num_experts, num_rows), 1)
@@ -160,6 +178,41 @@ def split_tail(num_rows: int, num_experts: int, block_m: int) -> int:
 # 128 x 128 at every 128-row shape measured (Mixtral-8x22B M=8192 18.6 -> 17.2 ms,
 # Mixtral-8x7B M=1024 1.72 -> 1.55), never measurably slower. 192 KB of shared memory.
 WIDE_STAGE2 = GemmTile(block_n=256, block_k=64, group_size_m=8, num_warps=8, num_stages=4)
+
+
+EIGHT_BIT_WEIGHT_ONLY = ("fp8", "fp8_tensor", "int8")
+# A 256-deep K tile where K gives it at least 8 steps (K >= 2048)
+DEEP_K = 2048
+
+
+def _quantized_decode(weights: str, block_m: int, hidden: int, intermediate: int, s1: GemmTile, s2: GemmTile
+                      ) -> tuple[int, GemmTile, GemmTile]:
+    """BLOCK_M and the tiles of weight-only quantized GEMMs that stream their weights (NVIDIA;
+    stage 1's K is ``hidden``, stage 2's ``intermediate``).
+
+    Measured on an H200 (``bench/quant_tiles.py``, Mixtral-8x7B and Qwen3-30B-A3B, M = 1 and
+    128, each tile in place of one stage's):
+
+    * 8-bit: row blocks of at most 32: 64-row ones run the MMA with B from shared memory,
+      the converted tile written back there (Mixtral-8x7B M = 128, int8 and fp8, 25-37 %
+      slower per stage than 32-row blocks). At 16 rows, 64 x 256 B tiles where K is long
+      (stage 1 of Mixtral-8x7B M = 1 15-19 % faster than 64 x 128; stage 2, 8 warps, 2-10 %);
+      Qwen3-30B-A3B's stage 2 (K = 768) was slower with them.
+    * mxfp4 (``tl.dot_scaled``): 32 x 256 stage-1 and 64 x 256 stage-2 tiles (Mixtral-8x7B
+      M = 1 6 % and 12 % faster per stage, M = 128 7 % and 10 %; Qwen3-30B-A3B within 4 %).
+    """
+    if weights in EIGHT_BIT_WEIGHT_ONLY:
+        if block_m > 16:
+            return 32, GemmTile(block_n=64, block_k=128, group_size_m=1, num_warps=4, num_stages=4), \
+                GemmTile(block_n=128, block_k=128, group_size_m=1, num_warps=4, num_stages=4)
+        if hidden >= DEEP_K:
+            s1 = GemmTile(block_n=64, block_k=256, group_size_m=1, num_warps=4, num_stages=3)
+        if intermediate >= DEEP_K:
+            s2 = GemmTile(block_n=64, block_k=256, group_size_m=1, num_warps=8, num_stages=4)
+    elif weights == "mxfp4":
+        s1 = GemmTile(block_n=32, block_k=256, group_size_m=1, num_warps=4, num_stages=4)
+        s2 = GemmTile(block_n=64, block_k=256, group_size_m=1, num_warps=4, num_stages=4)
+    return block_m, s1, s2
 
 
 def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
@@ -200,6 +253,12 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
     else:
         s1 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=3)
         s2 = GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=4)
+    if small and not amd and act_quant is None:
+        block_m, s1, s2 = _quantized_decode(weights, block_m, hidden, intermediate, s1, s2)
+    if weights == "mxfp4" and not amd and block_m == 128:
+        # the scaled dot's converted 128 x 256 operand beside a 128 x 256 accumulator spills
+        # (96 B a thread, ptxas -v, sm_90)
+        s2 = dataclasses.replace(s2, block_n=min(s2.block_n, 128))
     b_itemsize = None if weights == "none" else 1
     s1, s2 = fit_scheme(s1, weights, act_quant), fit_scheme(s2, weights, act_quant)
     s1 = fit_accumulators(s1, block_m, True, weights, act_quant)

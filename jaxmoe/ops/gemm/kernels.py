@@ -21,7 +21,9 @@ Quantized weights and activations: ``W_SCHEME`` names how B is stored (a key of
 "fp8_token", "fp8_group", "int8_token"); both are constexprs, so each combination compiles
 to its own straight-line K loop (:func:`_mma`). Weight-only schemes turn the B tile into
 A's dtype in registers (8-bit values and 4-bit integers exactly; mxfp4 as e2m1 * 2^e) and
-run A's dot; w8a8 quantizes the A tile in registers with a per-token scale (a first pass
+run A's dot (int4 with B as the dot's first operand, ``SWAP_AB``, which sm_90 takes
+from registers; mxfp4 against bf16 A through Triton's ``tl.dot_scaled``, ``SCALED_DOT``,
+whose sm_90 lowering does the same); w8a8 quantizes the A tile in registers with a per-token scale (a first pass
 over the row's K finds its absmax) or, for "fp8_group", a per-token per-128-channel scale
 from the tile itself (BLOCK_K = 128), and runs the fp8 (fp32 accumulator) or int8 (int32
 accumulator) dot. Per-channel and per-tensor scales multiply the accumulator once after the
@@ -117,6 +119,15 @@ def _e2m1(nib):
 
 
 @triton.jit
+def _small_ints(q, offset):
+    """``q - offset`` in fp32 for integers q in [0, 2^23) (4-bit values) and an fp32
+    ``offset``, exactly, without an integer-to-float conversion (sm_90 runs those at a
+    sixteenth of its fp32 rate): q sits in the mantissa of 2^23 + q, from which
+    2^23 + offset is subtracted."""
+    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (offset + 8388608.0)
+
+
+@triton.jit
 def _e8m0(e):
     """2^(e - 127) in fp32 for uint8 exponents, from bits (0 -> 2^-127, 255 -> NaN)."""
     ei = e.to(tl.int32)
@@ -127,25 +138,35 @@ def _e8m0(e):
 @triton.jit
 def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K: tl.constexpr,
          W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, GROUP_K: tl.constexpr,
-         FP32_IEEE: tl.constexpr):
+         FP32_IEEE: tl.constexpr, SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr):
     """One K step: ``acc`` plus A tile ``a`` [R, BLOCK_K] times B tile ``b`` as stored
     (``W_SCHEME``): [BLOCK_K, W], or for the 4-bit schemes [W, BLOCK_K // 2] bytes, turned
     into A's dtype and transposed in registers. A is rounded per ``A_SCHEME`` (``a_inv``:
-    per-row QMAX / absmax). A per-K scale past K's last group is never read."""
+    per-row QMAX / absmax). A per-K scale past K's last group is never read. With
+    ``SWAP_AB`` ``acc`` is [W, R], C's transpose, and the converted B tile the dot's first
+    operand; with ``SCALED_DOT`` mxfp4 B goes through ``tl.dot_scaled``."""
     if A_SCHEME == "none":
         if W_SCHEME == "int4" or W_SCHEME == "int4_zp":
-            q = _nibbles(b).to(tl.int32)
+            q = _nibbles(b)
             if W_SCHEME == "int4":
-                q = q - ((q >> 3) << 4)  # two's complement
+                v = _small_ints(q ^ 8, 8.0)  # two's complement: (q ^ 8) - 8
             else:
-                z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.int32)
-                q = q - z[:, None]
-            bw = tl.trans(q.to(tl.float32).to(a.dtype))  # exact: |q| <= 15
+                z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.float32)
+                v = _small_ints(q, z[:, None])
+            bw = v.to(a.dtype)  # exact: |v| <= 15
+            if not SWAP_AB:
+                bw = tl.trans(bw)
         elif W_SCHEME == "mxfp4":
             # one e8m0 exponent per GROUP_K (32) values: a [W, BLOCK_K // 32] tile, broadcast
             groups = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
             e = tl.load(s_ptrs[:, None] + groups[None, :],
                         mask=col_ok[:, None] & (groups < (K + GROUP_K - 1) // GROUP_K)[None, :], other=127)
+            if SCALED_DOT:
+                # Triton's scaled dot: on sm_90 the e2m1 tile is converted in registers as the
+                # MMA's first operand, the scale multiplied in bf16 (an exponent of 0 reads as
+                # a zero scale, not 2^-127; 255 as NaN); the formats are constexprs, which
+                # Triton 3.6's interpreter needs
+                return tl.dot_scaled(a, None, tl.constexpr("bf16"), tl.trans(b), e, tl.constexpr("e2m1"), acc)
             scale = tl.reshape(tl.broadcast_to(_e8m0(e)[:, :, None], [e.shape[0], BLOCK_K // GROUP_K, GROUP_K]),
                                [e.shape[0], BLOCK_K])
             bw = tl.trans((_e2m1(_nibbles(b)) * scale).to(a.dtype))
@@ -153,17 +174,30 @@ def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K:
             bw = b
         else:  # fp8 and int8 values: exact in bf16, fp16 and fp32
             bw = b.to(tl.float32).to(a.dtype)
+            if SWAP_AB:
+                bw = tl.trans(bw)
+        # SWAP_AB: acc is C's transpose, [W, R], the converted B tile the MMA's first
+        # operand, which sm_90 takes from registers (no round trip through shared memory)
+        if SWAP_AB:
+            lhs = bw
+            rhs = tl.trans(a)
+        else:
+            lhs = a
+            rhs = bw
         if W_SCHEME == "fp8_block" or W_SCHEME == "int4" or W_SCHEME == "int4_zp":
             s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
             if FP32_IEEE:
-                part = tl.dot(a, bw, input_precision="ieee")
+                part = tl.dot(lhs, rhs, input_precision="ieee")
             else:
-                part = tl.dot(a, bw)
-            acc = acc + part * s[None, :]
+                part = tl.dot(lhs, rhs)
+            if SWAP_AB:
+                acc = acc + part * s[:, None]
+            else:
+                acc = acc + part * s[None, :]
         elif FP32_IEEE:
-            acc = tl.dot(a, bw, acc, input_precision="ieee")
+            acc = tl.dot(lhs, rhs, acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, bw, acc)
+            acc = tl.dot(lhs, rhs, acc)
     else:
         af = a.to(tl.float32)
         a_scale = a_inv  # replaced for per-group scales below
@@ -248,6 +282,7 @@ def _tile(
     FP32_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
     W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr,
 ):
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of ``expert``."""
     offs_m = row0 + tl.arange(0, ROWS)
@@ -269,11 +304,15 @@ def _tile(
         gate_n = pid_n * BLOCK_N + j // 2
         b_cols_ok = gate_n < N_OUT
         b_rows = gate_n * GATE_STEP + (j % 2) * UP_SHIFT
-        acc = tl.zeros([ROWS, 2 * BLOCK_N], dtype=tl.float32)
+        W: tl.constexpr = 2 * BLOCK_N
     else:
         b_rows = offs_n
         b_cols_ok = n_mask
-        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        W: tl.constexpr = BLOCK_N
+    if SWAP_AB:
+        acc = tl.zeros([W, ROWS], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS, W], dtype=tl.float32)
     PACKED: tl.constexpr = W_SCHEME == "int4" or W_SCHEME == "int4_zp" or W_SCHEME == "mxfp4"
     if PACKED:
         # two values a byte along K (K even): a [W, BLOCK_K // 2] tile of whole bytes, each
@@ -310,12 +349,14 @@ def _tile(
         else:  # int8 storage
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
         acc = _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
-                   FP32_IEEE)
+                   FP32_IEEE, SWAP_AB, SCALED_DOT)
         a_ptrs += BLOCK_K
         if PACKED:
             b_ptrs += BLOCK_K // 2
         else:
             b_ptrs += BLOCK_K * stride_bk
+    if SWAP_AB:
+        acc = tl.trans(acc)
     acc = _apply_scales(acc, a_scale, s_ptrs, b_cols_ok, W_SCHEME, A_SCHEME)
 
     if HAS_BIAS:
@@ -358,6 +399,8 @@ def moe_gemm_kernel(
     QMAX: tl.constexpr,  # the quantized activations' largest magnitude (448, 240 or 127)
     stride_se: tl.constexpr, stride_sn: tl.constexpr,  # B's scales: per expert, per GROUP_N rows
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,  # rows and K values one scale covers
+    SWAP_AB: tl.constexpr,  # int4 B: C's transpose accumulated, the converted B tile the first operand
+    SCALED_DOT: tl.constexpr,  # mxfp4 B against bf16 A through tl.dot_scaled
 ):
     pid_m, pid_n = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS)
     row0 = pid_m * BLOCK_M
@@ -381,17 +424,20 @@ def moe_gemm_kernel(
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
-              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
+              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
+              SWAP_AB, SCALED_DOT)
     elif half:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
-              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
+              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
+              SWAP_AB, SCALED_DOT)
     else:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
-              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K)
+              FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
+              SWAP_AB, SCALED_DOT)
 
 
 # --------------------------------------------------------------------------- backward
