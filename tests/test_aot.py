@@ -210,6 +210,8 @@ def test_quantized_gemms_keep_registers_and_load_b_in_whole_bytes():
             assert "cp.async" in ptx, name
             # single-byte loads are left for int4_zp's zero points and mxfp4's exponents
             # (one per column and group) only; the old [K, N] B tile took 64-256 of them
+            if const["W_SCHEME"] != "mxfp4":  # int4 nibbles to bf16 by the inline PTX
+                assert "0x43084308" in ptx or "0x43004300" in ptx, name
             byte_loads = ptx.count("ld.global.b8")
             assert byte_loads <= (4 if const["W_SCHEME"] in ("int4_zp", "mxfp4") else 0), (name, byte_loads)
     assert max(spills.values()) <= SPILL_LIMIT, {k: v for k, v in spills.items() if v > SPILL_LIMIT}

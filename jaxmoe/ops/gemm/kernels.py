@@ -22,7 +22,9 @@ Quantized weights and activations: ``W_SCHEME`` names how B is stored (a key of
 to its own straight-line K loop (:func:`_mma`). Weight-only schemes turn the B tile into
 A's dtype in registers (8-bit values and 4-bit integers exactly; mxfp4 as e2m1 * 2^e) and
 run A's dot (int4 with B as the dot's first operand, ``SWAP_AB``, which sm_90 takes
-from registers; mxfp4 against bf16 A through Triton's ``tl.dot_scaled``, ``SCALED_DOT``,
+from registers, its nibbles turned into bf16 pairs by inline PTX on NVIDIA
+(``PTX_CONVERT``) and by integer and fp32 operations elsewhere, never by the slow
+integer-to-float instructions; mxfp4 against bf16 A through Triton's ``tl.dot_scaled``, ``SCALED_DOT``,
 whose sm_90 lowering does the same); w8a8 quantizes the A tile in registers with a per-token scale (a first pass
 over the row's K finds its absmax) or, for "fp8_group", a per-token per-128-channel scale
 from the tile itself (BLOCK_K = 128), and runs the fp8 (fp32 accumulator) or int8 (int32
@@ -127,6 +129,69 @@ def _small_ints(q, offset):
     return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (offset + 8388608.0)
 
 
+# Triton's interpreter runs no inline PTX: the module's interpreted copy (executed with
+# the interpreter on) converts 4-bit values with plain operations.
+INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
+# Nibble pairs to bf16 pairs, four bytes a time: each byte's low and high nibble (lo0 =
+# byte 0's, ...) are spread to 16-bit lanes by ``prmt`` and or-ed into the mantissa of
+# 128 (bf16 0x4300, whose last mantissa bit is worth 1), then 128 + offset is subtracted
+# in bf16x2: int4 flips the sign bit first (q ^ 8) and subtracts 136; int4_zp subtracts
+# 128 + z, z from the second input's byte of the same element.
+_INT4_PTX = tl.constexpr("""
+{
+.reg .b32 t0, t1, u0, u1, m;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shr.b32 u0, t0, 4;
+shr.b32 u1, t1, 4;
+lop3.b32 $0, t0, 0x000F000F, 0x43084308, 0x6A;
+lop3.b32 $1, t1, 0x000F000F, 0x43084308, 0x6A;
+lop3.b32 $2, u0, 0x000F000F, 0x43084308, 0x6A;
+lop3.b32 $3, u1, 0x000F000F, 0x43084308, 0x6A;
+mov.b32 m, 0x43084308;
+sub.bf16x2 $0, $0, m;
+sub.bf16x2 $1, $1, m;
+sub.bf16x2 $2, $2, m;
+sub.bf16x2 $3, $3, m;
+}
+""")
+_INT4_ZP_PTX = tl.constexpr("""
+{
+.reg .b32 t0, t1, u0, u1, z0, z1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+prmt.b32 z0, $5, 0, 0x4140;
+prmt.b32 z1, $5, 0, 0x4342;
+or.b32 z0, z0, 0x43004300;
+or.b32 z1, z1, 0x43004300;
+shr.b32 u0, t0, 4;
+shr.b32 u1, t1, 4;
+lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $2, u0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $3, u1, 0x000F000F, 0x43004300, 0xEA;
+sub.bf16x2 $0, $0, z0;
+sub.bf16x2 $1, $1, z1;
+sub.bf16x2 $2, $2, z0;
+sub.bf16x2 $3, $3, z1;
+}
+""")
+
+
+@triton.jit
+def _int4_bf16(b, z, W_SCHEME: tl.constexpr):
+    """bf16 values of a [W, BLOCK_K // 2] tile of int4 (or int4_zp, less ``z``, uint8
+    broadcast to it) bytes as a [W, BLOCK_K] tile, by :data:`_INT4_PTX` (sm_90)."""
+    if W_SCHEME == "int4":
+        lo, hi = tl.inline_asm_elementwise(_INT4_PTX, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                           is_pure=True, pack=4)
+    else:
+        lo, hi = tl.inline_asm_elementwise(_INT4_ZP_PTX, "=r,=r,=r,=r,r,r", [b, z],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    return tl.reshape(tl.join(lo, hi), [b.shape[0], 2 * b.shape[1]])
+
+
 @triton.jit
 def _e8m0(e):
     """2^(e - 127) in fp32 for uint8 exponents, from bits (0 -> 2^-127, 255 -> NaN)."""
@@ -138,7 +203,7 @@ def _e8m0(e):
 @triton.jit
 def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K: tl.constexpr,
          W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, GROUP_K: tl.constexpr,
-         FP32_IEEE: tl.constexpr, SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr):
+         FP32_IEEE: tl.constexpr, SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr):
     """One K step: ``acc`` plus A tile ``a`` [R, BLOCK_K] times B tile ``b`` as stored
     (``W_SCHEME``): [BLOCK_K, W], or for the 4-bit schemes [W, BLOCK_K // 2] bytes, turned
     into A's dtype and transposed in registers. A is rounded per ``A_SCHEME`` (``a_inv``:
@@ -147,13 +212,20 @@ def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K:
     operand; with ``SCALED_DOT`` mxfp4 B goes through ``tl.dot_scaled``."""
     if A_SCHEME == "none":
         if W_SCHEME == "int4" or W_SCHEME == "int4_zp":
-            q = _nibbles(b)
-            if W_SCHEME == "int4":
-                v = _small_ints(q ^ 8, 8.0)  # two's complement: (q ^ 8) - 8
+            if PTX_CONVERT and not INTERPRETED and a.dtype == tl.bfloat16:
+                if W_SCHEME == "int4":
+                    bw = _int4_bf16(b, b, W_SCHEME)
+                else:
+                    z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.uint8)
+                    bw = _int4_bf16(b, tl.broadcast_to(z[:, None], b.shape), W_SCHEME)
             else:
-                z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.float32)
-                v = _small_ints(q, z[:, None])
-            bw = v.to(a.dtype)  # exact: |v| <= 15
+                q = _nibbles(b)
+                if W_SCHEME == "int4":
+                    v = _small_ints(q ^ 8, 8.0)  # two's complement: (q ^ 8) - 8
+                else:
+                    z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.float32)
+                    v = _small_ints(q, z[:, None])
+                bw = v.to(a.dtype)  # exact: |v| <= 15
             if not SWAP_AB:
                 bw = tl.trans(bw)
         elif W_SCHEME == "mxfp4":
@@ -282,7 +354,7 @@ def _tile(
     FP32_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
     W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr,
+    SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr,
 ):
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of ``expert``."""
     offs_m = row0 + tl.arange(0, ROWS)
@@ -349,7 +421,7 @@ def _tile(
         else:  # int8 storage
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
         acc = _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
-                   FP32_IEEE, SWAP_AB, SCALED_DOT)
+                   FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT)
         a_ptrs += BLOCK_K
         if PACKED:
             b_ptrs += BLOCK_K // 2
@@ -401,6 +473,7 @@ def moe_gemm_kernel(
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,  # rows and K values one scale covers
     SWAP_AB: tl.constexpr,  # int4 B: C's transpose accumulated, the converted B tile the first operand
     SCALED_DOT: tl.constexpr,  # mxfp4 B against bf16 A through tl.dot_scaled
+    PTX_CONVERT: tl.constexpr,  # NVIDIA: int4 B converted to bf16 by inline PTX
 ):
     pid_m, pid_n = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS)
     row0 = pid_m * BLOCK_M
@@ -425,19 +498,19 @@ def moe_gemm_kernel(
               expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT)
     elif half:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT)
     else:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT)
 
 
 # --------------------------------------------------------------------------- backward

@@ -159,6 +159,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "W_SCHEME": w_scheme, "A_SCHEME": a_scheme,
         "SWAP_AB": _config.swap_ab(w_scheme, a_scheme),
         "SCALED_DOT": _config.scaled_dot(w_scheme, jnp.dtype(dtype), arch),
+        "PTX_CONVERT": not arch.startswith("gfx"),
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
