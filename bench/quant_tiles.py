@@ -8,7 +8,7 @@ stages and the combine; the routing is computed once outside) with the heuristic
 then with each candidate tile in place of stage 1's (stage 2 kept) and in place of stage
 2's (stage 1 kept), for the heuristic's BLOCK_M and, where the heuristic picks more than
 16, half of it. Times are the marginal cost of one more layer in a jitted chain
-(``jaxmoe.tools.bench.time_layer_detail``'s method); the stage deltas say what each tile
+(``jaxmoe.tools.bench.time_layer_detail``); the stage deltas say what each tile
 buys on its own stage. Writes ``PREFIX.json``: one record per timed config, with the
 layer's weight-byte roofline at the copy rate given by ``--bytes-per-s``.
 
@@ -23,9 +23,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +35,7 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile, MoEConfig
 from jaxmoe.ops.moe import triton as moe_triton
 from jaxmoe.quantize import quantize_weights
-from jaxmoe.tools.bench import SETS, SHORT, _chain, check_finite, experts_hit_per_layer, quant_roofline
+from jaxmoe.tools.bench import SETS, SHORT, experts_hit_per_layer, quant_roofline, time_layer_detail
 from jaxmoe.tools.ceilings import Ceilings
 
 # (block_n, block_k, num_warps, num_stages): B tiles of 4-32 KB a stage, the bf16 decode
@@ -81,6 +79,7 @@ def candidate_configs(preset, m: int, quant: str, arch: str, dtype) -> list[tupl
 
 @contextlib.contextmanager
 def held(path: str | None):
+    """An exclusive ``flock`` on ``path`` while the block runs (nothing for None)."""
     if path is None:
         yield
         return
@@ -90,24 +89,6 @@ def held(path: str | None):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def time_config(fn, params, xs, reps: int, lock: str | None) -> float:
-    """Marginal seconds per layer: compiled and warmed outside the lock, timed inside it."""
-    short, long = _chain(fn, SHORT), _chain(fn, SETS)
-    for f in (short, long):
-        jax.block_until_ready(f(params, xs))
-        jax.block_until_ready(f(params, xs))
-    t_short, t_long = [], []
-    with held(lock):
-        out = None
-        for _ in range(reps):
-            for f, ts in ((short, t_short), (long, t_long)):
-                t0 = time.perf_counter()
-                out = jax.block_until_ready(f(params, xs))
-                ts.append(time.perf_counter() - t0)
-    check_finite(out)
-    return statistics.median(b - a for a, b in zip(t_short, t_long)) / (SETS - SHORT)
 
 
 def main() -> int:
@@ -149,7 +130,7 @@ def main() -> int:
                     rec = {"model": name, "quant": quant, "m": m, "varied": label,
                            "config": c.to_json(), "floor_ms": floor * 1e3}
                     try:
-                        t = time_config(layer, params, xs, args.reps, args.lock)
+                        t = time_layer_detail(layer, params, xs, args.reps, lock=held(args.lock))[0]
                         rec.update(ms=t * 1e3, efficiency=floor / t)
                         print(f"{name} {quant} M={m} {label:9s} {t * 1e3:8.4f} ms  eff {floor / t:5.2f}  {c}",
                               flush=True)

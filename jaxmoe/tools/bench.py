@@ -33,6 +33,7 @@ known devices) and printed in the header.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -232,7 +233,8 @@ def _chain(fn: Callable, sets: int) -> Callable:
     return jax.jit(lambda p, xs: _residual_stream(fn, p, xs, sets)[0])
 
 
-def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int) -> tuple[float, float]:
+def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int,
+                      lock: contextlib.AbstractContextManager | None = None) -> tuple[float, float]:
     """(seconds per layer application, fixed seconds per jit call) of ``fn``.
 
     Two jitted chains apply the layer to the batches of ``xs`` [SETS, M, D] one after
@@ -245,7 +247,8 @@ def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int) -> tu
     the first launch), which a model pays once for all its layers, is the intercept,
     returned second. Where timer noise makes the difference meaningless (not positive, as
     with the CPU interpreter), the long chain's time / ``SETS`` is returned instead, with
-    no intercept.
+    no intercept. ``lock``, when given, is held while timing (not while compiling), so
+    processes that share a card can compile side by side and time one at a time.
     """
     sets = xs.shape[0]
     if sets <= SHORT:
@@ -256,11 +259,12 @@ def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int) -> tu
         jax.block_until_ready(f(params, xs))
     t_short, t_long = [], []
     out = None
-    for _ in range(reps):
-        for f, ts in ((short, t_short), (long, t_long)):
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(f(params, xs))
-            ts.append(time.perf_counter() - t0)
+    with lock or contextlib.nullcontext():
+        for _ in range(reps):
+            for f, ts in ((short, t_short), (long, t_long)):
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(f(params, xs))
+                ts.append(time.perf_counter() - t0)
     check_finite(out)  # the long chain's last output: what the timed layers computed
     per_layer = statistics.median(b - a for a, b in zip(t_short, t_long)) / (sets - SHORT)
     if per_layer <= 0:
