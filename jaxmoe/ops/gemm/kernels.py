@@ -133,62 +133,50 @@ def _small_ints(q, offset):
 # the interpreter on) converts 4-bit values with plain operations.
 INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
-# Nibble pairs to bf16 pairs, four bytes a time: each byte's low and high nibble (lo0 =
-# byte 0's, ...) are spread to 16-bit lanes by ``prmt`` and or-ed into the mantissa of
-# 128 (bf16 0x4300, whose last mantissa bit is worth 1), then 128 + offset is subtracted
-# in bf16x2: int4 flips the sign bit first (q ^ 8) and subtracts 136; int4_zp subtracts
-# 128 + z, z from the second input's byte of the same element.
-_INT4_PTX = tl.constexpr("""
-{
-.reg .b32 t0, t1, u0, u1, m;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-shr.b32 u0, t0, 4;
-shr.b32 u1, t1, 4;
-lop3.b32 $0, t0, 0x000F000F, 0x43084308, 0x6A;
-lop3.b32 $1, t1, 0x000F000F, 0x43084308, 0x6A;
-lop3.b32 $2, u0, 0x000F000F, 0x43084308, 0x6A;
-lop3.b32 $3, u1, 0x000F000F, 0x43084308, 0x6A;
-mov.b32 m, 0x43084308;
-sub.bf16x2 $0, $0, m;
-sub.bf16x2 $1, $1, m;
-sub.bf16x2 $2, $2, m;
-sub.bf16x2 $3, $3, m;
-}
-""")
-_INT4_ZP_PTX = tl.constexpr("""
-{
-.reg .b32 t0, t1, u0, u1, z0, z1;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-prmt.b32 z0, $5, 0, 0x4140;
-prmt.b32 z1, $5, 0, 0x4342;
-or.b32 z0, z0, 0x43004300;
-or.b32 z1, z1, 0x43004300;
-shr.b32 u0, t0, 4;
-shr.b32 u1, t1, 4;
-lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $2, u0, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $3, u1, 0x000F000F, 0x43004300, 0xEA;
-sub.bf16x2 $0, $0, z0;
-sub.bf16x2 $1, $1, z1;
-sub.bf16x2 $2, $2, z0;
-sub.bf16x2 $3, $3, z1;
-}
-""")
+# Nibble pairs to bf16 pairs, four bytes a time: each byte's low and high nibble are
+# spread to 16-bit lanes by ``prmt`` and put into the mantissa of 128 (bf16 0x4300, whose
+# last mantissa bit is worth 1) by ``lop3``, then 128 + offset is subtracted in bf16x2:
+# int4 flips the sign bit as it goes in (q ^ 8, bits 0x4308) and subtracts 136; int4_zp
+# or-s q in and subtracts 128 + z, z the second input's byte of the same element.
+def _int4_ptx(zero_points: bool) -> str:
+    if zero_points:
+        regs, magic, lut = "t0, t1, u0, u1, z0, z1", "0x43004300", "0xEA"  # (q & 0xF) | magic
+        subtrahend = ("prmt.b32 z0, $5, 0, 0x4140;\nprmt.b32 z1, $5, 0, 0x4342;\n"
+                      "or.b32 z0, z0, 0x43004300;\nor.b32 z1, z1, 0x43004300;\n")
+        z = ("z0", "z1", "z0", "z1")
+    else:
+        regs, magic, lut = "t0, t1, u0, u1, m", "0x43084308", "0x6A"  # (q & 0xF) ^ magic
+        subtrahend = ""
+        z = ("m",) * 4
+    lines = [f".reg .b32 {regs};", "prmt.b32 t0, $4, 0, 0x4140;", "prmt.b32 t1, $4, 0, 0x4342;"]
+    lines += subtrahend.splitlines()
+    lines += ["shr.b32 u0, t0, 4;", "shr.b32 u1, t1, 4;"]
+    lines += [f"lop3.b32 ${i}, {src}, 0x000F000F, {magic}, {lut};" for i, src in enumerate(("t0", "t1", "u0", "u1"))]
+    if not zero_points:
+        lines.append("mov.b32 m, 0x43084308;")
+    lines += [f"sub.bf16x2 ${i}, ${i}, {r};" for i, r in enumerate(z)]
+    return "\n{\n" + "\n".join(lines) + "\n}\n"
+
+
+_INT4_PTX = tl.constexpr(_int4_ptx(False))
+_INT4_ZP_PTX = tl.constexpr(_int4_ptx(True))
 
 
 @triton.jit
-def _int4_bf16(b, z, W_SCHEME: tl.constexpr):
-    """bf16 values of a [W, BLOCK_K // 2] tile of int4 (or int4_zp, less ``z``, uint8
-    broadcast to it) bytes as a [W, BLOCK_K] tile, by :data:`_INT4_PTX` (sm_90)."""
-    if W_SCHEME == "int4":
-        lo, hi = tl.inline_asm_elementwise(_INT4_PTX, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
-                                           is_pure=True, pack=4)
-    else:
-        lo, hi = tl.inline_asm_elementwise(_INT4_ZP_PTX, "=r,=r,=r,=r,r,r", [b, z],
-                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+def _int4_bf16(b):
+    """bf16 values of a [W, BLOCK_K // 2] tile of int4 bytes as a [W, BLOCK_K] tile, by
+    :data:`_INT4_PTX` (NVIDIA)."""
+    lo, hi = tl.inline_asm_elementwise(_INT4_PTX, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                       is_pure=True, pack=4)
+    return tl.reshape(tl.join(lo, hi), [b.shape[0], 2 * b.shape[1]])
+
+
+@triton.jit
+def _int4_zp_bf16(b, z):
+    """bf16 values of a [W, BLOCK_K // 2] tile of int4_zp bytes less their zero points ``z``
+    (uint8, broadcast to the tile) as a [W, BLOCK_K] tile, by :data:`_INT4_ZP_PTX` (NVIDIA)."""
+    lo, hi = tl.inline_asm_elementwise(_INT4_ZP_PTX, "=r,=r,=r,=r,r,r", [b, z], dtype=(tl.bfloat16, tl.bfloat16),
+                                       is_pure=True, pack=4)
     return tl.reshape(tl.join(lo, hi), [b.shape[0], 2 * b.shape[1]])
 
 
@@ -214,10 +202,10 @@ def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K:
         if W_SCHEME == "int4" or W_SCHEME == "int4_zp":
             if PTX_CONVERT and not INTERPRETED and a.dtype == tl.bfloat16:
                 if W_SCHEME == "int4":
-                    bw = _int4_bf16(b, b, W_SCHEME)
+                    bw = _int4_bf16(b)
                 else:
                     z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.uint8)
-                    bw = _int4_bf16(b, tl.broadcast_to(z[:, None], b.shape), W_SCHEME)
+                    bw = _int4_zp_bf16(b, tl.broadcast_to(z[:, None], b.shape))
             else:
                 q = _nibbles(b)
                 if W_SCHEME == "int4":
@@ -246,8 +234,6 @@ def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K:
             bw = b
         else:  # fp8 and int8 values: exact in bf16, fp16 and fp32
             bw = b.to(tl.float32).to(a.dtype)
-            if SWAP_AB:
-                bw = tl.trans(bw)
         # SWAP_AB: acc is C's transpose, [W, R], the converted B tile the MMA's first
         # operand, which sm_90 takes from registers (no round trip through shared memory)
         if SWAP_AB:
