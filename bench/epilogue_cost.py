@@ -1,7 +1,7 @@
 """What the model features cost on top of the plain MoE layer, on the GPU.
 
     python bench/epilogue_cost.py [--model gpt-oss-120b --model deepseek-v3] [--m 1 --m 4096] [--reps 20]
-                                  [--variant NAME ...] [--out PREFIX]
+                                  [--variant NAME ...] [--breakdown] [--out PREFIX]
 
 For each model preset and batch size M, times ``moe_layer`` on the Triton kernels (bf16,
 inside ``jax.jit``, warm; the time per layer is the marginal cost of one more layer in a
@@ -15,11 +15,22 @@ chain, as ``python -m jaxmoe bench`` measures it) for the plain layer (silu, wei
   clamped SwiGLU, top-k then softmax; experts converted to ``[E, 2I, D]`` / ``[E, D, I]``);
 * ``gpt_oss_stored``: the same with the experts as the checkpoint stores them
   (``load_layer(..., layout="stored")``: ``in_out_interleaved``);
-* ``shared``: one shared expert of width I beside the routed ones (DeepSeek-V3's), which adds
-  real work: its own bf16 roofline floor (weights + its x @ w) is printed beside it.
+* ``shared``: one shared expert of width I (DeepSeek-V3's), stacked after the routed ones
+  as ``load_layer`` gives it (``shared_experts=1``: in the routed launches or beside them,
+  as the size rule or ``JAXMOE_SHARED`` picks); ``shared_dense``: the same expert as
+  ``params["shared"]``, a dense MLP beside the routed launches. Both add real work, so
+  they are compared with ``routed_plus_one``, the plain layer routing each token to
+  ``top_k + 1`` experts (the same weight bytes at decode sizes and the same FLOPs), not
+  with the plain layer; the shared expert's own bf16 roofline floor is printed beside.
 
-The variants of a model and M are timed in rounds, in turn, and each one's median is
-compared with the plain layer's median; the target is a cost of at most 3 %. Writes
+Every variant is timed on the same routing: the chain feeds each layer's output to the next
+only as ``2^-40 * y`` (:data:`jaxmoe.tools.bench.SAME_ROUTING_FEEDBACK`), which keeps the
+layers in order without changing any layer's input, so a variant that computes other
+outputs (biases, another activation) cannot route later batches to other experts and read
+other bytes. The variants of a model and M are timed in rounds, in turn, and each one's median is
+compared with its baseline's median (the plain layer's; ``routed_plus_one``'s for
+``shared``); the target is a cost of at most 3 %. ``--breakdown`` also prints each
+variant's kernels and their device time (one layer, from the profiler). Writes
 ``PREFIX.json`` (default ``epilogue_cost``). Run from the repository root on a GPU.
 """
 
@@ -36,10 +47,13 @@ import numpy as np
 
 from jaxmoe import ClampedSwiGLU, moe_layer
 from jaxmoe.layer import init_moe_params
-from jaxmoe.models import PRESETS
-from jaxmoe.tools.bench import PEAK_BYTES_PER_S, PEAK_FLOPS, SETS, time_layer_detail
+from jaxmoe.models import PRESETS, stack_shared_experts
+from jaxmoe.tools.bench import PEAK_BYTES_PER_S, PEAK_FLOPS, SAME_ROUTING_FEEDBACK, SETS, time_layer_detail
+from jaxmoe.tools.timeline import format_breakdown, kernel_breakdown
 
-VARIANTS = ("biases", "clamped_swiglu", "layout", "gpt_oss", "gpt_oss_stored", "shared")
+VARIANTS = ("biases", "clamped_swiglu", "layout", "gpt_oss", "gpt_oss_stored", "routed_plus_one", "shared",
+            "shared_dense")
+BASELINE = {"shared": "routed_plus_one", "shared_dense": "routed_plus_one"}
 TARGET = 0.03
 
 
@@ -71,7 +85,11 @@ def variants(name: str, params: dict, routing: dict, key: jax.Array) -> dict:
     out["gpt_oss_stored"] = ({**inter, **biases}, {**gpt, "activation": ClampedSwiGLU(),
                                                    "layout": "in_out_interleaved"})
     shared = init_moe_params(k4, hidden=d, intermediate=i, experts=1, dtype=params["w1"].dtype)
-    out["shared"] = ({**params, "shared": {"w1": shared["w1"], "w2": shared["w2"]}}, routing)
+    dense = {**params, "shared": {"w1": shared["w1"], "w2": shared["w2"]}}
+    out["shared_dense"] = (dense, routing)
+    stacked, count = stack_shared_experts(dense)
+    out["shared"] = (stacked, {**routing, "shared_experts": count})
+    out["routed_plus_one"] = (params, {**routing, "top_k": routing["top_k"] + 1})
     return out
 
 
@@ -89,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", choices=VARIANTS)
     p.add_argument("--reps", type=int, default=20, help="paired runs per timing")
     p.add_argument("--rounds", type=int, default=3, help="timings of each variant, in turn")
+    p.add_argument("--breakdown", action="store_true", help="print each variant's kernels (profiler)")
     p.add_argument("--out", default="epilogue_cost")
     args = p.parse_args(argv)
     if jax.default_backend() not in ("gpu", "cuda", "rocm"):
@@ -97,6 +116,7 @@ def main(argv=None) -> int:
     models = args.model or ["gpt-oss-120b", "deepseek-v3"]
     ms = args.m or [1, 4096]
     chosen = ["plain", *(args.variant or VARIANTS)]
+    chosen += [BASELINE[v] for v in chosen if v in BASELINE and BASELINE[v] not in chosen]
     results = []
     print(f"{'model':<14}{'M':>6}  {'variant':<16}{'ms':>10}{'cost':>9}  note")
     for name in models:
@@ -111,18 +131,26 @@ def main(argv=None) -> int:
             for _ in range(args.rounds):
                 for v, (prm, kw) in table.items():
                     fn = (lambda kw_: lambda p_, x_: moe_layer(p_, x_, implementation="triton", **kw_))(kw)
-                    times[v].append(time_layer_detail(fn, prm, xs, args.reps)[0] * 1e3)
-            base = statistics.median(times["plain"])
+                    times[v].append(time_layer_detail(fn, prm, xs, args.reps, feedback=SAME_ROUTING_FEEDBACK)[0] * 1e3)
             for v in table:
                 t = statistics.median(times[v])
-                cost = t / base - 1.0
+                baseline = BASELINE.get(v, "plain")
+                cost = t / statistics.median(times[baseline]) - 1.0
                 note = "" if v == "plain" else ("ok" if cost <= TARGET else f"over the {TARGET:.0%} target")
-                if v == "shared":
-                    note = f"its own floor {shared_floor_ms(name, m):.4f} ms; extra {t - base:.4f} ms"
+                if baseline != "plain":
+                    note += f" (against {baseline})"
+                if v.startswith("shared"):
+                    note += (f"; its own floor {shared_floor_ms(name, m):.4f} ms, "
+                             f"{t - statistics.median(times['plain']):.4f} ms over plain")
                 print(f"{name:<14}{m:>6}  {v:<16}{t:>10.4f}{cost:>+9.2%}  {note}", flush=True)
                 results.append({"model": name, "m": m, "variant": v, "time_ms": t, "cost": cost,
-                                "times_ms": times[v], "device": jax.devices()[0].device_kind,
-                                "jax": jax.__version__})
+                                "baseline": baseline, "times_ms": times[v],
+                                "device": jax.devices()[0].device_kind, "jax": jax.__version__})
+            if args.breakdown:
+                for v, (prm, kw) in table.items():
+                    fn = jax.jit((lambda kw_: lambda p_, x_: moe_layer(p_, x_, implementation="triton", **kw_))(kw))
+                    print(format_breakdown(f"{name} M={m} {v}", kernel_breakdown(lambda: fn(prm, xs[0]), runs=5)),
+                          flush=True)
             with open(args.out + ".json", "w") as f:
                 json.dump(results, f, indent=1)
     return 0

@@ -7,8 +7,16 @@ One layer, as one visible flow::
       -> stage 2 (h @ w2, routing weight) -> sum over k -> y [..., D]
 
 On the kernel path routing and alignment share one launch at decode sizes
-(:data:`jaxmoe.ops.moe.ROUTED_MOE`). Shared experts (``params["shared"]``) are a dense
-``jax.numpy`` MLP beside the routed launch, added to its output; they are not fused.
+(:data:`jaxmoe.ops.moe.ROUTED_MOE`), a router bias added inside it. Shared experts come in
+two forms:
+
+* stacked (``shared_experts=S``: the last S experts of ``w1``/``w2``, as
+  :func:`jaxmoe.models.stack_shared_experts` makes them): every token takes them as S
+  more slots of the routed launches, which then have no launch of their own;
+* ``params["shared"]``: a dense ``jax.numpy`` MLP beside the routed launches.
+
+Which is faster depends on the shape (``bench/RESULTS.md``): on the H200 the stacked form
+won at gpt-oss-120b's shape and the dense one at DeepSeek-V3's.
 """
 
 from __future__ import annotations
@@ -79,12 +87,14 @@ def init_moe_params(key: Any, *, hidden: int, intermediate: int, experts: int, d
     }
 
 
-def _check_shared(params: dict[str, Any], d: int, dtype: Any) -> None:
+def _check_shared(params: dict[str, Any], d: int, dtype: Any, shared_experts: int = 0) -> None:
     """Checks the optional ``params["shared"]`` and ``params["shared_gate"]``."""
     shared = params.get("shared")
-    if "shared_gate" in params and shared is None:
-        raise ValueError("params['shared_gate'] needs params['shared'] (the shared experts it gates)")
+    if "shared_gate" in params and shared is None and not shared_experts:
+        raise ValueError("params['shared_gate'] needs shared experts to gate (params['shared'] or shared_experts=...)")
     if shared is None:
+        if "shared_gate" in params:
+            _check_shared_gate(params["shared_gate"], d)
         return
     if not isinstance(shared, dict) or not {"w1", "w2"} <= set(shared):
         raise TypeError("params['shared'] must be a dict with keys 'w1' [S, 2Is, D] and 'w2' [S, D, Is]")
@@ -101,26 +111,37 @@ def _check_shared(params: dict[str, Any], d: int, dtype: Any) -> None:
     if tuple(w2.shape) != (s, d, two_i // 2):
         raise ValueError(f"params['shared']['w2'] must be [S, D, Is] = {[s, d, two_i // 2]}, got {list(w2.shape)}")
     if "shared_gate" in params:
-        g = params["shared_gate"]
-        if tuple(getattr(g, "shape", ())) != (d, 1):
-            raise ValueError(f"params['shared_gate'] must be [D, 1] = [{d}, 1], got {getattr(g, 'shape', None)}")
+        _check_shared_gate(params["shared_gate"], d)
 
 
-def _shared_experts(params: dict[str, Any], x2d: jax.Array, activation: str) -> jax.Array:
-    """The shared experts' summed output ``[M, D]`` in fp32 (gated when ``shared_gate`` is given).
+def _check_shared_gate(g: Any, d: int) -> None:
+    if tuple(getattr(g, "shape", ())) != (d, 1):
+        raise ValueError(f"params['shared_gate'] must be [D, 1] = [{d}, 1], got {getattr(g, 'shape', None)}")
+
+
+def _shared_gate(params: dict[str, Any], x2d: jax.Array) -> jax.Array:
+    """``sigmoid(x @ shared_gate)`` ``[M, 1]`` fp32 (Qwen2-MoE's gate of the shared experts)."""
+    g = jnp.dot(x2d, params["shared_gate"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    return jax.nn.sigmoid(g)
+
+
+def _shared_experts(params: dict[str, Any], x2d: jax.Array, activation: str, w1: Any = None, w2: Any = None
+                    ) -> jax.Array:
+    """The shared experts' summed output ``[M, D]`` in fp32 (gated when ``shared_gate`` is given),
+    of ``params["shared"]`` or of the given ``w1 [S, 2Is, D]`` / ``w2 [S, D, Is]``.
 
     Per expert: ``h = act(x @ gate.T) * (x @ up.T)`` accumulated in fp32 and rounded to the
     input dtype (the rounding model of :func:`jaxmoe.fused_moe`), then ``h @ w2.T`` in fp32.
     """
-    w1, w2 = params["shared"]["w1"], params["shared"]["w2"]
+    if w1 is None:
+        w1, w2 = params["shared"]["w1"], params["shared"]["w2"]
     i = w1.shape[1] // 2
     hi = jax.lax.Precision.HIGHEST
     gate_up = jnp.einsum("md,sjd->smj", x2d, w1, preferred_element_type=jnp.float32, precision=hi)
     h = gated(activation, gate_up[..., :i], gate_up[..., i:]).astype(x2d.dtype)
     out = jnp.einsum("smi,sdi->md", h, w2, preferred_element_type=jnp.float32, precision=hi)
     if "shared_gate" in params:
-        g = jnp.dot(x2d, params["shared_gate"], preferred_element_type=jnp.float32, precision=hi)
-        out = jax.nn.sigmoid(g) * out
+        out = _shared_gate(params, x2d) * out
     return out
 
 
@@ -140,6 +161,7 @@ def moe_layer(
     group_scoring: str | None = None,
     return_routing: bool = False,
     layout: str = "out_in",
+    shared_experts: int = 0,
     mesh: Any = None,
     expert_axis: str | None = None,
     tensor_axis: str | None = None,
@@ -170,7 +192,13 @@ def moe_layer(
       activation: ``"silu"``, ``"gelu"``, ``"clamped_swiglu"`` or a :class:`~jaxmoe.ClampedSwiGLU`,
         see :func:`jaxmoe.fused_moe` (shared experts use it too).
       layout: how ``params["w1"]``/``params["w2"]`` are stored (see :func:`jaxmoe.fused_moe`);
-        shared experts are always ``[S, 2Is, D]`` gate rows then up rows.
+        ``params["shared"]`` is always ``[S, 2Is, D]`` gate rows then up rows.
+      shared_experts: S >= 0: the last S experts of ``params["w1"]``/``params["w2"]`` (then
+        ``[E + S, ...]`` against a router ``[D, E]``; expert biases ``[E + S, ...]`` too) are
+        shared experts, taken by every token with weight 1 (times
+        ``sigmoid(x @ shared_gate)`` when ``params["shared_gate"]`` is given) in the same
+        launches as the routed ones. :func:`jaxmoe.models.stack_shared_experts` turns
+        ``params["shared"]`` into this form (``load_layer(..., stack_shared=True)`` too).
       implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence
         of them; used for both the routing and the experts.
       return_routing: also return the routing, for auxiliary losses (load balancing,
@@ -190,7 +218,7 @@ def moe_layer(
         one); None picks the one :func:`jaxmoe.parallel.choose_schedule` models as sending
         fewer bytes. See ``docs/parallel.md``.
 
-      On a mesh, shared experts are replicated and applied to each device's own tokens,
+      On a mesh, shared experts (``params["shared"]``; not ``shared_experts``) are replicated and applied to each device's own tokens,
       and ``return_routing`` gives each device's tokens' routing, sharded like the output;
       expert biases are sharded like the weights, a router bias replicated, and every
       activation (the clamped SwiGLU too) is taken. The mesh path takes no ``layout`` other
@@ -203,7 +231,8 @@ def moe_layer(
     ``return_routing``: ``(y, routing)`` where ``routing`` is ``{"logits": [M, E] float32,
     "topk_ids": [M, top_k] int32, "topk_weights": [M, top_k] float32}`` over the ``M``
     flattened tokens. With shared experts the routed output (in ``x``'s dtype) and the fp32
-    shared output are added in fp32 and rounded once.
+    shared output are added in fp32 and rounded once; stacked shared experts are more
+    slots: each (token, slot) row rounded, the rows summed in fp32 and rounded once.
 
     Differentiable in ``params`` and ``x`` on every implementation: the gradient reaches
     the router through the routing weights (the chosen ids are constants, so
@@ -220,6 +249,11 @@ def moe_layer(
         if layout != "out_in":
             raise NotImplementedError(f"moe_layer(mesh=...) takes only layout='out_in' yet, got layout={layout!r}; "
                                       "transpose the weights to [E, 2I, D] / [E, D, I] or run without a mesh")
+        if shared_experts:
+            raise NotImplementedError("moe_layer(mesh=...) takes shared experts as params['shared'] (replicated), "
+                                      "not stacked (shared_experts=...): pass stack_shared=False to "
+                                      "jaxmoe.models.load_layer, or split them off with "
+                                      "jaxmoe.models.unstack_shared_experts")
         return sharded_moe_layer(params, x, top_k=top_k, mesh=mesh, expert_axis=expert_axis,
                                  tensor_axis=tensor_axis, data_axis=data_axis, schedule=schedule, scoring=scoring,
                                  renormalize=renormalize, activation=activation, implementation=implementation,
@@ -229,27 +263,38 @@ def moe_layer(
     if expert_axis is not None or tensor_axis is not None or data_axis is not None or schedule is not None:
         raise ValueError("expert_axis, tensor_axis, data_axis and schedule need a mesh (mesh=...)")
     check_implementation(implementation)
-    d, _, _ = checks.check_layer_args(params, x, top_k, layout)
+    if isinstance(params, dict) and "w1" in params:
+        checks.check_shared_experts(shared_experts, getattr(params["w1"], "shape", (shared_experts + 1,))[0])
+    d, _, _ = checks.check_layer_args(params, x, top_k, layout, shared_experts)
+    if shared_experts and params.get("shared") is not None:
+        raise ValueError("give shared experts either stacked in w1/w2 (shared_experts=...) or as params['shared'], "
+                         "not both")
     checks.check_act_quant(act_quant, params["w1"], params["w2"], x.dtype, ("params['w1']", "params['w2']"),
                            layout=layout)
-    _check_shared(params, d, x.dtype)
+    _check_shared(params, d, x.dtype, shared_experts)
     if not isinstance(return_routing, bool):
         raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
     x2d = x.reshape(-1, x.shape[-1])
     logits = jnp.dot(
         x2d, params["router"], preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
     )
-    if params.get("router_bias") is not None:
-        logits = logits + params["router_bias"].astype(jnp.float32)
+    router_bias = params.get("router_bias")
+    shared_weights = None
+    if shared_experts and "shared_gate" in params:
+        shared_weights = jnp.broadcast_to(_shared_gate(params, x2d), (x2d.shape[0], shared_experts))
+    # the router bias is added to the logits inside the routing launch
     out = ROUTED_MOE(x2d, params["w1"], params["w2"], logits, top_k, activation=activation, scoring=scoring,
                      renormalize=renormalize, num_expert_group=num_expert_group, topk_group=topk_group,
                      correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
                      group_scoring=group_scoring, return_routing=return_routing, b1=params.get("b1"),
-                     b2=params.get("b2"), layout=layout, act_quant=act_quant, implementation=implementation)
+                     b2=params.get("b2"), layout=layout, act_quant=act_quant, logit_bias=router_bias,
+                     shared_experts=shared_experts, shared_weights=shared_weights, implementation=implementation)
     y, topk_weights, topk_ids = out if return_routing else (out, None, None)
     if params.get("shared") is not None:
         y = (y.astype(jnp.float32) + _shared_experts(params, x2d, activation)).astype(y.dtype)
     y = y.reshape(x.shape)
     if return_routing:
+        if router_bias is not None:
+            logits = logits + router_bias.astype(jnp.float32)
         return y, {"logits": logits, "topk_ids": topk_ids, "topk_weights": topk_weights}
     return y

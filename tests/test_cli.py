@@ -150,7 +150,7 @@ def test_bench_time_per_layer_excludes_the_fixed_cost_of_a_call(monkeypatch):
 
     fixed, per_layer = 0.030, 0.010
 
-    def fake_chain(fn, sets):
+    def fake_chain(fn, sets, feedback=1.0):
         def call(params, xs):
             time.sleep(fixed + sets * per_layer)
             return xs

@@ -96,6 +96,50 @@ class MoeLayerTests(OpTests):
         assert rel_err(self.layer(params, x, top_k=k), want + shared) <= 1e-5
 
 
+    @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+    @pytest.mark.parametrize("m", [5, 600])
+    def test_stacked_shared_experts(self, rng, gated, m):
+        """Shared experts stacked after the routed ones (split to the routed width: 2 of
+        width 2I become 4 of width I), as more slots of the routed launches, against the
+        oracle of the unstacked layer; gradients against the reference's. M = 600 routes and
+        aligns in launches of their own (2400 ids), M = 5 in one."""
+        from jaxmoe.models import stack_shared_experts, unstack_shared_experts
+
+        d, i, e, k, s = 32, 16, 8, 2, 2
+        params = init_moe_params(jax.random.key(9), hidden=d, intermediate=i, experts=e, dtype=F32)
+        params["shared"] = {"w1": randn(rng, (s, 4 * i, d), F32, d ** -0.5),
+                            "w2": randn(rng, (s, d, 2 * i), F32, (2 * i) ** -0.5)}
+        if gated:
+            params["shared_gate"] = randn(rng, (d, 1), F32, d ** -0.5)
+        stacked, n = stack_shared_experts(params)
+        assert n == 4 and stacked["w1"].shape == (e + 4, 2 * i, d) and "shared" not in stacked
+        x = randn(rng, (m, d), F32)
+        x64 = to_f64(x)
+        shared = oracle.fused_moe(x64, to_f64(params["shared"]["w1"]), to_f64(params["shared"]["w2"]),
+                                  np.ones((m, s)), np.tile(np.arange(s), (m, 1)))
+        if gated:
+            shared = shared / (1.0 + np.exp(-(x64 @ to_f64(params["shared_gate"]))))
+        want = oracle_layer(params, x, k) + shared
+        y, routing = self.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=k, shared_experts=n, return_routing=True,
+                                                           **self.impl), stacked, x)
+        assert rel_err(y, want) <= 1e-5
+        assert routing["topk_ids"].shape == (m, k) and int(routing["topk_ids"].max()) < e  # the routed slots only
+        # back to params["shared"]: the same layer
+        back = unstack_shared_experts(stacked, n)
+        assert rel_err(self.layer(back, x, top_k=k), want) <= 1e-5
+        c = jnp.asarray(rng.standard_normal((m, d)), F32)
+
+        def loss(impl):
+            return lambda p, x: jnp.sum(jaxmoe.moe_layer(p, x, top_k=k, shared_experts=n, implementation=impl) * c)
+
+        got = self.jit(jax.grad(loss(self.implementation), argnums=(0, 1)), stacked, x)
+        ref = jax.jit(jax.grad(loss("reference"), argnums=(0, 1)))(stacked, x)
+        for name in stacked:
+            assert rel_err(got[0][name], ref[0][name]) <= 1e-4, name
+            assert np.linalg.norm(np.asarray(got[0][name][e:] if name != "router" else got[0][name])) > 0, name
+        assert rel_err(got[1], ref[1]) <= 1e-4
+
+
 class TestMoeLayerReference(MoeLayerTests):
     implementation = "reference"
 
@@ -123,6 +167,65 @@ def test_gpu_moe_layer_launch_count(m, decode, launches, monkeypatch):
     plan = moe_triton.plan_routed_moe(m, 2, 8, 64, 32, BF16, moe_triton.current_arch())
     assert len(plan) == launches
     assert hlo.count("@triton_kernel_call") == launches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_stacked_shared_experts_add_no_launch(m):
+    """Stacked shared experts and a router bias ride in the routed launches: route+align and
+    the two GEMMs, as without them."""
+    from jaxmoe.models import stack_shared_experts
+    from jaxmoe.ops.moe import triton as moe_triton
+
+    params = init_moe_params(jax.random.key(0), hidden=64, intermediate=32, experts=8, dtype=BF16)
+    shared = init_moe_params(jax.random.key(1), hidden=64, intermediate=32, experts=1, dtype=BF16)
+    params = {**params, "shared": {"w1": shared["w1"], "w2": shared["w2"]}, "router_bias": jnp.ones((8,), BF16)}
+    stacked, n = stack_shared_experts(params)
+    x = jnp.ones((m, 64), BF16)
+    hlo = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, shared_experts=n, implementation="triton")
+                  ).lower(stacked, x).as_text()
+    plan = moe_triton.plan_routed_moe(m, 2, 8, 64, 32, BF16, moe_triton.current_arch(), logit_bias_dtype=BF16,
+                                      shared_experts=n)
+    assert len(plan) == 3 and dict(plan[0].constexprs)["SHARED"] == 1
+    assert hlo.count("@triton_kernel_call") == 3
+
+
+@pytest.mark.parametrize("case", ["count-type", "count-range", "both-forms", "router-shape", "weights-shape",
+                                  "unsplittable", "mesh"])
+def test_stacked_shared_expert_errors(rng, case):
+    from jaxmoe.models import stack_shared_experts
+
+    p = init_moe_params(jax.random.key(0), hidden=16, intermediate=8, experts=4, dtype=F32)
+    extra = init_moe_params(jax.random.key(1), hidden=16, intermediate=8, experts=2, dtype=F32)
+    stacked = {**p, "w1": jnp.concatenate([p["w1"], extra["w1"]]), "w2": jnp.concatenate([p["w2"], extra["w2"]])}
+    x = randn(rng, (3, 16), F32)
+    error, match = {
+        "count-type": (TypeError, "shared_experts must be an int"),
+        "count-range": (ValueError, r"shared_experts must be in \[0, 6\)"),
+        "both-forms": (ValueError, "either stacked"),
+        "router-shape": (ValueError, "say so with shared_experts=2"),
+        "weights-shape": (ValueError, r"E=4 \+ 1 shared = 5"),
+        "unsplittable": (ValueError, "not a multiple of the routed experts' I=8"),
+        "mesh": (NotImplementedError, r"params\['shared'\]"),
+    }[case]
+    with pytest.raises(error, match=match):
+        if case == "count-type":
+            jaxmoe.moe_layer(stacked, x, top_k=2, shared_experts=2.0)
+        elif case == "count-range":
+            jaxmoe.moe_layer(stacked, x, top_k=2, shared_experts=6)
+        elif case == "both-forms":
+            jaxmoe.moe_layer({**stacked, "shared": {"w1": extra["w1"], "w2": extra["w2"]}}, x, top_k=2,
+                             shared_experts=2)
+        elif case == "router-shape":
+            jaxmoe.moe_layer(stacked, x, top_k=2)
+        elif case == "weights-shape":
+            jaxmoe.moe_layer(stacked, x, top_k=2, shared_experts=1)
+        elif case == "unsplittable":
+            odd = init_moe_params(jax.random.key(2), hidden=16, intermediate=12, experts=1, dtype=F32)
+            stack_shared_experts({**p, "shared": {"w1": odd["w1"], "w2": odd["w2"]}})
+        else:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+            jaxmoe.moe_layer(stacked, x, top_k=2, shared_experts=2, mesh=mesh, expert_axis="ep")
 
 
 def test_moe_layer_errors(rng):

@@ -54,8 +54,9 @@ def _mlp(rng, prefix, names, inter, dtype):
             f"{prefix}{down}.weight": (rng.standard_normal((D, inter)) / math.sqrt(inter)).astype(dtype)}
 
 
-def make_tensors(rng, family, dtype) -> dict[str, np.ndarray]:
-    """Every tensor of a 2-layer checkpoint's MLPs (plus an embedding the loader must skip)."""
+def make_tensors(rng, family, dtype, shared_i=IS) -> dict[str, np.ndarray]:
+    """Every tensor of a 2-layer checkpoint's MLPs (plus an embedding the loader must skip);
+    ``shared_i``: Qwen2-MoE's shared expert width."""
     cfg = CONFIGS[family]
     t = {"model.embed_tokens.weight": rng.standard_normal((16, D)).astype(dtype)}
     for layer in range(cfg["num_hidden_layers"]):
@@ -78,7 +79,7 @@ def make_tensors(rng, family, dtype) -> dict[str, np.ndarray]:
         for j in range(e):
             t.update(_mlp(rng, f"{p}experts.{j}.", names, I, dtype))
         if family == "qwen2_moe":
-            t.update(_mlp(rng, p + "shared_expert.", names, IS, dtype))
+            t.update(_mlp(rng, p + "shared_expert.", names, shared_i, dtype))
             t[p + "shared_expert_gate.weight"] = rng.standard_normal((1, D)).astype(dtype)
         if family == "deepseek_v3":
             t[p + "gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(e)).astype(np.float32)
@@ -236,9 +237,44 @@ def test_routing_kwargs_per_family(tmp_path, rng):
         params, routing = load_layer(path, family, layer=LAYER)
         assert {k: routing[k] for k in want} == want, family
         assert ("shared" in params) == (family in ("qwen2_moe", "deepseek_v3"))
+        assert routing["shared_experts"] == 0, family
         assert ("shared_gate" in params) == (family == "qwen2_moe")
         assert (routing["correction_bias"] is None) == (family != "deepseek_v3")
     assert params["shared"]["w1"].shape == (1, 2 * I, D) and params["w1"].shape == (16, 2 * I, D)
+    # stacked: DeepSeek-V3's shared expert (width I) after the routed ones; Qwen2-MoE's here
+    # (width IS = 1.5 I) cannot be split to the routed width and stays beside
+    shared = make_tensors(rng, "deepseek_v3", np.float32)
+    p = f"model.layers.{LAYER}.mlp.shared_experts."
+    params, routing = load_layer(write_checkpoint(tmp_path / "ds", "deepseek_v3", shared), layer=LAYER,
+                                 stack_shared=True)
+    assert routing["shared_experts"] == 1 and "shared" not in params
+    assert params["w1"].shape == (17, 2 * I, D) and params["router"].shape == (D, 16)
+    params, routing = load_layer(tmp_path / "qwen2_moe", layer=LAYER, stack_shared=True)
+    assert routing["shared_experts"] == 0 and params["shared"]["w1"].shape == (1, 2 * IS, D)
+    params, _ = load_layer(tmp_path / "ds", layer=LAYER, stack_shared=True)
+    np.testing.assert_array_equal(np.asarray(params["w1"][16, :I]), shared[p + "gate_proj.weight"])
+    np.testing.assert_array_equal(np.asarray(params["w1"][16, I:]), shared[p + "up_proj.weight"])
+    np.testing.assert_array_equal(np.asarray(params["w2"][16]), shared[p + "down_proj.weight"])
+
+
+@pytest.mark.parametrize("implementation", ["reference", "triton"])
+def test_qwen2_shared_expert_stacked_or_beside(tmp_path, rng, implementation):
+    """A Qwen2-MoE shared expert of twice the routed width loads, with ``stack_shared=True``,
+    as two stacked experts (its sigmoid gate as their weight) or, by default, beside: both
+    compute the family's block."""
+    config = {**CONFIGS["qwen2_moe"], "shared_expert_intermediate_size": 2 * I}
+    tensors = make_tensors(rng, "qwen2_moe", np.float32, shared_i=2 * I)
+    path = write_checkpoint(tmp_path / "qwen2", "qwen2_moe", tensors, config=config)
+    stacked, routing = load_layer(path, layer=LAYER, stack_shared=True)
+    assert routing["shared_experts"] == 2 and "shared" not in stacked and stacked["w1"].shape == (10, 2 * I, D)
+    beside, routing_beside = load_layer(path, layer=LAYER)
+    assert routing_beside["shared_experts"] == 0 and beside["shared"]["w1"].shape == (1, 4 * I, D)
+    x = jnp.asarray(rng.standard_normal((M, D)), jnp.float32)
+    want_y, want_ids = family_block("qwen2_moe", tensors, to_f64(x), config)
+    for params, kw in ((stacked, routing), (beside, routing_beside)):
+        y, got = _run(params, kw, x, implementation)
+        np.testing.assert_array_equal(np.sort(got["topk_ids"], axis=1), np.sort(want_ids, axis=1))
+        assert rel_err(y, want_y) <= 1e-5
 
 
 def test_sharded_checkpoint_and_architectures(tmp_path, rng):

@@ -33,27 +33,37 @@ CASES = {  # name: (M, E, k, routing options, with bias)
 }
 
 
-def _route_align(logits, k, bias, block_size, **kw):
+def _route_align(logits, k, bias, block_size, logit_bias=None, shared=0, **kw):
     m, e = logits.shape
     scale = kw.pop("routed_scaling_factor", 1.0)
     spec = moe_triton.plan_route_align(m, e, k, logits.dtype, block_size, **kw,
                                         bias_dtype=None if bias is None else bias.dtype,
-                                        routed_scaling_factor=scale)
+                                        routed_scaling_factor=scale,
+                                        logit_bias_dtype=None if logit_bias is None else logit_bias.dtype,
+                                        shared_experts=shared)
     assert spec is not None and spec.grid == (1,)
     bias_arg = bias if bias is not None else jnp.zeros((1,), F32)
+    lb_arg = logit_bias if logit_bias is not None else jnp.zeros((1,), F32)
     with backends.poisoned_outputs():
-        outs = jax.jit(lambda x, b: backends.launch(spec, x, b))(logits, bias_arg)
+        outs = jax.jit(lambda x, b, lb: backends.launch(spec, x, b, lb))(logits, bias_arg, lb_arg)
     return jax.device_get(outs[:5])
 
 
-def _check(logits, k, bias, block_size, **kw):
-    got_w, got_ids, got_sorted, got_experts, got_padded = _route_align(logits, k, bias, block_size, **kw)
-    want_w, want_ids = jax.device_get(reference.route(logits, k, correction_bias=bias, **kw))
+def _check(logits, k, bias, block_size, logit_bias=None, shared=0, **kw):
+    """Against the reference: routing of ``logits + logit_bias``, then ``shared`` slots of
+    the experts ``E ..`` at weight 1, aligned over ``E + shared`` experts."""
+    got_w, got_ids, got_sorted, got_experts, got_padded = _route_align(logits, k, bias, block_size, logit_bias,
+                                                                       shared, **kw)
+    biased = logits if logit_bias is None else logits.astype(F32) + logit_bias.astype(F32)
+    want_w, want_ids = jax.device_get(reference.route(biased, k, correction_bias=bias, **kw))
+    m, e = logits.shape
+    if shared:
+        want_w = np.concatenate([want_w, np.ones((m, shared), np.float32)], axis=1)
+        want_ids = np.concatenate([want_ids, np.tile(np.arange(e, e + shared, dtype=want_ids.dtype), (m, 1))], axis=1)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-30, equal_nan=True)
-    e = logits.shape[1]
     want_sorted, want_experts, want_padded = jax.device_get(
-        reference.moe_align_block_size(jnp.asarray(want_ids), e, block_size))
+        reference.moe_align_block_size(jnp.asarray(want_ids), e + shared, block_size))
     assert int(got_padded[0]) == int(want_padded[0])
     np.testing.assert_array_equal(got_sorted, want_sorted)
     np.testing.assert_array_equal(got_experts, want_experts)
@@ -77,6 +87,18 @@ def test_route_align_block_sizes_ties_and_nan(rng):
         _check(nan, 4, None, 16, scoring="sigmoid")
     _check(_logits(rng, 7, 64, BF16), 4, _bias(rng, 64, BF16), 32, num_expert_group=4, topk_group=2,
            scoring="sigmoid")
+
+
+@pytest.mark.parametrize("shared", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_route_align_router_bias_and_shared_experts(rng, shared, dtype):
+    """A router bias added to the logits in the kernel (it moves scores and weights, unlike the
+    correction bias) and shared experts as the last slots of every token, aligned with the
+    routed ones: DeepSeek-like grouped sigmoid routing and gpt-oss-like softmax."""
+    _check(_logits(rng, 5, 64, dtype), 4, _bias(rng, 64), 16, logit_bias=(10 * _bias(rng, 64)).astype(dtype), shared=shared,
+           scoring="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)
+    _check(_logits(rng, 3, 32, dtype), 4, None, 16, logit_bias=(10 * _bias(rng, 32)).astype(dtype), shared=shared)
+    _check(_logits(rng, 200, 8, dtype), 2, None, 16, shared=shared)  # several row blocks
 
 
 def test_route_align_only_where_it_pays():
@@ -104,12 +126,19 @@ def test_route_align_compiles_aot(target):
             kw = preset.routing_kwargs(jax.random.key(0))
             bias = kw.pop("correction_bias", None)
             k = kw.pop("top_k")
+            # the layer's extras: gpt-oss's router bias, DeepSeek-V3's stacked shared expert,
+            # Qwen2-MoE's shared expert split into four routed-width ones
+            extra = {"gpt-oss-120b": dict(logit_bias_dtype=BF16), "deepseek-v3": dict(shared_experts=1),
+                     "qwen3-30b-a3b": dict(shared_experts=4)}.get(preset.name)
             for dtype in (F32, BF16):
-                spec = moe_triton.plan_route_align(m, preset.experts, k, dtype, 16, **kw,
-                                                    bias_dtype=None if bias is None else F32)
-                if spec is not None:
-                    seen.setdefault((dtype, tuple(spec.constexprs[1:])), spec)
+                for more in ({}, extra) if extra else ({},):
+                    spec = moe_triton.plan_route_align(m, preset.experts, k, dtype, 16, **kw,
+                                                        bias_dtype=None if bias is None else F32, **more)
+                    if spec is not None:
+                        seen.setdefault((dtype, tuple(spec.constexprs[1:])), spec)
     assert len(seen) >= 8
+    assert any(dict(s.constexprs)["SHARED"] == 4 for s in seen.values())
+    assert any(dict(s.constexprs)["HAS_LOGIT_BIAS"] for s in seen.values())
     for spec in seen.values():
         assert aot.compile_aot(spec, target).asm, spec
 

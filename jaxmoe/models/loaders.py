@@ -9,7 +9,10 @@ Layouts produced (see :func:`jaxmoe.init_moe_params`)::
     router [D, E]       <- gate.weight [E, D], transposed
     w1     [E, 2I, D]   <- per expert gate [I, D] rows, then up [I, D] rows
     w2     [E, D, I]    <- per expert down [D, I]
-    shared {"w1": [S, 2Is, D], "w2": [S, D, Is]}, shared_gate [D, 1] (when the family has them)
+    shared {"w1": [S, 2Is, D], "w2": [S, D, Is]}  <- the shared experts (when the family has them),
+                           or with stack_shared=True stacked after the routed ones in w1/w2,
+                           split to the routed width (routing_kwargs["shared_experts"]: how many)
+    shared_gate [D, 1]  <- shared_expert_gate.weight [1, D] (Qwen2-MoE)
 
 gpt-oss stores its experts otherwise (``experts.gate_up_proj [E, D, 2I]``, gate j at
 column 2j and up j at 2j + 1; ``experts.down_proj [E, I, D]``; mxfp4 ones ``[out, in]``
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxmoe.models.shared import split_to_width
 from jaxmoe.types import QUANT_BLOCK, QuantizedWeights
 
 __all__ = ["FAMILIES", "CheckpointError", "infer_family", "load_layer"]
@@ -268,15 +272,20 @@ def _stack_fp8_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tup
     return out[0], out[1]
 
 
-def _stack_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
+def _stack_mlps(tensors: _Tensors, names: list[tuple[str, str, str]], append: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """``w1 [N, 2I, D]`` (gate rows, then up rows) and ``w2 [N, D, I]`` from N (gate, up, down)
-    names of ``[I, D]``, ``[I, D]`` and ``[D, I]`` tensors (or of their block scales)."""
+    names of ``[I, D]``, ``[I, D]`` and ``[D, I]`` tensors (or of their block scales), then the
+    experts of ``append`` (``[A, 2I, D]``, ``[A, D, I]``) as rows ``N ..``."""
     first = tensors.get(names[0][0])
     if first.ndim != 2:
         raise CheckpointError(f"tensor {names[0][0]!r} is {list(first.shape)}, expected 2-D")
     i, d = first.shape
-    w1 = np.empty((len(names), 2 * i, d), first.dtype)  # filled in place: one copy of the experts
-    w2 = np.empty((len(names), d, i), first.dtype)
+    extra = 0 if append is None else append[0].shape[0]
+    w1 = np.empty((len(names) + extra, 2 * i, d), first.dtype)  # filled in place: one copy of the experts
+    w2 = np.empty((len(names) + extra, d, i), first.dtype)
+    if extra:
+        w1[len(names):], w2[len(names):] = append
     for j, (gate, up, down) in enumerate(names):
         for name, dst, shape in ((gate, w1[j, :i], (i, d)), (up, w1[j, i:], (i, d)), (down, w2[j], (d, i))):
             value = first if j == 0 and name == gate else tensors.get(name)
@@ -350,8 +359,8 @@ def _load_gpt_oss(config: dict[str, Any], tensors: _Tensors, base: str, num_expe
 LAYOUTS = ("out_in", "stored")
 
 
-def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int, layout: str = "out_in"
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int, layout: str = "out_in",
+               stack_shared: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """One MoE layer of a checkpoint directory, ready for :func:`jaxmoe.moe_layer`.
 
     Args:
@@ -366,10 +375,19 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
         through the returned ``layout``: on an H200 at gpt-oss-120b's shapes the bf16 layer
         runs 11 % (M = 4096) to 23 % (M = 1) slower so).
         The other families are stored per expert and stacked ``"out_in"`` either way.
+      stack_shared: False (the default): shared experts (Qwen2-MoE, DeepSeek-V3) load as
+        ``params["shared"]``, a dense MLP beside the routed launches (on the H200 the faster
+        form at DeepSeek-V3's shape). True: stacked after the routed ones in ``w1``/``w2``,
+        split to the routed width, with ``routing_kwargs["shared_experts"]`` saying how many
+        (see :func:`jaxmoe.models.stack_shared_experts`), so the layer takes them in its
+        routed launches; where they cannot be (fp8 checkpoints, whose shared expert is
+        dequantized; a shared width that is not a multiple of the routed one) they load as
+        ``params["shared"]`` all the same.
 
     Returns ``(params, routing_kwargs)``: ``params`` holds ``router [D, E]``, ``w1 [E, 2I, D]``,
-    ``w2 [E, D, I]`` in the checkpoint's dtype (and ``shared`` / ``shared_gate`` for
-    Qwen2-MoE and DeepSeek-V3), as jax arrays; ``routing_kwargs`` holds ``top_k``,
+    ``w2 [E, D, I]`` in the checkpoint's dtype (``shared`` for Qwen2-MoE and DeepSeek-V3, or
+    ``[E + S, ...]`` with S stacked shared experts; ``shared_gate`` for Qwen2-MoE), as jax arrays;
+    ``routing_kwargs`` holds ``shared_experts`` (0 without stacked ones), ``top_k``,
     ``scoring``, ``renormalize``, ``num_expert_group``, ``topk_group``, ``correction_bias``
     (``[E]`` float32 or None), ``routed_scaling_factor``, ``group_scoring``, ``activation``
     and ``layout``, so ``moe_layer(params, x, **routing_kwargs)`` computes the family's MoE
@@ -425,41 +443,57 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
                                    limit=float(config.get("swiglu_limit", 7.0)))
         return params, dict(top_k=top_k, scoring="topk_softmax", renormalize=True, num_expert_group=None,
                             topk_group=None, correction_bias=None, routed_scaling_factor=1.0, group_scoring=None,
-                            activation=activation, layout=expert_layout)
+                            activation=activation, layout=expert_layout, shared_experts=0)
     fp8 = _is_fp8_block_checkpoint(config, tensors, base)
 
     router = tensors.get(base + "gate.weight")
     if router.ndim != 2 or router.shape[0] != num_experts:
         raise CheckpointError(f"{base}gate.weight is {list(router.shape)}, expected [E={num_experts}, D]")
     experts = [tuple(base + n for n in fam.expert(j)) for j in range(num_experts)]
-    w1, w2 = _stack_fp8_mlps(tensors, experts) if fp8 else map(jnp.asarray, _stack_mlps(tensors, experts))
-    if w1.shape[2] != router.shape[1]:
-        raise CheckpointError(f"experts have D={w1.shape[2]} but the router has D={router.shape[1]}")
-    params: dict[str, Any] = {"router": jnp.asarray(router.T), "w1": w1, "w2": w2}
+    params: dict[str, Any] = {"router": jnp.asarray(router.T)}
     # Shared experts run in the activations' dtype: the experts' own, or for fp8 experts the
     # router's (bf16 in the published checkpoints), dequantized once here.
-    dense = router.dtype if fp8 else w1.dtype
-
-    def shared(names: tuple[str, str, str]) -> dict[str, Any]:
+    first_gate = tensors.get(experts[0][0])  # [I, D]
+    dense = router.dtype if fp8 else first_gate.dtype
+    shared_names = None
+    if family == "qwen2_moe" and (base + "shared_expert.gate_proj.weight") in tensors:
+        shared_names = tuple(base + f"shared_expert.{n}_proj.weight" for n in ("gate", "up", "down"))
+    if family == "deepseek_v3" and int(config.get("n_shared_experts") or 0) > 0:
+        shared_names = tuple(base + f"shared_experts.{n}_proj.weight" for n in ("gate", "up", "down"))
+    stacked, append = 0, None
+    if fp8:
+        w1, w2 = _stack_fp8_mlps(tensors, experts)
+    if shared_names is not None:
         if fp8:  # a dense path: each tensor dequantized on its own, whatever its block alignment
-            gate, up, down = (_dequantized_fp8(tensors, n) for n in names)
+            gate, up, down = (_dequantized_fp8(tensors, n) for n in shared_names)
             if gate.shape != up.shape or down.shape != gate.shape[::-1]:
-                raise CheckpointError(f"shared expert tensors {names} are {gate.shape}, {up.shape}, {down.shape}: "
-                                      "expected [I, D], [I, D], [D, I]")
-            return {"w1": jnp.asarray(np.concatenate([gate, up])[None].astype(dense)),
-                    "w2": jnp.asarray(down[None].astype(dense))}
-        sw1, sw2 = _stack_mlps(tensors, [names])
-        return {"w1": jnp.asarray(sw1.astype(dense)), "w2": jnp.asarray(sw2.astype(dense))}
+                raise CheckpointError(f"shared expert tensors {shared_names} are {gate.shape}, {up.shape}, "
+                                      f"{down.shape}: expected [I, D], [I, D], [D, I]")
+            params["shared"] = {"w1": jnp.asarray(np.concatenate([gate, up])[None].astype(dense)),
+                                "w2": jnp.asarray(down[None].astype(dense))}
+        else:
+            sw1, sw2 = _stack_mlps(tensors, [shared_names])
+            sw1, sw2 = sw1.astype(dense), sw2.astype(dense)
+            i, d = first_gate.shape
+            if stack_shared and (sw1.shape[1] // 2) % i == 0 and sw1.shape[2] == d:
+                append = split_to_width(sw1, sw2, i)  # after the routed experts, in their one host copy
+                stacked = append[0].shape[0]
+            else:
+                params["shared"] = {"w1": jnp.asarray(sw1), "w2": jnp.asarray(sw2)}
+    if not fp8:
+        w1, w2 = map(jnp.asarray, _stack_mlps(tensors, experts, append))
+    if w1.shape[2] != router.shape[1]:
+        raise CheckpointError(f"experts have D={w1.shape[2]} but the router has D={router.shape[1]}")
+    params.update(w1=w1, w2=w2)
 
     routing: dict[str, Any] = dict(top_k=top_k, scoring="softmax", renormalize=True, num_expert_group=None,
                                    topk_group=None, correction_bias=None, routed_scaling_factor=1.0,
-                                   group_scoring=None, activation="silu", layout="out_in")
+                                   group_scoring=None, activation="silu", layout="out_in", shared_experts=stacked)
 
     if family in ("qwen2_moe", "qwen3_moe"):
         # norm_topk_prob defaults to False in both Qwen configs
         routing["renormalize"] = bool(config.get("norm_topk_prob", False))
-    if family == "qwen2_moe" and (base + "shared_expert.gate_proj.weight") in tensors:
-        params["shared"] = shared(tuple(base + f"shared_expert.{n}_proj.weight" for n in ("gate", "up", "down")))
+    if family == "qwen2_moe" and shared_names is not None:
         gate = tensors.get(base + "shared_expert_gate.weight")
         if gate.shape != (1, w1.shape[2]):
             raise CheckpointError(f"{base}shared_expert_gate.weight is {list(gate.shape)}, expected [1, D]")
@@ -476,6 +510,4 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
                        group_scoring="top2_sum")
         if n_group is not None and topk_group is not None and int(n_group) > 1:
             routing.update(num_expert_group=int(n_group), topk_group=int(topk_group))
-        if int(config.get("n_shared_experts") or 0) > 0:
-            params["shared"] = shared(tuple(base + f"shared_experts.{n}_proj.weight" for n in ("gate", "up", "down")))
     return params, routing

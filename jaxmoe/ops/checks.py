@@ -23,6 +23,7 @@ __all__ = [
     "check_layout",
     "layout_shapes",
     "check_biases",
+    "check_shared_experts",
     "SCORINGS",
     "as_ids",
     "check_weights_like_ids",
@@ -181,6 +182,27 @@ def check_biases(b1: Any, b2: Any, e: int, d: int, i: int, in_params: bool = Fal
         if bs != want:
             what = "[E, 2I]" if name == "b1" else "[E, D]"
             raise ValueError(f"{label} must be {what} = {list(want)}, got {list(bs)}")
+
+
+def check_shared_experts(shared_experts: Any, num_experts: int, shared_weights: Any = None, m: int | None = None
+                         ) -> int:
+    """``shared_experts`` S: an int in ``[0, E)``, the last S of w1/w2's ``E`` experts being
+    shared (at least one routed expert stays); ``shared_weights`` None or ``[M, S]`` float."""
+    if isinstance(shared_experts, bool) or not isinstance(shared_experts, (int, np.integer)):
+        raise TypeError(f"shared_experts must be an int (how many of w1's experts are shared), "
+                        f"got {type(shared_experts).__name__}")
+    s = int(shared_experts)
+    if not 0 <= s < num_experts:
+        raise ValueError(f"shared_experts must be in [0, {num_experts}) (w1 holds {num_experts} experts, the routed "
+                         f"ones first), got {s}")
+    if shared_weights is not None:
+        if not s:
+            raise ValueError("shared_weights needs shared_experts > 0")
+        ws, wd = _shape_dtype("shared_weights", shared_weights)
+        _require_float_dtype("shared_weights", wd)
+        if m is not None and tuple(ws) != (m, s):
+            raise ValueError(f"shared_weights must be [M, shared_experts] = [{m}, {s}], got {list(ws)}")
+    return s
 
 
 def check_top_k(top_k: Any, num_experts: int, name: str = "top_k") -> int:
@@ -434,9 +456,11 @@ def check_moe_gemm_args(
     return e, n, kdim, n_out
 
 
-def check_params(params: Any, layout: Any = "out_in") -> tuple[int, int, int]:
+def check_params(params: Any, layout: Any = "out_in", shared_experts: int = 0) -> tuple[int, int, int]:
     """Checks a :func:`jaxmoe.init_moe_params` dict (``w1``/``w2`` stored in ``layout``, optional
-    ``b1`` [E, 2I], ``b2`` [E, D], ``router_bias`` [E]); returns ``(D, E, I)``."""
+    ``b1`` [E, 2I], ``b2`` [E, D], ``router_bias`` [E]); returns ``(D, E, I)``, ``E`` the
+    router's experts. With ``shared_experts`` S, w1/w2 (and the expert biases) hold
+    ``E + S`` experts, the shared ones last."""
     layout = check_layout(layout)
     if not isinstance(params, dict) or not {"router", "w1", "w2"} <= set(params):
         raise TypeError("params must be a dict with keys 'router', 'w1', 'w2' (see jaxmoe.init_moe_params)")
@@ -450,22 +474,27 @@ def check_params(params: Any, layout: Any = "out_in") -> tuple[int, int, int]:
     w1s, w1d = _weights_shape_dtype("params['w1']", params["w1"], None)
     _require_ndim("params['w1']", w1s, 3, s1)
     e1, two_i, d1 = _w1_dims(layout, w1s)
-    if e1 != e or d1 != d:
-        raise ValueError(f"params['w1'] must be {s1} (layout={layout!r}) with E={e}, D={d} to match "
-                         f"params['router'] {list(rs)}, got {list(w1s)}")
+    if e1 != e + shared_experts or d1 != d:
+        what = f"E={e}" if not shared_experts else f"E={e} + {shared_experts} shared = {e + shared_experts}"
+        hint = ""
+        if e1 > e and not shared_experts and d1 == d:
+            hint = (f"; if its last {e1 - e} experts are shared experts, say so with shared_experts={e1 - e} "
+                    "(see jaxmoe.models.stack_shared_experts)")
+        raise ValueError(f"params['w1'] must be {s1} (layout={layout!r}) with {what}, D={d} to match "
+                         f"params['router'] {list(rs)}, got {list(w1s)}{hint}")
     if two_i % 2 or two_i == 0:
         raise ValueError(f"params['w1'] must be {s1} (layout={layout!r}): its 2I dim must be even and > 0, "
                          f"got {two_i}")
     i = two_i // 2
     w2s, w2d = _weights_shape_dtype("params['w2']", params["w2"], None)
     _require_ndim("params['w2']", w2s, 3, s2)
-    want2 = layout_shapes(layout, e, d, i)[1]
+    want2 = layout_shapes(layout, e1, d, i)[1]
     if w2s != want2:
         raise ValueError(f"params['w2'] must be {s2} = {list(want2)} (layout={layout!r}) to match params['w1'] "
                          f"{list(w1s)}, got {list(w2s)}")
     if w1d is not None and w2d is not None and w2d != w1d:
         raise TypeError(f"params['w2'] must have the dtype of params['w1'] ({w1d}), got {w2d}")
-    check_biases(params.get("b1"), params.get("b2"), e, d, i, in_params=True)
+    check_biases(params.get("b1"), params.get("b2"), e1, d, i, in_params=True)
     if params.get("router_bias") is not None:
         bs, bd = _shape_dtype("params['router_bias']", params["router_bias"])
         _require_float_dtype("params['router_bias']", bd)
@@ -474,9 +503,11 @@ def check_params(params: Any, layout: Any = "out_in") -> tuple[int, int, int]:
     return d, e, i
 
 
-def check_layer_args(params: Any, x: Any, top_k: Any, layout: Any = "out_in") -> tuple[int, int, int]:
-    """Checks :func:`jaxmoe.moe_layer`'s params and input; returns ``(D, E, I)``."""
-    d, e, i = check_params(params, layout)
+def check_layer_args(params: Any, x: Any, top_k: Any, layout: Any = "out_in", shared_experts: int = 0
+                     ) -> tuple[int, int, int]:
+    """Checks :func:`jaxmoe.moe_layer`'s params and input; returns ``(D, E, I)`` (``E``: the
+    router's experts; ``shared_experts``: see :func:`check_params`)."""
+    d, e, i = check_params(params, layout, shared_experts)
     xs, xd = _shape_dtype("x", x)
     if len(xs) < 1 or xs[-1] != d:
         raise ValueError(f"x must be [..., D] with D = {d} (params['router'].shape[0]), got shape {list(xs)}")

@@ -95,11 +95,29 @@ def check_scheme_tile(w_scheme: str, a_scheme: str, block_k: int) -> None:
         raise ValueError(f"mxfp4 weights need block_k a multiple of {spec.group_k} (whole scale groups), got {block_k}")
 
 
+def _has_bias(bias: Any) -> bool:
+    return bias is not None and bias is not False
+
+
+def _bias_sds(bias: Any, num_experts: int, n: int, dtype: Any) -> jax.ShapeDtypeStruct:
+    """The bias input of a plan: ``[E, N]`` in the bias's dtype (True: the GEMM's), else a
+    size-1 fp32 placeholder. The kernel reads it as stored and adds it in fp32, so no call
+    converts a bias first (an extra pass, and at decode sizes an extra launch)."""
+    if not _has_bias(bias):
+        return _sds((1,), jnp.float32)
+    return _sds((num_experts, n), dtype if bias is True else jnp.dtype(bias))
+
+
+def _bias_arg(bias: jax.Array | None) -> Any:
+    """What a call passes to its plan for ``bias``: its dtype, or None."""
+    return None if bias is None else jnp.dtype(bias.dtype)
+
+
 def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
               top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: Any,
               mul_routed_weight: bool, arch: str = "sm90", transpose_b: bool = False,
               out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
-              bias: bool = False, w_scheme: str = "none", b_dtype: Any = None,
+              bias: Any = False, w_scheme: str = "none", b_dtype: Any = None,
               act_quant: str | None = None) -> KernelLaunch:
     """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert].
 
@@ -110,7 +128,8 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     mostly-padding blocks at full height (the backward's GEMMs: one compiled kernel fewer
     per tile). With an ``activation`` (a name or a :class:`~jaxmoe.ClampedSwiGLU`),
     ``gate_up`` says how B's N axis holds gate and up (``"concat"``: gate rows then up rows;
-    ``"interleaved"``: alternating). ``bias``: an fp32 ``[E, N]`` bias input added in the epilogue.
+    ``"interleaved"``: alternating). ``bias``: an ``[E, N]`` bias input added in fp32 in the
+    epilogue, read in its own dtype (a float dtype; True: ``dtype``); False or None: none.
 
     Quantized B: ``w_scheme`` (a key of ``WEIGHT_SCHEMES``; ``b_shape`` stays the logical
     ``[E, N, K]``, stored ``[out, in]``), ``b_dtype`` its stored values' dtype (the fp8 type
@@ -155,7 +174,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "NUM_XCDS": _config.NUM_XCDS[arch],
         "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
         "SPLIT_TAIL": _config.split_tail(num_rows, num_experts, block_m) if split_tail else 0,
-        "HAS_BIAS": bool(bias), "ALPHA": None, "LIMIT": None,
+        "HAS_BIAS": _has_bias(bias), "ALPHA": None, "LIMIT": None,
         "W_SCHEME": w_scheme, "A_SCHEME": a_scheme,
         "SWAP_AB": _config.swap_ab(w_scheme, a_scheme),
         "SCALED_DOT": _config.scaled_dot(w_scheme, jnp.dtype(dtype), arch),
@@ -173,7 +192,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         _sds(scales if spec_w.zero_points else (1,), jnp.uint8), _sds((positions,), i32),
         _sds((num_blocks,), i32), _sds((1,), i32),
         _sds((num_rows,) if mul_routed_weight else (1,), jnp.float32),
-        _sds((num_experts, n) if bias else (1,), jnp.float32),
+        _bias_sds(bias, num_experts, n, dtype),
     )
     amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
     return KernelLaunch(
@@ -227,11 +246,11 @@ def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: st
     spec = plan_gemm(a_shape=a.shape, b_shape=b.shape, dtype=a.dtype, num_rows=routing.num_rows, top_k=top_k,
                      block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
                      mul_routed_weight=topk_weights is not None, arch=arch, transpose_b=transpose_b,
-                     out_dtype=out_dtype, split_tail=split_tail, gate_up=gate_up, bias=bias is not None,
+                     out_dtype=out_dtype, split_tail=split_tail, gate_up=gate_up, bias=_bias_arg(bias),
                      w_scheme=scheme, b_dtype=values.dtype, act_quant=act_quant)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
-    bias = bias.astype(jnp.float32) if bias is not None else jnp.zeros((1,), jnp.float32)
+    bias = bias if bias is not None else jnp.zeros((1,), jnp.float32)
     (c,) = launch(spec, a, values, scales, zeros, routing.sorted_token_ids.astype(jnp.int32),
                   routing.expert_ids.astype(jnp.int32),
                   routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights, bias)
@@ -283,12 +302,12 @@ def stage_tile(a: jax.Array, b: jax.Array, routing: RoutingData, activation: str
 def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype: Any, num_rows: int,
                       top_k: int, block_m: int, num_blocks: int, tile: GemmTile, activation: Any,
                       arch: str = "sm90", transpose_b: bool = False, gate_up: str = "concat",
-                      bias: bool = False) -> KernelLaunch:
+                      bias: Any = False) -> KernelLaunch:
     """Stage 1 backward, ``moe_gemm_act_bwd_kernel``: ``d gate_up [num_rows, 2I]`` (columns in
     B's gate/up order) from A ``[a_rows, K]`` (rows ``f // top_k``), ``B = w1 [E, 2I, K]``
     (``[E, K, 2I]`` with ``transpose_b``) and ``dh [num_rows, I]``, all in ``dtype``, plus an
-    fp32 ``[E, 2I]`` bias input with ``bias``; the stage-1 tile (its pipeline needs the
-    forward's shared memory)."""
+    ``[E, 2I]`` bias input with ``bias`` (its dtype, or True: ``dtype``); the stage-1 tile
+    (its pipeline needs the forward's shared memory)."""
     from jaxmoe.ops.gemm import kernels
 
     a_rows, k = a_shape
@@ -306,13 +325,13 @@ def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int]
         **_gate_up_constexprs(gate_up, n_out),
         "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_SIZE_M": tile.group_size_m,
         "ACTIVATION": None, "NUM_XCDS": _config.NUM_XCDS[arch], "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
-        "HAS_BIAS": bool(bias), "ALPHA": None, "LIMIT": None,
+        "HAS_BIAS": _has_bias(bias), "ALPHA": None, "LIMIT": None,
     }
     constexprs.update(_activation_constexprs(activation))
     i32 = jnp.int32
     args = (_sds((a_rows, k), dtype), _sds(b_shape, dtype), _sds((num_rows, n_out), dtype),
             _sds((num_blocks * block_m,), i32), _sds((num_blocks,), i32), _sds((1,), i32),
-            _sds((num_experts, n) if bias else (1,), jnp.float32))
+            _bias_sds(bias, num_experts, n, dtype))
     amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
     return KernelLaunch(
         kernels.moe_gemm_act_bwd_kernel, grid=(num_blocks * -(-n_out // tile.block_n),), args=args,
@@ -330,8 +349,8 @@ def act_backward(a: jax.Array, w1: jax.Array, dh: jax.Array, routing: RoutingDat
     spec = plan_act_backward(a_shape=a.shape, b_shape=w1.shape, dtype=a.dtype, num_rows=routing.num_rows,
                              top_k=top_k, block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile,
                              activation=activation, arch=arch, transpose_b=transpose_b, gate_up=gate_up,
-                             bias=bias is not None)
-    bias = bias.astype(jnp.float32) if bias is not None else jnp.zeros((1,), jnp.float32)
+                             bias=_bias_arg(bias))
+    bias = bias if bias is not None else jnp.zeros((1,), jnp.float32)
     (c,) = launch(spec, a, w1, dh, routing.sorted_token_ids.astype(jnp.int32), routing.expert_ids.astype(jnp.int32),
                   routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), bias)
     return c

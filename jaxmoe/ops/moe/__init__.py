@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxmoe.ops import checks
 from jaxmoe.ops.base import Op, triton_implementation
@@ -16,13 +17,20 @@ __all__ = ["FUSED_MOE", "ROUTED_MOE", "fused_moe"]
 
 def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: Any = "silu",
                   return_routing: bool = False, b1: Any = None, b2: Any = None, layout: str = "out_in",
-                  act_quant: str | None = None, **routing: Any) -> None:
+                  act_quant: str | None = None, logit_bias: Any = None, shared_experts: Any = 0,
+                  shared_weights: Any = None, **routing: Any) -> None:
     m, _, e, _ = checks.check_experts_args(x, w1, w2, layout=layout, b1=b1, b2=b2)
     checks.check_act_quant(act_quant, w1, w2, x.dtype, layout=layout)
+    shared = checks.check_shared_experts(shared_experts, e, shared_weights, m)
     lm, le = checks.check_route_args(logits, top_k, **routing)
-    if (lm, le) != (m, e):
-        raise ValueError(f"logits must be [M, E] = [{m}, {e}] (tokens of hidden_states, experts of w1), "
-                         f"got {[lm, le]}")
+    if (lm, le) != (m, e - shared):
+        raise ValueError(f"logits must be [M, E] = [{m}, {e - shared}] (tokens of hidden_states, experts of w1"
+                         f"{f' less the {shared} shared ones' if shared else ''}), got {[lm, le]}")
+    if logit_bias is not None:
+        bs, bd = checks._shape_dtype("logit_bias", logit_bias)
+        checks._require_float_dtype("logit_bias", bd)
+        if tuple(bs) != (le,):
+            raise ValueError(f"logit_bias must be [E] = [{le}], got {list(bs)}")
     checks.check_activation(activation)
     if not isinstance(return_routing, bool):
         raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
@@ -30,12 +38,24 @@ def _check_routed(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activati
 
 def _routed_reference(x: Any, w1: Any, w2: Any, logits: Any, top_k: int, *, activation: Any = "silu",
                       return_routing: bool = False, b1: Any = None, b2: Any = None, layout: str = "out_in",
-                      act_quant: str | None = None, **routing: Any
+                      act_quant: str | None = None, logit_bias: Any = None, shared_experts: int = 0,
+                      shared_weights: Any = None, **routing: Any
                       ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
-    """``fused_moe(x, w1, w2, *route(logits, ...))``; with ``return_routing`` also the
-    ``topk_weights [M, k]`` f32 and ``topk_ids [M, k]`` i32 it used."""
+    """``fused_moe(x, w1, w2, *route(logits + logit_bias, ...))``, every token also taking the
+    ``shared_experts`` last experts of w1/w2 (weight 1 or ``shared_weights``); with
+    ``return_routing`` also the routed ``topk_weights [M, k]`` f32 and ``topk_ids [M, k]`` i32."""
+    if logit_bias is not None:
+        logits = logits.astype(jnp.float32) + logit_bias.astype(jnp.float32)
     topk_weights, topk_ids = routing_reference.route(logits, top_k, **routing)
-    y = reference.fused_moe(x, w1, w2, topk_weights, topk_ids, activation=activation, b1=b1, b2=b2, layout=layout,
+    weights, ids = topk_weights, topk_ids
+    if shared_experts:
+        m, e = logits.shape
+        sw = (jnp.ones((m, shared_experts), jnp.float32) if shared_weights is None
+              else shared_weights.astype(jnp.float32))
+        weights = jnp.concatenate([topk_weights, sw], axis=1)
+        ids = jnp.concatenate([topk_ids, jnp.broadcast_to(jnp.arange(e, e + shared_experts, dtype=topk_ids.dtype),
+                                                          (m, shared_experts))], axis=1)
+    y = reference.fused_moe(x, w1, w2, weights, ids, activation=activation, b1=b1, b2=b2, layout=layout,
                             act_quant=act_quant)
     return (y, topk_weights, topk_ids) if return_routing else y
 

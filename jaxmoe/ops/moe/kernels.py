@@ -28,7 +28,7 @@ from ..routing.kernels import _topk_route_block
 
 @triton.jit
 def route_align_kernel(
-    logits_ptr, bias_ptr, M, max_blocks,
+    logits_ptr, bias_ptr, logit_bias_ptr, M, max_blocks,
     weights_ptr, ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
     bases_ptr, end_real_ptr, block_ends_ptr,
     E: tl.constexpr, K: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr,
@@ -36,19 +36,22 @@ def route_align_kernel(
     NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, G_POW2: tl.constexpr, SCALE: tl.constexpr,
     GROUP_TOP2: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CHUNK: tl.constexpr, FILL: tl.constexpr,
+    HAS_LOGIT_BIAS: tl.constexpr, SHARED: tl.constexpr, S_POW2: tl.constexpr,
 ):
-    """logits [M, E] (+ bias [E]) -> topk_weights [M, K] f32, topk_ids [M, K] i32 and the
-    alignment of those ids (outputs of ``moe_align_single_kernel``; the last three are scratch)."""
+    """logits [M, E] (+ a router bias [E] with HAS_LOGIT_BIAS; + a selection bias [E] with
+    HAS_BIAS) -> topk_weights [M, K + SHARED] f32, topk_ids [M, K + SHARED] i32 (slots K..
+    name the shared experts E.., weight 1) and the alignment of those ids over E + SHARED
+    experts (outputs of ``moe_align_single_kernel``; the last three are scratch)."""
     for rb in range(0, (M + BLOCK_M - 1) // BLOCK_M):
         _topk_route_block(
             rb, logits_ptr, bias_ptr, weights_ptr, ids_ptr,
             M, E, K, E_POW2, K_POW2, BLOCK_M, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, TOPK_GROUP, G_POW2,
-            SCALE, GROUP_TOP2,
+            SCALE, GROUP_TOP2, logit_bias_ptr, HAS_LOGIT_BIAS, SHARED, S_POW2,
         )
     tl.debug_barrier()  # the ids stored above are read back by other threads below
     _align_single(ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
-                  bases_ptr, end_real_ptr, block_ends_ptr, M * K, max_blocks, E, NB, LOG2_NB, BLOCK_SIZE,
-                  CHUNK, FILL)
+                  bases_ptr, end_real_ptr, block_ends_ptr, M * (K + SHARED), max_blocks, E + SHARED, NB, LOG2_NB,
+                  BLOCK_SIZE, CHUNK, FILL)
 
 
 # --------------------------------------------------------------------------- decode path

@@ -119,12 +119,15 @@ ROUTE_ALIGN_MAX_ROW_BLOCKS = 2  # rows one program routes before two launches wi
 def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, block_size: int, *,
                      scoring: str = "softmax", renormalize: bool = True, num_expert_group: int | None = None,
                      topk_group: int | None = None, bias_dtype: Any = None,
-                     routed_scaling_factor: float = 1.0, group_scoring: str | None = None
-                     ) -> KernelLaunch | None:
+                     routed_scaling_factor: float = 1.0, group_scoring: str | None = None,
+                     logit_bias_dtype: Any = None, shared_experts: int = 0) -> KernelLaunch | None:
     """The single launch that routes ``[m, E]`` logits and aligns the chosen ids to
     ``block_size`` rows, or None where a routing launch plus an alignment launch serve
     better: more rows than one program routes in ``ROUTE_ALIGN_MAX_ROW_BLOCKS`` tiles, or
-    more ids than one program aligns."""
+    more ids than one program aligns. ``logit_bias_dtype``: with a router bias ``[E]``
+    added to the logits in the kernel (None: none). ``shared_experts`` S: every token also
+    takes the experts ``E .. E + S - 1`` with weight 1 (slots ``top_k ..``), aligned with
+    the routed ones over ``E + S`` experts."""
     from jaxmoe.ops.moe import kernels
 
     if m < 1:
@@ -133,21 +136,29 @@ def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, bl
                                       renormalize=renormalize, num_expert_group=num_expert_group,
                                       topk_group=topk_group, bias_dtype=bias_dtype,
                                       routed_scaling_factor=routed_scaling_factor, group_scoring=group_scoring)
-    num_rows = m * top_k
+    shared = int(shared_experts)
+    slots, all_experts = top_k + shared, num_experts + shared
+    num_rows = m * slots
     if num_rows > align_triton.ALIGN_CHUNK:
         return None
     cx = dict(route.constexprs)
     block_m = max(1, 2048 // cx["E_POW2"])  # <= 16 fp32 values a thread at 4 warps
     if -(-m // block_m) > ROUTE_ALIGN_MAX_ROW_BLOCKS:
         return None
-    (align,) = align_triton.plan_align(num_rows, num_experts, block_size)
+    (align,) = align_triton.plan_align(num_rows, all_experts, block_size)
     acx = dict(align.constexprs)
     constexprs = {**cx, "BLOCK_M": block_m, "HAS_BIAS": bias_dtype is not None,
-                  **{key: acx[key] for key in ("NB", "LOG2_NB", "BLOCK_SIZE", "CHUNK", "FILL")}}
-    bias = route.args[1] if bias_dtype is not None else jax.ShapeDtypeStruct((1,), jnp.float32)
-    return KernelLaunch(kernels.route_align_kernel, grid=(1,), args=(route.args[0], bias),
-                        scalars=(("M", m), ("max_blocks", max_blocks(num_rows, num_experts, block_size))),
-                        outs=route.outs + align.outs, constexprs=tuple(constexprs.items()), num_warps=4,
+                  **{key: acx[key] for key in ("NB", "LOG2_NB", "BLOCK_SIZE", "CHUNK", "FILL")},
+                  "HAS_LOGIT_BIAS": logit_bias_dtype is not None, "SHARED": shared,
+                  "S_POW2": max(1, 1 << (shared - 1).bit_length()) if shared else 1}
+    placeholder = jax.ShapeDtypeStruct((1,), jnp.float32)
+    bias = route.args[1] if bias_dtype is not None else placeholder
+    logit_bias = (placeholder if logit_bias_dtype is None
+                  else jax.ShapeDtypeStruct((num_experts,), jnp.dtype(logit_bias_dtype)))
+    outs = (jax.ShapeDtypeStruct((m, slots), jnp.float32), jax.ShapeDtypeStruct((m, slots), jnp.int32))
+    return KernelLaunch(kernels.route_align_kernel, grid=(1,), args=(route.args[0], bias, logit_bias),
+                        scalars=(("M", m), ("max_blocks", max_blocks(num_rows, all_experts, block_size))),
+                        outs=outs + align.outs, constexprs=tuple(constexprs.items()), num_warps=4,
                         num_stages=1)
 
 
@@ -157,22 +168,31 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
                correction_bias: jax.Array | None = None, routed_scaling_factor: Any = 1.0,
                remat: bool = False, group_scoring: str | None = None, return_routing: bool = False,
                b1: jax.Array | None = None, b2: jax.Array | None = None, layout: str = "out_in",
-               decode: bool | None = None, act_quant: str | None = None
+               decode: bool | None = None, act_quant: str | None = None, logit_bias: jax.Array | None = None,
+               shared_experts: int = 0, shared_weights: jax.Array | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Routing then experts, ``fused_moe(x, w1, w2, *route(logits, top_k, ...))``, with the
     routing and the alignment in one launch where the batch is small, and at decode sizes
     in the two launches of :mod:`jaxmoe.ops.moe.decode` (``decode``: as in
     :func:`fused_moe`). Beyond what
     the routing kernel serves (``E > 4096`` or ``top_k > 64``) the reference routes and the
-    kernels compute the experts. ``return_routing`` returns ``(y, topk_weights, topk_ids)``.
+    kernels compute the experts. ``return_routing`` returns ``(y, topk_weights, topk_ids)``
+    (the routed slots only).
 
-    Differentiable in ``hidden_states``, ``w1``, ``w2``, ``logits`` and a traced
-    ``routed_scaling_factor``: the experts by the Triton backward, the routing weights by
-    differentiating their recomputation at the chosen ids
+    ``logit_bias [E]``: a router bias added to the logits (in fp32, inside the routing
+    launch where it can be). ``shared_experts`` S: ``w1``/``w2`` hold ``E + S`` experts
+    against ``logits [M, E]``; every token also takes experts ``E .. E + S - 1`` in the
+    same launches, with weight 1 or ``shared_weights [M, S]`` (float).
+
+    Differentiable in ``hidden_states``, ``w1``, ``w2``, ``logits``, ``logit_bias``,
+    ``shared_weights`` and a traced ``routed_scaling_factor``: the experts by the Triton
+    backward, the routing weights by differentiating their recomputation at the chosen ids
     (:func:`~jaxmoe.ops.moe.backward.routing_weights`); ``correction_bias`` gets none."""
     w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
     m, d = hidden_states.shape
-    num_experts = w1.shape[0]
+    shared = int(shared_experts)
+    num_experts = w1.shape[0] - shared  # routed experts, the logits' columns
+    slots = top_k + shared
     expert_options = dict(b1=b1, b2=b2, layout=layout, act_quant=act_quant)
     weight_scoring = scoring
     # top-k of the logits then a softmax over the k is the same choice and, mathematically,
@@ -181,58 +201,95 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
     options = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, group_scoring=group_scoring)
     scale = routing_triton._static_float(routed_scaling_factor)
+    # The logits the weights are differentiated through (the kernel adds the bias itself).
+    diff_logits = logits if logit_bias is None else logits.astype(jnp.float32) + logit_bias.astype(jnp.float32)
     if m * top_k:
+        features = _decode.features_in_use(activation, layout, b1, b2) + _quant_features(w1, w2, act_quant)
+        features += ("shared experts in the launch",) * bool(shared)
         choice = _decode.choose(m, hidden_states.dtype, decode=decode, routed_scale=scale, num_experts=num_experts,
-                                top_k=top_k, features=_decode.features_in_use(activation, layout, b1, b2)
-                                + _quant_features(w1, w2, act_quant))
+                                top_k=top_k, features=features)
         if choice.decode:
             y, weights, ids = _decode.routed_moe(
-                hidden_states, w1, w2, logits, top_k, activation=activation, correction_bias=correction_bias,
+                hidden_states, w1, w2, diff_logits, top_k, activation=activation, correction_bias=correction_bias,
                 aligned=_routed_aligned, routing={**options, "routed_scaling_factor": scale},
                 aligned_options=(("remat", remat),), choice=choice)
             return (y, weights, ids) if return_routing else y
-        _decode.log_choice("routed_moe", m, top_k, w1.shape, hidden_states.dtype, choice)
+        _decode.log_choice("routed_moe", m, slots, w1.shape, hidden_states.dtype, choice)
     weight_options = dict(scoring=weight_scoring, renormalize=renormalize,
-                          routed_scaling_factor=1.0 if scale is None else scale)
-    diff_logits = logits
+                          routed_scaling_factor=1.0 if scale is None else scale, shared_experts=shared)
     # The kernels see constants: the gradient reaches the logits through routing_weights only.
-    logits, bias = routing_triton.kernel_inputs(jax.lax.stop_gradient(logits),
-                                                None if correction_bias is None
-                                                else jax.lax.stop_gradient(correction_bias))
+    kernel_logits, bias = routing_triton.kernel_inputs(jax.lax.stop_gradient(logits),
+                                                       None if correction_bias is None
+                                                       else jax.lax.stop_gradient(correction_bias))
     arch = current_arch()
     spec = None
     config = None
     if m * top_k and routing_triton.kernel_serves(num_experts, top_k):
-        config = _layer_config(m, top_k, w1, hidden_states.dtype, arch, layout, act_quant)
-        spec = plan_route_align(m, num_experts, top_k, logits.dtype, config.block_m, **options,
+        config = _layer_config(m, slots, w1, hidden_states.dtype, arch, layout, act_quant)
+        spec = plan_route_align(m, num_experts, top_k, kernel_logits.dtype, config.block_m, **options,
                                 bias_dtype=None if bias is None else bias.dtype,
-                                routed_scaling_factor=1.0 if scale is None else scale)
+                                routed_scaling_factor=1.0 if scale is None else scale,
+                                logit_bias_dtype=None if logit_bias is None else logit_bias.dtype,
+                                shared_experts=shared)
+
+    def finish(weights: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # a traced routed_scaling_factor scales the routed slots; shared_weights replace the 1s
+        if scale is None:
+            factor = jnp.asarray(routed_scaling_factor, jnp.float32)
+            weights = weights * (factor if not shared else
+                                 jnp.concatenate([jnp.full((top_k,), factor), jnp.ones((shared,), jnp.float32)]))
+        if shared_weights is not None:
+            weights = jnp.concatenate([weights[:, :top_k], shared_weights.astype(jnp.float32)], axis=1)
+        return weights, ids
+
+    def routed_only(y: jax.Array, weights: jax.Array, ids: jax.Array):
+        if not return_routing:
+            return y
+        return (y, weights[:, :top_k], ids[:, :top_k]) if shared else (y, weights, ids)
+
     if spec is None:
         from jaxmoe.ops.routing import ROUTE
 
+        route_logits = (kernel_logits if logit_bias is None
+                        else jax.lax.stop_gradient(diff_logits))
         if not routing_triton.kernel_serves(num_experts, top_k):  # the reference routes, differentiably
             weights, ids = ROUTE.implementations["reference"].fn(
                 diff_logits, top_k, **{**options, "scoring": weight_scoring}, correction_bias=correction_bias,
                 routed_scaling_factor=routed_scaling_factor)
+            weights, ids = _append_shared(weights, ids, num_experts, shared)
+            if shared_weights is not None:
+                weights = jnp.concatenate([weights[:, :top_k], shared_weights.astype(jnp.float32)], axis=1)
         else:
-            weights, ids = ROUTE.implementations["triton"].fn(logits, top_k, **options, correction_bias=bias,
+            weights, ids = ROUTE.implementations["triton"].fn(route_logits, top_k, **options, correction_bias=bias,
                                                               routed_scaling_factor=1.0 if scale is None else scale)
+            weights, ids = _append_shared(weights, ids, num_experts, shared)
             weights = backward.routing_weights(diff_logits, ids, weights, **weight_options)
-            if scale is None:
-                weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
+            weights, ids = finish(weights, ids)
         y = fused_moe(hidden_states, w1, w2, weights, ids, activation=activation, config=config, remat=remat,
                       **expert_options)
-        return (y, weights, ids) if return_routing else y
+        return routed_only(y, weights, ids)
     bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
-    weights, ids, sorted_ids, expert_ids, padded, *_ = launch(spec, logits, bias_arg)
+    logit_bias_arg = jax.lax.stop_gradient(logit_bias) if logit_bias is not None else jnp.zeros((1,), jnp.float32)
+    weights, ids, sorted_ids, expert_ids, padded, *_ = launch(spec, kernel_logits, bias_arg, logit_bias_arg)
     weights = backward.routing_weights(diff_logits, ids, weights, **weight_options)
-    if scale is None:
-        weights = weights * jnp.asarray(routed_scaling_factor, jnp.float32)
+    weights, ids = finish(weights, ids)
     routing = RoutingData(sorted_ids, expert_ids, padded, topk_ids=ids, topk_weights=weights,
-                          block_size=config.block_m, num_experts=num_experts, top_k=top_k, num_rows=m * top_k)
+                          block_size=config.block_m, num_experts=num_experts + shared, top_k=slots,
+                          num_rows=m * slots)
     y = experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat,
                 **expert_options)
-    return (y, weights, ids) if return_routing else y
+    return routed_only(y, weights, ids)
+
+
+def _append_shared(weights: jax.Array, ids: jax.Array, num_experts: int, shared: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """``[M, k]`` routing -> ``[M, k + shared]`` with the shared experts ``E ..`` at weight 1."""
+    if not shared:
+        return weights, ids
+    m = ids.shape[0]
+    shared_ids = jnp.broadcast_to(jnp.arange(num_experts, num_experts + shared, dtype=ids.dtype), (m, shared))
+    return (jnp.concatenate([weights, jnp.ones((m, shared), weights.dtype)], axis=1),
+            jnp.concatenate([ids, shared_ids], axis=1))
 
 
 def _routed_aligned(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, logits: jax.Array, *, top_k: int,
@@ -328,9 +385,11 @@ def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, 
                     renormalize: bool = True, num_expert_group: int | None = None, topk_group: int | None = None,
                     bias_dtype: Any = None, routed_scaling_factor: float = 1.0,
                     group_scoring: str | None = None, layout: str = "out_in", biases: bool = False,
-                    weights: str = "none", act_quant: str | None = None) -> list[KernelLaunch]:
+                    weights: str = "none", act_quant: str | None = None, logit_bias_dtype: Any = None,
+                    shared_experts: int = 0) -> list[KernelLaunch]:
     """Every launch :func:`routed_moe` (the kernel path of ``moe_layer``) makes for these shapes,
-    on the path the size rule (or ``JAXMOE_DECODE``) picks."""
+    on the path the size rule (or ``JAXMOE_DECODE``) picks; ``num_experts`` counts the routed
+    experts, ``shared_experts`` the stacked shared ones taken in the same launches."""
     if num_tokens * top_k == 0:
         return []
     scoring = routing_triton.kernel_scoring(scoring)
@@ -339,14 +398,17 @@ def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, 
                    group_scoring=group_scoring)
     features = _decode.features_in_use(activation, layout, biases, biases)
     features += (f"weights={weights!r}",) * (weights != "none") + (f"act_quant={act_quant!r}",) * (act_quant is not None)
+    features += ("shared experts in the launch",) * bool(shared_experts)
     if _decode.choose(num_tokens, dtype, num_experts=num_experts, top_k=top_k, features=features).decode:
         return _decode.plan_decode(num_tokens, top_k, num_experts, hidden, intermediate, dtype, activation=activation,
                                    routed=True, logits_dtype=logits_dtype, **options)
-    config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, weights,
+    slots, all_experts = top_k + shared_experts, num_experts + shared_experts
+    config = _config.select_config(num_tokens, slots, all_experts, hidden, intermediate, dtype, arch, weights,
                                    act_quant)
-    experts_plan = plan_fused_moe(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, activation,
+    experts_plan = plan_fused_moe(num_tokens, slots, all_experts, hidden, intermediate, dtype, arch, activation,
                                   config=config, layout=layout, biases=biases, weights=weights, act_quant=act_quant)
-    fused = plan_route_align(num_tokens, num_experts, top_k, logits_dtype, config.block_m, **options)
+    fused = plan_route_align(num_tokens, num_experts, top_k, logits_dtype, config.block_m, **options,
+                             logit_bias_dtype=logit_bias_dtype, shared_experts=shared_experts)
     if fused is not None:
         return [fused, *experts_plan[-2:]]
     return [routing_triton.plan_route(num_tokens, num_experts, top_k, logits_dtype, **options), *experts_plan]

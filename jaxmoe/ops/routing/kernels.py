@@ -99,8 +99,17 @@ def _topk_route_block(
     G_POW2: tl.constexpr,
     SCALE: tl.constexpr,
     GROUP_TOP2: tl.constexpr,
+    logit_bias_ptr=None,
+    HAS_LOGIT_BIAS: tl.constexpr = False,
+    SHARED: tl.constexpr = 0,
+    S_POW2: tl.constexpr = 1,
 ):
-    """Route rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) of the logits."""
+    """Route rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) of the logits.
+
+    ``HAS_LOGIT_BIAS``: ``logit_bias_ptr``'s ``[E]`` is added to every logit row first (a
+    router bias: it moves the scores and the weights, unlike the selection-only
+    ``bias_ptr``). ``SHARED``: rows of the outputs are ``K + SHARED`` wide and the last
+    ``SHARED`` slots name the shared experts ``E .. E + SHARED - 1`` with weight 1."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < M
     col = tl.arange(0, E_POW2)
@@ -109,6 +118,8 @@ def _topk_route_block(
 
     x = tl.load(logits_ptr + rows[:, None] * E + col[None, :], mask=mask, other=float("-inf"))
     x = tl.where(row_ok[:, None], x.to(tl.float32), 0.0)  # rows past M: no -inf - -inf
+    if HAS_LOGIT_BIAS:
+        x = x + tl.load(logit_bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SCORING == 0:
         row_max = _rmax(x)
         ex = tl.exp(x - row_max[:, None])
@@ -184,7 +195,11 @@ def _topk_route_block(
         keys = tl.where(keys == best[:, None], _NO_KEY, keys)
         idx = _key_lane(best, E_POW2)
         # The weight is the chosen expert's unbiased score, recomputed from its logit.
-        lg = tl.load(logits_ptr + rows * E + idx, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_LOGIT_BIAS:
+            # the biased logit, from the row in registers (exact: a sum of one value and zeros)
+            lg = tl.sum(tl.where(col[None, :] == idx[:, None], x, 0.0), axis=1)
+        else:
+            lg = tl.load(logits_ptr + rows * E + idx, mask=row_ok, other=0.0).to(tl.float32)
         if SCORING == 0:
             w = tl.exp(lg - row_max) / row_sum
         else:
@@ -199,9 +214,15 @@ def _topk_route_block(
         out_w = out_w * SCALE
 
     omask = row_ok[:, None] & (kcol < K)[None, :]
-    offs = rows[:, None] * K + kcol[None, :]
+    offs = rows[:, None] * (K + SHARED) + kcol[None, :]
     tl.store(weights_ptr + offs, out_w, mask=omask)
     tl.store(ids_ptr + offs, out_id, mask=omask)
+    if SHARED > 0:
+        scol = tl.arange(0, S_POW2)
+        smask = row_ok[:, None] & (scol < SHARED)[None, :]
+        soffs = rows[:, None] * (K + SHARED) + K + scol[None, :]
+        tl.store(weights_ptr + soffs, tl.full((BLOCK_M, S_POW2), 1.0, tl.float32), mask=smask)
+        tl.store(ids_ptr + soffs, tl.broadcast_to(E + scol[None, :], (BLOCK_M, S_POW2)), mask=smask)
 
 
 @triton.jit
