@@ -16,9 +16,8 @@ chain, as ``python -m jaxmoe bench`` measures it) for the plain layer (silu, wei
 * ``gpt_oss_stored``: the same with the experts as the checkpoint stores them
   (``load_layer(..., layout="stored")``: ``in_out_interleaved``);
 * ``shared``: one shared expert of width I (DeepSeek-V3's), stacked after the routed ones
-  as ``load_layer`` gives it (``shared_experts=1``: in the routed launches or beside them,
-  as the size rule or ``JAXMOE_SHARED`` picks); ``shared_dense``: the same expert as
-  ``params["shared"]``, a dense MLP beside the routed launches. Both add real work, so
+  (``stack_shared_experts``, ``shared_experts=1``: more slots of the routed launches);
+  ``shared_dense``: the same expert as ``params["shared"]``, a dense MLP beside them. Both add real work, so
   they are compared with ``routed_plus_one``, the plain layer routing each token to
   ``top_k + 1`` experts (the same weight bytes at decode sizes and the same FLOPs), not
   with the plain layer; the shared expert's own bf16 roofline floor is printed beside.

@@ -15,8 +15,8 @@ two forms:
   more slots of the routed launches, which then have no launch of their own;
 * ``params["shared"]``: a dense ``jax.numpy`` MLP beside the routed launches.
 
-Which is faster depends on the shape (``bench/RESULTS.md``): on the H200 the stacked form
-won at gpt-oss-120b's shape and the dense one at DeepSeek-V3's.
+On the H200 the stacked form was 3-8 % faster at gpt-oss-120b's shape and within 2 % of
+the dense one at DeepSeek-V3's (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations

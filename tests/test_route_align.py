@@ -155,6 +155,13 @@ def test_gpu_route_align_ties_and_nan(rng):
     test_route_align_block_sizes_ties_and_nan(rng)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gpu_route_align_router_bias_and_shared_experts(rng, shared, dtype):
+    test_route_align_router_bias_and_shared_experts(rng, shared, dtype)
+
+
 def test_interpreter_leaves_triton_language_as_it_was(rng):
     """Triton's interpreter patches the builtins of the language modules that a helper's
     globals name and never undoes it for helpers; the seam must, or a later real compile
