@@ -391,7 +391,13 @@ def test_example_runs(tmp_path, rng):
     out = subprocess.run([sys.executable, str(root / "examples" / "load_layer.py"), str(fp8), "--layer", "1",
                           "--implementation", "reference"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "experts=8 top_k=2 shared=True" in out.stdout and "shape=(8, 160) dtype=bfloat16 norm=" in out.stdout
+    assert "experts=8 top_k=2 shared=beside" in out.stdout and "shape=(8, 160) dtype=bfloat16 norm=" in out.stdout
+    # a bf16 DeepSeek-V3 checkpoint with its shared expert stacked in the routed launches
+    ds = write_checkpoint(tmp_path / "ds", "deepseek_v3", make_tensors(rng, "deepseek_v3", ml_dtypes.bfloat16))
+    out = subprocess.run([sys.executable, str(root / "examples" / "load_layer.py"), str(ds), "--layer", "1",
+                          "--stack-shared"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "experts=16 top_k=4 shared=1 stacked" in out.stdout and "shape=(8, 32) dtype=bfloat16 norm=" in out.stdout
 
 
 # --------------------------------------------------------------------------- gpt-oss
