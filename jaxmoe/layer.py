@@ -125,16 +125,13 @@ def _shared_gate(params: dict[str, Any], x2d: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(g)
 
 
-def _shared_experts(params: dict[str, Any], x2d: jax.Array, activation: str, w1: Any = None, w2: Any = None
-                    ) -> jax.Array:
-    """The shared experts' summed output ``[M, D]`` in fp32 (gated when ``shared_gate`` is given),
-    of ``params["shared"]`` or of the given ``w1 [S, 2Is, D]`` / ``w2 [S, D, Is]``.
+def _shared_experts(params: dict[str, Any], x2d: jax.Array, activation: str) -> jax.Array:
+    """The shared experts' summed output ``[M, D]`` in fp32 (gated when ``shared_gate`` is given).
 
     Per expert: ``h = act(x @ gate.T) * (x @ up.T)`` accumulated in fp32 and rounded to the
     input dtype (the rounding model of :func:`jaxmoe.fused_moe`), then ``h @ w2.T`` in fp32.
     """
-    if w1 is None:
-        w1, w2 = params["shared"]["w1"], params["shared"]["w2"]
+    w1, w2 = params["shared"]["w1"], params["shared"]["w2"]
     i = w1.shape[1] // 2
     hi = jax.lax.Precision.HIGHEST
     gate_up = jnp.einsum("md,sjd->smj", x2d, w1, preferred_element_type=jnp.float32, precision=hi)
@@ -218,11 +215,12 @@ def moe_layer(
         one); None picks the one :func:`jaxmoe.parallel.choose_schedule` models as sending
         fewer bytes. See ``docs/parallel.md``.
 
-      On a mesh, shared experts (``params["shared"]``; not ``shared_experts``) are replicated and applied to each device's own tokens,
-      and ``return_routing`` gives each device's tokens' routing, sharded like the output;
-      expert biases are sharded like the weights, a router bias replicated, and every
-      activation (the clamped SwiGLU too) is taken. The mesh path takes no ``layout`` other
-      than ``"out_in"`` and no quantized weights or ``act_quant`` yet.
+      On a mesh, shared experts (``params["shared"]``; not stacked ones) are replicated
+      and applied to each device's own tokens, and ``return_routing`` gives each device's
+      tokens' routing, sharded like the output; expert biases are sharded like the
+      weights, a router bias replicated, and every activation (the clamped SwiGLU too) is
+      taken. The mesh path takes no ``layout`` other than ``"out_in"`` and no quantized
+      weights or ``act_quant`` yet.
 
     Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
     ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
@@ -263,8 +261,8 @@ def moe_layer(
     if expert_axis is not None or tensor_axis is not None or data_axis is not None or schedule is not None:
         raise ValueError("expert_axis, tensor_axis, data_axis and schedule need a mesh (mesh=...)")
     check_implementation(implementation)
-    if isinstance(params, dict) and "w1" in params:
-        checks.check_shared_experts(shared_experts, getattr(params["w1"], "shape", (shared_experts + 1,))[0])
+    if isinstance(params, dict) and hasattr(params.get("w1"), "shape"):  # else check_layer_args says what is wrong
+        checks.check_shared_experts(shared_experts, params["w1"].shape[0])
     d, _, _ = checks.check_layer_args(params, x, top_k, layout, shared_experts)
     if shared_experts and params.get("shared") is not None:
         raise ValueError("give shared experts either stacked in w1/w2 (shared_experts=...) or as params['shared'], "

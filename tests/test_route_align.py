@@ -94,8 +94,8 @@ def test_route_align_router_bias_and_shared_experts(rng, dtype, shared):
     """A router bias added to the logits in the kernel (it moves scores and weights, unlike the
     correction bias) and shared experts as the last slots of every token, aligned with the
     routed ones: DeepSeek-like grouped sigmoid routing and gpt-oss-like softmax."""
-    _check(_logits(rng, 5, 64, dtype), 4, _bias(rng, 64), 16, logit_bias=(10 * _bias(rng, 64)).astype(dtype), shared=shared,
-           scoring="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)
+    _check(_logits(rng, 5, 64, dtype), 4, _bias(rng, 64), 16, logit_bias=(10 * _bias(rng, 64)).astype(dtype),
+           shared=shared, scoring="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)
     _check(_logits(rng, 3, 32, dtype), 4, None, 16, logit_bias=(10 * _bias(rng, 32)).astype(dtype), shared=shared)
     _check(_logits(rng, 200, 8, dtype), 2, None, 16, shared=shared)  # several row blocks
 

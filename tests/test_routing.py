@@ -458,3 +458,21 @@ def test_route_logits_errors():
         jaxmoe.route(jnp.zeros((4, 2, 8)), 2)
     with pytest.raises(TypeError, match="logits"):
         jaxmoe.route([[1.0, 2.0]], 1)
+
+
+def test_grouped_routing_warns_when_it_falls_to_the_v2_rule():
+    """Grouped routing without group_scoring and without a bias takes DeepSeek-V2's "max"
+    rule, and says so; an explicit rule, or a bias (DeepSeek-V3's "top2_sum"), does not warn."""
+    import warnings
+
+    from jaxmoe.ops.checks import GroupScoringWarning
+
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 32)), F32)
+    kw = dict(scoring="sigmoid", num_expert_group=8, topk_group=2, implementation="reference")
+    with pytest.warns(GroupScoringWarning, match="group_scoring='top2_sum' or 'max'"):
+        jaxmoe.route(logits, 4, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GroupScoringWarning)
+        jaxmoe.route(logits, 4, **kw, group_scoring="max")
+        jaxmoe.route(logits, 4, **kw, correction_bias=jnp.zeros(32, F32))
+        jaxmoe.route(logits, 4, scoring="sigmoid", num_expert_group=8, topk_group=8, implementation="reference")

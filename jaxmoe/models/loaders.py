@@ -272,8 +272,8 @@ def _stack_fp8_mlps(tensors: _Tensors, names: list[tuple[str, str, str]]) -> tup
     return out[0], out[1]
 
 
-def _stack_mlps(tensors: _Tensors, names: list[tuple[str, str, str]], append: tuple[np.ndarray, np.ndarray] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _stack_mlps(tensors: _Tensors, names: list[tuple[str, str, str]],
+                append: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``w1 [N, 2I, D]`` (gate rows, then up rows) and ``w2 [N, D, I]`` from N (gate, up, down)
     names of ``[I, D]``, ``[I, D]`` and ``[D, I]`` tensors (or of their block scales), then the
     experts of ``append`` (``[A, 2I, D]``, ``[A, D, I]``) as rows ``N ..``."""

@@ -10,6 +10,7 @@ what happens to them).
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ __all__ = [
     "layout_shapes",
     "check_biases",
     "check_shared_experts",
+    "GroupScoringWarning",
     "SCORINGS",
     "as_ids",
     "check_weights_like_ids",
@@ -50,6 +52,11 @@ SCORINGS = ("softmax", "sigmoid", "topk_softmax")
 # "_interleaved": the 2I axis alternates gate and up (gate j at 2j, up j at 2j + 1: gpt-oss).
 LAYOUTS = ("out_in", "out_in_interleaved", "in_out", "in_out_interleaved")
 GROUP_SCORINGS = ("max", "top2_sum")
+
+
+class GroupScoringWarning(UserWarning):
+    """Grouped routing was asked for without ``group_scoring`` and without a correction
+    bias: the default rule then is DeepSeek-V2's (``"max"``), which DeepSeek-V3 does not use."""
 
 
 def resolve_group_scoring(group_scoring: str | None, correction_bias: Any) -> str:
@@ -275,6 +282,11 @@ def check_route_args(
             raise ValueError(
                 f"top_k={k} exceeds the experts in the kept groups (topk_group * E / num_expert_group = {tg * (e // g)})"
             )
+        if group_scoring is None and correction_bias is None and tg < g and e // g > 1:
+            warnings.warn(GroupScoringWarning(
+                "grouped routing without group_scoring or a correction_bias scores each group by its best expert "
+                "(group_scoring='max', DeepSeek-V2's rule); DeepSeek-V3 sums each group's best two, with or without "
+                "a bias: pass group_scoring='top2_sum' or 'max' to say which"), stacklevel=2)
     if correction_bias is not None:
         bshape, bdtype = _shape_dtype("correction_bias", correction_bias)
         if bshape != (e,):

@@ -52,7 +52,8 @@ def route(
       group_scoring: how grouped routing scores a group: ``"max"`` (the best of its
         experts' biased scores, DeepSeek-V2) or ``"top2_sum"`` (the sum of its two best
         biased scores, DeepSeek-V3; a one-expert group scores that expert). None (the
-        default) picks ``"top2_sum"`` when ``correction_bias`` is given, else ``"max"``.
+        default) picks ``"top2_sum"`` when ``correction_bias`` is given, else ``"max"``,
+        with a :class:`~jaxmoe.ops.checks.GroupScoringWarning` (pass the rule to say which).
         Ignored without groups.
       implementation: None (best available), ``"triton"``, ``"reference"`` or a sequence of
         them (the first that serves these arguments). The kernel takes up to 4096 experts
