@@ -150,7 +150,7 @@ def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, bl
     constexprs = {**cx, "BLOCK_M": block_m, "HAS_BIAS": bias_dtype is not None,
                   **{key: acx[key] for key in ("NB", "LOG2_NB", "BLOCK_SIZE", "CHUNK", "FILL")},
                   "HAS_LOGIT_BIAS": logit_bias_dtype is not None, "SHARED": shared,
-                  "S_POW2": max(1, 1 << (shared - 1).bit_length()) if shared else 1}
+                  "S_POW2": routing_triton._next_pow2(shared)}
     placeholder = jax.ShapeDtypeStruct((1,), jnp.float32)
     bias = route.args[1] if bias_dtype is not None else placeholder
     logit_bias = (placeholder if logit_bias_dtype is None
@@ -232,15 +232,20 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
                                 logit_bias_dtype=None if logit_bias is None else logit_bias.dtype,
                                 shared_experts=shared)
 
+    def with_shared_weights(weights: jax.Array) -> jax.Array:
+        # shared_weights replace the shared slots' 1s (after routing_weights, so they keep
+        # their own gradient)
+        if shared_weights is None:
+            return weights
+        return jnp.concatenate([weights[:, :top_k], shared_weights.astype(jnp.float32)], axis=1)
+
     def finish(weights: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # a traced routed_scaling_factor scales the routed slots; shared_weights replace the 1s
+        # a traced routed_scaling_factor scales the routed slots only
         if scale is None:
             factor = jnp.asarray(routed_scaling_factor, jnp.float32)
             weights = weights * (factor if not shared else
                                  jnp.concatenate([jnp.full((top_k,), factor), jnp.ones((shared,), jnp.float32)]))
-        if shared_weights is not None:
-            weights = jnp.concatenate([weights[:, :top_k], shared_weights.astype(jnp.float32)], axis=1)
-        return weights, ids
+        return with_shared_weights(weights), ids
 
     def routed_only(y: jax.Array, weights: jax.Array, ids: jax.Array):
         if not return_routing:
@@ -257,8 +262,7 @@ def routed_moe(hidden_states: jax.Array, w1: Any, w2: Any, logits: jax.Array, to
                 diff_logits, top_k, **{**options, "scoring": weight_scoring}, correction_bias=correction_bias,
                 routed_scaling_factor=routed_scaling_factor)
             weights, ids = _append_shared(weights, ids, num_experts, shared)
-            if shared_weights is not None:
-                weights = jnp.concatenate([weights[:, :top_k], shared_weights.astype(jnp.float32)], axis=1)
+            weights = with_shared_weights(weights)  # the reference scaled the routed slots already
         else:
             weights, ids = ROUTE.implementations["triton"].fn(route_logits, top_k, **options, correction_bias=bias,
                                                               routed_scaling_factor=1.0 if scale is None else scale)
