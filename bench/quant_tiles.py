@@ -19,9 +19,7 @@ holds ``--lock`` (an ``flock``) only while it times, so no two timings overlap.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
 import sys
 
@@ -35,7 +33,7 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile, MoEConfig
 from jaxmoe.ops.moe import triton as moe_triton
 from jaxmoe.quantize import quantize_weights
-from jaxmoe.tools.bench import SETS, SHORT, experts_hit_per_layer, quant_roofline, time_layer_detail
+from jaxmoe.tools.bench import SETS, SHORT, card_lock, experts_hit_per_layer, quant_roofline, time_layer_detail
 from jaxmoe.tools.ceilings import Ceilings
 
 # (block_n, block_k, num_warps, num_stages): B tiles of 4-32 KB a stage, the bf16 decode
@@ -77,20 +75,6 @@ def candidate_configs(preset, m: int, quant: str, arch: str, dtype) -> list[tupl
     return configs
 
 
-@contextlib.contextmanager
-def held(path: str | None):
-    """An exclusive ``flock`` on ``path`` while the block runs (nothing for None)."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quant", action="append", required=True)
@@ -130,7 +114,7 @@ def main() -> int:
                     rec = {"model": name, "quant": quant, "m": m, "varied": label,
                            "config": c.to_json(), "floor_ms": floor * 1e3}
                     try:
-                        t = time_layer_detail(layer, params, xs, args.reps, lock=held(args.lock))[0]
+                        t = time_layer_detail(layer, params, xs, args.reps, lock=card_lock(args.lock))[0]
                         rec.update(ms=t * 1e3, efficiency=floor / t)
                         print(f"{name} {quant} M={m} {label:9s} {t * 1e3:8.4f} ms  eff {floor / t:5.2f}  {c}",
                               flush=True)

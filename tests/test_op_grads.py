@@ -182,3 +182,38 @@ def test_weight_grad_tiles_by_arch(rng, arch):
     for f, ex in enumerate(np.asarray(ids).reshape(-1)):
         want[ex] += np.asarray(tw).reshape(-1)[f] * np.outer(np.asarray(g)[f], rows_a[f])
     assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("k_group", [1, 2, 3, 8])
+def test_weight_grad_k_groups(rng, k_group):
+    """Programs that run several output tiles along K in one loop (``k_group``): 16-row
+    steps, experts with 0, 1 and several steps of rows, an invalid id, K = 72 (five 16-wide
+    tiles, the last partial; groups of 2 and 3 end partial), against the definition in jnp
+    (fp32: 1e-5) and bitwise equal to one tile per program (the same sums in the same order)."""
+    from jaxmoe.ops.gemm import triton as gemm_triton
+
+    m, k, e, n, kd = 37, 2, 5, 40, 72
+    ids = np.stack([rng.choice(4, size=k, replace=False) for _ in range(m)])  # expert 4 gets no rows
+    ids[:20, 0] = 0  # expert 0: 20+ rows, two steps or more
+    ids[:20, 1] = rng.choice([1, 2, 3], size=20)
+    ids[5, 1] = 7  # out of range: no expert's gradient
+    ids = jnp.asarray(ids, jnp.int32)
+    routing = ops.align(ids, e, 16, implementation="reference")
+    g = randn(rng, (m * k, n), F32)
+    a = randn(rng, (m, kd), F32)
+    tile = (32, 16, 4, 2, 16)
+
+    def run(kg):
+        return jax.jit(lambda g, a: gemm_triton.weight_grad(g, a, routing, out_dtype=F32, tile=tile,
+                                                            k_group=kg))(g, a)
+
+    got = run(k_group)
+    rows_a = np.repeat(np.asarray(a), k, axis=0)
+    want = np.zeros((e, n, kd))
+    for f, ex in enumerate(np.asarray(ids).reshape(-1)):
+        if 0 <= ex < e:
+            want[ex] += np.outer(np.asarray(g)[f], rows_a[f])
+    assert np.abs(want[0]).max() > 0 and not np.asarray(got[4]).any()
+    assert rel_err(got, want) <= 1e-5
+    if k_group > 1:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(run(1)))

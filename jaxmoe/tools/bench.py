@@ -284,6 +284,23 @@ def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int,
     return per_layer, max(statistics.median(t_short) - SHORT * per_layer, 0.0)
 
 
+@contextlib.contextmanager
+def card_lock(path: str | None):
+    """An exclusive ``flock`` on ``path`` while the block runs (nothing for None): processes
+    that share a card compile side by side and time one at a time."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def time_layer(fn: Callable, params: Any, xs: jax.Array, reps: int) -> float:
     """Seconds per layer application (see :func:`time_layer_detail`)."""
     return time_layer_detail(fn, params, xs, reps)[0]

@@ -81,7 +81,7 @@ def _bwd(static, residuals, dc):
     w = (weights.reshape(-1, 1).astype(jnp.float32) if static.has_weights
          else jnp.ones((num_rows, 1), jnp.float32))
     dc = jnp.where(covered, dc.astype(jnp.float32), 0.0)
-    tile = _config.backward_tile(static.block_size, a.dtype, arch, fused=False)
+    tile = _config.backward_tile(static.block_size, a.dtype, arch, fused=False, n_out=a.shape[1])
     if static.activation:
         fused_tile = _config.backward_tile(static.block_size, a.dtype, arch, fused=True)
         d_gate_up = gemm_triton.act_backward(a, b, (dc * w).astype(a.dtype), routing, tile=fused_tile, arch=arch,

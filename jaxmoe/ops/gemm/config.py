@@ -275,13 +275,21 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
 BACKWARD_TILE = GemmTile(block_n=64, block_k=64, group_size_m=8, num_warps=4, num_stages=3)
 BACKWARD_TILE_LARGE = {64: GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=3),
                        128: GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=8, num_stages=3)}
+# The data-gradient GEMMs (dy @ w2, d gate_up @ w1) at 128-row blocks with at least 2048
+# output columns: the forward stage 2's 256-wide tile (H200, bf16, M = 4096: 4-23 % faster
+# than 128 wide at Mixtral-8x7B, DeepSeek-V3 and Qwen3-30B-A3B's d gate_up @ w1; slower
+# at Qwen3's 768 columns).
+BACKWARD_TILE_WIDE = GemmTile(block_n=256, block_k=64, group_size_m=8, num_warps=8, num_stages=4)
 
 
-def backward_tile(block_m: int, dtype: Any, arch: str, fused: bool) -> GemmTile:
-    """The backward's tile for rows of ``block_m`` (``fused``: the stage-1 backward, two B tiles)."""
+def backward_tile(block_m: int, dtype: Any, arch: str, fused: bool, n_out: int | None = None) -> GemmTile:
+    """The backward's tile for rows of ``block_m`` (``fused``: the stage-1 backward, two B
+    tiles; ``n_out``: a data-gradient GEMM's output columns, when known)."""
     tile = BACKWARD_TILE
     if not arch.startswith("gfx") and block_m >= 64:
         tile = BACKWARD_TILE_LARGE[min(block_m, 128)]
+        if not fused and block_m >= 128 and n_out is not None and n_out >= 2048:
+            tile = BACKWARD_TILE_WIDE
     return _fit(tile, block_m, dtype, arch, fused)
 
 
@@ -302,6 +310,20 @@ def weight_grad_tile(block_m: int, dtype: Any, arch: str | None) -> tuple[int, i
         tile = WEIGHT_GRAD_TILE_LARGE
     block_n, block_k, warps, stages, block_r = tile
     return block_n, block_k, warps, stages, min(block_r, block_m)
+
+
+# Row steps (of BLOCK_R) a weight-gradient program runs, at least, where the output allows:
+# with few rows per expert (DeepSeek-V3: 256 experts, ~128 rows each at M = 4096) a program
+# per output tile is two steps of loads it mostly waits on; a program that runs several
+# tiles along K in one loop overlaps each tile's loads with the last one's MMAs.
+WEIGHT_GRAD_STEPS = 64
+
+
+def weight_grad_k_group(rows_per_expert: float, block_r: int, num_k_blocks: int) -> int:
+    """Output tiles along K per weight-gradient program: enough that a program runs
+    :data:`WEIGHT_GRAD_STEPS` row steps for an expert of ``rows_per_expert`` rows."""
+    steps = max(1, -(-int(np.ceil(rows_per_expert)) // block_r))
+    return max(1, min(num_k_blocks, -(-WEIGHT_GRAD_STEPS // steps)))
 
 
 def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool, b_itemsize: int | None = None,

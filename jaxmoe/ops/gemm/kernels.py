@@ -621,36 +621,45 @@ def moe_weight_grad_kernel(
     NUM_EXPERTS: tl.constexpr,
     stride_gm: tl.constexpr, stride_am: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_GROUP: tl.constexpr,  # output tiles along K per program
     MUL_ROUTED_WEIGHT: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):
     """Grouped weight gradient: ``C[e] = sum over e's sorted rows f of G[f]^T A[f]``.
 
     ``C[e, n, k] = sum_f w_f * G[f // TOP_K_G, n] * A[f // TOP_K_A, k]`` over the rows f at
     sorted positions ``[expert_offsets[e], expert_offsets[e + 1])`` (``w_f`` the routing
-    weight with ``MUL_ROUTED_WEIGHT``, else 1). Each program owns one (BLOCK_N x BLOCK_K)
-    tile of one expert and walks that expert's positions BLOCK_R at a time in order: no
-    atomics, the same sums in the same order on every run, and an expert without rows
-    gets zeros. Only the expert's own rows are read, so a NaN in one token reaches only
-    the experts it is routed to. Offsets are int64 (rows times strides, and experts times
-    N_OUT * K, can pass 2^31).
+    weight with ``MUL_ROUTED_WEIGHT``, else 1). Each program owns ``K_GROUP`` consecutive
+    (BLOCK_N x BLOCK_K) tiles of one expert along K and walks, for each tile in turn, that
+    expert's positions BLOCK_R at a time in order, in one flat loop (tile by tile, the
+    epilogue of one tile inside it), so the loads of the next tile overlap the last steps
+    of this one: an expert with few rows (many experts, or a small batch) is not a chain
+    of programs each waiting on its first loads. No atomics: the same sums in the same
+    order on every run, and an expert without rows gets zeros. Only the expert's own rows
+    are read, so a NaN in one token reaches only the experts it is routed to. Offsets are
+    int64 (rows times strides, and experts times N_OUT * K, can pass 2^31).
     """
     num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
     num_k_blocks: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    num_k_groups: tl.constexpr = (num_k_blocks + K_GROUP - 1) // K_GROUP
     pid = tl.program_id(0)
-    expert = pid // (num_n_blocks * num_k_blocks)
-    rest = pid % (num_n_blocks * num_k_blocks)
-    pid_n = rest // num_k_blocks
-    pid_k = rest % num_k_blocks
+    expert = pid // (num_n_blocks * num_k_groups)
+    rest = pid % (num_n_blocks * num_k_groups)
+    pid_n = rest // num_k_groups
+    kb0 = (rest % num_k_groups) * K_GROUP
+    tiles = tl.minimum(num_k_blocks - kb0, K_GROUP)
 
     start = tl.load(expert_offsets_ptr + expert)
     end = tl.load(expert_offsets_ptr + expert + 1)
+    steps = tl.maximum((end - start + BLOCK_R - 1) // BLOCK_R, 1)  # an expert without rows: one empty step
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N_OUT
-    k_mask = offs_k < K
+    c_rows = c_ptr + expert.to(tl.int64) * (N_OUT * K) + offs_n.to(tl.int64)[:, None] * K
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for p in range(start, end, BLOCK_R):
-        pos = p + tl.arange(0, BLOCK_R)
+    for it in range(0, tiles * steps):
+        step = it % steps
+        offs_k = (kb0 + it // steps) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        pos = start + step * BLOCK_R + tl.arange(0, BLOCK_R)
         pos_ok = pos < end
         rows = tl.load(sorted_token_ids_ptr + pos, mask=pos_ok, other=-1).to(tl.int64)
         ok = pos_ok & (rows >= 0) & (rows < num_rows)
@@ -665,6 +674,7 @@ def moe_weight_grad_kernel(
             acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(g), a, acc)
-    c_ptrs = (c_ptr + expert.to(tl.int64) * (N_OUT * K) + offs_n.to(tl.int64)[:, None] * K
-              + offs_k[None, :])
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+        if step == steps - 1:  # this tile's last rows: store it, start the next
+            tl.store(c_rows + offs_k[None, :], acc.to(c_ptr.dtype.element_ty),
+                     mask=n_mask[:, None] & k_mask[None, :])
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)

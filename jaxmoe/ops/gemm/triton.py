@@ -363,26 +363,36 @@ WEIGHT_GRAD_TILE = _config.WEIGHT_GRAD_TILE
 
 def plan_weight_grad(*, g_shape: tuple[int, int], a_shape: tuple[int, int], num_experts: int, dtype: Any,
                      out_dtype: Any, num_rows: int, top_k_g: int, top_k_a: int, block_m: int, num_blocks: int,
-                     mul_routed_weight: bool, arch: str | None = None) -> KernelLaunch:
+                     mul_routed_weight: bool, arch: str | None = None,
+                     tile: tuple[int, int, int, int, int] | None = None, k_group: int | None = None
+                     ) -> KernelLaunch:
     """The grouped weight gradient, ``moe_weight_grad_kernel``: ``C [E, N, K]`` in
     ``out_dtype`` from ``G [g_rows, N]`` and ``A [a_rows, K]`` (both ``dtype``), one program
     per output tile, the tile from :func:`~jaxmoe.ops.gemm.config.weight_grad_tile`
-    (``arch`` None: the small tile, which fits every target)."""
+    (``arch`` None: the small tile, which fits every target) unless ``tile``
+    ``(BLOCK_N, BLOCK_K, num_warps, num_stages, BLOCK_R)`` is given; each program runs
+    ``k_group`` output tiles along K (None: :func:`~jaxmoe.ops.gemm.config.weight_grad_k_group`
+    of the mean rows per expert)."""
     from jaxmoe.ops.gemm import kernels
 
     (g_rows, n), (a_rows, k) = g_shape, a_shape
-    block_n, block_k, num_warps, num_stages, block_r = _config.weight_grad_tile(block_m, dtype, arch)
+    block_n, block_k, num_warps, num_stages, block_r = tile or _config.weight_grad_tile(block_m, dtype, arch)
     if block_m % block_r or block_r < 16:
         raise ValueError(f"BLOCK_M={block_m} must be a multiple of 16 for the weight gradient")
+    num_k_blocks = -(-k // block_k)
+    if k_group is None:
+        k_group = _config.weight_grad_k_group(num_rows / num_experts, block_r, num_k_blocks)
+    k_group = max(1, min(int(k_group), num_k_blocks))
     constexprs = {
         "N_OUT": n, "K": k, "TOP_K_G": top_k_g, "TOP_K_A": top_k_a, "NUM_EXPERTS": num_experts,
         "stride_gm": n, "stride_am": k, "BLOCK_R": block_r, "BLOCK_N": block_n, "BLOCK_K": block_k,
+        "K_GROUP": k_group,
         "MUL_ROUTED_WEIGHT": mul_routed_weight, "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
     }
     i32 = jnp.int32
     args = (_sds(g_shape, dtype), _sds(a_shape, dtype), _sds((num_blocks * block_m,), i32),
             _sds((num_experts + 1,), i32), _sds((num_rows if mul_routed_weight else 1,), jnp.float32))
-    grid = num_experts * -(-n // block_n) * -(-k // block_k)
+    grid = num_experts * -(-n // block_n) * -(-num_k_blocks // k_group)
     return KernelLaunch(kernels.moe_weight_grad_kernel, grid=(grid,), args=args, scalars=(("num_rows", num_rows),),
                         outs=(_sds((num_experts, n, k), out_dtype),), constexprs=tuple(constexprs.items()),
                         num_warps=num_warps, num_stages=num_stages)
@@ -404,17 +414,19 @@ def expert_offsets(routing: RoutingData) -> jax.Array:
 
 
 def weight_grad(g: jax.Array, a: jax.Array, routing: RoutingData, *, out_dtype: Any,
-                topk_weights: jax.Array | None = None, arch: str | None = None) -> jax.Array:
+                topk_weights: jax.Array | None = None, arch: str | None = None,
+                tile: tuple[int, int, int, int, int] | None = None, k_group: int | None = None) -> jax.Array:
     """``C [E, N, K]``: per expert, the sum over its rows f of ``w_f * G[f]^T A[f]``, where
     a ``[M, *]`` operand is read at row ``f // top_k`` and a ``[M * top_k, *]`` one at ``f``.
-    Deterministic; an expert without rows gets zeros."""
+    Deterministic; an expert without rows gets zeros. ``tile``, ``k_group``: see :func:`plan_weight_grad`."""
     def top_k_of(x: jax.Array) -> int:
         return routing.top_k if x.shape[0] * routing.top_k == routing.num_rows else 1
 
     spec = plan_weight_grad(g_shape=g.shape, a_shape=a.shape, num_experts=routing.num_experts, dtype=a.dtype,
                             out_dtype=out_dtype, num_rows=routing.num_rows, top_k_g=top_k_of(g), top_k_a=top_k_of(a),
                             block_m=routing.block_size, num_blocks=routing.num_blocks,
-                            mul_routed_weight=topk_weights is not None, arch=arch)
+                            mul_routed_weight=topk_weights is not None, arch=arch, tile=tile,
+                            k_group=k_group)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
     (c,) = launch(spec, g, a, routing.sorted_token_ids.astype(jnp.int32), expert_offsets(routing), weights)

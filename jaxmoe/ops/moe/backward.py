@@ -163,10 +163,11 @@ def experts_bwd(static: _Static, residuals, dout):
         h = _stage1(static, x, w1, b1, routing)
     valid = _valid(routing).reshape(-1, 1)  # rows of invalid ids are unwritten by every GEMM: masked
 
-    tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False)
+    g_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False, n_out=h.shape[1])
+    dx_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False, n_out=d)
     fused_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=True)
     # 1. stage 2: g = dy @ w2[e] (unweighted, fp32), d w = <g, h> (+ <dy, b2[e]>), dh = w * g
-    g = gemm_triton.gemm(dout, w2, routing, tile=tile, arch=arch, topk_weights=None, activation=None,
+    g = gemm_triton.gemm(dout, w2, routing, tile=g_tile, arch=arch, topk_weights=None, activation=None,
                          transpose_b=not in_out, out_dtype=jnp.float32, split_tail=False)
     g = jnp.where(valid, g, 0.0)
     d_weights = jnp.sum(g * h.astype(jnp.float32), axis=-1)
@@ -182,7 +183,7 @@ def experts_bwd(static: _Static, residuals, dout):
                                          activation=static.activation, transpose_b=in_out, gate_up=static.gate_up,
                                          bias=b1)
     # 3. dx: d gate_up @ w1[e], summed over the slots in fp32
-    dx_rows = gemm_triton.gemm(d_gate_up, w1, routing, tile=tile, arch=arch, topk_weights=None,
+    dx_rows = gemm_triton.gemm(d_gate_up, w1, routing, tile=dx_tile, arch=arch, topk_weights=None,
                                activation=None, transpose_b=not in_out, out_dtype=jnp.float32, split_tail=False)
     dx = jnp.sum(jnp.where(valid, dx_rows, 0.0).reshape(m, k, d), axis=1).astype(x.dtype)
     # 4. weight gradients, per expert over its own rows, in the stored layout

@@ -348,20 +348,21 @@ def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidde
     common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks)
     grad = dict(num_experts=num_experts, dtype=dtype, out_dtype=dtype, num_rows=num_rows, block_m=config.block_m,
                 num_blocks=blocks, arch=arch)
-    tile = _config.backward_tile(config.block_m, dtype, arch, fused=False)
+    g_tile = _config.backward_tile(config.block_m, dtype, arch, fused=False, n_out=intermediate)
+    dx_tile = _config.backward_tile(config.block_m, dtype, arch, fused=False, n_out=hidden)
     fused_tile = _config.backward_tile(config.block_m, dtype, arch, fused=True)
     in_out = layout.startswith("in_out")
     w1_shape, w2_shape = checks.layout_shapes(layout, num_experts, hidden, intermediate)
     gate_up = "interleaved" if layout.endswith("interleaved") else "concat"
     x_rows, h_rows, gu_rows = (num_tokens, hidden), (num_rows, intermediate), (num_rows, 2 * intermediate)
     plans = [
-        gemm_triton.plan_gemm(a_shape=x_rows, b_shape=w2_shape, top_k=top_k, tile=tile, activation=None,
+        gemm_triton.plan_gemm(a_shape=x_rows, b_shape=w2_shape, top_k=top_k, tile=g_tile, activation=None,
                               mul_routed_weight=False, transpose_b=not in_out, out_dtype=jnp.float32,
                               split_tail=False, arch=arch, **common),
         gemm_triton.plan_act_backward(a_shape=x_rows, b_shape=w1_shape, top_k=top_k, tile=fused_tile,
                                       activation=activation, arch=arch, transpose_b=in_out, gate_up=gate_up,
                                       bias=biases, **common),
-        gemm_triton.plan_gemm(a_shape=gu_rows, b_shape=w1_shape, top_k=1, tile=tile, activation=None,
+        gemm_triton.plan_gemm(a_shape=gu_rows, b_shape=w1_shape, top_k=1, tile=dx_tile, activation=None,
                               mul_routed_weight=False, transpose_b=not in_out, out_dtype=jnp.float32,
                               split_tail=False, arch=arch, **common),
     ]
