@@ -275,10 +275,9 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
 BACKWARD_TILE = GemmTile(block_n=64, block_k=64, group_size_m=8, num_warps=4, num_stages=3)
 BACKWARD_TILE_LARGE = {64: GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=4, num_stages=3),
                        128: GemmTile(block_n=128, block_k=64, group_size_m=8, num_warps=8, num_stages=3)}
-# The data-gradient GEMMs (dy @ w2, d gate_up @ w1) at 128-row blocks with at least 2048
-# output columns: the forward stage 2's 256-wide tile (H200, bf16, M = 4096: 4-23 % faster
-# than 128 wide at Mixtral-8x7B, DeepSeek-V3 and Qwen3-30B-A3B's d gate_up @ w1; slower
-# at Qwen3's 768 columns).
+# The data-gradient GEMMs (dy @ w2, d gate_up @ w1) at 128-row blocks with at least 512
+# output columns: the forward stage 2's 256-wide tile (H200, bf16, M = 4096: 9-16 % faster
+# than 128 x 64 x 3 stages on both GEMMs of Mixtral-8x7B, DeepSeek-V3 and Qwen3-30B-A3B).
 BACKWARD_TILE_WIDE = GemmTile(block_n=256, block_k=64, group_size_m=8, num_warps=8, num_stages=4)
 
 
@@ -288,18 +287,20 @@ def backward_tile(block_m: int, dtype: Any, arch: str, fused: bool, n_out: int |
     tile = BACKWARD_TILE
     if not arch.startswith("gfx") and block_m >= 64:
         tile = BACKWARD_TILE_LARGE[min(block_m, 128)]
-        if not fused and block_m >= 128 and n_out is not None and n_out >= 2048:
+        if not fused and block_m >= 128 and n_out is not None and n_out >= 512:
             tile = BACKWARD_TILE_WIDE
     return _fit(tile, block_m, dtype, arch, fused)
 
 
 # The grouped weight gradient's tile, (BLOCK_N, BLOCK_K, num_warps, num_stages, BLOCK_R):
-# one program per output tile of one expert, walking its rows BLOCK_R at a time. With many
-# rows per expert (BLOCK_M >= 64) on NVIDIA a 128 x 128 tile over 64 rows a step reads each
-# row once per 128 columns instead of 64 (twice the FLOPs per byte); elsewhere 64 x 64 over
-# 32 rows (32 KiB of shared memory: fits every target). Not yet tuned on a GPU.
+# output tiles of one expert, walking its rows BLOCK_R at a time. With many rows per expert
+# (BLOCK_M >= 64) on NVIDIA a 128 x 128 tile over 64 rows a step, 4 warps, 4 stages (H200,
+# bf16, M = 4096, with the K groups of weight_grad_k_group: within 1 % of 8 warps or faster
+# on d w1 of Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V3, and 16-30 % faster on d w2;
+# 256-wide tiles, 128-row steps and 64-wide tiles were slower); elsewhere 64 x 64 over 32
+# rows (32 KiB of shared memory: fits every target).
 WEIGHT_GRAD_TILE = (64, 64, 4, 2, 32)
-WEIGHT_GRAD_TILE_LARGE = (128, 128, 8, 3, 64)
+WEIGHT_GRAD_TILE_LARGE = (128, 128, 4, 4, 64)
 
 
 def weight_grad_tile(block_m: int, dtype: Any, arch: str | None) -> tuple[int, int, int, int, int]:
@@ -315,7 +316,9 @@ def weight_grad_tile(block_m: int, dtype: Any, arch: str | None) -> tuple[int, i
 # Row steps (of BLOCK_R) a weight-gradient program runs, at least, where the output allows:
 # with few rows per expert (DeepSeek-V3: 256 experts, ~128 rows each at M = 4096) a program
 # per output tile is two steps of loads it mostly waits on; a program that runs several
-# tiles along K in one loop overlaps each tile's loads with the last one's MMAs.
+# tiles along K in one loop overlaps each tile's loads with the last one's MMAs (H200,
+# bf16, M = 4096: DeepSeek-V3's d w1 and d w2 7-15 % faster than one tile per program,
+# Qwen3-30B-A3B's 1-2 %, Mixtral-8x7B's within 2 %).
 WEIGHT_GRAD_STEPS = 64
 
 

@@ -355,6 +355,7 @@ def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidde
     w1_shape, w2_shape = checks.layout_shapes(layout, num_experts, hidden, intermediate)
     gate_up = "interleaved" if layout.endswith("interleaved") else "concat"
     x_rows, h_rows, gu_rows = (num_tokens, hidden), (num_rows, intermediate), (num_rows, 2 * intermediate)
+    wdy_rows = (num_rows, hidden)  # w[f] * dy[t], made in jnp for d w2 and d b2
     plans = [
         gemm_triton.plan_gemm(a_shape=x_rows, b_shape=w2_shape, top_k=top_k, tile=g_tile, activation=None,
                               mul_routed_weight=False, transpose_b=not in_out, out_dtype=jnp.float32,
@@ -367,21 +368,21 @@ def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidde
                               split_tail=False, arch=arch, **common),
     ]
     if in_out:
-        plans += [gemm_triton.plan_weight_grad(g_shape=h_rows, a_shape=x_rows, top_k_g=1, top_k_a=top_k,
-                                               mul_routed_weight=True, **grad),
+        plans += [gemm_triton.plan_weight_grad(g_shape=h_rows, a_shape=wdy_rows, top_k_g=1, top_k_a=1,
+                                               mul_routed_weight=False, **grad),
                   gemm_triton.plan_weight_grad(g_shape=x_rows, a_shape=gu_rows, top_k_g=top_k, top_k_a=1,
                                                mul_routed_weight=False, **grad)]
     else:
-        plans += [gemm_triton.plan_weight_grad(g_shape=x_rows, a_shape=h_rows, top_k_g=top_k, top_k_a=1,
-                                               mul_routed_weight=True, **grad),
+        plans += [gemm_triton.plan_weight_grad(g_shape=wdy_rows, a_shape=h_rows, top_k_g=1, top_k_a=1,
+                                               mul_routed_weight=False, **grad),
                   gemm_triton.plan_weight_grad(g_shape=gu_rows, a_shape=x_rows, top_k_g=1, top_k_a=top_k,
                                                mul_routed_weight=False, **grad)]
-    if biases:  # d b1 and d b2: a column of ones against d gate_up and dy
+    if biases:  # d b1 and d b2: a column of ones against d gate_up and w * dy
         ones = (num_rows, 1)
         plans += [gemm_triton.plan_weight_grad(g_shape=ones, a_shape=gu_rows, top_k_g=1, top_k_a=1,
                                                mul_routed_weight=False, **grad),
-                  gemm_triton.plan_weight_grad(g_shape=ones, a_shape=x_rows, top_k_g=1, top_k_a=top_k,
-                                               mul_routed_weight=True, **grad)]
+                  gemm_triton.plan_weight_grad(g_shape=ones, a_shape=wdy_rows, top_k_g=1, top_k_a=1,
+                                               mul_routed_weight=False, **grad)]
     return plans
 
 
