@@ -17,7 +17,10 @@ A jitted call runs the launch on ``SETS`` different activation sets (the weights
 larger than the L2), warm; the time per launch is the median over ``reps`` calls divided
 by ``SETS``. TFLOP/s counts the launch's useful FLOPs (``2 * rows * N * K``, padding
 excluded). Writes ``PREFIX.json``, one record per timed tile. ``--lock``: see
-:func:`jaxmoe.tools.bench.card_lock`.
+:func:`jaxmoe.tools.bench.card_lock`. Run it with JAX's default allocator: under
+``XLA_PYTHON_CLIENT_ALLOCATOR=platform`` every call allocates its outputs afresh, and for
+the weight gradients (outputs the size of the weights) that, not the kernel, is what the
+time measures.
 """
 
 from __future__ import annotations

@@ -177,3 +177,33 @@ def test_mma_operand_choices():
     assert not _config.scaled_dot("mxfp4", "bfloat16", "gfx942")
     assert not _config.scaled_dot("mxfp4", "float16", "sm90") and not _config.scaled_dot("mxfp4", "float32", "sm90")
     assert not _config.scaled_dot("int4", "bfloat16", "sm90")
+
+
+def test_backward_tiles():
+    """The data-gradient GEMMs take the 256-wide tile at 128-row blocks and >= 512 output
+    columns on NVIDIA; the stage-1 backward (two B tiles), narrower outputs, smaller
+    blocks and AMD keep theirs; every tile fits the arch's shared memory."""
+    bf16 = "bfloat16"
+    wide = _config.backward_tile(128, bf16, "sm90", fused=False, n_out=768)
+    assert (wide.block_n, wide.num_stages) == (256, 4)
+    assert _config.backward_tile(128, bf16, "sm90", fused=False, n_out=256).block_n == 128
+    assert _config.backward_tile(128, bf16, "sm90", fused=False).block_n == 128  # columns unknown
+    assert _config.backward_tile(128, bf16, "sm90", fused=True, n_out=4096).block_n == 128
+    assert _config.backward_tile(64, bf16, "sm90", fused=False, n_out=4096).block_n == 128
+    for arch in _config.ARCHS:
+        for fused in (False, True):
+            t = _config.backward_tile(128, bf16, arch, fused=fused, n_out=14336)
+            assert t.shared_bytes(128, 2, fused) <= _config.SHARED_MEMORY_LIMIT[arch]
+            if arch.startswith("gfx"):
+                assert t.block_n <= 64
+
+
+@pytest.mark.parametrize("rows, block_r, k_blocks, want", [
+    (128, 64, 56, 32),   # DeepSeek-V3 at M = 4096: 2 steps an expert, 32 tiles a program
+    (1024, 64, 32, 4),   # Mixtral-8x7B: 16 steps, 4 tiles
+    (4096, 64, 32, 1),   # 64 steps: one tile is enough
+    (256, 64, 6, 6),     # capped at the tiles there are
+    (0, 64, 8, 8),       # no rows: one (empty) step a tile
+])
+def test_weight_grad_k_group(rows, block_r, k_blocks, want):
+    assert _config.weight_grad_k_group(rows, block_r, k_blocks) == want

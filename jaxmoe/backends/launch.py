@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxmoe.backends import platform as _platform
 
-__all__ = ["KernelLaunch", "launch", "poisoned_outputs", "poison_on"]
+__all__ = ["KernelLaunch", "launch", "next_pow2", "poisoned_outputs", "poison_on"]
 
 _TRITON_PTR_TYPES = {
     "bfloat16": "*bf16",
@@ -127,6 +127,11 @@ class KernelLaunch:
 # --------------------------------------------------------------------------- poison
 
 _POISON = threading.local()
+
+
+def next_pow2(n: int) -> int:
+    """The least power of two >= ``n`` (1 for ``n <= 1``): a ``tl.arange`` extent."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.backends.launch import KernelLaunch, launch
+from jaxmoe.backends.launch import KernelLaunch, launch, next_pow2
 from jaxmoe.ops.alignment.reference import max_blocks
 
 __all__ = ["ALIGN_CHUNK", "SINGLE_CHUNKS", "plan_align", "moe_align_block_size"]
@@ -30,10 +30,6 @@ def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def _kernels() -> Any:
     from jaxmoe.ops.alignment import kernels
 
@@ -42,7 +38,7 @@ def _kernels() -> Any:
 
 def bins(num_experts: int) -> int:
     """``NB``: a power of two with room for every expert and the overflow bin."""
-    return _next_pow2(num_experts + 1)
+    return next_pow2(num_experts + 1)
 
 
 def single_chunk(num_rows: int) -> int:

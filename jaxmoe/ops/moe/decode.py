@@ -49,7 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.backends.launch import KernelLaunch, launch
+from jaxmoe.backends.launch import KernelLaunch, launch, next_pow2
 from jaxmoe.ops import checks
 from jaxmoe.ops.gemm.config import log_configs
 from jaxmoe.ops.routing import triton as routing_triton
@@ -73,10 +73,6 @@ ENV = "JAXMOE_DECODE"
 # Programs of stage 2 at M = 1: enough to keep every SM of an H100/H200 (132) streaming.
 _TARGET_PROGRAMS = 256
 _TILE_ELEMENTS = 4096  # per weight tile of stage 1 (gate and up each); 8192 in stage 2
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _kernels() -> Any:
@@ -192,8 +188,8 @@ def _stage1_tiles(d: int, i: int) -> tuple[int, int]:
     # 16 columns of gate and of up per program: at M = 1 that is k * I / 16 programs
     # (Qwen3-30B-A3B: 384), each streaming two [16, 256] tiles per step. Independent of M,
     # so one compiled kernel serves every batch size.
-    block_n = min(16, max(2, _next_pow2(i)))
-    block_k = min(256, max(16, _next_pow2(d)), max(16, _TILE_ELEMENTS // block_n))
+    block_n = min(16, max(2, next_pow2(i)))
+    block_k = min(256, max(16, next_pow2(d)), max(16, _TILE_ELEMENTS // block_n))
     return block_n, block_k
 
 
@@ -202,8 +198,8 @@ def _stage2_tiles(d: int, i: int, k_pow2: int) -> tuple[int, int]:
     block_d = 16
     while block_d > 4 and -(-d // block_d) < _TARGET_PROGRAMS:
         block_d //= 2
-    block_d = min(block_d, max(2, _next_pow2(d)))
-    block_k = min(512, max(16, _next_pow2(i)), max(16, 2 * _TILE_ELEMENTS // (k_pow2 * block_d)))
+    block_d = min(block_d, max(2, next_pow2(d)))
+    block_k = min(512, max(16, next_pow2(i)), max(16, 2 * _TILE_ELEMENTS // (k_pow2 * block_d)))
     return block_d, block_k
 
 
@@ -249,7 +245,7 @@ def plan_decode(num_tokens: int, top_k: int, num_experts: int, hidden: int, inte
     else:
         stage1 = KernelLaunch(kern.moe_decode_gate_up_kernel, grid=grid1, args=(x, w1, ids), outs=(h,),
                               constexprs=common, num_warps=4, num_stages=1)
-    k_pow2 = _next_pow2(k)
+    k_pow2 = next_pow2(k)
     block_d, block_k2 = _stage2_tiles(d, i, k_pow2)
     stage2 = KernelLaunch(
         kern.moe_decode_down_kernel, grid=(m, -(-d // block_d)),

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.backends.launch import KernelLaunch, launch
+from jaxmoe.backends.launch import KernelLaunch, launch, next_pow2
 from jaxmoe.backends.platform import arch_for, default_platform
 from jaxmoe.ops import checks
 from jaxmoe.ops.alignment import triton as align_triton
@@ -150,7 +150,7 @@ def plan_route_align(m: int, num_experts: int, top_k: int, logits_dtype: Any, bl
     constexprs = {**cx, "BLOCK_M": block_m, "HAS_BIAS": bias_dtype is not None,
                   **{key: acx[key] for key in ("NB", "LOG2_NB", "BLOCK_SIZE", "CHUNK", "FILL")},
                   "HAS_LOGIT_BIAS": logit_bias_dtype is not None, "SHARED": shared,
-                  "S_POW2": routing_triton._next_pow2(shared)}
+                  "S_POW2": next_pow2(shared)}
     placeholder = jax.ShapeDtypeStruct((1,), jnp.float32)
     bias = route.args[1] if bias_dtype is not None else placeholder
     logit_bias = (placeholder if logit_bias_dtype is None

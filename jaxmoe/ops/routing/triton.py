@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.backends.launch import KernelLaunch, launch
+from jaxmoe.backends.launch import KernelLaunch, launch, next_pow2
 from jaxmoe.ops import checks
 
 __all__ = [
@@ -46,10 +46,6 @@ _SCORINGS = {"softmax": 0, "sigmoid": 1}
 _TARGET_PROGRAMS = 256
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _kernels() -> Any:
     from jaxmoe.ops.routing import kernels as routing
 
@@ -66,7 +62,7 @@ class RoutePlan:
 
 
 def _route_blocks(m: int, e: int) -> RoutePlan:
-    e_pow2 = max(2, _next_pow2(e))
+    e_pow2 = max(2, next_pow2(e))
     # Keep a block's [BLOCK_M, E_POW2] tile near 1K fp32 values (16 per thread at 2 warps),
     # then shrink BLOCK_M while that still leaves enough programs to fill the GPU. Measured
     # on an H100 at M=4096, E=256: 4 rows x 2 warps beat 8 x 4 and 2..32 rows x 1..8 warps.
@@ -120,7 +116,7 @@ def plan_route(
     # Without groups the rule is moot: one compiled kernel serves both.
     group_top2 = groups > 1 and group_scoring == "top2_sum"
     plan = _route_blocks(m, e)
-    k_pow2 = max(2, _next_pow2(k))
+    k_pow2 = max(2, next_pow2(k))
     kern = _kernels()
     logits = jax.ShapeDtypeStruct((m, e), jnp.dtype(logits_dtype))
     args: tuple[jax.ShapeDtypeStruct, ...] = (logits,)
@@ -144,7 +140,7 @@ def plan_route(
             ("RENORMALIZE", bool(renormalize)),
             ("NUM_GROUPS", groups),
             ("TOPK_GROUP", topk_groups),
-            ("G_POW2", max(2, _next_pow2(groups))),
+            ("G_POW2", max(2, next_pow2(groups))),
             ("SCALE", float(routed_scaling_factor)),
             ("GROUP_TOP2", group_top2),
         ),
@@ -291,7 +287,7 @@ def plan_sigmoid_top1(
         raise ValueError(f"the fused sigmoid top-1 router takes 1..{MAX_TOP1_EXPERTS} experts, got {e}")
     x_dtype = jnp.dtype(x_dtype)
     w_dtype = x_dtype if w_dtype is None else jnp.dtype(w_dtype)
-    e_pow2 = max(16, _next_pow2(e))
+    e_pow2 = max(16, next_pow2(e))
     block_m, block_k, num_warps = _top1_blocks(m, e_pow2)
     cols = 2 if shared_expert else 1
     return KernelLaunch(
