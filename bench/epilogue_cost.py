@@ -36,9 +36,11 @@ variant's kernels and their device time (one layer, from the profiler). Writes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,33 +65,50 @@ def _interleave(w1: jax.Array) -> jax.Array:
     return jnp.swapaxes(jnp.stack([w1[:, :i], w1[:, i:]], axis=2).reshape(e, two_i, d), 1, 2)
 
 
-def variants(name: str, params: dict, routing: dict, key: jax.Array) -> dict:
-    """name -> (params, moe_layer kwargs) of each variant (the weights shared where they can be)."""
+def variants(name: str, params: dict, routing: dict, key: jax.Array, chosen: Sequence[str] | None = None) -> dict:
+    """name -> (params, moe_layer kwargs) of each variant in ``chosen`` (None: all), the
+    weights shared where they can be; only the chosen variants' weights are made."""
     preset = PRESETS[name]
     e, d, i = preset.experts, preset.hidden, preset.intermediate
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    biases = {"b1": 0.1 * jax.random.normal(k1, (e, 2 * i), jnp.float32).astype(jnp.bfloat16),
-              "b2": 0.1 * jax.random.normal(k2, (e, d), jnp.float32).astype(jnp.bfloat16),
-              "router_bias": 0.1 * jax.random.normal(k3, (e,), jnp.float32).astype(jnp.bfloat16)}
-    out = {"plain": (params, routing),
-           "biases": ({**params, **biases}, routing),
-           "clamped_swiglu": (params, {**routing, "activation": ClampedSwiGLU()})}
-    inter = {**params, "w1": _interleave(params["w1"]), "w2": jnp.swapaxes(params["w2"], 1, 2)}
-    out["layout"] = (inter, {**routing, "layout": "in_out_interleaved"})
+
+    @functools.cache
+    def biases() -> dict:
+        return {"b1": 0.1 * jax.random.normal(k1, (e, 2 * i), jnp.float32).astype(jnp.bfloat16),
+                "b2": 0.1 * jax.random.normal(k2, (e, d), jnp.float32).astype(jnp.bfloat16),
+                "router_bias": 0.1 * jax.random.normal(k3, (e,), jnp.float32).astype(jnp.bfloat16)}
+
+    @functools.cache
+    def inter() -> dict:
+        return {**params, "w1": _interleave(params["w1"]), "w2": jnp.swapaxes(params["w2"], 1, 2)}
+
+    @functools.cache
+    def dense() -> dict:
+        shared = init_moe_params(k4, hidden=d, intermediate=i, experts=1, dtype=params["w1"].dtype)
+        return {**params, "shared": {"w1": shared["w1"], "w2": shared["w2"]}}
+
     gpt = {key_: v for key_, v in routing.items() if key_ not in ("scoring", "renormalize")}
     if routing.get("num_expert_group") is None and routing.get("correction_bias") is None:
         gpt["scoring"] = "topk_softmax"
-    # as the loader returns it (experts converted to out_in), and as the checkpoint stores it
-    out["gpt_oss"] = ({**params, **biases}, {**gpt, "activation": ClampedSwiGLU()})
-    out["gpt_oss_stored"] = ({**inter, **biases}, {**gpt, "activation": ClampedSwiGLU(),
-                                                   "layout": "in_out_interleaved"})
-    shared = init_moe_params(k4, hidden=d, intermediate=i, experts=1, dtype=params["w1"].dtype)
-    dense = {**params, "shared": {"w1": shared["w1"], "w2": shared["w2"]}}
-    out["shared_dense"] = (dense, routing)
-    stacked, count = stack_shared_experts(dense)
-    out["shared"] = (stacked, {**routing, "shared_experts": count})
-    out["routed_plus_one"] = (params, {**routing, "top_k": routing["top_k"] + 1})
-    return out
+
+    def stacked() -> tuple:
+        stacked_params, count = stack_shared_experts(dense())
+        return stacked_params, {**routing, "shared_experts": count}
+
+    builders = {
+        "plain": lambda: (params, routing),
+        "biases": lambda: ({**params, **biases()}, routing),
+        "clamped_swiglu": lambda: (params, {**routing, "activation": ClampedSwiGLU()}),
+        "layout": lambda: (inter(), {**routing, "layout": "in_out_interleaved"}),
+        # as the loader returns it (experts converted to out_in), and as the checkpoint stores it
+        "gpt_oss": lambda: ({**params, **biases()}, {**gpt, "activation": ClampedSwiGLU()}),
+        "gpt_oss_stored": lambda: ({**inter(), **biases()}, {**gpt, "activation": ClampedSwiGLU(),
+                                                             "layout": "in_out_interleaved"}),
+        "shared_dense": lambda: (dense(), routing),
+        "shared": stacked,
+        "routed_plus_one": lambda: (params, {**routing, "top_k": routing["top_k"] + 1}),
+    }
+    return {v: build() for v, build in builders.items() if chosen is None or v in chosen}
 
 
 def shared_floor_ms(name: str, m: int) -> float:
@@ -123,7 +142,7 @@ def main(argv=None) -> int:
         params = init_moe_params(jax.random.key(0), hidden=preset.hidden, intermediate=preset.intermediate,
                                  experts=preset.experts, dtype=jnp.bfloat16)
         routing = preset.routing_kwargs(jax.random.key(1))
-        table = {v: c for v, c in variants(name, params, routing, jax.random.key(2)).items() if v in chosen}
+        table = variants(name, params, routing, jax.random.key(2), chosen)
         for m in ms:
             xs = jax.random.normal(jax.random.key(m), (SETS, m, preset.hidden), jnp.float32).astype(jnp.bfloat16)
             times: dict[str, list[float]] = {v: [] for v in table}
