@@ -35,7 +35,8 @@ def _rows_class(top_k: int) -> str:
 
 def _key(spec: KernelLaunch):
     const = dict(spec.constexprs)
-    shape_free = tuple((k, v) for k, v in spec.constexprs if k not in _SHAPE_ONLY)
+    # the weight gradient's K_GROUP bounds loops and scales a tile index: one tile or more
+    shape_free = tuple((k, v if k != "K_GROUP" else v == 1) for k, v in spec.constexprs if k not in _SHAPE_ONLY)
     tiling = None
     if "BLOCK_K" in const:
         tiling = (const["K"] % const["BLOCK_K"] == 0, const["N_OUT"] % const["BLOCK_N"] == 0,

@@ -207,3 +207,9 @@ def test_backward_tiles():
 ])
 def test_weight_grad_k_group(rows, block_r, k_blocks, want):
     assert _config.weight_grad_k_group(rows, block_r, k_blocks) == want
+
+
+def test_weight_grad_k_groups_are_few_over_batch_sizes():
+    """Rounded up to powers of two: one kernel per doubling of rows per expert, not per M."""
+    groups = {_config.weight_grad_k_group(m * 8 / 256, 64, 56) for m in range(1, 16385, 7)}
+    assert groups <= {1, 2, 4, 8, 16, 32, 56} and len(groups) <= 7

@@ -6,7 +6,8 @@ larger than the L2 cache, bytes read + written) and square matmuls in bf16 and, 
 device multiplies fp8 (``float8_e4m3fn``), in fp8, each inside a ``lax.fori_loop`` so that
 the loop's iterations are separate kernels. Two loop lengths are timed in alternation
 (``block_until_ready``, warm) and the rate is the work of the extra iterations over the
-median paired difference: the fixed cost of a call cancels. Where a measurement fails or
+difference of their fastest calls: the fixed cost of a call cancels, and time other work
+adds does not count. Where a measurement fails or
 gives no positive rate, the table of known devices (:data:`KNOWN_DEVICES`, values measured
 on those cards) is used, else :data:`FALLBACK`.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
 import time
 from collections.abc import Callable
 
@@ -52,20 +52,21 @@ FALLBACK = Ceilings(3.0e12, 790e12, None, "fallback (H100 figures; not this devi
 
 
 def _marginal_seconds(run: Callable[[int], Callable[[], object]], short: int, long: int, reps: int) -> float:
-    """Median over ``reps`` paired calls of (time of ``long`` iterations - ``short``) / (long - short)."""
+    """(fastest of ``reps`` calls of ``long`` iterations - fastest of ``short``) / (long - short),
+    the calls alternated. The fastest calls, not the median: a ceiling is the best rate,
+    and other work on the device or the host (a compile beside it, a loaded CPU) only ever
+    adds time, which a median of differences can turn into a rate far too low or none."""
     f_short, f_long = run(short), run(long)
     for f in (f_short, f_long):
         jax.block_until_ready(f())
         jax.block_until_ready(f())
-    diffs = []
+    best = [float("inf"), float("inf")]
     for _ in range(reps):
-        t = []
-        for f in (f_short, f_long):
+        for j, f in enumerate((f_short, f_long)):
             t0 = time.perf_counter()
             jax.block_until_ready(f())
-            t.append(time.perf_counter() - t0)
-        diffs.append(t[1] - t[0])
-    return statistics.median(diffs) / (long - short)
+            best[j] = min(best[j], time.perf_counter() - t0)
+    return (best[1] - best[0]) / (long - short)
 
 
 def _loop(step: Callable, x: jax.Array, *consts: jax.Array) -> Callable[[int], Callable[[], object]]:

@@ -324,9 +324,12 @@ WEIGHT_GRAD_STEPS = 64
 
 def weight_grad_k_group(rows_per_expert: float, block_r: int, num_k_blocks: int) -> int:
     """Output tiles along K per weight-gradient program: enough that a program runs
-    :data:`WEIGHT_GRAD_STEPS` row steps for an expert of ``rows_per_expert`` rows."""
+    :data:`WEIGHT_GRAD_STEPS` row steps for an expert of ``rows_per_expert`` rows, rounded
+    up to a power of two (a constexpr: few distinct kernels over batch sizes), at most the
+    tiles there are."""
     steps = max(1, -(-int(np.ceil(rows_per_expert)) // block_r))
-    return max(1, min(num_k_blocks, -(-WEIGHT_GRAD_STEPS // steps)))
+    want = -(-WEIGHT_GRAD_STEPS // steps)
+    return max(1, min(num_k_blocks, 1 << (want - 1).bit_length()))
 
 
 def _fit(tile: GemmTile, block_m: int, dtype: Any, arch: str, fused: bool, b_itemsize: int | None = None,
