@@ -26,10 +26,7 @@ time measures.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -44,7 +41,7 @@ from jaxmoe.ops.gemm import config as _config  # noqa: E402
 from jaxmoe.ops.gemm import triton as gemm_triton  # noqa: E402
 from jaxmoe.ops.gemm.config import GemmTile  # noqa: E402
 from jaxmoe.ops.moe import triton as moe_triton  # noqa: E402
-from jaxmoe.tools.bench import card_lock  # noqa: E402
+from jaxmoe.tools.bench import card_lock, median_call_seconds, sweep_record  # noqa: E402
 
 SETS = 4
 ROLES = ("dgrad2", "act", "dgrad1", "wgrad2", "wgrad1")
@@ -60,15 +57,8 @@ K_GROUPS = (1, None)
 
 
 def per_launch_s(fn, args, reps: int) -> float:
-    jitted = jax.jit(lambda *a: [o.reshape(-1)[:8] for o in fn(*a)])  # one launch's output live at a time
-    jax.block_until_ready(jitted(*args))
-    jax.block_until_ready(jitted(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(jitted(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / SETS
+    # a few elements of each output: one launch's output live at a time
+    return median_call_seconds(lambda *a: [o.reshape(-1)[:8] for o in fn(*a)], *args, reps=reps) / SETS
 
 
 def main() -> int:
@@ -163,20 +153,15 @@ def main() -> int:
                     rec = {"model": name, "m": m, "block_m": cfg.block_m, "role": role, "label": label,
                            "tile": list(t) if isinstance(t, tuple) else [t.block_n, t.block_k, t.group_size_m,
                                                                           t.num_warps, t.num_stages]}
-                    try:
+                    def measure(rec, fn=fn, fargs=fargs, role=role, label=label):
                         jax.jit(lambda *a: [o.reshape(-1)[:8] for o in fn(*a)]).lower(*fargs).compile()  # run nothing
                         with card_lock(args.lock):
                             s = per_launch_s(fn, fargs, args.reps)
                         rec.update(ms=s * 1e3, tflops=flops[role] / s / 1e12)
-                        print(f"{name} M={m} {role:7s} {label:4s} {rec['tile']} {s * 1e3:8.3f} ms "
-                              f"{flops[role] / s / 1e12:6.1f} TF/s", flush=True)
-                    except Exception as exc:  # noqa: BLE001  (a tile the compiler or the card refuses)
-                        rec.update(error=f"{type(exc).__name__}: {str(exc)[:200]}")
-                        print(f"{name} M={m} {role} {rec['tile']}: failed {type(exc).__name__}: {str(exc)[:120]}",
-                              flush=True)
-                    records.append(rec)
-                    with open(f"{args.out}.json", "w") as f:
-                        json.dump(records, f, indent=1)
+                        return (f"{name} M={m} {role:7s} {label:4s} {rec['tile']} {s * 1e3:8.3f} ms "
+                                f"{flops[role] / s / 1e12:6.1f} TF/s")
+
+                    sweep_record(records, rec, args.out, measure, f"{name} M={m} {role} {rec['tile']}")
     return 0
 
 

@@ -11,9 +11,7 @@ the sum of parts is launch and glue overhead.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,20 +25,13 @@ from jaxmoe.ops.gemm import triton as gemm_triton  # noqa: E402
 from jaxmoe.ops.moe import triton as moe_triton  # noqa: E402
 from jaxmoe.layer import init_moe_params  # noqa: E402
 from jaxmoe.models import PRESETS  # noqa: E402
+from jaxmoe.tools.bench import median_call_seconds  # noqa: E402
 
 CALLS = 8
 
 
 def per_call_us(fn, *args, reps: int = 20) -> float:
-    jitted = jax.jit(fn)
-    jax.block_until_ready(jitted(*args))
-    jax.block_until_ready(jitted(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(jitted(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / CALLS * 1e6
+    return median_call_seconds(fn, *args, reps=reps) / CALLS * 1e6
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 import jax
@@ -33,7 +32,8 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile, MoEConfig
 from jaxmoe.ops.moe import triton as moe_triton
 from jaxmoe.quantize import quantize_weights
-from jaxmoe.tools.bench import SETS, SHORT, card_lock, experts_hit_per_layer, quant_roofline, time_layer_detail
+from jaxmoe.tools.bench import (SETS, SHORT, card_lock, experts_hit_per_layer, quant_roofline, sweep_record,
+                                time_layer_detail)
 from jaxmoe.tools.ceilings import Ceilings
 
 # (block_n, block_k, num_warps, num_stages): B tiles of 4-32 KB a stage, the bf16 decode
@@ -113,17 +113,12 @@ def main() -> int:
                         return moe_triton.fused_moe(x, prm["w1"], prm["w2"], weights, ids, config=c)
                     rec = {"model": name, "quant": quant, "m": m, "varied": label,
                            "config": c.to_json(), "floor_ms": floor * 1e3}
-                    try:
+                    def measure(rec, layer=layer, label=label, c=c):
                         t = time_layer_detail(layer, params, xs, args.reps, lock=card_lock(args.lock))[0]
                         rec.update(ms=t * 1e3, efficiency=floor / t)
-                        print(f"{name} {quant} M={m} {label:9s} {t * 1e3:8.4f} ms  eff {floor / t:5.2f}  {c}",
-                              flush=True)
-                    except Exception as exc:  # noqa: BLE001  (a config the compiler or the card refuses)
-                        rec.update(error=f"{type(exc).__name__}: {str(exc)[:200]}")
-                        print(f"{name} {quant} M={m} {label} {c}: failed {type(exc).__name__}", flush=True)
-                    records.append(rec)
-                    with open(f"{args.out}.json", "w") as f:
-                        json.dump(records, f, indent=1)
+                        return f"{name} {quant} M={m} {label:9s} {t * 1e3:8.4f} ms  eff {floor / t:5.2f}  {c}"
+
+                    sweep_record(records, rec, args.out, measure, f"{name} {quant} M={m} {label} {c}")
     return 0
 
 

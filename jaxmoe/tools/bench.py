@@ -284,6 +284,36 @@ def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int,
     return per_layer, max(statistics.median(t_short) - SHORT * per_layer, 0.0)
 
 
+def median_call_seconds(fn: Callable, *args: Any, reps: int = 20) -> float:
+    """Median wall seconds of ``jax.jit(fn)(*args)`` over ``reps`` calls (warm,
+    ``block_until_ready``): for sweeps that time one launch or one stage alone."""
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*args))
+    jax.block_until_ready(jitted(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(jitted(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def sweep_record(records: list[dict], rec: dict, prefix: str, measure: Callable[[dict], str], label: str) -> None:
+    """One point of a sweep: ``measure(rec)`` fills in ``rec``'s numbers and returns the
+    line to print; a candidate the compiler or the card refuses is printed as failed under
+    ``label``, with the error in ``rec``. ``rec`` is appended to ``records`` and
+    ``PREFIX.json`` rewritten, so a sweep cut short keeps what it measured."""
+    try:
+        line = measure(rec)
+    except Exception as exc:  # noqa: BLE001  (a candidate the compiler or the card refuses)
+        rec["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        line = f"{label}: failed {type(exc).__name__}: {str(exc)[:120]}"
+    print(line, flush=True)
+    records.append(rec)
+    with open(f"{prefix}.json", "w") as f:
+        json.dump(records, f, indent=1)
+
+
 @contextlib.contextmanager
 def card_lock(path: str | None):
     """An exclusive ``flock`` on ``path`` while the block runs (nothing for None): processes
