@@ -367,8 +367,8 @@ def plan_weight_grad(*, g_shape: tuple[int, int], a_shape: tuple[int, int], num_
                      tile: tuple[int, int, int, int, int] | None = None, k_group: int | None = None
                      ) -> KernelLaunch:
     """The grouped weight gradient, ``moe_weight_grad_kernel``: ``C [E, N, K]`` in
-    ``out_dtype`` from ``G [g_rows, N]`` and ``A [a_rows, K]`` (both ``dtype``), one program
-    per output tile, the tile from :func:`~jaxmoe.ops.gemm.config.weight_grad_tile`
+    ``out_dtype`` from ``G [g_rows, N]`` and ``A [a_rows, K]`` (both ``dtype``), programs of
+    output tiles, the tile from :func:`~jaxmoe.ops.gemm.config.weight_grad_tile`
     (``arch`` None: the small tile, which fits every target) unless ``tile``
     ``(BLOCK_N, BLOCK_K, num_warps, num_stages, BLOCK_R)`` is given; each program runs
     ``k_group`` output tiles along K (None: :func:`~jaxmoe.ops.gemm.config.weight_grad_k_group`

@@ -9,7 +9,7 @@ sorted by expert::
     out[t] = sum_j y[t*k + j]                                               [M, D]
 
 Backward, for ``dout [M, D]``, every GEMM a Triton launch over the forward's row layout, with
-one tile per BLOCK_M, dtype and arch (:func:`~jaxmoe.ops.gemm.config.backward_tile`):
+a tile by BLOCK_M, dtype, arch and output width (:func:`~jaxmoe.ops.gemm.config.backward_tile`):
 
 1. ``g[f] = dout[t] @ w2[e]`` (``moe_gemm_kernel``, ``w2`` read transposed through its
    strides, fp32 out), unweighted; then in jnp ``d w[f] = <g[f], h[f]>`` (equal to
