@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of this tree, one after another (never two on the card at once), each
 # under its own time limit; outputs (logs, JSON, CSV) go to $OUT (default ./gpu-out).
-#   scripts/gpu_bench.sh [STEP ...]   steps: decode train quant epilogue ab forward (default: all)
+#   scripts/gpu_bench.sh [STEP ...]   steps: decode train quant epilogue ab forward tune
+#   (default: decode train quant epilogue ab)
 # OLD_TREE: a source tree to A/B against (step ab; skipped when unset; AB_ROUNDS, AB_REPS: its
 # rounds and reps, default 2 and 10; 4 rounds resolve about 1 % where a cell is steady).
-# Time limits in seconds: DECODE_S, TRAIN_S, TRAIN_PEER_S, QUANT_S (each scheme of QUANTS), EPILOGUE_S, AB_S, FORWARD_S.
+# Time limits in seconds: DECODE_S, TRAIN_S, TRAIN_PEER_S, QUANT_S (each scheme of QUANTS), EPILOGUE_S, AB_S, FORWARD_S,
+# TUNE_S. Step tune: one `python -m jaxmoe tune` per model of TUNE_MODELS side by side, timing one at a
+# time under a lock, over the M values of TUNE_MS in that order, into $out/configs/<arch>-<device>.json
+# (winners are written as they come, so a run cut by TUNE_S keeps them); logs in $out/tune-logs.tar.gz.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"; mkdir -p "$out"
@@ -43,6 +47,14 @@ for s in "${steps[@]}"; do
         fi ;;
     forward) step forward "${FORWARD_S:-150}" "$py" -m jaxmoe bench --model mixtral-8x7b --model qwen3-30b-a3b \
                 --model deepseek-v3 --m 1 --m 16 --m 128 --m 1024 --m 4096 --reps 10 --out "$out/forward" ;;
+    tune) mkdir -p "$out/configs"; logs=$(mktemp -d); t0=$SECONDS
+          ms=(); for m in ${TUNE_MS:-1024 4096 2048 8192 512 256 128 64 16 1}; do ms+=(--m "$m"); done
+          for mdl in ${TUNE_MODELS:-mixtral-8x7b qwen3-30b-a3b deepseek-v3 mixtral-8x22b qwen3-235b-a22b gpt-oss-120b}; do
+              timeout "${TUNE_S:-540}" "$py" -m jaxmoe tune --model "$mdl" "${ms[@]}" --reps "${TUNE_REPS:-5}" \
+                  --lock "$logs/card.lock" --out "$out/configs" >"$logs/tune-$mdl.log" 2>"$logs/tune-$mdl.err" &
+          done
+          wait; echo "== tune ($((SECONDS - t0)) s)"; cat "$logs"/tune-*.log | tee "$out/tune.log"
+          tail -n 3 "$logs"/tune-*.err; tar -czf "$out/tune-logs.tar.gz" -C "$logs" . ;;
     *) echo "unknown step $s"; status=1 ;;
     esac
 done

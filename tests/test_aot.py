@@ -51,11 +51,11 @@ def _key(spec: KernelLaunch):
 
 def launches_for(arch: str) -> list[backends.KernelLaunch]:
     """The distinct launches fused_moe makes for every preset, M, dtype and activation on ``arch``,
-    plus every entry of the arch's tuned config file."""
+    plus every entry of the arch's tuned config files (the arch's and each device's)."""
     seen = _distinct_over_presets(moe_triton.plan_fused_moe, arch)
-    tuned = _config._load(str(_config.PACKAGE_CONFIGS / f"{arch}.json"))
     top_k = {(p.experts, p.hidden, p.intermediate): p.top_k for p in PRESETS.values()}
-    for shape, table in tuned.items():
+    tuned = [(shape, table) for path in package_tables(arch) for shape, table in _config._load(str(path)).items()]
+    for shape, table in tuned:
         e, d, i = (int(part.split("=")[1]) for part in shape.split(",")[:3])
         dtype = jnp.dtype(shape.split("dtype=")[1])
         for m, entry in table.items():
@@ -64,6 +64,11 @@ def launches_for(arch: str) -> list[backends.KernelLaunch]:
             for spec in moe_triton.plan_fused_moe(int(m), k, e, d, i, dtype, arch, config=config):
                 seen.setdefault(_key(spec), spec)
     return list(seen.values())
+
+
+def package_tables(arch: str) -> list:
+    """The package's tuned tables for ``arch``: ``<arch>.json`` and every ``<arch>-<device>.json``."""
+    return [_config.PACKAGE_CONFIGS / f"{arch}.json", *sorted(_config.PACKAGE_CONFIGS.glob(f"{arch}-*.json"))]
 
 
 def backward_launches_for(arch: str) -> list[KernelLaunch]:

@@ -131,6 +131,58 @@ def test_tune_seeds_an_untuned_table_without_a_gpu(tmp_path):
     assert _config.MoEConfig.from_json(entry["4096"]) == want
 
 
+def test_tune_keeps_the_current_config_among_candidates_and_merges_winners(tmp_path):
+    import json
+
+    import jax.numpy as jnp
+
+    from jaxmoe.ops.gemm import config as _config
+    from jaxmoe.tools import tune
+
+    current = _config.select_config(4096, 2, 8, 4096, 14336, jnp.bfloat16, "sm90")
+    odd = _config.MoEConfig(32, _config.GemmTile(32, 64), _config.GemmTile(16, 64, num_stages=2))
+    for cur in (current, odd):
+        configs = tune.candidates(4096, 2, 8, 4096, 14336, jnp.bfloat16, "sm90", current=cur)
+        assert configs[0] == cur and len(configs) == len(set(configs))
+    # a winner merges into what another process wrote meanwhile; the file stays well formed
+    path = tmp_path / "sm90-NVIDIA_H200.json"
+    key = "E=8,D=4096,I=14336,dtype=bfloat16"
+    tune._merge_entry(path, key, 1, odd, "first")
+    tune._merge_entry(path, key, 4096, current, "second")
+    tune._merge_entry(path, "E=128,D=2048,I=768,dtype=bfloat16", 16, odd, "third")
+    table = _config._load(str(path))
+    assert {m: _config.MoEConfig.from_json(e) for m, e in table[key].items()} == {"1": odd, "4096": current}
+    assert set(table) == {key, "E=128,D=2048,I=768,dtype=bfloat16"}
+    assert json.loads(path.read_text())["_comment"] == "first"
+
+
+@pytest.mark.gpu
+def test_tune_writes_this_gpus_table(tmp_path, monkeypatch):
+    """On a GPU, tune times each candidate and writes the winner into <arch>-<device>.json,
+    which select_config then reads for this GPU."""
+    import json
+
+    import jax.numpy as jnp
+
+    from jaxmoe.ops.gemm import config as _config
+    from jaxmoe.ops.moe import triton as moe_triton
+    from jaxmoe.tools import tune
+
+    arch = moe_triton.current_arch()
+    device = _config.current_device(arch)
+    assert device
+    few = [_config.MoEConfig(16, _config.GemmTile(32, 64), _config.GemmTile(32, 64)),
+           _config.MoEConfig(32, _config.GemmTile(64, 64), _config.GemmTile(64, 64))]
+    monkeypatch.setattr(tune, "candidates", lambda *a, **kw: few)
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+    lock = tmp_path / "card.lock"
+    assert main(["tune", "--model", "tiny", "--m", "8", "--reps", "2", "--lock", str(lock)]) == 0
+    table = json.loads((tmp_path / f"{arch}-{device}.json").read_text())
+    entry = _config.MoEConfig.from_json(table["E=8,D=128,I=256,dtype=bfloat16"]["8"])
+    assert entry in few and device.replace("_", " ") in table["_comment"].replace("_", " ")
+    assert _config.select_config(8, 2, 8, 128, 256, jnp.bfloat16, arch) == entry
+
+
 def test_shipped_amd_tables_are_marked_untuned():
     import json
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from jaxmoe.backends.platform import normalize_device_name
 from jaxmoe.ops.gemm import config as _config
 
 SHAPE = "E=8,D=4096,I=14336,dtype=bfloat16"
@@ -72,6 +73,57 @@ def test_shipped_tables_are_well_formed():
     for arch in _config.ARCHS:
         table = _config._load(str(_config.PACKAGE_CONFIGS / f"{arch}.json"))
         assert table and all(_config._SHAPE_KEY.fullmatch(k) for k in table)
+    device_tables = sorted(_config.PACKAGE_CONFIGS.glob("*-*.json"))
+    for path in device_tables:
+        arch, device = path.stem.split("-", 1)
+        assert arch in _config.ARCHS and normalize_device_name(device) == device, path.name
+        table = _config._load(str(path))
+        assert table and all(_config._SHAPE_KEY.fullmatch(k) for k in table)
+
+
+@pytest.mark.parametrize("kind,name", [("NVIDIA H200", "NVIDIA_H200"), ("NVIDIA H100 80GB HBM3", "NVIDIA_H100_80GB_HBM3"),
+                                       ("AMD Instinct MI300X", "AMD_Instinct_MI300X"), (" a/b  c ", "a_b_c"),
+                                       ("///", None)])
+def test_device_names_for_tables(kind, name):
+    assert normalize_device_name(kind) == name
+
+
+def test_device_table_before_arch_table_in_each_directory(tmp_path, monkeypatch):
+    env_dir, xdg = tmp_path / "env", tmp_path / "xdg"
+    env_dir.mkdir()
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(env_dir))
+    assert _config.table_names("sm90", "NVIDIA_H200") == ["sm90-NVIDIA_H200.json", "sm90.json"]
+    assert _config.table_names("sm90", None) == ["sm90.json"]
+
+    def write(name, block_m, directory=env_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(json.dumps({SHAPE: {"1": dict(copy.deepcopy(ENTRY), block_m=block_m)}}))
+
+    def pick(device):
+        return _config.select_config(1, 2, 8, 4096, 14336, "bfloat16", "sm90", device=device).block_m
+
+    write("sm90.json", 32)
+    write("sm90-NVIDIA_H200.json", 64)
+    assert pick("NVIDIA_H200") == 64
+    assert pick("NVIDIA_H100_80GB_HBM3") == 32  # no table of its own: the arch's
+    assert pick(None) == 32
+    # on a CPU (the interpreter plans for sm90) no device table is read by default
+    assert _config.current_device("sm90") is None
+    assert _config.select_config(1, 2, 8, 4096, 14336, "bfloat16", "sm90").block_m == 32
+    # a directory read earlier wins, whichever of its tables names the shape
+    write("sm90-NVIDIA_H200.json", 128, xdg / "jaxmoe")
+    write("sm90.json", 16, xdg / "jaxmoe")
+    assert pick("NVIDIA_H200") == 64
+    (env_dir / "sm90-NVIDIA_H200.json").unlink()
+    assert pick("NVIDIA_H200") == 32
+    (env_dir / "sm90.json").unlink()
+    assert pick("NVIDIA_H200") == 128
+    assert pick(None) == 16
+    # a malformed device table is reported by name
+    (env_dir / "sm90-NVIDIA_H200.json").write_text("{")
+    with pytest.raises(ValueError, match="sm90-NVIDIA_H200.json"):
+        pick("NVIDIA_H200")
 
 
 def test_lookup_order_env_dir_then_user_dir_then_package(tmp_path, monkeypatch):

@@ -11,10 +11,12 @@ compiles for one device).
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 
-__all__ = ["triton_available", "platform_of", "default_platform", "arch_for", "fp8_dtype", "GPU_PLATFORMS"]
+__all__ = ["triton_available", "platform_of", "default_platform", "arch_for", "device_name", "fp8_dtype",
+           "GPU_PLATFORMS"]
 
 GPU_PLATFORMS = ("cuda", "rocm")
 
@@ -68,6 +70,24 @@ def arch_for(platform: str) -> str:
     devices = _devices_of("rocm")
     kind = devices[0].device_kind.lower() if devices else ""
     return "gfx950" if ("mi35" in kind or "gfx950" in kind) else "gfx942"
+
+
+def device_name(platform: str) -> str | None:
+    """The GPU model kernels run on for ``platform``, as config tables name it: the device
+    kind with runs of other characters than letters, digits, ``.`` and ``-`` made one ``_``
+    (``"NVIDIA H200"`` -> ``"NVIDIA_H200"``, as vLLM names its per-device tables); None
+    where the platform has no GPU (a CPU, or ahead-of-time planning for another target)."""
+    if platform not in GPU_PLATFORMS:
+        return None
+    devices = _devices_of(platform)
+    return normalize_device_name(devices[0].device_kind) if devices else None
+
+
+def normalize_device_name(kind: str) -> str | None:
+    """``kind`` with every run of characters other than letters, digits, ``.`` and ``-``
+    made one ``_`` (None when nothing is left)."""
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", kind).strip("_")
+    return name or None
 
 
 def fp8_dtype(arch: str | None = None):

@@ -3,10 +3,18 @@
 For each layer shape (``--model`` presets, ``--shape E,k,D,I``, ``--config`` Hugging Face
 model configs) and each M it times ``fused_moe`` (align + both GEMM stages + combine,
 routing excluded) with every candidate :class:`~jaxmoe.ops.gemm.config.MoEConfig`, keeps
-the fastest, and merges the winners into ``<out>/<arch>.json``. By default ``<out>`` is
+the fastest, and merges the winners into ``<out>/<arch>-<device>.json``, the table of this
+GPU model (``sm90-NVIDIA_H200.json``; ``--arch-table``: ``<out>/<arch>.json``, read on every
+GPU of the arch that has no table of its own). By default ``<out>`` is
 ``$JAXMOE_CONFIG_DIR`` if set, else the user config directory (``$XDG_CONFIG_HOME/jaxmoe``
 or ``~/.config/jaxmoe``): both are read by ``select_config`` before the package's own
-tables (see :mod:`jaxmoe.ops.gemm.config`).
+tables (see :mod:`jaxmoe.ops.gemm.config`). The config the tables pick today is always
+among the candidates, so a cell is never tuned to a config slower than the one it had
+(within the timing's noise).
+
+Several processes may tune side by side on one card (one model each, say) with the same
+``--lock FILE``: each compiles on its own and holds the lock while it times and while it
+merges a winner into the table, so no two timings overlap and no winner is lost.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile, MoEConfig
 from jaxmoe.ops.moe import triton as moe_triton
 from jaxmoe.tools import CommandError, positive_int
-from jaxmoe.tools.bench import DTYPES, time_layer
+from jaxmoe.tools.bench import DTYPES, card_lock, time_layer_detail
 
 DEFAULT_M = (1, 16, 128, 1024, 4096)
 
@@ -55,8 +63,10 @@ WIDE_STAGE2 = (_config.WIDE_STAGE2, dataclasses.replace(_config.WIDE_STAGE2, num
 
 
 def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype: Any, arch: str,
-               weights: str = "none", act_quant: str | None = None) -> list[MoEConfig]:
-    """BLOCK_M from the heuristic's pick and its neighbours, times the tile list, fitted to
+               weights: str = "none", act_quant: str | None = None,
+               current: MoEConfig | None = None) -> list[MoEConfig]:
+    """``current`` (the config the tables pick today, when given), the heuristic's pick, then
+    BLOCK_M from the heuristic's pick and its neighbours times the tile list, fitted to
     shared memory and, for quantized weights, to the schemes' K tiles (``fit_scheme``)."""
     base = _config.heuristic_config(m, top_k, experts, hidden, inter, dtype, arch, weights, act_quant)
     b_itemsize = None if weights == "none" else 1
@@ -66,7 +76,9 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
         return _config._fit(tile, block_m, dtype, arch, fused, b_itemsize, weights, act_quant)
 
     block_ms = sorted({b for b in (base.block_m // 2, base.block_m, base.block_m * 2) if 16 <= b <= 128})
-    out = [base]
+    out = [current] if current is not None else []
+    if base not in out:
+        out.append(base)
     for block_m in block_ms:
         for t in TILES:
             tile = GemmTile(*t)
@@ -94,8 +106,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=None, help="tune the layer with w1/w2 quantized to this scheme (its own table entries)")
     p.add_argument("--act-quant", choices=("fp8", "int8"), default=None, help="with --quant: w8a8")
     p.add_argument("--out", default=None,
-                   help="directory of <arch>.json (default: $JAXMOE_CONFIG_DIR if set, else the user config "
+                   help="directory of the tables (default: $JAXMOE_CONFIG_DIR if set, else the user config "
                         "directory, $XDG_CONFIG_HOME/jaxmoe or ~/.config/jaxmoe)")
+    p.add_argument("--arch-table", action="store_true",
+                   help="write <arch>.json, read on every GPU of the arch without a table of its own "
+                        "(default: <arch>-<device>.json, this GPU model's)")
+    p.add_argument("--lock", default=None, metavar="FILE",
+                   help="an flock held while timing and while writing the table: processes that share "
+                        "the card and the table compile side by side and time one at a time")
     p.add_argument("--seed-heuristic", choices=_config.ARCHS, metavar="ARCH",
                    help="write the heuristic's configs for ARCH, marked untuned, without timing anything "
                         "(no GPU needed): a starting table for a GPU that has not been tuned yet")
@@ -155,6 +173,27 @@ def _read_table(path: pathlib.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _disagreement(params: dict[str, Any], x: jax.Array, weights: jax.Array, ids: jax.Array, config: MoEConfig,
+                  reference_config: MoEConfig, act_quant: str | None) -> str | None:
+    """Why ``fused_moe`` with ``config`` is not the same layer as with ``reference_config``
+    (another tile order of the same fp32 sums: they agree to bf16 rounding), or None."""
+    ys = [moe_triton.fused_moe(x, params["w1"], params["w2"], weights, ids, config=c, act_quant=act_quant)
+          .astype(jnp.float32) for c in (config, reference_config)]
+    if not bool(jnp.isfinite(ys[0]).all()):
+        return "non-finite output"
+    err = float(jnp.max(jnp.abs(ys[0] - ys[1])) / jnp.maximum(jnp.max(jnp.abs(ys[1])), 1e-30))
+    return None if err <= 2e-2 else f"max error {err:.3g} of the output's largest value"
+
+
+def _merge_entry(path: pathlib.Path, key: str, m: int, config: MoEConfig, comment: str) -> None:
+    """Put ``config`` in ``path``'s table under ``key`` and bucket ``m``, re-reading the file
+    first (other processes may have written their winners since)."""
+    table = _read_table(path)
+    table.setdefault("_comment", comment)
+    table.setdefault(key, {})[str(m)] = config.to_json()
+    _write_table(path, table)
+
+
 def _write_table(path: pathlib.Path, table: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,9 +222,13 @@ def run(args: argparse.Namespace) -> int:
         print("tune needs a GPU: it times real kernel launches (--seed-heuristic ARCH needs none)", file=sys.stderr)
         return 2
     arch = moe_triton.current_arch()
-    path = out_dir / f"{arch}.json"
-    table: dict[str, Any] = _read_table(path)
-    table.setdefault("_comment", f"tuned by `python -m jaxmoe tune` on {jax.devices()[0].device_kind}")
+    device = _config.current_device(arch)
+    if device is None and not args.arch_table:
+        raise CommandError("the GPU model is not known here: pass --arch-table to write the arch's table")
+    path = out_dir / _config.table_names(arch, None if args.arch_table else device)[0]
+    comment = f"tuned by `python -m jaxmoe tune` on {jax.devices()[0].device_kind}"
+    with card_lock(args.lock):
+        _read_table(path)  # a malformed table is reported before any timing, not overwritten
     for p in presets:
         name = p.name
         params = init_moe_params(jax.random.key(0), hidden=p.hidden, intermediate=p.intermediate,
@@ -193,28 +236,39 @@ def run(args: argparse.Namespace) -> int:
         if quant is not None:
             params = {**params, "w1": quantize_weights(params["w1"], quant), "w2": quantize_weights(params["w2"], quant)}
         routing = p.routing_kwargs(jax.random.key(1))
-        entry = table.setdefault(_config.shape_key(p.experts, p.hidden, p.intermediate, dtype, quant or "none",
-                                                   act_quant), {})
+        key = _config.shape_key(p.experts, p.hidden, p.intermediate, dtype, quant or "none", act_quant)
         for m in ms:
             xs = jax.random.normal(jax.random.key(m), (4, m, p.hidden), jnp.float32).astype(dtype)
             logits = jnp.dot(xs[0], params["router"], preferred_element_type=jnp.float32)
             weights, ids = reference.route(logits, **routing)
+            current = _config.select_config(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch,
+                                            quant or "none", act_quant)
             best: tuple[float, MoEConfig] | None = None
+            current_ms = float("nan")
             for config in candidates(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch, quant or "none",
-                                     act_quant):
+                                     act_quant, current=current):
                 def layer(prm, x, c=config):
                     return moe_triton.fused_moe(x, prm["w1"], prm["w2"], weights, ids, config=c, act_quant=act_quant)
                 try:
-                    t = time_layer(layer, params, xs, args.reps)
+                    t = time_layer_detail(layer, params, xs, args.reps, lock=card_lock(args.lock))[0]
                 except Exception as exc:  # a config the compiler or the card refuses
                     print(f"  {name} M={m} {config}: failed ({type(exc).__name__})", file=sys.stderr)
                     continue
-                print(f"  {name} M={m} {t * 1e3:8.4f} ms  {config}", file=sys.stderr, flush=True)
+                mark = " (current)" if config == current else ""
+                if config == current:
+                    current_ms = t * 1e3
+                print(f"  {name} M={m} {t * 1e3:8.4f} ms{mark}  {config}", file=sys.stderr, flush=True)
                 if best is None or t < best[0]:
                     best = (t, config)
+            if best is not None and best[1] != current:
+                mismatch = _disagreement(params, xs[0], weights, ids, best[1], current, act_quant)
+                if mismatch is not None:
+                    print(f"{name} M={m}: best {best[1]} disagrees with {current} ({mismatch}); not written",
+                          flush=True)
+                    continue
             if best is not None:
-                entry[str(m)] = best[1].to_json()
-                print(f"{name} M={m}: best {best[0] * 1e3:.4f} ms {best[1]}", flush=True)
-            _write_table(path, table)
+                with card_lock(args.lock):
+                    _merge_entry(path, key, m, best[1], comment)
+                print(f"{name} M={m}: best {best[0] * 1e3:.4f} ms (current {current_ms:.4f} ms) {best[1]}", flush=True)
     print(f"wrote {path}")
     return 0

@@ -7,8 +7,12 @@ they walk the same padded blocks) and one :class:`GemmTile` per stage. Tuned fil
     {"E=8,D=4096,I=14336,dtype=bfloat16": {"1": {"block_m": 16, "stage1": {...}, "stage2": {...}}, "64": ...}}
 
 keyed by the layer shape and then by M buckets (the entry with the largest bucket <= M is
-used). Tables are looked up in this order, the first ``<arch>.json`` that names the layer
-shape winning (:func:`config_dirs`):
+used). Beside an arch's table, a GPU model may have its own, ``<arch>-<device>.json``
+(``sm90-NVIDIA_H200.json``; the device as :func:`jaxmoe.backends.platform.device_name`
+names it), as vLLM keeps one table per device: an H200 and an H100 share sm_90 code but
+not their best tiles. Directories are looked up in this order, and in each the device's
+table before the arch's; the first table that names the layer shape wins
+(:func:`config_dirs`, :func:`table_names`):
 
 1. ``$JAXMOE_CONFIG_DIR``, when set;
 2. the user directory, ``$XDG_CONFIG_HOME/jaxmoe`` or ``~/.config/jaxmoe``, where
@@ -385,6 +389,33 @@ _TILE_REQUIRED = ("block_n", "block_k")
 _POWER_OF_TWO = ("block_n", "block_k", "num_warps")
 
 
+def table_names(arch: str, device: str | None) -> list[str]:
+    """The table files one config directory may hold for ``arch`` on ``device``, in lookup
+    order: ``<arch>-<device>.json`` (when a device is named), then ``<arch>.json``."""
+    return ([f"{arch}-{device}.json"] if device else []) + [f"{arch}.json"]
+
+
+class _CurrentDevice:
+    def __repr__(self) -> str:
+        return "CURRENT_DEVICE"
+
+
+# ``select_config``'s default device: the GPU model of the default platform where ``arch`` is
+# that platform's arch, else none (a CPU, whose interpreter runs the sm90 plans, or
+# ahead-of-time planning for another target).
+CURRENT_DEVICE: Any = _CurrentDevice()
+
+
+def current_device(arch: str) -> str | None:
+    """The device whose table :func:`select_config` reads for ``arch`` by default."""
+    from jaxmoe.backends.platform import GPU_PLATFORMS, arch_for, default_platform, device_name
+
+    platform = default_platform()
+    if platform not in GPU_PLATFORMS or arch_for(platform) != arch:
+        return None
+    return device_name(platform)
+
+
 def _table_error(path: str, where: str, what: str) -> ValueError:
     return ValueError(f"jaxmoe config table {path}: {where}: {what}")
 
@@ -480,15 +511,19 @@ def log_configs() -> bool:
 
 
 def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
-                  dtype: Any, arch: str = "sm90", weights: str = "none", act_quant: str | None = None) -> MoEConfig:
+                  dtype: Any, arch: str = "sm90", weights: str = "none", act_quant: str | None = None,
+                  device: str | None = CURRENT_DEVICE) -> MoEConfig:
     """The tuned config for this shape, weight scheme, activation quantization and M from
-    the first table that names them (see :func:`config_dirs`), else the heuristic; its K
-    tiles fitted to the schemes (:func:`fit_scheme`)."""
+    the first table that names them (see :func:`config_dirs` and :func:`table_names`;
+    ``device``: the GPU model whose own tables come first, by default that of the default
+    platform, :func:`current_device`), else the heuristic; its K tiles fitted to the
+    schemes (:func:`fit_scheme`)."""
     key = shape_key(num_experts, hidden, intermediate, dtype, weights, act_quant)
+    if device is CURRENT_DEVICE:
+        device = current_device(arch)
     source = "heuristic"
     config = None
-    for directory in config_dirs():
-        path = directory / f"{arch}.json"
+    for path in (directory / name for directory in config_dirs() for name in table_names(arch, device)):
         table = _load(str(path)).get(key)
         if table:
             buckets = {int(m): entry for m, entry in table.items()}
