@@ -154,6 +154,19 @@ def test_tune_keeps_the_current_config_among_candidates_and_merges_winners(tmp_p
     assert {m: _config.MoEConfig.from_json(e) for m, e in table[key].items()} == {"1": odd, "4096": current}
     assert set(table) == {key, "E=128,D=2048,I=768,dtype=bfloat16"}
     assert json.loads(path.read_text())["_comment"] == "first"
+    # a shape new to the table starts from its entries elsewhere, listed as carried until tuned
+    qwen = "E=128,D=4096,I=1536,dtype=bfloat16"
+    seed = {"1": odd.to_json(), "128": odd.to_json(), "4096": odd.to_json()}
+    tune._merge_entry(path, qwen, 128, current, "fourth", seed)
+    raw = json.loads(path.read_text())
+    assert raw["_carried"] == {qwen: ["1", "4096"]}
+    assert {m: _config.MoEConfig.from_json(e) for m, e in raw[qwen].items()} == {"1": odd, "128": current,
+                                                                                  "4096": odd}
+    tune._merge_entry(path, qwen, 1, current, "fifth", seed)
+    tune._merge_entry(path, qwen, 4096, current, "sixth", seed)
+    raw = json.loads(path.read_text())
+    assert "_carried" not in raw and {_config.MoEConfig.from_json(e) for e in raw[qwen].values()} == {current}
+    assert seed["128"] == odd.to_json()  # the seed itself is not changed
 
 
 @pytest.mark.gpu

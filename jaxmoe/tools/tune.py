@@ -185,12 +185,28 @@ def _disagreement(params: dict[str, Any], x: jax.Array, weights: jax.Array, ids:
     return None if err <= 2e-2 else f"max error {err:.3g} of the output's largest value"
 
 
-def _merge_entry(path: pathlib.Path, key: str, m: int, config: MoEConfig, comment: str) -> None:
+def _merge_entry(path: pathlib.Path, key: str, m: int, config: MoEConfig, comment: str,
+                 seed: dict[str, Any] | None = None) -> None:
     """Put ``config`` in ``path``'s table under ``key`` and bucket ``m``, re-reading the file
-    first (other processes may have written their winners since)."""
+    first (other processes may have written their winners since).
+
+    A shape new to the table starts from ``seed`` (its entries in the table read for it
+    until now), so that its other M buckets keep their configs instead of falling to the
+    nearest tuned bucket; the buckets so carried over, and not tuned into this table, are
+    listed under the table's ``_carried`` key until they are."""
     table = _read_table(path)
     table.setdefault("_comment", comment)
+    if key not in table and seed:
+        table[key] = json.loads(json.dumps(seed))
+        table.setdefault("_carried", {})[key] = sorted(seed, key=int)
     table.setdefault(key, {})[str(m)] = config.to_json()
+    carried = table.get("_carried", {})
+    if str(m) in carried.get(key, ()):
+        carried[key].remove(str(m))
+        if not carried[key]:
+            del carried[key]
+        if not carried:
+            del table["_carried"]
     _write_table(path, table)
 
 
@@ -237,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
             params = {**params, "w1": quantize_weights(params["w1"], quant), "w2": quantize_weights(params["w2"], quant)}
         routing = p.routing_kwargs(jax.random.key(1))
         key = _config.shape_key(p.experts, p.hidden, p.intermediate, dtype, quant or "none", act_quant)
+        found = _config.find_entry(key, arch, device)
+        seed = found[1] if found is not None else None  # today's entries: the starting point of a new shape
         for m in ms:
             xs = jax.random.normal(jax.random.key(m), (4, m, p.hidden), jnp.float32).astype(dtype)
             logits = jnp.dot(xs[0], params["router"], preferred_element_type=jnp.float32)
@@ -268,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
             if best is not None:
                 with card_lock(args.lock):
-                    _merge_entry(path, key, m, best[1], comment)
+                    _merge_entry(path, key, m, best[1], comment, seed)
                 print(f"{name} M={m}: best {best[0] * 1e3:.4f} ms (current {current_ms:.4f} ms) {best[1]}", flush=True)
     print(f"wrote {path}")
     return 0

@@ -510,6 +510,16 @@ def log_configs() -> bool:
     return os.environ.get("JAXMOE_LOG_CONFIG", "").strip() not in ("", "0")
 
 
+def find_entry(key: str, arch: str, device: str | None) -> tuple[pathlib.Path, dict[str, Any]] | None:
+    """The first table (:func:`config_dirs`, :func:`table_names`) that names the layer
+    shape ``key``, with the shape's entries keyed by M bucket; None where none does."""
+    for path in (directory / name for directory in config_dirs() for name in table_names(arch, device)):
+        table = _load(str(path)).get(key)
+        if table:
+            return path, table
+    return None
+
+
 def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                   dtype: Any, arch: str = "sm90", weights: str = "none", act_quant: str | None = None,
                   device: str | None = CURRENT_DEVICE) -> MoEConfig:
@@ -523,15 +533,14 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
         device = current_device(arch)
     source = "heuristic"
     config = None
-    for path in (directory / name for directory in config_dirs() for name in table_names(arch, device)):
-        table = _load(str(path)).get(key)
-        if table:
-            buckets = {int(m): entry for m, entry in table.items()}
-            below = [m for m in sorted(buckets) if m <= num_tokens]
-            bucket = below[-1] if below else min(buckets)
-            config = MoEConfig.from_json(buckets[bucket])
-            source = f"{path} M<={bucket}" if below else f"{path} M={bucket}"
-            break
+    found = find_entry(key, arch, device)
+    if found is not None:
+        path, table = found
+        buckets = {int(m): entry for m, entry in table.items()}
+        below = [m for m in sorted(buckets) if m <= num_tokens]
+        bucket = below[-1] if below else min(buckets)
+        config = MoEConfig.from_json(buckets[bucket])
+        source = f"{path} M<={bucket}" if below else f"{path} M={bucket}"
     if config is None:
         config = heuristic_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, weights,
                                   act_quant)
