@@ -236,6 +236,32 @@ def test_gpu_every_heuristic_bucket(rng):
             (m, config)
 
 
+@pytest.mark.gpu
+def test_gpu_every_config_of_this_gpus_table(rng):
+    """Every distinct config of the package's table this GPU reads (its own, else its arch's)
+    on the layer shape it was tuned for (D, I; at most 8 experts, 256 tokens), against the
+    fp32 reference."""
+    arch = moe_triton.current_arch()
+    names = _config.table_names(arch, _config.current_device(arch))
+    path = next(p for p in (_config.PACKAGE_CONFIGS / n for n in names) if p.exists())
+    checked = 0
+    for key, buckets in _config._load(str(path)).items():
+        e, d, i = (int(part.split("=")[1]) for part in key.split(",")[:3])
+        dtype = jnp.dtype(key.split("dtype=")[1].split(",")[0])
+        if ",w=" in key:
+            continue  # quantized entries: tests/test_quant.py
+        configs = {_config.MoEConfig.from_json(entry) for entry in buckets.values()}
+        e_small = min(e, 8)
+        k = 2 if e_small == e else 4
+        x, w1, w2, tw, ids = moe_inputs(rng, 256, d, i, e_small, k, dtype)
+        want = fp32_reference(x, w1, w2, tw, ids)
+        for config in sorted(configs, key=str):
+            assert rel_err(_fused_with(config, x, w1, w2, tw, ids), want) <= 1e-2, (path.name, key, config)
+            checked += 1
+        del x, w1, w2, want
+    assert checked > 0, path
+
+
 def _custom_call_payloads(lowered) -> list[bytes]:
     """The decompressed opaques of the Triton custom calls in a lowered jit."""
     from jax._src.lib.mlir import ir
