@@ -256,8 +256,9 @@ def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int,
     the first launch), which a model pays once for all its layers, is the intercept,
     returned second. Where timer noise makes the difference meaningless (not positive, as
     with the CPU interpreter), the long chain's time / ``SETS`` is returned instead, with
-    no intercept. ``lock``, when given, is held while timing (not while compiling), so
-    processes that share a card can compile side by side and time one at a time.
+    no intercept. ``lock``, when given, is held while the chains run (warm-up and timing;
+    not while they compile), so processes that share a card can compile side by side and
+    time one at a time without another's warm-up on the card.
     ``feedback`` scales the previous output in the stream (:data:`SAME_ROUTING_FEEDBACK`:
     every layer sees its own batch unchanged, so variants of a layer that compute
     different outputs still route the same tokens to the same experts).
@@ -265,13 +266,14 @@ def time_layer_detail(fn: Callable, params: Any, xs: jax.Array, reps: int,
     sets = xs.shape[0]
     if sets <= SHORT:
         raise ValueError(f"need more than {SHORT} input batches, got {sets}")
-    short, long = _chain(fn, SHORT, feedback), _chain(fn, sets, feedback)
-    for f in (short, long):  # compile and warm up
-        jax.block_until_ready(f(params, xs))
-        jax.block_until_ready(f(params, xs))
+    # compiled here (the Triton kernels too, while lowering), outside the lock
+    short, long = (_chain(fn, n, feedback).lower(params, xs).compile() for n in (SHORT, sets))
     t_short, t_long = [], []
     out = None
     with lock or contextlib.nullcontext():
+        for f in (short, long):  # warm up
+            jax.block_until_ready(f(params, xs))
+            jax.block_until_ready(f(params, xs))
         for _ in range(reps):
             for f, ts in ((short, t_short), (long, t_long)):
                 t0 = time.perf_counter()

@@ -279,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
                 if best is None or t < best[0]:
                     best = (t, config)
             if best is not None and best[1] != current:
-                mismatch = _disagreement(params, xs[0], weights, ids, best[1], current, act_quant)
+                with card_lock(args.lock):  # runs on the card: not beside another's timing
+                    mismatch = _disagreement(params, xs[0], weights, ids, best[1], current, act_quant)
                 if mismatch is not None:
                     print(f"{name} M={m}: best {best[1]} disagrees with {current} ({mismatch}); not written",
                           flush=True)
