@@ -210,6 +210,7 @@ def test_bench_time_per_layer_excludes_the_fixed_cost_of_a_call(monkeypatch):
     """The per-layer time is the slope between a short and a long chain: a fixed cost per
     jit call (dispatch) lands in the intercept, not in the time per layer."""
     import time
+    import types
 
     from jaxmoe.tools import bench
 
@@ -220,7 +221,8 @@ def test_bench_time_per_layer_excludes_the_fixed_cost_of_a_call(monkeypatch):
             time.sleep(fixed + sets * per_layer)
             return xs
 
-        return call
+        # as a jitted chain: lowered and compiled first, then called
+        return types.SimpleNamespace(lower=lambda *args: types.SimpleNamespace(compile=lambda: call))
 
     monkeypatch.setattr(bench, "_chain", fake_chain)
     xs = jnp.zeros((bench.SETS, 1, 4))
