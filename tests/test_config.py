@@ -120,6 +120,17 @@ def test_device_table_before_arch_table_in_each_directory(tmp_path, monkeypatch)
     (env_dir / "sm90.json").unlink()
     assert pick("NVIDIA_H200") == 128
     assert pick(None) == 16
+    # below a table's smallest bucket the next table answers, then the heuristic
+    (env_dir / "sm90-NVIDIA_H200.json").write_text(json.dumps(
+        {SHAPE: {"4096": dict(copy.deepcopy(ENTRY), block_m=64)}}))
+    assert pick("NVIDIA_H200") == 128  # M = 1: the user directory's device table
+    assert _config.select_config(5000, 2, 8, 4096, 14336, "bfloat16", "sm90", device="NVIDIA_H200").block_m == 64
+    other = "E=128,D=4096,I=1536,dtype=bfloat16"  # a shape no other table names
+    (env_dir / "sm90-NVIDIA_H200.json").write_text(json.dumps(
+        {other: {"4096": dict(copy.deepcopy(ENTRY), block_m=64)}}))
+    heuristic = _config.heuristic_config(1, 8, 128, 4096, 1536, "bfloat16", "sm90")
+    assert _config.select_config(1, 8, 128, 4096, 1536, "bfloat16", "sm90", device="NVIDIA_H200") == heuristic
+    assert _config.select_config(8192, 8, 128, 4096, 1536, "bfloat16", "sm90", device="NVIDIA_H200").block_m == 64
     # a malformed device table is reported by name
     (env_dir / "sm90-NVIDIA_H200.json").write_text("{")
     with pytest.raises(ValueError, match="sm90-NVIDIA_H200.json"):

@@ -7,7 +7,8 @@ they walk the same padded blocks) and one :class:`GemmTile` per stage. Tuned fil
     {"E=8,D=4096,I=14336,dtype=bfloat16": {"1": {"block_m": 16, "stage1": {...}, "stage2": {...}}, "64": ...}}
 
 keyed by the layer shape and then by M buckets (the entry with the largest bucket <= M is
-used). Beside an arch's table, a GPU model may have its own, ``<arch>-<device>.json``
+used; below a table's smallest bucket for the shape the next table is asked, then the
+heuristic). Beside an arch's table, a GPU model may have its own, ``<arch>-<device>.json``
 (``sm90-NVIDIA_H200.json``; the device as :func:`jaxmoe.backends.platform.device_name`
 names it), as vLLM keeps one table per device: an H200 and an H100 share sm_90 code but
 not their best tiles. Directories are looked up in this order, and in each the device's
@@ -33,6 +34,7 @@ import os
 import pathlib
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -510,14 +512,18 @@ def log_configs() -> bool:
     return os.environ.get("JAXMOE_LOG_CONFIG", "").strip() not in ("", "0")
 
 
-def find_entry(key: str, arch: str, device: str | None) -> tuple[pathlib.Path, dict[str, Any]] | None:
-    """The first table (:func:`config_dirs`, :func:`table_names`) that names the layer
-    shape ``key``, with the shape's entries keyed by M bucket; None where none does."""
+def tables_naming(key: str, arch: str, device: str | None) -> Iterator[tuple[pathlib.Path, dict[str, Any]]]:
+    """The tables (:func:`config_dirs`, :func:`table_names`, in lookup order) that name the
+    layer shape ``key``, each with the shape's entries keyed by M bucket."""
     for path in (directory / name for directory in config_dirs() for name in table_names(arch, device)):
         table = _load(str(path)).get(key)
         if table:
-            return path, table
-    return None
+            yield path, table
+
+
+def find_entry(key: str, arch: str, device: str | None) -> tuple[pathlib.Path, dict[str, Any]] | None:
+    """The first table that names the layer shape ``key`` (:func:`tables_naming`), or None."""
+    return next(tables_naming(key, arch, device), None)
 
 
 def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
@@ -533,14 +539,15 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
         device = current_device(arch)
     source = "heuristic"
     config = None
-    found = find_entry(key, arch, device)
-    if found is not None:
-        path, table = found
+    for path, table in tables_naming(key, arch, device):
+        # a bucket holds from its M up to the next bucket; below a table's smallest bucket
+        # the table says nothing (a partly tuned table), and the next table is asked
         buckets = {int(m): entry for m, entry in table.items()}
         below = [m for m in sorted(buckets) if m <= num_tokens]
-        bucket = below[-1] if below else min(buckets)
-        config = MoEConfig.from_json(buckets[bucket])
-        source = f"{path} M<={bucket}" if below else f"{path} M={bucket}"
+        if below:
+            config = MoEConfig.from_json(buckets[below[-1]])
+            source = f"{path} M<={below[-1]}"
+            break
     if config is None:
         config = heuristic_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch, weights,
                                   act_quant)
