@@ -169,6 +169,49 @@ def test_tune_keeps_the_current_config_among_candidates_and_merges_winners(tmp_p
     assert seed["128"] == odd.to_json()  # the seed itself is not changed
 
 
+@pytest.mark.parametrize("case", ["clear win", "within the spread", "disagrees"])
+def test_tune_keeps_a_winner_only_beyond_the_spread_and_computing_the_same(case, tmp_path, monkeypatch):
+    """The decision rule, with the timing and the card faked: the fastest candidate is timed
+    again against today's pick and written only if all its timings beat all of the pick's,
+    and only if it computes the same layer."""
+    import itertools
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+    from jaxmoe.tools import tune
+
+    fast = _config.MoEConfig(16, _config.GemmTile(32, 64), _config.GemmTile(32, 64))
+    slow = _config.MoEConfig(32, _config.GemmTile(64, 64), _config.GemmTile(64, 64))
+    noise = itertools.cycle([0.0, 0.3e-3] if case == "within the spread" else [0.0, 0.01e-3])
+    seen = []
+
+    def fake_time(fn, params, xs, reps, lock=None, feedback=1.0):
+        fn(params, xs[0])  # records the config the layer runs with, runs nothing
+        base = {fast: 1.0e-3, slow: 2.0e-3}.get(seen[-1], 1.2e-3)  # today's pick: 1.2 ms
+        return base + next(noise), 0.0
+
+    monkeypatch.setattr(tune, "time_layer_detail", fake_time)
+    monkeypatch.setattr(tune.moe_triton, "fused_moe", lambda *a, config=None, **kw: seen.append(config))
+    monkeypatch.setattr(tune.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_config, "current_device", lambda arch: "FAKE_GPU")
+    monkeypatch.setattr(tune, "candidates", lambda *a, current=None, **kw: [current, slow, fast])
+    monkeypatch.setattr(tune, "_disagreement",
+                        lambda *a: "max error 0.5 of the output's largest value" if case == "disagrees" else None)
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path / "none"))
+    assert main(["tune", "--model", "tiny", "--m", "8", "--reps", "1", "--out", str(tmp_path)]) == 0
+    current = _config.select_config(8, 2, 8, 128, 256, "bfloat16", "sm90", device=None)
+    table = json.loads((tmp_path / "sm90-FAKE_GPU.json").read_text()) if case != "disagrees" else None
+    if case == "clear win":
+        assert _config.MoEConfig.from_json(table["E=8,D=128,I=256,dtype=bfloat16"]["8"]) == fast
+    elif case == "within the spread":
+        assert _config.MoEConfig.from_json(table["E=8,D=128,I=256,dtype=bfloat16"]["8"]) == current
+    else:
+        assert not (tmp_path / "sm90-FAKE_GPU.json").exists()
+    # every candidate once, then the winner and today's pick alternately
+    assert seen[:3] == [current, slow, fast]
+    assert seen[3:] == [fast, current] * tune.CONFIRM_ROUNDS
+
+
 @pytest.mark.gpu
 def test_tune_writes_this_gpus_table(tmp_path, monkeypatch):
     """On a GPU, tune times each candidate and writes the winner into <arch>-<device>.json,

@@ -41,7 +41,7 @@ from jaxmoe.tools import CommandError, positive_int
 from jaxmoe.tools.bench import DTYPES, card_lock, time_layer_detail
 
 DEFAULT_M = (1, 16, 128, 1024, 4096)
-CONFIRM_ROUNDS = 3  # times the winner and today's pick are timed again, alternately
+CONFIRM_ROUNDS = 4  # times the winner and today's pick are timed again, alternately
 
 TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
     (16, 128, 1, 4, 4),
@@ -287,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
             winner = best[1]
             if winner != current:
                 # The fastest of many noisy timings is biased low: the winner and today's
-                # pick are timed again, alternately, and the winner kept only if it still wins.
+                # pick are timed again, alternately, and the winner kept only if every one of
+                # its timings beats every one of today's pick (a gain larger than the spread).
                 again: dict[MoEConfig, list[float]] = {c: [] for c in (winner, current)}
                 try:
                     for _ in range(CONFIRM_ROUNDS):
@@ -297,9 +298,11 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {name} M={m} {current}: failed ({type(exc).__name__})", file=sys.stderr)
                     again[current] = [float("inf")]
                 t_win, t_cur = (statistics.median(again[c]) for c in (winner, current))
-                if t_win >= t_cur:
+                spread = (f"{min(again[winner]) * 1e3:.4f}-{max(again[winner]) * 1e3:.4f} ms against "
+                          f"{min(again[current]) * 1e3:.4f}-{max(again[current]) * 1e3:.4f} ms")
+                if max(again[winner]) >= min(again[current]):
                     print(f"{name} M={m}: kept {current} ({t_cur * 1e3:.4f} ms; {winner} timed "
-                          f"{t_win * 1e3:.4f} ms again)", flush=True)
+                          f"{t_win * 1e3:.4f} ms again, {spread}: not beyond the spread)", flush=True)
                     winner = current
                 else:
                     with card_lock(args.lock):  # runs on the card: not beside another's timing
@@ -309,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
                               flush=True)
                         continue
                     print(f"{name} M={m}: best {t_win * 1e3:.4f} ms against {t_cur * 1e3:.4f} ms for {current}, "
-                          f"timed again: {winner}", flush=True)
+                          f"timed again ({spread}): {winner}", flush=True)
             else:
                 print(f"{name} M={m}: kept {current} ({best[0] * 1e3:.4f} ms, the fastest)", flush=True)
             with card_lock(args.lock):
