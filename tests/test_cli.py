@@ -232,10 +232,12 @@ def test_tune_writes_this_gpus_table(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "candidates", lambda *a, **kw: few)
     monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
     lock = tmp_path / "card.lock"
+    today = _config.select_config(8, 2, 8, 128, 256, jnp.bfloat16, arch)
     assert main(["tune", "--model", "tiny", "--m", "8", "--reps", "2", "--lock", str(lock)]) == 0
     table = json.loads((tmp_path / f"{arch}-{device}.json").read_text())
     entry = _config.MoEConfig.from_json(table["E=8,D=128,I=256,dtype=bfloat16"]["8"])
-    assert entry in few and device.replace("_", " ") in table["_comment"].replace("_", " ")
+    # a candidate, or today's pick where no candidate beat it beyond the timing's spread
+    assert entry in (*few, today) and device.replace("_", " ") in table["_comment"].replace("_", " ")
     assert _config.select_config(8, 2, 8, 128, 256, jnp.bfloat16, arch) == entry
 
 
