@@ -12,8 +12,8 @@ heuristic). Beside an arch's table, a GPU model may have its own, ``<arch>-<devi
 (``sm90-NVIDIA_H200.json``; the device as :func:`jaxmoe.backends.platform.device_name`
 names it), as vLLM keeps one table per device: an H200 and an H100 share sm_90 code but
 not their best tiles. Directories are looked up in this order, and in each the device's
-table before the arch's; the first table that names the layer shape wins
-(:func:`config_dirs`, :func:`table_names`):
+table before the arch's; the first table with a bucket for the layer shape at or below M
+wins (:func:`config_dirs`, :func:`table_names`):
 
 1. ``$JAXMOE_CONFIG_DIR``, when set;
 2. the user directory, ``$XDG_CONFIG_HOME/jaxmoe`` or ``~/.config/jaxmoe``, where
@@ -530,7 +530,8 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
                   dtype: Any, arch: str = "sm90", weights: str = "none", act_quant: str | None = None,
                   device: str | None = CURRENT_DEVICE) -> MoEConfig:
     """The tuned config for this shape, weight scheme, activation quantization and M from
-    the first table that names them (see :func:`config_dirs` and :func:`table_names`;
+    the first table with an entry for them at or below M (see :func:`config_dirs` and
+    :func:`table_names`;
     ``device``: the GPU model whose own tables come first, by default that of the default
     platform, :func:`current_device`), else the heuristic; its K tiles fitted to the
     schemes (:func:`fit_scheme`)."""
