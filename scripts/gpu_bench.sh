@@ -47,13 +47,14 @@ for s in "${steps[@]}"; do
         fi ;;
     forward) step forward "${FORWARD_S:-150}" "$py" -m jaxmoe bench --model mixtral-8x7b --model qwen3-30b-a3b \
                 --model deepseek-v3 --m 1 --m 16 --m 128 --m 1024 --m 4096 --reps 10 --out "$out/forward" ;;
-    tune) mkdir -p "$out/configs"; logs=$(mktemp -d); t0=$SECONDS
+    tune) mkdir -p "$out/configs"; logs=$(mktemp -d); t0=$SECONDS; pids=()
           ms=(); for m in ${TUNE_MS:-1024 4096 2048 8192 512 256 128 64 16 1}; do ms+=(--m "$m"); done
           for mdl in ${TUNE_MODELS:-mixtral-8x7b qwen3-30b-a3b deepseek-v3 mixtral-8x22b qwen3-235b-a22b gpt-oss-120b}; do
               timeout "${TUNE_S:-540}" "$py" -m jaxmoe tune --model "$mdl" "${ms[@]}" --reps "${TUNE_REPS:-5}" \
                   --lock "$logs/card.lock" --out "$out/configs" >"$logs/tune-$mdl.log" 2>"$logs/tune-$mdl.err" &
+              pids+=($!)
           done
-          wait; echo "== tune ($((SECONDS - t0)) s)"; cat "$logs"/tune-*.log | tee "$out/tune.log"
+          for pid in "${pids[@]}"; do wait "$pid" || status=1; done; echo "== tune ($((SECONDS - t0)) s)"; cat "$logs"/tune-*.log | tee "$out/tune.log"
           tail -n 3 "$logs"/tune-*.err; tar -czf "$out/tune-logs.tar.gz" -C "$logs" . ;;
     *) echo "unknown step $s"; status=1 ;;
     esac

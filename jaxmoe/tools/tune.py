@@ -9,8 +9,8 @@ GPU of the arch that has no table of its own). By default ``<out>`` is
 ``$JAXMOE_CONFIG_DIR`` if set, else the user config directory (``$XDG_CONFIG_HOME/jaxmoe``
 or ``~/.config/jaxmoe``): both are read by ``select_config`` before the package's own
 tables (see :mod:`jaxmoe.ops.gemm.config`). The config the tables pick today is always
-among the candidates, so a cell is never tuned to a config slower than the one it had
-(within the timing's noise).
+among the candidates, and the fastest other candidate replaces it only if, timed again
+against it in alternation, every one of its timings beats every one of the pick's.
 
 Several processes may tune side by side on one card (one model each, say) with the same
 ``--lock FILE``: each compiles on its own and holds the lock while it times and while it
@@ -263,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
             weights, ids = reference.route(logits, **routing)
             current = _config.select_config(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch,
                                             quant or "none", act_quant)
+
             def layer_with(c: MoEConfig):
                 return lambda prm, x: moe_triton.fused_moe(x, prm["w1"], prm["w2"], weights, ids, config=c,
                                                           act_quant=act_quant)
@@ -290,13 +291,13 @@ def run(args: argparse.Namespace) -> int:
                 # pick are timed again, alternately, and the winner kept only if every one of
                 # its timings beats every one of today's pick (a gain larger than the spread).
                 again: dict[MoEConfig, list[float]] = {c: [] for c in (winner, current)}
-                try:
-                    for _ in range(CONFIRM_ROUNDS):
-                        for c in again:
+                for _ in range(CONFIRM_ROUNDS):
+                    for c in again:
+                        try:
                             again[c].append(timed(c))
-                except Exception as exc:  # today's pick refused (a table from another version)
-                    print(f"  {name} M={m} {current}: failed ({type(exc).__name__})", file=sys.stderr)
-                    again[current] = [float("inf")]
+                        except Exception as exc:  # e.g. today's pick from a table of another version
+                            print(f"  {name} M={m} {c}: failed ({type(exc).__name__})", file=sys.stderr)
+                            again[c].append(float("inf"))
                 t_win, t_cur = (statistics.median(again[c]) for c in (winner, current))
                 spread = (f"{min(again[winner]) * 1e3:.4f}-{max(again[winner]) * 1e3:.4f} ms against "
                           f"{min(again[current]) * 1e3:.4f}-{max(again[current]) * 1e3:.4f} ms")
