@@ -1,6 +1,7 @@
 """Alternate two jaxmoe source trees on the same bench cells, to compare their speed.
 
     python bench/ab.py --a OLD_TREE --b NEW_TREE --model qwen3-30b-a3b --m 1 --m 1024 [--rounds 2] [--reps 10]
+                       [--quant int8 [--act-quant int8]]
 
 Each round runs ``python -m jaxmoe bench --impl jaxmoe`` once per tree (A then B, then B
 then A in the next round, so neither side always runs first), each in its own process
@@ -20,8 +21,9 @@ import sys
 import tempfile
 
 
-def run_side(tree: str, models: list[str], ms: list[int], reps: int, out: str) -> dict[tuple[str, int], float]:
-    cmd = [sys.executable, "-m", "jaxmoe", "bench", "--impl", "jaxmoe", "--reps", str(reps), "--out", out]
+def run_side(tree: str, models: list[str], ms: list[int], reps: int, out: str, quant: list[str]
+             ) -> dict[tuple[str, int], float]:
+    cmd = [sys.executable, "-m", "jaxmoe", "bench", "--impl", "jaxmoe", "--reps", str(reps), "--out", out, *quant]
     for model in models:
         cmd += ["--model", model]
     for m in ms:
@@ -30,7 +32,9 @@ def run_side(tree: str, models: list[str], ms: list[int], reps: int, out: str) -
     subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
     with open(out + ".json") as f:
         rows = json.load(f)
-    return {(r["model"], r["M"]): r["time_ms"] for r in rows if r["time_ms"]}
+    # with a weight scheme the bench also times bf16 experts: keep the quantized layer's rows
+    return {(r["model"], r["M"]): r["time_ms"] for r in rows
+            if r["time_ms"] and (not quant or r["impl"].startswith("jaxmoe:"))}
 
 
 def main() -> int:
@@ -42,13 +46,17 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.add_argument("--quant", default=None, help="weight scheme, passed to the bench (quantized experts)")
+    p.add_argument("--act-quant", default=None, help="activation quantization, passed to the bench")
     args = p.parse_args()
+    quant = ["--quant", args.quant] if args.quant else []
+    quant += ["--act-quant", args.act_quant] if args.act_quant else []
     times: dict[str, dict[tuple[str, int], list[float]]] = {"A": {}, "B": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             order = (("A", args.a), ("B", args.b)) if r % 2 == 0 else (("B", args.b), ("A", args.a))
             for side, tree in order:
-                res = run_side(tree, args.model, args.m, args.reps, os.path.join(tmp, f"{side}{r}"))
+                res = run_side(tree, args.model, args.m, args.reps, os.path.join(tmp, f"{side}{r}"), quant)
                 for cell, t in res.items():
                     times[side].setdefault(cell, []).append(t)
                 print(f"round {r} {side}: " + ", ".join(f"{c[0]} M={c[1]} {t:.4f} ms" for c, t in res.items()),

@@ -85,7 +85,20 @@ def main() -> int:
     p.add_argument("--only-heuristic", action="store_true", help="time the heuristic's config alone")
     p.add_argument("--bytes-per-s", type=float, default=4.21e12, help="the card's copy rate for the roofline")
     p.add_argument("--out", default="quant_tiles")
+    p.add_argument("--split-k-max", type=int, default=None,
+                   help="the most K splits the heuristic gives a decode stage 2 (1: none; default: the package's)")
+    p.add_argument("--split-k-programs", type=int, default=None,
+                   help="the programs a split decode stage 2 may reach (default: the package's SPLIT_K_PROGRAMS)")
+    p.add_argument("--split-k-schemes", default=None,
+                   help="comma-separated weight schemes whose decode stage 2 the heuristic splits along K "
+                        "(default: the package's SPLIT_K_SCHEMES)")
     args = p.parse_args()
+    if args.split_k_schemes is not None:
+        _config.SPLIT_K_SCHEMES = tuple(s for s in args.split_k_schemes.split(",") if s)
+    if args.split_k_max is not None:
+        _config.SPLIT_K_MAX = args.split_k_max
+    if args.split_k_programs is not None:
+        _config.SPLIT_K_PROGRAMS = args.split_k_programs
     ceilings = Ceilings(args.bytes_per_s, 798e12, None, "given")
     arch = moe_triton.current_arch()
     dtype = jnp.bfloat16

@@ -133,7 +133,10 @@ def quantized_launches_for(arch: str) -> list[KernelLaunch]:
     seen: dict = {}
     for weights, act_quant in QUANT_COMBOS:
         p = shapes.get(weights, PRESETS["mixtral-8x7b"])
-        for m in (16, 4096) if (weights, act_quant) in QUANT_PREFILL else (16,):
+        ms = (16, 4096) if (weights, act_quant) in QUANT_PREFILL else (16,)
+        if weights in _config.SPLIT_K_SCHEMES:
+            ms = (1, *ms)  # M = 1: stage 2 split along K
+        for m in ms:
             for spec in moe_triton.plan_fused_moe(m, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
                                                   arch, weights=weights, act_quant=act_quant)[-2:]:
                 seen.setdefault(_key(spec), spec)

@@ -335,6 +335,11 @@ def test_tune_candidates_all_plan(arch):
         assert len(configs) == len(set(configs)) > 1
         for config in configs:
             moe_triton.plan_fused_moe(m, 2, 8, 4096, 14336, jnp.bfloat16, arch, config=config)
+    splits = {c.stage2.split_k for c in tune.candidates(1, 2, 8, 4096, 14336, jnp.bfloat16, arch, "int4")}
+    assert splits == set(tune.SPLIT_K_TRIES)
+    for config in tune.candidates(1, 2, 8, 4096, 14336, jnp.bfloat16, arch, "int4"):
+        moe_triton.plan_fused_moe(1, 2, 8, 4096, 14336, jnp.bfloat16, arch, config=config, weights="int4")
+    assert {c.stage2.split_k for c in tune.candidates(4096, 2, 8, 4096, 14336, jnp.bfloat16, arch)} == {1}
     if arch == "sm90":
         for stage2 in tune.WIDE_STAGE2:
             paired = {c.stage1 for c in tune.candidates(1024, 2, 8, 4096, 14336, jnp.bfloat16, arch)

@@ -276,3 +276,31 @@ def test_weight_grad_k_groups_are_few_over_batch_sizes():
     """Rounded up to powers of two: one kernel per doubling of rows per expert, not per M."""
     groups = {_config.weight_grad_k_group(m * 8 / 256, 64, 56) for m in range(1, 16385, 7)}
     assert groups <= {1, 2, 4, 8, 16, 32, 56} and len(groups) <= 7
+
+
+def test_stage2_split_k_only_where_a_decode_stage_2_has_few_programs():
+    """The heuristic splits K in stage 2 for int4 weights at decode sizes with few programs
+    (one or two tokens on Mixtral-8x7B, gpt-oss-120b), never at M = 4 there, never for other
+    schemes, on AMD, with activation quantization or where K is too short to split; tables
+    name split_k only where it is not 1, and read it back."""
+    from jaxmoe.models import PRESETS
+
+    def split(name, m, weights="int4", arch="sm90", act_quant=None):
+        p = PRESETS[name]
+        return _config.heuristic_config(m, p.top_k, p.experts, p.hidden, p.intermediate, "bfloat16", arch, weights,
+                                        act_quant).stage2.split_k
+
+    assert [split("mixtral-8x7b", m) for m in (1, 2, 4, 16, 4096)] == [8, 4, 1, 1, 1]
+    assert [split("gpt-oss-120b", m) for m in (1, 2, 4)] == [4, 2, 1]
+    assert split("mixtral-8x7b", 1, "int4_zp") == 8
+    assert split("qwen3-30b-a3b", 1) == 1  # K = 768: no split keeps 4 K tiles
+    for weights in ("none", "int8", "fp8", "fp8_block", "mxfp4"):
+        assert split("mixtral-8x7b", 1, weights) == 1
+    assert split("mixtral-8x7b", 1, "int8", act_quant="int8") == 1
+    assert split("mixtral-8x7b", 1, arch="gfx942") == 1
+    p = PRESETS["mixtral-8x7b"]
+    config = _config.heuristic_config(1, p.top_k, p.experts, p.hidden, p.intermediate, "bfloat16", "sm90", "int4")
+    d = config.to_json()
+    assert d["stage2"]["split_k"] == 8 and "split_k" not in d["stage1"]
+    assert _config.MoEConfig.from_json(d) == config
+    assert _config.check_entry("t.json", "entry", d) == config

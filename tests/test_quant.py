@@ -103,6 +103,59 @@ def _erf(v):
     return np.vectorize(erf)(v)
 
 
+def _split_k_table(tmp_path, monkeypatch, e, d, i, scheme, split):
+    """A config table for every arch naming stage 2 with ``split_k`` = ``split``."""
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+
+    k_tile = 64 if scheme == "mxfp4" else 32
+    tile = {"block_m": 16, "stage1": {"block_n": 32, "block_k": k_tile},
+            "stage2": {"block_n": 32, "block_k": k_tile, "split_k": split}}
+    table = {_config.shape_key(e, d, i, BF16, scheme): {"1": tile}}
+    for arch in _config.ARCHS:
+        (tmp_path / f"{arch}.json").write_text(json.dumps(table))
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+    assert _config.select_config(5, 2, e, d, i, BF16, "sm90", scheme).stage2.split_k == split
+
+
+def test_split_k_bf16_with_bias_matches_reference(rng, tmp_path, monkeypatch):
+    """Unquantized weights through a split stage 2 with an expert bias (added by split 0
+    alone), on the interpreter, against the reference."""
+    _split_k_table(tmp_path, monkeypatch, 6, 160, 80, "none", 3)
+    x, w1, w2, tw, ids = moe_inputs(rng, 5, 160, 80, 6, 2, BF16)
+    b1, b2 = randn(rng, (6, 160), BF16), randn(rng, (6, 160), BF16)
+    ids = with_invalid_ids(ids, 6)
+    got = jaxmoe.fused_moe(x, w1, w2, tw, ids, b1=b1, b2=b2, implementation="triton")
+    want = jaxmoe.fused_moe(x, w1, w2, tw, ids, b1=b1, b2=b2, implementation="reference")
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    assert rel_err(got, want) <= 1e-2
+
+
+def test_split_k_is_refused_where_a_gemm_needs_all_of_k(tmp_path):
+    """A table naming split_k for stage 1 is refused as it is read; a plan that splits a GEMM
+    with an activation or with act_quant raises, naming why."""
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+    from jaxmoe.ops.gemm import triton as gemm_triton
+    from jaxmoe.ops.gemm.config import GemmTile
+
+    path = tmp_path / "sm90.json"
+    tile = {"block_m": 16, "stage1": {"block_n": 32, "block_k": 32, "split_k": 2},
+            "stage2": {"block_n": 32, "block_k": 32}}
+    path.write_text(json.dumps({_config.shape_key(6, 160, 80, BF16): {"1": tile}}))
+    with pytest.raises(ValueError, match="split_k applies to stage 2 only"):
+        _config.check_table(str(path), json.loads(path.read_text()))
+    common = dict(dtype=BF16, num_rows=10, top_k=2, block_m=16, num_blocks=4, mul_routed_weight=False)
+    with pytest.raises(ValueError, match="need all of K"):
+        gemm_triton.plan_gemm(a_shape=(5, 160), b_shape=(6, 160, 160), tile=GemmTile(32, 32, split_k=2),
+                              activation="silu", **common)
+    with pytest.raises(ValueError, match="need all of K"):
+        gemm_triton.plan_gemm(a_shape=(10, 80), b_shape=(6, 160, 80), tile=GemmTile(32, 32, split_k=2),
+                              activation=None, w_scheme="int8", b_dtype=jnp.int8, act_quant="int8", **common)
+
+
 def quantized_inputs(rng, m, d, i, e, k, dtype, scheme, pool=None):
     x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, dtype, pool)
     return x, jaxmoe.quantize_weights(w1, scheme), jaxmoe.quantize_weights(w2, scheme), tw, ids
@@ -192,6 +245,15 @@ class QuantMoeTests(OpTests):
         assert (picked.stage1.block_k, picked.stage2.block_k) == (64, 128)
         x, q1, q2, tw, ids = quantized_inputs(rng, 13, 160, 80, 5, 2, BF16, "mxfp4")
         self.check(x, q1, q2, tw, with_invalid_ids(ids, 5))
+
+    @pytest.mark.parametrize("scheme,split", [("int4", 3), ("int4_zp", 4), ("mxfp4", 2), ("int8", 4)])
+    def test_stage2_split_k(self, rng, tmp_path, monkeypatch, scheme, split):
+        """Stage 2 with its K split over ``split`` programs a tile (fp32 partial sums added
+        after the launch): K = 80 ends in a partial tile, and with 4 splits of 32 the last
+        split has no K at all; invalid ids, empty experts."""
+        _split_k_table(tmp_path, monkeypatch, 6, 160, 80, scheme, split)
+        x, q1, q2, tw, ids = quantized_inputs(rng, 5, 160, 80, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
+        self.check(x, q1, q2, tw, with_invalid_ids(ids, 6))
 
     def test_all_zero_tokens_and_weight_rows(self, rng):
         """Zero activations (a zero absmax) and zero weight rows: zeros out, no 0/0."""

@@ -62,6 +62,7 @@ TILES = (  # (block_n, block_k, group_size_m, num_warps, num_stages)
 # 8-warp stage-1 tile: the shared tile list cannot reach them, since a 256-column stage 1
 # does not fit the registers
 WIDE_STAGE2 = (_config.WIDE_STAGE2, dataclasses.replace(_config.WIDE_STAGE2, num_stages=3))
+SPLIT_K_TRIES = (1, 2, 4, 8)  # stage 2's K splits tried at decode sizes
 
 
 def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype: Any, arch: str,
@@ -69,7 +70,9 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
                current: MoEConfig | None = None) -> list[MoEConfig]:
     """``current`` (the config the tables pick today, when given), the heuristic's pick, then
     BLOCK_M from the heuristic's pick and its neighbours times the tile list, fitted to
-    shared memory and, for quantized weights, to the schemes' K tiles (``fit_scheme``)."""
+    shared memory and, for quantized weights, to the schemes' K tiles (``fit_scheme``);
+    at decode sizes (BLOCK_M <= 32, no ``act_quant``) also the heuristic's pick with its
+    stage 2 split along K in ``SPLIT_K_TRIES`` ways."""
     base = _config.heuristic_config(m, top_k, experts, hidden, inter, dtype, arch, weights, act_quant)
     b_itemsize = None if weights == "none" else 1
 
@@ -81,6 +84,12 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
     out = [current] if current is not None else []
     if base not in out:
         out.append(base)
+    if base.block_m <= 32 and act_quant is None:
+        for split in SPLIT_K_TRIES:
+            if inter // split >= base.stage2.block_k:
+                config = dataclasses.replace(base, stage2=dataclasses.replace(base.stage2, split_k=split))
+                if config not in out:
+                    out.append(config)
     for block_m in block_ms:
         for t in TILES:
             tile = GemmTile(*t)

@@ -56,6 +56,7 @@ class GemmTile:
     group_size_m: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # programs per C tile along K (stage 2 only; see plan_gemm)
 
     def shared_bytes(self, block_m: int, itemsize: int, fused: bool, b_itemsize: int | None = None) -> int:
         """Shared memory the software pipeline needs: A tile plus one (or two) B tiles per
@@ -76,7 +77,11 @@ class MoEConfig:
     stage2: GemmTile
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for stage in ("stage1", "stage2"):
+            if d[stage]["split_k"] == 1:  # the default: tables name it only where it is not
+                del d[stage]["split_k"]
+        return d
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> MoEConfig:
@@ -268,8 +273,47 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
     s1, s2 = fit_scheme(s1, weights, act_quant), fit_scheme(s2, weights, act_quant)
     s1 = fit_accumulators(s1, block_m, True, weights, act_quant)
     s2 = fit_accumulators(s2, block_m, False, weights, act_quant)
-    return MoEConfig(block_m, _fit(s1, block_m, dtype, arch, True, b_itemsize, weights, act_quant),
-                     _fit(s2, block_m, dtype, arch, False, b_itemsize, weights, act_quant))
+    s1 = _fit(s1, block_m, dtype, arch, True, b_itemsize, weights, act_quant)
+    s2 = _fit(s2, block_m, dtype, arch, False, b_itemsize, weights, act_quant)
+    if small and act_quant is None:
+        s2 = dataclasses.replace(s2, split_k=stage2_split_k(num_tokens, top_k, num_experts, hidden, intermediate,
+                                                            s2, weights, arch))
+    return MoEConfig(block_m, s1, s2)
+
+
+# Stage 2 of an int4 decode layer streams a quarter of bf16's bytes a tile, and with few
+# row blocks (one per expert hit at M = 1) and D / BLOCK_N column blocks it has too few
+# programs to keep enough loads in flight (Mixtral-8x7B M = 1: 128 programs of 4 KB tiles
+# on 132 SMs). A stage 2 of fewer than SPLIT_K_FEW_PROGRAMS programs has its K split,
+# multiplying the programs up to SPLIT_K_PROGRAMS, while each split keeps
+# SPLIT_K_MIN_STEPS K tiles or more to pipeline. Measured on an H100
+# (``bench/quant_tiles.py``, fused_moe with int4 weights, medians of 20, Mixtral-8x7B /
+# gpt-oss-120b): M = 1 0.152 / 0.061 ms unsplit, 0.124 / 0.050 ms in 8 / 4 splits (up to
+# 1024 programs), 0.138-0.143 / 0.048-0.049 ms in 4 / 2 (up to 512); M = 2 0.201 / 0.081
+# unsplit, 0.180 / 0.076 in 4 / 2 splits; int4_zp alike. Mixtral-8x7B at M = 4 (512
+# programs unsplit) was 7 % slower in 2 splits, at M = 16 even. int8 weights (16 KB tiles)
+# gained nothing at M = 1 or 2; mxfp4's scaled dot is bound by its instructions, not its
+# loads: 4 splits made Mixtral-8x7B's M = 1 slower (0.19 -> 0.21 ms). Neither is split.
+SPLIT_K_SCHEMES = ("int4", "int4_zp")
+SPLIT_K_FEW_PROGRAMS = 384
+SPLIT_K_PROGRAMS = 1024
+SPLIT_K_MIN_STEPS = 4
+SPLIT_K_MAX = 8
+
+
+def stage2_split_k(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+                   tile: GemmTile, weights: str, arch: str) -> int:
+    """``split_k`` of a decode layer's stage 2 (``[M*k, I] @ w2[e]^T``, K = ``intermediate``)."""
+    if weights not in SPLIT_K_SCHEMES or arch.startswith("gfx"):
+        return 1
+    programs = min(num_experts, num_tokens * top_k) * -(-hidden // tile.block_n)
+    if programs >= SPLIT_K_FEW_PROGRAMS:
+        return 1
+    split = 1
+    while (split * 2 <= SPLIT_K_MAX and programs * split * 2 <= SPLIT_K_PROGRAMS
+           and intermediate // (split * 2) >= SPLIT_K_MIN_STEPS * tile.block_k):
+        split *= 2
+    return split
 
 
 # The backward's GEMM tile (stage-2 backward, stage-1 backward, dx), one per BLOCK_M, dtype
@@ -459,6 +503,9 @@ def check_entry(path: str, where: str, entry: Any) -> MoEConfig:
     _check_int(path, where, "block_m", entry["block_m"], power_of_two=True, minimum=16)
     for stage in ("stage1", "stage2"):
         _check_tile(path, f"{where} {stage}", entry[stage])
+    if entry["stage1"].get("split_k", 1) != 1:
+        raise _table_error(path, f"{where} stage1",
+                           "split_k applies to stage 2 only (stage 1's activation needs all of K)")
     return MoEConfig.from_json(entry)
 
 

@@ -37,6 +37,12 @@ With ``SPLIT_TAIL`` = s > 0, a block whose valid rows all sit in its first BLOCK
 (or, for s = 2, BLOCK_M / 4) positions runs a tile of that many rows instead, so padding
 costs a half (or a quarter) of the multiply work it would.
 
+K split: with ``SPLIT_K`` = S > 1 (stage 2, no activation, no activation quantization)
+S programs share each C tile, each summing a range of whole K tiles into its own fp32
+copy of C, ``[S, rows, N]``, which the caller adds up (the bias goes into split 0's).
+A decode layer's stage 2 over int4 weights has too few tiles to keep enough loads in
+flight without it.
+
 Epilogue options (compile-time): ``HAS_BIAS`` adds an expert bias in fp32 before the
 activation (stage 1: ``b1 [E, 2I]`` in B's gate/up order) or before the routing weight
 (stage 2: ``b2 [E, D]``, so the bias is weighted with its row, as gpt-oss does); the
@@ -304,18 +310,21 @@ def _gated(gate, up, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.co
 
 @triton.jit
 def _block_of_program(N_OUT: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-                      NUM_XCDS: tl.constexpr):
-    """``(pid_m, pid_n)``: the row block and column block this program computes.
+                      NUM_XCDS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``(pid_m, pid_n, pid_k)``: the row block, column block and K split this program computes.
 
-    The grid is (row blocks x column blocks) in one axis; GROUP_SIZE_M row blocks share
-    each column block in turn, so B tiles stay in L2 (after the XCD remap on AMD)."""
+    The grid is (row blocks x column blocks x K splits) in one axis, the splits of a tile
+    adjacent; GROUP_SIZE_M row blocks share each column block in turn, so B tiles stay in
+    L2 (after the XCD remap on AMD)."""
     num_n_blocks: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
-    num_programs = tl.num_programs(0)
-    pid = _remap_for_xcds(tl.program_id(0), num_programs, NUM_XCDS)
+    pid = _remap_for_xcds(tl.program_id(0), tl.num_programs(0), NUM_XCDS)
+    pid_k = pid % SPLIT_K
+    pid = pid // SPLIT_K
+    num_programs = tl.num_programs(0) // SPLIT_K
     per_group = GROUP_SIZE_M * num_n_blocks
     first_m = (pid // per_group) * GROUP_SIZE_M
     group_rows = tl.minimum(num_programs // num_n_blocks - first_m, GROUP_SIZE_M)
-    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows, pid_k
 
 
 @triton.jit
@@ -329,7 +338,7 @@ def _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS: tl.constexpr):
 
 @triton.jit
 def _tile(
-    a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, expert,
+    a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, pid_k, expert,
     expert_ok,
     num_rows,
     N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
@@ -340,9 +349,11 @@ def _tile(
     FP32_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
     W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr,
+    SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of ``expert``."""
+    """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of
+    ``expert``; with ``SPLIT_K`` > 1 the sum over split ``pid_k``'s range of K only, into
+    ``C[pid_k]`` (the bias in split 0's)."""
     offs_m = row0 + tl.arange(0, ROWS)
     rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
     row_mask = (rows >= 0) & (rows < num_rows)
@@ -394,9 +405,21 @@ def _tile(
         # B's N indices are the bias's; a block without a valid expert adds none (its rows
         # stay 0). Loaded before the K loop, so its latency is not added after it.
         n_total: tl.constexpr = 2 * N_OUT if FUSE_ACTIVATION else N_OUT
-        bias = tl.load(bias_ptr + expert * n_total + b_rows, mask=b_cols_ok & expert_ok, other=0.0)
+        bias = tl.load(bias_ptr + expert * n_total + b_rows, mask=b_cols_ok & expert_ok & (pid_k == 0), other=0.0)
 
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:  # whole K tiles per split, so a split never starts inside a scale group
+        K_SPLIT: tl.constexpr = ((K + SPLIT_K - 1) // SPLIT_K + BLOCK_K - 1) // BLOCK_K * BLOCK_K
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        a_ptrs += k_lo
+        if PACKED:
+            b_ptrs += k_lo // 2
+        else:
+            b_ptrs += k_lo * stride_bk
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if K % BLOCK_K == 0:
             k_mask = tl.full([BLOCK_K], True, tl.int1)
         else:
@@ -431,6 +454,8 @@ def _tile(
         weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
     c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
+    if SPLIT_K > 1:
+        c_ptrs += pid_k.to(tl.int64) * num_rows * stride_cm
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
@@ -462,8 +487,9 @@ def moe_gemm_kernel(
     SWAP_AB: tl.constexpr,  # int4 B: C's transpose accumulated, the converted B tile the first operand
     SCALED_DOT: tl.constexpr,  # mxfp4 B against bf16 A through tl.dot_scaled
     PTX_CONVERT: tl.constexpr,  # NVIDIA: int4 B converted to bf16 by inline PTX
+    SPLIT_K: tl.constexpr,  # programs per tile, each summing a range of K into its own fp32 C [SPLIT_K, rows, N]
 ):
-    pid_m, pid_n = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS)
+    pid_m, pid_n, pid_k = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS, SPLIT_K)
     row0 = pid_m * BLOCK_M
     if row0 >= tl.load(num_tokens_post_padded_ptr):
         return  # this row block holds no rows: the grid is sized for the worst case
@@ -483,22 +509,25 @@ def moe_gemm_kernel(
             quarter = used <= BLOCK_M // 4
     if quarter:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
-              expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
+              stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
     elif half:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
-              expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
+              stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
     else:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
-              expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+              pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
+              stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
 
 
 # --------------------------------------------------------------------------- backward
@@ -562,7 +591,7 @@ def moe_gemm_act_bwd_kernel(
     zeros (their A rows and dh load as zeros).
     """
     # the forward kernel's schedule: the same (row block, column block) per program
-    pid_m, pid_n = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS)
+    pid_m, pid_n, _ = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS, 1)
     row0 = pid_m * BLOCK_M
     if row0 >= tl.load(num_tokens_post_padded_ptr):
         return

@@ -134,6 +134,10 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     Quantized B: ``w_scheme`` (a key of ``WEIGHT_SCHEMES``; ``b_shape`` stays the logical
     ``[E, N, K]``, stored ``[out, in]``), ``b_dtype`` its stored values' dtype (the fp8 type
     of the arch), ``act_quant`` None, ``"fp8"`` or ``"int8"`` (A rounded per token in the kernel).
+
+    ``tile.split_k`` = S > 1 (without an activation or ``act_quant``): S programs per C
+    tile, each summing its range of K into ``C [S, num_rows, N_out]`` in fp32, which
+    :func:`gemm` sums (more loads in flight where a decode layer has few tiles).
     """
     from jaxmoe.ops.gemm import kernels
 
@@ -153,6 +157,10 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     if spec_w.packed:  # rows of K / 2 bytes
         stride_bn = k // 2
     n_out = n // 2 if activation else n
+    split = tile.split_k
+    if split > 1 and (activation is not None or a_scheme != "none"):
+        raise ValueError(f"split_k={split} needs a GEMM without a fused activation or act_quant "
+                         f"(the activation and the per-token scales need all of K)")
     need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, activation is not None,
                              b_itemsize=None if w_scheme == "none" else 1)
     if need > _config.SHARED_MEMORY_LIMIT[arch]:
@@ -179,6 +187,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "SWAP_AB": _config.swap_ab(w_scheme, a_scheme),
         "SCALED_DOT": _config.scaled_dot(w_scheme, jnp.dtype(dtype), arch),
         "PTX_CONVERT": not arch.startswith("gfx"),
+        "SPLIT_K": split,
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
@@ -196,8 +205,10 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     )
     amd = {"waves_per_eu": 2 if block_m <= 32 else 0, "matrix_instr_nonkdim": 16, "kpack": 1}
     return KernelLaunch(
-        kernels.moe_gemm_kernel, grid=(num_blocks * n_blocks,), args=args, scalars=(("num_rows", num_rows),),
-        outs=(_sds((num_rows, n_out), out_dtype or dtype),), constexprs=tuple(constexprs.items()),
+        kernels.moe_gemm_kernel, grid=(num_blocks * n_blocks * split,), args=args, scalars=(("num_rows", num_rows),),
+        outs=(_sds((num_rows, n_out), out_dtype or dtype) if split == 1
+              else _sds((split, num_rows, n_out), jnp.float32),),
+        constexprs=tuple(constexprs.items()),
         num_warps=tile.num_warps, num_stages=tile.num_stages,
         amd_options=tuple(amd.items()) if arch.startswith("gfx") else ())
 
@@ -254,6 +265,8 @@ def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: st
     (c,) = launch(spec, a, values, scales, zeros, routing.sorted_token_ids.astype(jnp.int32),
                   routing.expert_ids.astype(jnp.int32),
                   routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights, bias)
+    if tile.split_k > 1:  # the K splits' fp32 partial sums
+        c = jnp.sum(c, axis=0).astype(out_dtype or a.dtype)
     return c
 
 
