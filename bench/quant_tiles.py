@@ -12,11 +12,6 @@ then with each candidate tile in place of stage 1's (stage 2 kept) and in place 
 buys on its own stage. Writes ``PREFIX.json``: one record per timed config, with the
 layer's weight-byte roofline at the copy rate given by ``--bytes-per-s``.
 
-``--only-heuristic`` times the heuristic's config alone; ``--split-k-max``,
-``--split-k-programs`` and ``--split-k-schemes`` change how the heuristic splits a decode
-stage 2 along K, and ``--int4-halves`` turns on int4's A-in-halves K loop, so that two
-processes compare them.
-
 Several processes can share one card: each compiles and warms its configs on its own and
 holds ``--lock`` (an ``flock``) only while it times, so no two timings overlap.
 """
@@ -97,10 +92,7 @@ def main() -> int:
     p.add_argument("--split-k-schemes", default=None,
                    help="comma-separated weight schemes whose decode stage 2 the heuristic splits along K "
                         "(default: the package's SPLIT_K_SCHEMES)")
-    p.add_argument("--int4-halves", action="store_true",
-                   help="int4 GEMMs take A stored in halves per K tile (jaxmoe.ops.gemm.config.INT4_A_HALVES)")
     args = p.parse_args()
-    _config.INT4_A_HALVES = args.int4_halves or _config.INT4_A_HALVES
     if args.split_k_schemes is not None:
         _config.SPLIT_K_SCHEMES = tuple(s for s in args.split_k_schemes.split(",") if s)
     if args.split_k_max is not None:

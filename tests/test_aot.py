@@ -150,17 +150,6 @@ def quantized_launches_for(arch: str) -> list[KernelLaunch]:
         spec = moe_triton.plan_fused_moe(1, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, arch,
                                          config=c, weights="int4")[-1]
         seen.setdefault(_key(spec), spec)
-    # int4 with A in halves (off by default until timed): int4 at M = 1 (split stage 2) and
-    # 4096, int4_zp at M = 16
-    _config.INT4_A_HALVES, was = True, _config.INT4_A_HALVES
-    try:
-        for weights, m in (("int4", 1), ("int4", 4096), ("int4_zp", 16)):
-            p = shapes[weights]
-            for spec in moe_triton.plan_fused_moe(m, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
-                                                  arch, weights=weights)[-2:]:
-                seen.setdefault(_key(spec), spec)
-    finally:
-        _config.INT4_A_HALVES = was
     return list(seen.values())
 
 
@@ -197,7 +186,6 @@ def test_every_quantized_launch_compiles(target):
     assert fp8 == {"float8_e4m3fnuz" if target == "gfx942" else "float8_e4m3fn"}
     assert {dict(s.constexprs)["W_SCHEME"] for s in specs} == {w for w, _ in QUANT_COMBOS}
     assert any(dict(s.constexprs)["SPLIT_K"] > 1 for s in specs)
-    assert any(dict(s.constexprs)["A_HALVES"] and dict(s.constexprs)["C_HALVES_K"] for s in specs)
     assert len(specs) >= 2 * len(QUANT_COMBOS)
     _compile_all(specs, target)
 
@@ -244,8 +232,6 @@ def test_quantized_gemms_keep_registers_and_load_b_in_whole_bytes():
             # (one per column and group) only; the old [K, N] B tile took 64-256 of them
             if const["W_SCHEME"] != "mxfp4":  # int4 nibbles to bf16 by the inline PTX
                 assert "0x43084308" in ptx or "0x43004300" in ptx, name
-            if const["A_HALVES"]:  # two bytes a conversion, A through the asynchronous copy
-                assert "cvt.u32.u16" in ptx and ptx.count("cp.async") >= 3, name
             byte_loads = ptx.count("ld.global.b8")
             assert byte_loads <= (4 if const["W_SCHEME"] in ("int4_zp", "mxfp4") else 0), (name, byte_loads)
     assert max(spills.values()) <= SPILL_LIMIT, {k: v for k, v in spills.items() if v > SPILL_LIMIT}

@@ -104,8 +104,7 @@ def _erf(v):
 
 
 def _split_k_table(tmp_path, monkeypatch, e, d, i, scheme, split):
-    """A config table for every arch naming stage 2 with ``split_k`` = ``split`` (the
-    table's key: ``scheme``, the weights' scheme)."""
+    """A config table for every arch naming stage 2 with ``split_k`` = ``split``."""
     import json
 
     from jaxmoe.ops.gemm import config as _config
@@ -255,27 +254,6 @@ class QuantMoeTests(OpTests):
         _split_k_table(tmp_path, monkeypatch, 6, 160, 80, scheme, split)
         x, q1, q2, tw, ids = quantized_inputs(rng, 5, 160, 80, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
         self.check(x, q1, q2, tw, with_invalid_ids(ids, 6))
-
-    @pytest.mark.parametrize("schemes,shape,split", [
-        (("int4", "int4"), (9, 64, 48, 4, 2), 1),
-        (("int4_zp", "int4_zp"), (13, 160, 80, 5, 2), 1),  # partial last K tiles in both stages
-        (("int4", "int4"), (1, 128, 64, 8, 2), 1),  # M = 1
-        (("int4", "int4"), (5, 160, 80, 6, 2), 3),  # with stage 2 split along K
-        (("int4", "int8"), (13, 160, 80, 5, 2), 1),  # stage 1 in halves, stage 2 not
-        (("int8", "int4_zp"), (13, 160, 80, 5, 2), 1),  # stage 1 writes h in halves for stage 2
-    ])
-    def test_int4_a_in_halves(self, rng, tmp_path, monkeypatch, schemes, shape, split):
-        """int4 GEMMs with A stored in halves per K tile (x permuted for stage 1, h written so
-        by stage 1): the same layer as the oracle's; invalid ids and empty experts."""
-        from jaxmoe.ops.gemm import config as _config
-
-        monkeypatch.setattr(_config, "INT4_A_HALVES", True)
-        m, d, i, e, k = shape
-        if split > 1:
-            _split_k_table(tmp_path, monkeypatch, e, d, i, schemes[1], split)
-        x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, BF16, [0, 2, 3] if e > 4 else None)
-        q1, q2 = jaxmoe.quantize_weights(w1, schemes[0]), jaxmoe.quantize_weights(w2, schemes[1])
-        self.check(x, q1, q2, tw, with_invalid_ids(ids, e))
 
     def test_all_zero_tokens_and_weight_rows(self, rng):
         """Zero activations (a zero absmax) and zero weight rows: zeros out, no 0/0."""

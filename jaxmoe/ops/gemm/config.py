@@ -151,22 +151,6 @@ def swap_ab(w_scheme: str, a_scheme: str) -> bool:
     return w_scheme in ("int4", "int4_zp") and a_scheme == "none"
 
 
-# int4 / int4_zp GEMMs with A stored in halves per K tile (``A_HALVES`` of the GEMM
-# kernel): the layer permutes x for stage 1 and stage 1 writes h so for stage 2. The K
-# loops compile to fewer instructions (sm_90, ``nvdisasm``, instructions a weight, stage 1
-# and stage 2 of Mixtral-8x7B: M = 1 2.9 and 3.6 against 4.3 and 4.9 for the loop that
-# interleaves the nibbles; M = 4096 6.7 and 6.6 against 8.6 and 8.3), with A's tiles loaded
-# through the asynchronous copy and no shared-memory stores in the loop. Off until timed
-# on a GPU: a variant with the same conversion but A's halves split in registers ran
-# slower than the interleaving loop (``bench/RESULTS.md``).
-INT4_A_HALVES = False
-
-
-def int4_halves(w_scheme: str) -> bool:
-    """Whether a GEMM over ``w_scheme`` weights takes its A in halves (:data:`INT4_A_HALVES`)."""
-    return INT4_A_HALVES and w_scheme in ("int4", "int4_zp")
-
-
 def scaled_dot(w_scheme: str, dtype: Any, arch: str) -> bool:
     """Whether mxfp4 weights go through Triton's ``tl.dot_scaled``: bf16 activations on sm_90
     and gfx950 (H200: 1.9-2.7x faster than the kernel's own e2m1 conversion at M = 1 and

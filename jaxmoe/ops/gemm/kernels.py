@@ -43,15 +43,6 @@ copy of C, ``[S, rows, N]``, which the caller adds up (the bias goes into split 
 A decode layer's stage 2 over int4 weights has too few tiles to keep enough loads in
 flight without it.
 
-A in halves (int4 and int4_zp B, ``A_HALVES``): A's columns are stored permuted within
-each BLOCK_K tile, the tile's even K values first and then its odd ones (a partial last
-tile of r values: r / 2 and r / 2). A byte of B holds an even K value in its low nibble
-and the next odd one in its high nibble, so the low nibbles multiply the first half and
-the high nibbles the second: two dots of BLOCK_K / 2 whose A tiles load whole through the
-asynchronous copy and whose B tiles are converted where they were loaded, two bytes a
-conversion, with no interleaving. Stage 1 writes its output so for stage 2
-(``C_HALVES_K``, stage 2's BLOCK_K), and the layer permutes x for stage 1.
-
 Epilogue options (compile-time): ``HAS_BIAS`` adds an expert bias in fp32 before the
 activation (stage 1: ``b1 [E, 2I]`` in B's gate/up order) or before the routing weight
 (stage 2: ``b2 [E, D]``, so the bias is weighted with its row, as gpt-oss does); the
@@ -195,90 +186,12 @@ def _int4_zp_bf16(b, z):
     return tl.reshape(tl.join(lo, hi), [b.shape[0], 2 * b.shape[1]])
 
 
-# int4 bytes to bf16 two bytes a time, for the A-in-halves K loop (``A_HALVES``): the two
-# bytes one MMA operand register's pair of K values comes from. Each byte is spread to a
-# 16-bit lane, and its low and high nibbles become the two outputs' lanes as above.
-def _int4_pair_ptx(zero_points: bool) -> str:
-    if zero_points:
-        lines = [".reg .b32 t, u, z;", "cvt.u32.u16 t, $2;", "cvt.u32.u16 z, $3;", "prmt.b32 t, t, 0, 0x4140;",
-                 "prmt.b32 z, z, 0, 0x4140;", "or.b32 z, z, 0x43004300;", "shr.b32 u, t, 4;",
-                 "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;",  # (q & 0xF) | 0x4300
-                 "lop3.b32 $1, u, 0x000F000F, 0x43004300, 0xEA;",
-                 "sub.bf16x2 $0, $0, z;", "sub.bf16x2 $1, $1, z;"]
-    else:
-        lines = [".reg .b32 t, u, m;", "cvt.u32.u16 t, $2;", "prmt.b32 t, t, 0, 0x4140;", "shr.b32 u, t, 4;",
-                 "mov.b32 m, 0x43084308;",
-                 "lop3.b32 $0, t, 0x000F000F, m, 0x6A;",  # (q & 0xF) ^ 0x4308
-                 "lop3.b32 $1, u, 0x000F000F, m, 0x6A;",
-                 "sub.bf16x2 $0, $0, m;", "sub.bf16x2 $1, $1, m;"]
-    return "\n{\n" + "\n".join(lines) + "\n}\n"
-
-
-_INT4_PAIR_PTX = tl.constexpr(_int4_pair_ptx(False))
-_INT4_ZP_PAIR_PTX = tl.constexpr(_int4_pair_ptx(True))
-
-
-@triton.jit
-def _int4_halves(b, z, dtype: tl.constexpr, W_SCHEME: tl.constexpr, PTX: tl.constexpr):
-    """``(lo, hi)``: the values of a [W, BLOCK_K // 2] tile of int4 bytes in ``dtype``, each
-    [W, BLOCK_K // 2]: ``lo[:, j]`` is K value 2j (the low nibble), ``hi[:, j]`` K value
-    2j + 1; ``z`` [W] the int4_zp zero points of the tile's columns. With ``PTX`` (NVIDIA,
-    bf16) by :data:`_INT4_PAIR_PTX` two bytes a time: the tile stays in the layout it was
-    loaded in (no interleaving of the two halves), so the halves reach the MMA's operand
-    registers as the bytes' pairs; else by integer and fp32 operations (exact: ``|v| <= 15``)."""
-    if PTX:
-        if W_SCHEME == "int4":
-            lo, hi = tl.inline_asm_elementwise(_INT4_PAIR_PTX, "=r,=r,h", [b], dtype=(tl.bfloat16, tl.bfloat16),
-                                               is_pure=True, pack=2)
-        else:
-            zb = tl.broadcast_to(z.to(tl.uint8)[:, None], b.shape)
-            lo, hi = tl.inline_asm_elementwise(_INT4_ZP_PAIR_PTX, "=r,=r,h,h", [b, zb],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
-    else:
-        if W_SCHEME == "int4":  # two's complement: (q ^ 8) - 8
-            lo = _small_ints((b & 0xF) ^ 8, 8.0)
-            hi = _small_ints((b >> 4) ^ 8, 8.0)
-        else:
-            zf = z.to(tl.float32)[:, None]
-            lo = _small_ints(b & 0xF, zf)
-            hi = _small_ints(b >> 4, zf)
-        lo = lo.to(dtype)
-        hi = hi.to(dtype)
-    return lo, hi
-
-
 @triton.jit
 def _e8m0(e):
     """2^(e - 127) in fp32 for uint8 exponents, from bits (0 -> 2^-127, 255 -> NaN)."""
     ei = e.to(tl.int32)
     bits = tl.where(ei == 0, 0x400000, ei << 23) | tl.where(ei == 255, 0x400000, 0)
     return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot(x, y, acc, FP32_IEEE: tl.constexpr):
-    """``x @ y`` (+ ``acc`` unless None) with an fp32 accumulator; fp32 operands exactly."""
-    if FP32_IEEE:
-        return tl.dot(x, y, acc, input_precision="ieee")
-    return tl.dot(x, y, acc)
-
-
-@triton.jit
-def _mma_int4_halves(acc, a_lo, a_hi, b, k0, s_ptrs, z_ptrs, col_ok, W_SCHEME: tl.constexpr, GROUP_K: tl.constexpr,
-                     FP32_IEEE: tl.constexpr, PTX_CONVERT: tl.constexpr):
-    """One K step of int4 / int4_zp B ([W, BLOCK_K // 2] bytes, one scale group) against A
-    stored in halves (``A_HALVES``): ``a_lo`` [R, BLOCK_K // 2] the step's even K values,
-    ``a_hi`` its odd ones, each loaded whole from A's columns; the bytes' low nibbles
-    multiply ``a_lo`` and their high nibbles ``a_hi``, as two dots of BLOCK_K / 2 with the
-    converted tiles as the first operand (``acc`` is C's transpose, [W, R])."""
-    z = tl.zeros_like(col_ok.to(tl.int32))
-    if W_SCHEME == "int4_zp":
-        z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.int32)
-    lo, hi = _int4_halves(b, z, a_lo.dtype, W_SCHEME,
-                          PTX_CONVERT and not INTERPRETED and a_lo.dtype == tl.bfloat16)
-    s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
-    part = _dot(lo, tl.trans(a_lo), None, FP32_IEEE)
-    return acc + _dot(hi, tl.trans(a_hi), part, FP32_IEEE) * s[:, None]
 
 
 @triton.jit
@@ -437,12 +350,10 @@ def _tile(
     W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr, SPLIT_K: tl.constexpr,
-    A_HALVES: tl.constexpr, C_HALVES_K: tl.constexpr,
 ):
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of
     ``expert``; with ``SPLIT_K`` > 1 the sum over split ``pid_k``'s range of K only, into
-    ``C[pid_k]`` (the bias in split 0's). ``A_HALVES``: A's columns stored in halves (see
-    ``moe_gemm_kernel``); ``C_HALVES_K`` > 0: C's columns written so."""
+    ``C[pid_k]`` (the bias in split 0's)."""
     offs_m = row0 + tl.arange(0, ROWS)
     rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
     row_mask = (rows >= 0) & (rows < num_rows)
@@ -496,8 +407,6 @@ def _tile(
         n_total: tl.constexpr = 2 * N_OUT if FUSE_ACTIVATION else N_OUT
         bias = tl.load(bias_ptr + expert * n_total + b_rows, mask=b_cols_ok & expert_ok & (pid_k == 0), other=0.0)
 
-    if A_HALVES:  # A's rows, read per K step at k0 (its halves' columns)
-        a_rows = a_ptr + (rows // TOP_K)[:, None] * stride_am
     if SPLIT_K == 1:
         k_lo = 0
         k_hi = K
@@ -511,41 +420,27 @@ def _tile(
         else:
             b_ptrs += k_lo * stride_bk
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if A_HALVES:
+        if K % BLOCK_K == 0:
+            k_mask = tl.full([BLOCK_K], True, tl.int1)
+        else:
+            k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+        if PACKED:
             if K % BLOCK_K == 0:
-                half = BLOCK_K // 2
                 b = tl.load(b_ptrs, mask=b_cols_ok[:, None], other=0)
             else:
-                half = tl.minimum(K - k0, BLOCK_K) // 2
-                b = tl.load(b_ptrs, mask=b_cols_ok[:, None] & (offs_kb < half)[None, :], other=0)
-            h_mask = a_mask[:, None] & (offs_kb < half)[None, :]
-            a_lo = tl.load(a_rows + k0 + offs_kb[None, :], mask=h_mask, other=0.0)
-            a_hi = tl.load(a_rows + k0 + half + offs_kb[None, :], mask=h_mask, other=0.0)
-            acc = _mma_int4_halves(acc, a_lo, a_hi, b, k0, s_ptrs, z_ptrs, b_cols_ok, W_SCHEME, GROUP_K, FP32_IEEE,
-                                   PTX_CONVERT)
+                b = tl.load(b_ptrs, mask=b_cols_ok[:, None] & (offs_kb < (K - k0) // 2)[None, :], other=0)
+        elif W_SCHEME == "none" or W_SCHEME == "fp8" or W_SCHEME == "fp8_tensor" or W_SCHEME == "fp8_block":
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
+        else:  # int8 storage
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
+        acc = _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
+                   FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT)
+        a_ptrs += BLOCK_K
+        if PACKED:
             b_ptrs += BLOCK_K // 2
         else:
-            if K % BLOCK_K == 0:
-                k_mask = tl.full([BLOCK_K], True, tl.int1)
-            else:
-                k_mask = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
-            if PACKED:
-                if K % BLOCK_K == 0:
-                    b = tl.load(b_ptrs, mask=b_cols_ok[:, None], other=0)
-                else:
-                    b = tl.load(b_ptrs, mask=b_cols_ok[:, None] & (offs_kb < (K - k0) // 2)[None, :], other=0)
-            elif W_SCHEME == "none" or W_SCHEME == "fp8" or W_SCHEME == "fp8_tensor" or W_SCHEME == "fp8_block":
-                b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
-            else:  # int8 storage
-                b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
-            acc = _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
-                       FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT)
-            a_ptrs += BLOCK_K
-            if PACKED:
-                b_ptrs += BLOCK_K // 2
-            else:
-                b_ptrs += BLOCK_K * stride_bk
+            b_ptrs += BLOCK_K * stride_bk
     if SWAP_AB:
         acc = tl.trans(acc)
     acc = _apply_scales(acc, a_scale, s_ptrs, b_cols_ok, W_SCHEME, A_SCHEME)
@@ -558,12 +453,7 @@ def _tile(
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
-    c_cols = offs_n
-    if C_HALVES_K > 0:  # each C_HALVES_K-column tile's even columns first, then its odd ones
-        t0 = (offs_n // C_HALVES_K) * C_HALVES_K
-        j = offs_n - t0
-        c_cols = t0 + tl.where(j % 2 == 0, j // 2, tl.minimum(N_OUT - t0, C_HALVES_K) // 2 + j // 2)
-    c_ptrs = c_ptr + rows[:, None] * stride_cm + c_cols[None, :]
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
     if SPLIT_K > 1:
         c_ptrs += pid_k.to(tl.int64) * num_rows * stride_cm
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -598,8 +488,6 @@ def moe_gemm_kernel(
     SCALED_DOT: tl.constexpr,  # mxfp4 B against bf16 A through tl.dot_scaled
     PTX_CONVERT: tl.constexpr,  # NVIDIA: int4 B converted to bf16 by inline PTX
     SPLIT_K: tl.constexpr,  # programs per tile, each summing a range of K into its own fp32 C [SPLIT_K, rows, N]
-    A_HALVES: tl.constexpr,  # int4 B: A's columns stored in halves per BLOCK_K tile (module docstring)
-    C_HALVES_K: tl.constexpr,  # > 0: C's columns written in halves per C_HALVES_K tile, for the next GEMM
 ):
     pid_m, pid_n, pid_k = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS, SPLIT_K)
     row0 = pid_m * BLOCK_M
@@ -625,21 +513,21 @@ def moe_gemm_kernel(
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, A_HALVES, C_HALVES_K)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
     elif half:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, A_HALVES, C_HALVES_K)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
     else:
         _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, A_HALVES, C_HALVES_K)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
 
 
 # --------------------------------------------------------------------------- backward

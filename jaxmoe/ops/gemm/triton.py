@@ -118,7 +118,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
               mul_routed_weight: bool, arch: str = "sm90", transpose_b: bool = False,
               out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
               bias: Any = False, w_scheme: str = "none", b_dtype: Any = None,
-              act_quant: str | None = None, a_halves: bool = False, c_halves_k: int = 0) -> KernelLaunch:
+              act_quant: str | None = None) -> KernelLaunch:
     """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert].
 
     ``b_shape`` is B's stored shape: ``[E, N, K]``, or with ``transpose_b`` ``[E, K, N]``
@@ -138,10 +138,6 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     ``tile.split_k`` = S > 1 (without an activation or ``act_quant``): S programs per C
     tile, each summing its range of K into ``C [S, num_rows, N_out]`` in fp32, which
     :func:`gemm` sums (more loads in flight where a decode layer has few tiles).
-
-    ``a_halves`` (int4 / int4_zp B): A's columns are stored in halves per BLOCK_K tile
-    (:func:`halves_order`); ``c_halves_k`` > 0: C's columns are written in halves per
-    tile of that many, for a next GEMM whose A is stored so.
     """
     from jaxmoe.ops.gemm import kernels
 
@@ -165,11 +161,6 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     if split > 1 and (activation is not None or a_scheme != "none"):
         raise ValueError(f"split_k={split} needs a GEMM without a fused activation or act_quant "
                          f"(the activation and the per-token scales need all of K)")
-    if a_halves and (w_scheme not in ("int4", "int4_zp") or a_scheme != "none"):
-        raise ValueError(f"A in halves multiplies int4 / int4_zp weights without act_quant, got {w_scheme!r}, "
-                         f"act_quant={act_quant!r}")
-    if c_halves_k and (c_halves_k % 2 or n_out % 2):
-        raise ValueError(f"C in halves needs an even tile ({c_halves_k}) and an even number of columns ({n_out})")
     need = tile.shared_bytes(block_m, jnp.dtype(dtype).itemsize, activation is not None,
                              b_itemsize=None if w_scheme == "none" else 1)
     if need > _config.SHARED_MEMORY_LIMIT[arch]:
@@ -197,7 +188,6 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "SCALED_DOT": _config.scaled_dot(w_scheme, jnp.dtype(dtype), arch),
         "PTX_CONVERT": not arch.startswith("gfx"),
         "SPLIT_K": split,
-        "A_HALVES": bool(a_halves), "C_HALVES_K": int(c_halves_k),
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
@@ -256,8 +246,7 @@ def kernel_weights(b: Any, arch: str) -> tuple[str, jax.Array, jax.Array, jax.Ar
 def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: str,
          topk_weights: jax.Array | None, activation: Any, transpose_b: bool = False,
          out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
-         bias: jax.Array | None = None, act_quant: str | None = None, a_halves: bool = False,
-         c_halves_k: int = 0) -> jax.Array:
+         bias: jax.Array | None = None, act_quant: str | None = None) -> jax.Array:
     """One launch over ``routing``'s layout. Rows no live sorted position covers are left
     unwritten: the caller masks them (or, in the fused layer, never reads them). ``bias``:
     ``[E, N]`` any float (added in fp32 in the epilogue), or None. ``b`` is an array in
@@ -269,8 +258,7 @@ def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: st
                      block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
                      mul_routed_weight=topk_weights is not None, arch=arch, transpose_b=transpose_b,
                      out_dtype=out_dtype, split_tail=split_tail, gate_up=gate_up, bias=_bias_arg(bias),
-                     w_scheme=scheme, b_dtype=values.dtype, act_quant=act_quant, a_halves=a_halves,
-                     c_halves_k=c_halves_k)
+                     w_scheme=scheme, b_dtype=values.dtype, act_quant=act_quant)
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
     bias = bias if bias is not None else jnp.zeros((1,), jnp.float32)
@@ -280,17 +268,6 @@ def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: st
     if tile.split_k > 1:  # the K splits' fp32 partial sums
         c = jnp.sum(c, axis=0).astype(out_dtype or a.dtype)
     return c
-
-
-def halves_order(k: int, block_k: int) -> np.ndarray:
-    """``[k]`` column indices: A stored in halves (``a_halves``) is ``a[:, halves_order(k,
-    block_k)]``: within each ``block_k`` tile (the last one may be shorter, of even length)
-    its even columns first, then its odd ones."""
-    order = []
-    for t0 in range(0, k, block_k):
-        r = min(block_k, k - t0)
-        order += [t0 + j for j in range(0, r, 2)] + [t0 + j for j in range(1, r, 2)]
-    return np.asarray(order, np.int32)
 
 
 def covered_rows(routing: RoutingData) -> jax.Array:

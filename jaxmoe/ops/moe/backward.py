@@ -105,34 +105,23 @@ def _valid(routing: RoutingData) -> jax.Array:
     return (ids >= 0) & (ids < routing.num_experts)
 
 
-def _stage1(static: _Static, x: jax.Array, w1: Any, b1: jax.Array | None, routing: RoutingData,
-            a_halves: bool = False, c_halves_k: int = 0) -> jax.Array:
+def _stage1(static: _Static, x: jax.Array, w1: Any, b1: jax.Array | None, routing: RoutingData
+            ) -> jax.Array:
     return gemm_triton.gemm(x, w1, routing, tile=static.config.stage1, arch=static.arch, topk_weights=None,
                             activation=static.activation, transpose_b=static.in_out, gate_up=static.gate_up,
-                            bias=b1, act_quant=static.act_quant, a_halves=a_halves, c_halves_k=c_halves_k)
-
-
-def _in_halves(static: _Static, w: Any) -> bool:
-    """Whether the GEMM over ``w`` takes its A in halves (int4 weights, see
-    :data:`jaxmoe.ops.gemm.config.INT4_A_HALVES`)."""
-    scheme = w.scheme if isinstance(w, QuantizedWeights) else "none"
-    return _config.int4_halves(scheme) and static.act_quant is None and not static.in_out
+                            bias=b1, act_quant=static.act_quant)
 
 
 def experts_forward(static: _Static, x: jax.Array, w1: Any, w2: Any, b1: jax.Array | None,
                     b2: jax.Array | None, routing: RoutingData) -> tuple[jax.Array, jax.Array]:
     """Both GEMM stages and the sum over the k slots: ``(out [M, D], h [M*k, I])`` in x's
     dtype (``w1``/``w2`` arrays or :class:`~jaxmoe.QuantizedWeights`; ``static.act_quant``
-    rounds x and h per token inside the kernels). With int4 weights in halves
-    (:func:`_in_halves`) x is permuted for stage 1 and h's columns come in halves order."""
+    rounds x and h per token inside the kernels)."""
     m, d = x.shape
-    halves1, halves2 = _in_halves(static, w1), _in_halves(static, w2)
-    x1 = jnp.take(x, jnp.asarray(gemm_triton.halves_order(d, static.config.stage1.block_k)), axis=1) if halves1 else x
-    h = _stage1(static, x1, w1, b1, routing, a_halves=halves1,
-                c_halves_k=static.config.stage2.block_k if halves2 else 0)
+    h = _stage1(static, x, w1, b1, routing)
     y = gemm_triton.gemm(h, w2, routing, tile=static.config.stage2, arch=static.arch,
                          topk_weights=routing.topk_weights, activation=None, transpose_b=static.in_out, bias=b2,
-                         act_quant=static.act_quant, a_halves=halves2)
+                         act_quant=static.act_quant)
     # Rows of out-of-range ids were never written: they contribute nothing.
     y = jnp.where(_valid(routing)[..., None], y.reshape(m, routing.top_k, d).astype(jnp.float32), 0.0)
     return jnp.sum(y, axis=1).astype(x.dtype), h

@@ -324,16 +324,13 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, i
     in_out = layout.startswith("in_out")
     w1_shape, w2_shape = checks.layout_shapes(layout, num_experts, hidden, intermediate)
     gate_up = "interleaved" if layout.endswith("interleaved") else "concat"
-    halves = _config.int4_halves(weights) and act_quant is None and not in_out  # as backward._in_halves
     return [
         *align_triton.plan_align(num_rows, num_experts, config.block_m),
         gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=w1_shape, top_k=top_k, tile=config.stage1,
                               activation=activation, mul_routed_weight=False, transpose_b=in_out, gate_up=gate_up,
-                              bias=biases, a_halves=halves, c_halves_k=config.stage2.block_k if halves else 0,
-                              **common),
+                              bias=biases, **common),
         gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=w2_shape, top_k=1, tile=config.stage2,
-                              activation=None, mul_routed_weight=True, transpose_b=in_out, bias=biases,
-                              a_halves=halves, **common),
+                              activation=None, mul_routed_weight=True, transpose_b=in_out, bias=biases, **common),
     ]
 
 
