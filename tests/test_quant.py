@@ -156,6 +156,95 @@ def test_split_k_is_refused_where_a_gemm_needs_all_of_k(tmp_path):
                               activation=None, w_scheme="int8", b_dtype=jnp.int8, act_quant="int8", **common)
 
 
+def _prequant_table(tmp_path, monkeypatch, e, d, i, scheme, act_quant, prequant=True):
+    """A config table for every arch whose stages take A rounded before the GEMM
+    (``prequant_a``; or not, ``prequant=False``), with small tiles the interpreter runs quickly."""
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+
+    k_tile = 128 if scheme == "fp8_block" else 32
+    stage = {"block_n": 32, "block_k": k_tile, "prequant_a": prequant}
+    table = {_config.shape_key(e, d, i, BF16, scheme, act_quant): {"1": {"block_m": 16, "stage1": stage,
+                                                                          "stage2": stage}}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for arch in _config.ARCHS:
+        (tmp_path / f"{arch}.json").write_text(json.dumps(table))
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+    picked = _config.select_config(5, 2, e, d, i, BF16, "sm90", scheme, act_quant)
+    assert picked.stage1.prequant_a == picked.stage2.prequant_a == prequant
+
+
+def test_prequant_a_is_refused_without_act_quant(tmp_path):
+    """A table naming prequant_a for a layer without act_quant is refused as it is read; a
+    plan asking for it without act_quant raises; the flag must be a boolean."""
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+    from jaxmoe.ops.gemm import triton as gemm_triton
+    from jaxmoe.ops.gemm.config import GemmTile
+
+    path = tmp_path / "sm90.json"
+    stage = {"block_n": 32, "block_k": 32, "prequant_a": True}
+    entry = {"block_m": 16, "stage1": stage, "stage2": stage}
+    with pytest.raises(ValueError, match="prequant_a applies to layers with act_quant only"):
+        _config.check_table(str(path), {_config.shape_key(6, 160, 80, BF16, "int8"): {"1": entry}})
+    _config.check_table(str(path), {_config.shape_key(6, 160, 80, BF16, "int8", "int8"): {"1": entry}})
+    bad = {"block_m": 16, "stage1": {**stage, "prequant_a": 1}, "stage2": stage}
+    with pytest.raises(ValueError, match="prequant_a must be true or false"):
+        _config.check_table(str(path), {_config.shape_key(6, 160, 80, BF16, "int8", "int8"): {"1": bad}})
+    with pytest.raises(ValueError, match="prequant_a needs act_quant"):
+        gemm_triton.plan_gemm(a_shape=(10, 80), b_shape=(6, 160, 80), tile=GemmTile(32, 32, prequant_a=True),
+                              activation=None, dtype=BF16, num_rows=10, top_k=1, block_m=16, num_blocks=4,
+                              mul_routed_weight=False, w_scheme="int8", b_dtype=jnp.int8)
+    assert json.loads(json.dumps(_config.MoEConfig(16, GemmTile(32, 32), GemmTile(32, 32)).to_json())) == {
+        "block_m": 16, "stage1": {"block_n": 32, "block_k": 32, "group_size_m": 1, "num_warps": 4, "num_stages": 3},
+        "stage2": {"block_n": 32, "block_k": 32, "group_size_m": 1, "num_warps": 4, "num_stages": 3}}
+
+
+def _check_quantize_rows(rng):
+    """The rounding pass before a prequant_a GEMM against the numpy rounding: per token and
+    per 128 channels, fp8 and int8; K = 200 ends in a partial group, 13 rows a partial
+    program; a zero row (scale 0, values 0), a row with a NaN and one with an Inf (NaN
+    scales, in their row or group only)."""
+    from jaxmoe.backends.platform import fp8_dtype
+    from jaxmoe.ops.gemm import triton as gemm_triton
+
+    v = np.asarray(randn(rng, (13, 200), F32)) * np.float32(3.0)
+    v[4] = 0
+    v[7, 150] = np.nan
+    v[9, 3] = np.inf
+    a = jnp.asarray(v, BF16)
+    h = np.asarray(a.astype(F32), np.float64)
+    for a_scheme, act_quant, group in (("fp8_token", "fp8", None), ("fp8_group", "fp8", 128),
+                                       ("int8_token", "int8", None)):
+        q_dtype = fp8_dtype() if act_quant == "fp8" else jnp.int8
+        q, scales = jax.jit(lambda a: gemm_triton.quantize_rows(a, a_scheme, q_dtype))(a)
+        q, scales = np.asarray(q.astype(F32), np.float64), np.asarray(scales, np.float64)
+        assert q.shape == (13, 200) and scales.shape == ((13, 2) if group else (13,))
+        per_value = np.repeat(scales, 128, axis=1)[:, :200] if group else scales[:, None]
+        got = q * per_value
+        qmax = FP8_MAX[jnp.dtype(q_dtype).name] if act_quant == "fp8" else 127.0
+        want = np.stack([_np_quant(row, act_quant, group) for row in h])
+        if act_quant == "fp8" and qmax != FP8_MAX["float8_e4m3fn"]:  # MI300's e4m3fnuz: its own grid
+            want = np.where(np.isfinite(want), got, want)
+        assert (got[4] == 0).all() and np.isfinite(scales[4]).all()
+        bad = ~np.isfinite(want)
+        assert (np.isnan(per_value) == bad).all(), a_scheme  # NaN scales exactly where a NaN or Inf sits
+        close = np.isclose(got[~bad], want[~bad], rtol=3e-7, atol=0)
+        assert close.mean() >= 0.99, (a_scheme, close.mean())
+        assert np.isclose(got[~bad], h[~bad], rtol=1e-9, atol=0).mean() < 0.5  # the rounding did something
+
+
+def test_quantize_rows(rng):
+    _check_quantize_rows(rng)
+
+
+@pytest.mark.gpu
+def test_gpu_quantize_rows(rng):
+    _check_quantize_rows(rng)
+
+
 def quantized_inputs(rng, m, d, i, e, k, dtype, scheme, pool=None):
     x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, dtype, pool)
     return x, jaxmoe.quantize_weights(w1, scheme), jaxmoe.quantize_weights(w2, scheme), tw, ids
@@ -254,6 +343,33 @@ class QuantMoeTests(OpTests):
         _split_k_table(tmp_path, monkeypatch, 6, 160, 80, scheme, split)
         x, q1, q2, tw, ids = quantized_inputs(rng, 5, 160, 80, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
         self.check(x, q1, q2, tw, with_invalid_ids(ids, 6))
+
+    @pytest.mark.parametrize("scheme,act_quant", [("fp8", "fp8"), ("fp8_tensor", "fp8"), ("fp8_block", "fp8"),
+                                                  ("int8", "int8")])
+    def test_activations_rounded_before_the_gemm(self, rng, tmp_path, monkeypatch, scheme, act_quant):
+        """Both stages reading A rounded by the pass before them (``prequant_a``): K = 160
+        and 80 end in partial tiles and groups; invalid ids, empty experts; a NaN and an Inf
+        token stay in their rows. On the interpreter the result is bit for bit the in-tile
+        rounding's."""
+        x, q1, q2, tw, ids = quantized_inputs(rng, 13, 160, 80, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
+        ids = with_invalid_ids(ids, 6)
+        tile_rounded = None
+        if not self.gpu:  # the same tiles, each program rounding its own A tiles
+            _prequant_table(tmp_path / "in-tile", monkeypatch, 6, 160, 80, scheme, act_quant, prequant=False)
+            tile_rounded = np.asarray(self.fused(x, q1, q2, tw, ids, act_quant), np.float32)
+        _prequant_table(tmp_path, monkeypatch, 6, 160, 80, scheme, act_quant)
+        out = np.asarray(self.check(x, q1, q2, tw, ids, act_quant), np.float32)
+        if tile_rounded is not None:
+            np.testing.assert_array_equal(out, tile_rounded)
+        poisoned = np.array(x.astype(F32))
+        poisoned[1, 3], poisoned[4, 0] = np.nan, np.inf
+        out = np.asarray(self.fused(jnp.asarray(poisoned, BF16), q1, q2, tw, ids, act_quant), np.float32)
+        clean = [r for r in range(13) if r not in (1, 4)]
+        assert np.isfinite(out[clean]).all()
+        assert not np.isfinite(out[1]).all() and not np.isfinite(out[4]).all()
+        want = oracle(jnp.asarray(poisoned[clean], BF16), q1, q2, tw[jnp.asarray(clean)], ids[jnp.asarray(clean)],
+                      act_quant=act_quant)
+        assert rel_err(out[clean], want) <= 2e-2
 
     def test_all_zero_tokens_and_weight_rows(self, rng):
         """Zero activations (a zero absmax) and zero weight rows: zeros out, no 0/0."""

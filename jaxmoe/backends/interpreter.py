@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe._compat import triton_interpreter
@@ -85,8 +86,11 @@ def run(spec: KernelLaunch, arrays: Sequence[np.ndarray], poison: bool) -> list[
     inputs = [np.ascontiguousarray(a) for a in arrays]
     outs = [np.empty(o.shape, o.dtype) for o in spec.outs]
     for o in outs:
-        if poison:
-            o.fill(np.nan if np.issubdtype(o.dtype, np.floating) or o.dtype.name == "bfloat16" else -0x5A5A5A5A)
+        if poison:  # NaN (bf16 and fp8 too), else a large negative integer (-1 in 8 and 16 bits)
+            if jnp.issubdtype(o.dtype, jnp.floating):
+                o.fill(np.nan)
+            else:
+                o.fill(-0x5A5A5A5A if o.dtype.itemsize >= 4 else -1)
         else:
             o.fill(0)
     n_in, n_scalar = len(inputs), len(spec.scalars)

@@ -57,14 +57,17 @@ class GemmTile:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # programs per C tile along K (stage 2 only; see plan_gemm)
+    prequant_a: bool = False  # act_quant: A rounded to 8 bits by a launch before the GEMM (see plan_gemm)
 
     def shared_bytes(self, block_m: int, itemsize: int, fused: bool, b_itemsize: int | None = None) -> int:
         """Shared memory the software pipeline needs: A tile plus one (or two) B tiles per
         stage (``b_itemsize``: B's stored bytes per element, default ``itemsize``; 1 for
-        quantized weights, which also counts, for 4-bit ones, the tile converted for the dot)."""
+        quantized weights, which also counts, for 4-bit ones, the tile converted for the dot;
+        A's elements take a byte with ``prequant_a``)."""
         b_tiles = 2 if fused else 1
         b_itemsize = itemsize if b_itemsize is None else b_itemsize
-        return ((block_m * self.block_k * itemsize + b_tiles * self.block_k * self.block_n * b_itemsize)
+        a_itemsize = 1 if self.prequant_a else itemsize
+        return ((block_m * self.block_k * a_itemsize + b_tiles * self.block_k * self.block_n * b_itemsize)
                 * self.num_stages)
 
 
@@ -79,8 +82,10 @@ class MoEConfig:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for stage in ("stage1", "stage2"):
-            if d[stage]["split_k"] == 1:  # the default: tables name it only where it is not
+            if d[stage]["split_k"] == 1:  # the defaults: tables name them only where they differ
                 del d[stage]["split_k"]
+            if not d[stage]["prequant_a"]:
+                del d[stage]["prequant_a"]
         return d
 
     @staticmethod
@@ -269,6 +274,9 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
         # the scaled dot's converted 128 x 256 operand beside a 128 x 256 accumulator spills
         # (96 B a thread, ptxas -v, sm_90)
         s2 = dataclasses.replace(s2, block_n=min(s2.block_n, 128))
+    if act_quant is not None and not small:
+        s1 = dataclasses.replace(s1, prequant_a=True)
+        s2 = dataclasses.replace(s2, prequant_a=True)
     b_itemsize = None if weights == "none" else 1
     s1, s2 = fit_scheme(s1, weights, act_quant), fit_scheme(s2, weights, act_quant)
     s1 = fit_accumulators(s1, block_m, True, weights, act_quant)
@@ -433,6 +441,7 @@ _SHAPE_KEY = re.compile(r"E=[1-9][0-9]*,D=[1-9][0-9]*,I=[1-9][0-9]*,dtype=(bfloa
 _TILE_FIELDS = tuple(f.name for f in dataclasses.fields(GemmTile))
 _TILE_REQUIRED = ("block_n", "block_k")
 _POWER_OF_TWO = ("block_n", "block_k", "num_warps")
+_TILE_FLAGS = ("prequant_a",)
 
 
 def table_names(arch: str, device: str | None) -> list[str]:
@@ -485,6 +494,10 @@ def _check_tile(path: str, where: str, tile: Any) -> None:
     if missing:
         raise _table_error(path, where, f"missing {missing}")
     for name, v in tile.items():
+        if name in _TILE_FLAGS:
+            if not isinstance(v, bool):
+                raise _table_error(path, where, f"{name} must be true or false, got {type(v).__name__} {v!r}")
+            continue
         _check_int(path, where, name, v, power_of_two=name in _POWER_OF_TWO,
                    minimum=16 if name in _TILE_REQUIRED else 1)  # tl.dot tiles are >= 16
 
@@ -525,7 +538,10 @@ def check_table(path: str, data: Any) -> dict[str, dict[str, Any]]:
         for bucket, entry in buckets.items():
             if not re.fullmatch(r"[0-9]+", bucket):
                 raise _table_error(path, f"entry {shape!r}", f"M bucket {bucket!r} is not a non-negative integer")
-            check_entry(path, f"entry {shape!r} M bucket {bucket!r}", entry)
+            config = check_entry(path, f"entry {shape!r} M bucket {bucket!r}", entry)
+            if ",a=" not in shape and (config.stage1.prequant_a or config.stage2.prequant_a):
+                raise _table_error(path, f"entry {shape!r} M bucket {bucket!r}",
+                                   "prequant_a applies to layers with act_quant only (a shape key with ',a=')")
         out[shape] = buckets
     return out
 

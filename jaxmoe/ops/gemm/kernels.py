@@ -28,7 +28,10 @@ integer-to-float instructions; mxfp4 against bf16 A through Triton's ``tl.dot_sc
 whose sm_90 lowering does the same); w8a8 quantizes the A tile in registers with a per-token scale (a first pass
 over the row's K finds its absmax) or, for "fp8_group", a per-token per-128-channel scale
 from the tile itself (BLOCK_K = 128), and runs the fp8 (fp32 accumulator) or int8 (int32
-accumulator) dot. Per-channel and per-tensor scales multiply the accumulator once after the
+accumulator) dot. With ``PREQUANT_A`` A arrives rounded already, with its scales
+(``act_quant_kernel``, one pass before the GEMM: the same bits), and the K loop multiplies
+8-bit tiles straight from shared memory; at large M, where each row block's A is read by
+every column block, that saves re-rounding it per program. Per-channel and per-tensor scales multiply the accumulator once after the
 K loop (:func:`_apply_scales`), per-block and per-group ones each K step's partial product.
 
 Padding: every expert's rows are padded to a multiple of BLOCK_M, so an expert's last
@@ -106,6 +109,50 @@ def _row_absmax(a_ptrs, a_mask, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl
 @triton.jit
 def _inverse_scale(amax, QMAX: tl.constexpr):
     return tl.where(amax > 0, QMAX / tl.where(amax > 0, amax, 1.0), 0.0)
+
+
+@triton.jit
+def _round_act(af, a_inv, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, Q_DTYPE: tl.constexpr):
+    """fp32 activations ``af`` [R, C] times their row's ``a_inv`` [R], rounded to
+    ``Q_DTYPE``: to the nearest integer (ties away from zero) for int8, to fp8's nearest
+    (ties to even) otherwise; NaN stays NaN (its row's scale is NaN too)."""
+    y = af * a_inv[:, None]
+    if A_SCHEME == "int8_token":
+        return tl.clamp(tl.floor(y + 0.5), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(Q_DTYPE)
+    return tl.clamp(y, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(Q_DTYPE)
+
+
+@triton.jit
+def act_quant_kernel(a_ptr, num_rows, q_ptr, s_ptr, K: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
+                     GROUP_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A ``[num_rows, K]`` rounded to 8 bits once, before a GEMM that reads it many times
+    (``PREQUANT_A``): ``Q [num_rows, K]`` and fp32 scales, per row (``"fp8_token"``,
+    ``"int8_token"``: ``S [num_rows]``) or per row and ``GROUP_K`` channels
+    (``"fp8_group"``: ``S [num_rows, ceil(K / GROUP_K)]``, ``BLOCK_K == GROUP_K``). The same
+    absmax, scale and rounding as the GEMM's in-tile quantization, so both give the same
+    bits. A row (group) holding a NaN or Inf gets a NaN scale. Row offsets are int64."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < num_rows
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * K + offs_k[None, :]
+    q_ptrs = q_ptr + rows[:, None] * K + offs_k[None, :]
+    if A_SCHEME == "fp8_group":
+        NUM_GROUPS: tl.constexpr = (K + GROUP_K - 1) // GROUP_K
+        for g in range(0, NUM_GROUPS):
+            mask = ok[:, None] & (offs_k < K - g * GROUP_K)[None, :]
+            af = tl.load(a_ptrs + g * GROUP_K, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
+            q = _round_act(af, _inverse_scale(amax, QMAX), A_SCHEME, QMAX, q_ptr.dtype.element_ty)
+            tl.store(q_ptrs + g * GROUP_K, q, mask=mask)
+            tl.store(s_ptr + rows * NUM_GROUPS + g, amax / QMAX + tl.sum(af * 0.0, axis=1), mask=ok)
+    else:
+        amax, bad = _row_absmax(a_ptrs, ok, K, BLOCK_R, BLOCK_K)
+        a_inv = _inverse_scale(amax, QMAX)
+        for k0 in range(0, K, BLOCK_K):
+            mask = ok[:, None] & (offs_k < K - k0)[None, :]
+            af = tl.load(a_ptrs + k0, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_ptrs + k0, _round_act(af, a_inv, A_SCHEME, QMAX, q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + rows, amax / QMAX + bad, mask=ok)
 
 
 @triton.jit
@@ -195,13 +242,15 @@ def _e8m0(e):
 
 
 @triton.jit
-def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K: tl.constexpr,
+def _mma(acc, a, b, a_inv, as_ptrs, a_ok, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K: tl.constexpr,
          W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, GROUP_K: tl.constexpr,
-         FP32_IEEE: tl.constexpr, SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr):
+         FP32_IEEE: tl.constexpr, SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr,
+         PREQUANT_A: tl.constexpr):
     """One K step: ``acc`` plus A tile ``a`` [R, BLOCK_K] times B tile ``b`` as stored
     (``W_SCHEME``): [BLOCK_K, W], or for the 4-bit schemes [W, BLOCK_K // 2] bytes, turned
     into A's dtype and transposed in registers. A is rounded per ``A_SCHEME`` (``a_inv``:
-    per-row QMAX / absmax). A per-K scale past K's last group is never read. With
+    per-row QMAX / absmax), or with ``PREQUANT_A`` arrives rounded (``as_ptrs``: its rows'
+    scales; rows not ``a_ok`` read none). A per-K scale past K's last group is never read. With
     ``SWAP_AB`` ``acc`` is [W, R], C's transpose, and the converted B tile the dot's first
     operand; with ``SCALED_DOT`` mxfp4 B goes through ``tl.dot_scaled``."""
     if A_SCHEME == "none":
@@ -263,18 +312,20 @@ def _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K:
         else:
             acc = tl.dot(lhs, rhs, acc)
     else:
-        af = a.to(tl.float32)
-        a_scale = a_inv  # replaced for per-group scales below
-        if A_SCHEME == "fp8_group":  # this tile is the row's 128-channel group
-            amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
-            a_scale = amax / QMAX + tl.sum(af * 0.0, axis=1)
-            a_inv = _inverse_scale(amax, QMAX)
-        y = af * a_inv[:, None]
+        if PREQUANT_A:
+            qa = a
+            if A_SCHEME == "fp8_group":  # this tile is the row's 128-channel group
+                a_scale = tl.load(as_ptrs + k0 // GROUP_K, mask=a_ok, other=0.0)
+        else:
+            af = a.to(tl.float32)
+            if A_SCHEME == "fp8_group":  # this tile is the row's 128-channel group
+                amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
+                a_scale = amax / QMAX + tl.sum(af * 0.0, axis=1)
+                a_inv = _inverse_scale(amax, QMAX)
+            qa = _round_act(af, a_inv, A_SCHEME, QMAX, b.dtype)
         if A_SCHEME == "int8_token":
-            qa = tl.clamp(tl.floor(y + 0.5), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(tl.int8)
             acc = tl.dot(qa, b, acc, out_dtype=tl.int32)
         else:
-            qa = tl.clamp(y, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL).to(b.dtype)
             if A_SCHEME == "fp8_group":
                 s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
                 acc = acc + tl.dot(qa, b) * (a_scale[:, None] * s[None, :])
@@ -338,7 +389,7 @@ def _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS: tl.constexpr):
 
 @triton.jit
 def _tile(
-    a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, pid_k, expert,
+    a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, pid_k, expert,
     expert_ok,
     num_rows,
     N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
@@ -350,6 +401,7 @@ def _tile(
     W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr, SPLIT_K: tl.constexpr,
+    PREQUANT_A: tl.constexpr, stride_as: tl.constexpr,
 ):
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of
     ``expert``; with ``SPLIT_K`` > 1 the sum over split ``pid_k``'s range of K only, into
@@ -395,7 +447,11 @@ def _tile(
     z_ptrs = bz_ptr + expert * stride_se + (b_rows // GROUP_N).to(tl.int64) * stride_sn
     a_inv = tl.zeros([ROWS], dtype=tl.float32)
     a_scale = tl.zeros([ROWS], dtype=tl.float32)
-    if A_SCHEME == "fp8_token" or A_SCHEME == "int8_token":
+    as_ptrs = as_ptr + (rows // TOP_K) * stride_as  # A's scales, with PREQUANT_A
+    if PREQUANT_A:
+        if A_SCHEME == "fp8_token" or A_SCHEME == "int8_token":
+            a_scale = tl.load(as_ptrs, mask=a_mask, other=0.0)
+    elif A_SCHEME == "fp8_token" or A_SCHEME == "int8_token":
         amax, bad = _row_absmax(a_ptrs, a_mask, K, ROWS, BLOCK_K)
         a_inv = _inverse_scale(amax, QMAX)
         a_scale = amax / QMAX + bad
@@ -434,8 +490,8 @@ def _tile(
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
         else:  # int8 storage
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
-        acc = _mma(acc, a, b, a_inv, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME, QMAX, GROUP_K,
-                   FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT)
+        acc = _mma(acc, a, b, a_inv, as_ptrs, a_mask, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME,
+                   QMAX, GROUP_K, FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT, PREQUANT_A)
         a_ptrs += BLOCK_K
         if PACKED:
             b_ptrs += BLOCK_K // 2
@@ -461,7 +517,7 @@ def _tile(
 
 @triton.jit
 def moe_gemm_kernel(
-    a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
+    a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
     bias_ptr,
     num_rows,  # M * top_k: rows of C; sorted ids outside [0, num_rows) are padding
     c_ptr,
@@ -488,6 +544,8 @@ def moe_gemm_kernel(
     SCALED_DOT: tl.constexpr,  # mxfp4 B against bf16 A through tl.dot_scaled
     PTX_CONVERT: tl.constexpr,  # NVIDIA: int4 B converted to bf16 by inline PTX
     SPLIT_K: tl.constexpr,  # programs per tile, each summing a range of K into its own fp32 C [SPLIT_K, rows, N]
+    PREQUANT_A: tl.constexpr,  # A arrives rounded to 8 bits (act_quant_kernel), its scales at as_ptr
+    stride_as: tl.constexpr,  # A scales per row: 1, or K's 128-channel groups for "fp8_group"
 ):
     pid_m, pid_n, pid_k = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS, SPLIT_K)
     row0 = pid_m * BLOCK_M
@@ -508,26 +566,26 @@ def moe_gemm_kernel(
         if SPLIT_TAIL > 1:
             quarter = used <= BLOCK_M // 4
     if quarter:
-        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
+        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as)
     elif half:
-        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
+        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as)
     else:
-        _tile(a_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
+        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
               pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as)
 
 
 # --------------------------------------------------------------------------- backward

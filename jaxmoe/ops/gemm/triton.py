@@ -17,9 +17,9 @@ import numpy as np
 from jaxmoe.backends.launch import KernelLaunch, launch
 from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile
-from jaxmoe.types import FP8_MAX, INT8_MAX, WEIGHT_SCHEMES, QuantizedWeights, RoutingData
+from jaxmoe.types import FP8_MAX, INT8_MAX, QUANT_BLOCK, WEIGHT_SCHEMES, QuantizedWeights, RoutingData
 
-__all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_backward", "act_backward", "plan_weight_grad",
+__all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_quant", "quantize_rows", "plan_act_backward", "act_backward", "plan_weight_grad",
            "weight_grad", "expert_offsets", "WEIGHT_GRAD_TILE"]
 
 
@@ -138,6 +138,11 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     ``tile.split_k`` = S > 1 (without an activation or ``act_quant``): S programs per C
     tile, each summing its range of K into ``C [S, num_rows, N_out]`` in fp32, which
     :func:`gemm` sums (more loads in flight where a decode layer has few tiles).
+
+    ``tile.prequant_a`` (with ``act_quant`` only): A arrives rounded to ``b_dtype`` by
+    :func:`plan_act_quant`'s launch, with its fp32 scales as a second input (``[a_rows]``,
+    or ``[a_rows, ceil(K / 128)]`` against fp8_block weights); else it is ``dtype`` and
+    each program rounds its tiles itself.
     """
     from jaxmoe.ops.gemm import kernels
 
@@ -157,6 +162,8 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     if spec_w.packed:  # rows of K / 2 bytes
         stride_bn = k // 2
     n_out = n // 2 if activation else n
+    if tile.prequant_a and a_scheme == "none":
+        raise ValueError("prequant_a needs act_quant (it rounds A to 8 bits before the GEMM)")
     split = tile.split_k
     if split > 1 and (activation is not None or a_scheme != "none"):
         raise ValueError(f"split_k={split} needs a GEMM without a fused activation or act_quant "
@@ -188,6 +195,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "SCALED_DOT": _config.scaled_dot(w_scheme, jnp.dtype(dtype), arch),
         "PTX_CONVERT": not arch.startswith("gfx"),
         "SPLIT_K": split,
+        "PREQUANT_A": tile.prequant_a, "stride_as": a_scale_groups(a_scheme, k),
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
@@ -196,8 +204,12 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     stored = (num_experts, n, k // 2) if spec_w.packed else tuple(b_shape)
     scales = spec_w.expected_scales(stored)
     scale_dtype = jnp.uint8 if w_scheme == "mxfp4" else jnp.float32
+    if tile.prequant_a:
+        a_args = (_sds((a_rows, k), b_dtype), _sds(act_quant_scales_shape(a_rows, k, a_scheme), jnp.float32))
+    else:
+        a_args = (_sds((a_rows, k), dtype), _sds((1,), jnp.float32))
     args = (
-        _sds((a_rows, k), dtype), _sds(stored, b_dtype), _sds(scales or (1,), scale_dtype),
+        *a_args, _sds(stored, b_dtype), _sds(scales or (1,), scale_dtype),
         _sds(scales if spec_w.zero_points else (1,), jnp.uint8), _sds((positions,), i32),
         _sds((num_blocks,), i32), _sds((1,), i32),
         _sds((num_rows,) if mul_routed_weight else (1,), jnp.float32),
@@ -211,6 +223,50 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         constexprs=tuple(constexprs.items()),
         num_warps=tile.num_warps, num_stages=tile.num_stages,
         amd_options=tuple(amd.items()) if arch.startswith("gfx") else ())
+
+
+def a_scale_groups(a_scheme: str, k: int) -> int:
+    """Scales per row of rounded A: ``ceil(K / 128)`` per-channel-group ones against
+    fp8_block weights, else 1."""
+    return -(-k // ACT_GROUP) if a_scheme == "fp8_group" else 1
+
+
+def act_quant_scales_shape(rows: int, k: int, a_scheme: str) -> tuple[int, ...]:
+    """The fp32 scales of ``[rows, K]`` activations rounded per ``a_scheme``."""
+    return (rows, -(-k // ACT_GROUP)) if a_scheme == "fp8_group" else (rows,)
+
+
+ACT_GROUP = QUANT_BLOCK  # channels per activation scale of "fp8_group" (DeepSeek-V3's 1 x 128)
+ACT_QUANT_ROWS = 8  # rows per program of the rounding pass
+ACT_QUANT_BLOCK_K = 512  # columns a step of its per-token rounding
+
+
+def plan_act_quant(*, rows: int, k: int, dtype: Any, a_scheme: str, q_dtype: Any) -> KernelLaunch:
+    """``act_quant_kernel``: ``a [rows, K]`` in ``dtype`` rounded to ``q_dtype`` (fp8 or
+    int8) with fp32 scales :func:`act_quant_scales_shape`, per ``a_scheme`` (``"fp8_token"``,
+    ``"int8_token"``, ``"fp8_group"``): what a GEMM with ``tile.prequant_a`` reads. ``rows``
+    is a runtime argument; one compiled kernel serves every row count."""
+    from jaxmoe.backends.launch import next_pow2
+    from jaxmoe.ops.gemm import kernels
+
+    if a_scheme not in A_SCHEMES[1:]:
+        raise ValueError(f"a_scheme must be one of {A_SCHEMES[1:]}, got {a_scheme!r}")
+    q_dtype = jnp.dtype(q_dtype)
+    qmax = FP8_MAX[q_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX
+    block_k = ACT_GROUP if a_scheme == "fp8_group" else min(ACT_QUANT_BLOCK_K, next_pow2(k))
+    constexprs = {"K": k, "A_SCHEME": a_scheme, "QMAX": qmax, "GROUP_K": ACT_GROUP, "BLOCK_R": ACT_QUANT_ROWS,
+                  "BLOCK_K": block_k}
+    return KernelLaunch(kernels.act_quant_kernel, grid=(max(1, -(-rows // ACT_QUANT_ROWS)),),
+                        args=(_sds((rows, k), dtype),), scalars=(("num_rows", rows),),
+                        outs=(_sds((rows, k), q_dtype), _sds(act_quant_scales_shape(rows, k, a_scheme), jnp.float32)),
+                        constexprs=tuple(constexprs.items()), num_warps=4, num_stages=1)
+
+
+def quantize_rows(a: jax.Array, a_scheme: str, q_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``(q, scales)``: ``a [rows, K]`` rounded once (:func:`plan_act_quant`)."""
+    spec = plan_act_quant(rows=a.shape[0], k=a.shape[1], dtype=a.dtype, a_scheme=a_scheme, q_dtype=q_dtype)
+    q, scales = launch(spec, a)
+    return q, scales
 
 
 class FP8ConversionWarning(UserWarning):
@@ -262,7 +318,11 @@ def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: st
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
     bias = bias if bias is not None else jnp.zeros((1,), jnp.float32)
-    (c,) = launch(spec, a, values, scales, zeros, routing.sorted_token_ids.astype(jnp.int32),
+    if tile.prequant_a:  # A rounded once, before the GEMM (plan_gemm has checked act_quant)
+        a, a_scales = quantize_rows(a, a_scheme_for(scheme, act_quant), values.dtype)
+    else:
+        a_scales = jnp.zeros((1,), jnp.float32)
+    (c,) = launch(spec, a, a_scales, values, scales, zeros, routing.sorted_token_ids.astype(jnp.int32),
                   routing.expert_ids.astype(jnp.int32),
                   routing.num_tokens_post_padded.reshape(1).astype(jnp.int32), weights, bias)
     if tile.split_k > 1:  # the K splits' fp32 partial sums

@@ -324,11 +324,19 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, i
     in_out = layout.startswith("in_out")
     w1_shape, w2_shape = checks.layout_shapes(layout, num_experts, hidden, intermediate)
     gate_up = "interleaved" if layout.endswith("interleaved") else "concat"
+    a_scheme = gemm_triton.a_scheme_for(weights, act_quant)
+
+    def rounding(tile: Any, rows: int, k: int) -> list[KernelLaunch]:  # A rounded before a GEMM
+        return ([gemm_triton.plan_act_quant(rows=rows, k=k, dtype=dtype, a_scheme=a_scheme, q_dtype=b_dtype)]
+                if tile.prequant_a else [])
+
     return [
         *align_triton.plan_align(num_rows, num_experts, config.block_m),
+        *rounding(config.stage1, num_tokens, hidden),
         gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=w1_shape, top_k=top_k, tile=config.stage1,
                               activation=activation, mul_routed_weight=False, transpose_b=in_out, gate_up=gate_up,
                               bias=biases, **common),
+        *rounding(config.stage2, num_rows, intermediate),
         gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=w2_shape, top_k=1, tile=config.stage2,
                               activation=None, mul_routed_weight=True, transpose_b=in_out, bias=biases, **common),
     ]
@@ -415,6 +423,7 @@ def plan_routed_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, 
                                   config=config, layout=layout, biases=biases, weights=weights, act_quant=act_quant)
     fused = plan_route_align(num_tokens, num_experts, top_k, logits_dtype, config.block_m, **options,
                              logit_bias_dtype=logit_bias_dtype, shared_experts=shared_experts)
-    if fused is not None:
-        return [fused, *experts_plan[-2:]]
+    if fused is not None:  # the routing launch aligns too
+        aligning = len(align_triton.plan_align(num_tokens * slots, all_experts, config.block_m))
+        return [fused, *experts_plan[aligning:]]
     return [routing_triton.plan_route(num_tokens, num_experts, top_k, logits_dtype, **options), *experts_plan]
