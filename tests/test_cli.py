@@ -340,6 +340,12 @@ def test_tune_candidates_all_plan(arch):
     for config in tune.candidates(1, 2, 8, 4096, 14336, jnp.bfloat16, arch, "int4"):
         moe_triton.plan_fused_moe(1, 2, 8, 4096, 14336, jnp.bfloat16, arch, config=config, weights="int4")
     assert {c.stage2.split_k for c in tune.candidates(4096, 2, 8, 4096, 14336, jnp.bfloat16, arch)} == {1}
+    for m, weights, act_quant in ((16, "int8", "int8"), (4096, "fp8_block", "fp8")):  # A rounded before or in-tile
+        configs = tune.candidates(m, 2, 8, 4096, 14336, jnp.bfloat16, arch, weights, act_quant)
+        assert {(c.stage1.prequant_a, c.stage2.prequant_a) for c in configs} == {(False, False), (True, True)}
+        for config in configs:
+            moe_triton.plan_fused_moe(m, 2, 8, 4096, 14336, jnp.bfloat16, arch, config=config, weights=weights,
+                                      act_quant=act_quant)
     if arch == "sm90":
         for stage2 in tune.WIDE_STAGE2:
             paired = {c.stage1 for c in tune.candidates(1024, 2, 8, 4096, 14336, jnp.bfloat16, arch)

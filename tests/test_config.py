@@ -304,3 +304,33 @@ def test_stage2_split_k_only_where_a_decode_stage_2_has_few_programs():
     assert d["stage2"]["split_k"] == 8 and "split_k" not in d["stage1"]
     assert _config.MoEConfig.from_json(d) == config
     assert _config.check_entry("t.json", "entry", d) == config
+
+
+def test_activations_rounded_before_the_gemm_past_decode_sizes():
+    """With act_quant the heuristic rounds A in a pass before each GEMM (``prequant_a``)
+    once the layer is past decode sizes (more than 32 rows per expert), on every arch, and
+    never without act_quant; a table names the flag only where it is set, and reads it back."""
+    from jaxmoe.models import PRESETS
+
+    def prequant(name, m, weights="fp8", act_quant="fp8", arch="sm90"):
+        p = PRESETS[name]
+        c = _config.heuristic_config(m, p.top_k, p.experts, p.hidden, p.intermediate, "bfloat16", arch, weights,
+                                     act_quant)
+        assert c.stage1.prequant_a == c.stage2.prequant_a
+        return c.stage1.prequant_a
+
+    assert [prequant("mixtral-8x7b", m) for m in (1, 16, 128, 1024, 4096)] == [False, False, False, True, True]
+    assert [prequant("qwen3-30b-a3b", m) for m in (128, 1024, 4096)] == [False, True, True]
+    assert prequant("deepseek-v3", 4096, "fp8_block") and prequant("mixtral-8x7b", 4096, "int8", "int8")
+    assert prequant("mixtral-8x7b", 4096, arch="gfx942") and prequant("mixtral-8x7b", 4096, arch="gfx950")
+    for weights in ("none", "int8", "int4", "mxfp4"):
+        assert not prequant("mixtral-8x7b", 4096, weights, None)
+    p = PRESETS["mixtral-8x7b"]
+    config = _config.heuristic_config(4096, p.top_k, p.experts, p.hidden, p.intermediate, "bfloat16", "sm90", "fp8",
+                                      "fp8")
+    d = config.to_json()
+    assert d["stage1"]["prequant_a"] is True and d["stage2"]["prequant_a"] is True
+    assert _config.MoEConfig.from_json(d) == config
+    assert _config.check_entry("t.json", "entry", d) == config
+    assert "prequant_a" not in _config.heuristic_config(16, p.top_k, p.experts, p.hidden, p.intermediate, "bfloat16",
+                                                        "sm90", "fp8", "fp8").to_json()["stage1"]

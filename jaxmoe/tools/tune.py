@@ -72,11 +72,14 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
     BLOCK_M from the heuristic's pick and its neighbours times the tile list, fitted to
     shared memory and, for quantized weights, to the schemes' K tiles (``fit_scheme``);
     at decode sizes (BLOCK_M <= 32, no ``act_quant``) also the heuristic's pick with its
-    stage 2 split along K in ``SPLIT_K_TRIES`` ways."""
+    stage 2 split along K in ``SPLIT_K_TRIES`` ways. With ``act_quant`` the tile list
+    rounds A as the heuristic's pick does (``prequant_a``), and the pick is also tried
+    the other way."""
     base = _config.heuristic_config(m, top_k, experts, hidden, inter, dtype, arch, weights, act_quant)
     b_itemsize = None if weights == "none" else 1
 
     def fit(tile: GemmTile, block_m: int, fused: bool) -> GemmTile:
+        tile = dataclasses.replace(tile, prequant_a=(base.stage1 if fused else base.stage2).prequant_a)
         tile = _config.fit_scheme(tile, weights, act_quant)
         return _config._fit(tile, block_m, dtype, arch, fused, b_itemsize, weights, act_quant)
 
@@ -84,6 +87,13 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
     out = [current] if current is not None else []
     if base not in out:
         out.append(base)
+    if act_quant is not None:  # A rounded before each GEMM, or in each program's tiles
+        flipped = MoEConfig(base.block_m,
+                            *(_config._fit(dataclasses.replace(t, prequant_a=not t.prequant_a), base.block_m, dtype,
+                                           arch, fused, b_itemsize, weights, act_quant)
+                              for t, fused in ((base.stage1, True), (base.stage2, False))))
+        if flipped not in out:
+            out.append(flipped)
     if base.block_m <= 32 and act_quant is None:
         for split in SPLIT_K_TRIES:
             if inter // split >= base.stage2.block_k:
