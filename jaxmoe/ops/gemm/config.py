@@ -196,6 +196,7 @@ WIDE_STAGE2 = GemmTile(block_n=256, block_k=64, group_size_m=8, num_warps=8, num
 
 
 EIGHT_BIT_WEIGHT_ONLY = ("fp8", "fp8_tensor", "int8")
+PREQUANT_BLOCK_K = 128
 # A 256-deep K tile where K gives it at least 8 steps (K >= 2048)
 DEEP_K = 2048
 
@@ -275,8 +276,9 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
         # (96 B a thread, ptxas -v, sm_90)
         s2 = dataclasses.replace(s2, block_n=min(s2.block_n, 128))
     if act_quant is not None and not small:
-        s1 = dataclasses.replace(s1, prequant_a=True)
-        s2 = dataclasses.replace(s2, prequant_a=True)
+        # 8-bit A and B: K tiles of PREQUANT_BLOCK_K, the bytes a row of bf16's 64
+        s1 = dataclasses.replace(s1, prequant_a=True, block_k=max(s1.block_k, PREQUANT_BLOCK_K))
+        s2 = dataclasses.replace(s2, prequant_a=True, block_k=max(s2.block_k, PREQUANT_BLOCK_K))
     b_itemsize = None if weights == "none" else 1
     s1, s2 = fit_scheme(s1, weights, act_quant), fit_scheme(s2, weights, act_quant)
     s1 = fit_accumulators(s1, block_m, True, weights, act_quant)
