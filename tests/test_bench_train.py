@@ -125,6 +125,23 @@ def test_train_bench_cell_on_the_gpu(tmp_path):
     assert rows["ragged_dot"]["status"] in ("ok", "out of memory")
 
 
+def test_breakdown_sums_kernels_and_finds_idle_gaps():
+    """The breakdown of one run's device events: the span, the busy time and the kernels
+    per call, and the stretches where nothing ran (an event inside another's span is no
+    gap), longest first, each with the kernels either side."""
+    from jaxmoe.tools import timeline
+
+    us = 1000  # events are in ns
+    run = [(0, 10 * us, "a"), (12 * us, 4 * us, "b"), (13 * us, 2 * us, "c"), (40 * us, 5 * us, "a"),
+           (46 * us, 4 * us, "d")]
+    span, busy, kernels, gaps = timeline.summarize(run, per_call=2)
+    assert span == 25.0 and busy == 12.5
+    assert kernels == [("a", 7.5, 1.0), ("b", 2.0, 0.5), ("d", 2.0, 0.5), ("c", 1.0, 0.5)]
+    assert gaps == [(24.0, "b", "a"), (2.0, "a", "b"), (1.0, "a", "d")]
+    text = timeline.format_breakdown("cell", (span, busy, kernels, gaps))
+    assert "idle      24.0 us between b and a" in text and "kernels busy      12.5 us" in text
+
+
 @pytest.mark.gpu
 def test_breakdown_names_the_backward_kernels(capsys):
     from jaxmoe.tools import timeline
