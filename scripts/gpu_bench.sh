@@ -35,9 +35,13 @@ for s in "${steps[@]}"; do
                 --m 4096 --m 16384 --impl jaxmoe --reps 5 --out "$out/train"
            step train-ragged_dot "${TRAIN_PEER_S:-120}" "$py" -m jaxmoe bench --mode train --model mixtral-8x7b \
                 --model qwen3-30b-a3b --m 4096 --impl ragged_dot --reps 5 --out "$out/train-ragged_dot" ;;
-    quant) for q in ${QUANTS:-fp8 int8 int4 mxfp4}; do
-               step "quant-$q" "${QUANT_S:-170}" "$py" -m jaxmoe bench --quant "$q" --model mixtral-8x7b --model qwen3-30b-a3b \
-                   --m 1 --m 16 --m 128 --m 4096 --impl jaxmoe --reps 10 --out "$out/quant-$q"
+    # QUANTS: weight schemes, each optionally with :ACT_QUANT (w8a8), e.g. "int8 fp8:fp8 fp8_block:fp8"
+    quant) for q in ${QUANTS:-fp8 int8 int4 mxfp4 fp8:fp8 int8:int8}; do
+               act=(); [[ $q == *:* ]] && act=(--act-quant "${q#*:}")
+               models=(--model mixtral-8x7b --model qwen3-30b-a3b)
+               [[ ${q%%:*} == fp8_block ]] && models=(--model deepseek-v3)
+               step "quant-${q/:/-a}" "${QUANT_S:-170}" "$py" -m jaxmoe bench --quant "${q%%:*}" "${act[@]}" "${models[@]}" \
+                   --m 1 --m 16 --m 128 --m 1024 --m 4096 --impl jaxmoe --reps 10 --out "$out/quant-${q/:/-a}"
            done ;;
     epilogue) step epilogue "${EPILOGUE_S:-100}" "$py" bench/epilogue_cost.py --model gpt-oss-120b --m 1 --m 4096 \
                 --reps 10 --rounds 2 --out "$out/epilogue_cost" ;;
