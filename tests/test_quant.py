@@ -418,6 +418,25 @@ class TestQuantMoeTritonGPU(QuantMoeTests):
         x, q1, q2, tw, ids = quantized_inputs(rng, m, d, i, e, k, BF16, scheme)
         self.check(x, q1, q2, tw, ids, act_quant)
 
+    @pytest.mark.xdist_group("big-memory")
+    @pytest.mark.parametrize("scheme,act_quant", [("fp8", "fp8"), ("int8", "int8")])
+    def test_offsets_past_int32(self, rng, scheme, act_quant):
+        """w8a8 past decode sizes: the pass before stage 2 rounds h [M*k, I] and stage 2
+        reads it at f * I, both past 2^31 elements here; the first and last rows against
+        the reference on those rows."""
+        from jaxmoe.ops.gemm import config as _config
+
+        m, d, i, e, k = (1 << 21) + 4096, 128, 128, 8, 8
+        assert m * k * i > 2**31
+        assert _config.select_config(m, k, e, d, i, BF16, "sm90", scheme, act_quant).stage2.prequant_a
+        x, q1, q2, tw, ids = quantized_inputs(rng, m, d, i, e, k, BF16, scheme)
+        out = self.fused(x, q1, q2, tw, ids, act_quant)
+        for rows in (slice(m - 4096, m), slice(0, 4096)):  # the tail: the rows whose offsets pass 2^31
+            want = jaxmoe.fused_moe(x[rows], q1, q2, tw[rows], ids[rows], act_quant=act_quant,
+                                    implementation="reference")
+            assert np.isfinite(np.asarray(out[rows], np.float32)).all()
+            assert rel_err(out[rows], want) <= 2e-2
+
     def check(self, x, q1, q2, tw, ids, act_quant=None, activation="silu"):
         if x.shape[0] * x.shape[1] * q2.shape[2] * ids.shape[1] <= 2**24:
             return super().check(x, q1, q2, tw, ids, act_quant, activation)
