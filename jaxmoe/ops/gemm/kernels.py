@@ -7,8 +7,9 @@ all of which belong to one expert:
 
 With ``FUSE_ACTIVATION`` (stage 1) the program computes the gate tile (B rows n) and the
 up tile (B rows N_OUT + n) together, as one dot over a B tile whose columns interleave
-the two, and writes act(gate) * up, so the [rows, 2I] intermediate never reaches memory. With ``MUL_ROUTED_WEIGHT`` (stage 2) each row is
-scaled by its routing weight in fp32 before the store. Row offsets are int64: rows
+the two, and writes act(gate) * up, so the [rows, 2I] intermediate never reaches memory.
+With ``MUL_ROUTED_WEIGHT`` (stage 2) each row is scaled by its routing weight in fp32
+before the store. Row offsets are int64: rows
 times strides can pass 2^31.
 
 Bad routing data cannot make a program read or write out of bounds: a sorted id outside
@@ -31,8 +32,9 @@ from the tile itself (BLOCK_K = 128), and runs the fp8 (fp32 accumulator) or int
 accumulator) dot. With ``PREQUANT_A`` A arrives rounded already, with its scales
 (``act_quant_kernel``, one pass before the GEMM: the same bits), and the K loop multiplies
 8-bit tiles straight from shared memory; at large M, where each row block's A is read by
-every column block, that saves re-rounding it per program. Per-channel and per-tensor scales multiply the accumulator once after the
-K loop (:func:`_apply_scales`), per-block and per-group ones each K step's partial product.
+every column block, that saves re-rounding it per program. Per-channel and per-tensor
+scales multiply the accumulator once after the K loop (:func:`_apply_scales`), per-block
+and per-group ones each K step's partial product.
 
 Padding: every expert's rows are padded to a multiple of BLOCK_M, so an expert's last
 block is often mostly padding (with 130 rows and BLOCK_M = 128, the second block holds 2).
@@ -389,8 +391,8 @@ def _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS: tl.constexpr):
 
 @triton.jit
 def _tile(
-    a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, pid_k, expert,
-    expert_ok,
+    a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, pid_k,
+    expert, expert_ok,
     num_rows,
     N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
@@ -517,8 +519,8 @@ def _tile(
 
 @triton.jit
 def moe_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, topk_weights_ptr,
-    bias_ptr,
+    a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+    topk_weights_ptr, bias_ptr,
     num_rows,  # M * top_k: rows of C; sorted ids outside [0, num_rows) are padding
     c_ptr,
     N_OUT: tl.constexpr,  # columns of C (I when the activation is fused, else N)
@@ -566,22 +568,22 @@ def moe_gemm_kernel(
         if SPLIT_TAIL > 1:
             quarter = used <= BLOCK_M // 4
     if quarter:
-        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
-              pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
+        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
+              pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
               SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as)
     elif half:
-        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
-              pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
+        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
+              pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
               SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as)
     else:
-        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
-              pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
+        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
+              pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,

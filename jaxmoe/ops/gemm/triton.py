@@ -19,8 +19,8 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile
 from jaxmoe.types import FP8_MAX, INT8_MAX, QUANT_BLOCK, WEIGHT_SCHEMES, QuantizedWeights, RoutingData
 
-__all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_quant", "quantize_rows", "plan_act_backward", "act_backward", "plan_weight_grad",
-           "weight_grad", "expert_offsets", "WEIGHT_GRAD_TILE"]
+__all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_quant", "quantize_rows", "plan_act_backward",
+           "act_backward", "plan_weight_grad", "weight_grad", "expert_offsets", "WEIGHT_GRAD_TILE"]
 
 
 
@@ -225,6 +225,11 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         amd_options=tuple(amd.items()) if arch.startswith("gfx") else ())
 
 
+ACT_GROUP = QUANT_BLOCK  # channels per activation scale of "fp8_group" (DeepSeek-V3's 1 x 128)
+ACT_QUANT_ROWS = 8  # rows per program of the rounding pass
+ACT_QUANT_BLOCK_K = 512  # columns a step of its per-token rounding
+
+
 def a_scale_groups(a_scheme: str, k: int) -> int:
     """Scales per row of rounded A: ``ceil(K / 128)`` per-channel-group ones against
     fp8_block weights, else 1."""
@@ -233,12 +238,7 @@ def a_scale_groups(a_scheme: str, k: int) -> int:
 
 def act_quant_scales_shape(rows: int, k: int, a_scheme: str) -> tuple[int, ...]:
     """The fp32 scales of ``[rows, K]`` activations rounded per ``a_scheme``."""
-    return (rows, -(-k // ACT_GROUP)) if a_scheme == "fp8_group" else (rows,)
-
-
-ACT_GROUP = QUANT_BLOCK  # channels per activation scale of "fp8_group" (DeepSeek-V3's 1 x 128)
-ACT_QUANT_ROWS = 8  # rows per program of the rounding pass
-ACT_QUANT_BLOCK_K = 512  # columns a step of its per-token rounding
+    return (rows, a_scale_groups(a_scheme, k)) if a_scheme == "fp8_group" else (rows,)
 
 
 def plan_act_quant(*, rows: int, k: int, dtype: Any, a_scheme: str, q_dtype: Any) -> KernelLaunch:
