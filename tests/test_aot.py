@@ -143,6 +143,16 @@ def quantized_launches_for(arch: str) -> list[KernelLaunch]:
                                                   arch, weights=weights, act_quant=act_quant):
                 if spec.name in ("moe_gemm_kernel", "act_quant_kernel"):  # the GEMMs and A's rounding pass
                     seen.setdefault(_key(spec), spec)
+    p = PRESETS["mixtral-8x7b"]
+    _config.FP8_MMA_ACCUMULATE, was = True, _config.FP8_MMA_ACCUMULATE  # the fp8 sum over K in the MMA too
+    try:
+        for m in (16, 4096):
+            for spec in moe_triton.plan_fused_moe(m, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
+                                                  arch, weights="fp8", act_quant="fp8"):
+                if spec.name == "moe_gemm_kernel":
+                    seen.setdefault(_key(spec), spec)
+    finally:
+        _config.FP8_MMA_ACCUMULATE = was
     if not any(dict(s.constexprs).get("SPLIT_K", 1) > 1 for s in seen.values()):
         # the heuristic splits on NVIDIA only; a tuned table may split anywhere
         import dataclasses
@@ -196,6 +206,7 @@ def test_every_quantized_launch_compiles(target):
     assert {dict(s.constexprs)["A_SCHEME"] for s in specs if s.name == "act_quant_kernel"} == {
         "fp8_token", "fp8_group", "int8_token"}
     assert len(gemms) >= 2 * len(QUANT_COMBOS)
+    assert sum(dict(s.constexprs)["FP8_MMA_ACC"] for s in gemms) == 4  # both stages at M = 16 and 4096
     _compile_all(specs, target)
 
 
@@ -221,6 +232,23 @@ def _ptxas_spill_bytes(ptx: str) -> int:
 # The most that passes: fp8_block stage 1 with A rounded before it, 128 x 64 (48 bytes: the
 # rows' scale addresses, read every K step).
 SPILL_LIMIT = 64
+
+
+def test_fp8_sum_over_k_in_the_mma_keeps_an_mma_in_flight(monkeypatch):
+    """sm_90: fp8 w8a8 at M = 4096 (A rounded before the GEMM) waits for each K step's MMA
+    when each step's product is a fresh partial, and keeps one MMA group in flight across
+    steps (``wgmma.wait_group 1``) with ``FP8_MMA_ACCUMULATE``."""
+    p = PRESETS["mixtral-8x7b"]
+
+    def stage2_ptx():
+        spec = moe_triton.plan_fused_moe(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, "sm90",
+                                         weights="fp8", act_quant="fp8")[-1]
+        assert dict(spec.constexprs)["PREQUANT_A"]
+        return aot.compile_aot(spec, "sm_90").asm["ptx"]
+
+    assert "wgmma.wait_group.sync.aligned 1" not in stage2_ptx()
+    monkeypatch.setattr(_config, "FP8_MMA_ACCUMULATE", True)
+    assert "wgmma.wait_group.sync.aligned 1" in stage2_ptx()
 
 
 @pytest.mark.slow

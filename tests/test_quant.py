@@ -371,6 +371,18 @@ class QuantMoeTests(OpTests):
                       act_quant=act_quant)
         assert rel_err(out[clean], want) <= 2e-2
 
+    @pytest.mark.parametrize("scheme,prequant", [("fp8", True), ("fp8_tensor", False)])
+    def test_fp8_sum_over_k_in_the_mma(self, rng, tmp_path, monkeypatch, scheme, prequant):
+        """fp8 activations against per-channel / per-tensor fp8 weights with the sum over K
+        kept in the MMA's accumulator (``FP8_MMA_ACCUMULATE``), A rounded before the GEMM or
+        in its tiles: the oracle's layer; invalid ids and empty experts."""
+        from jaxmoe.ops.gemm import config as _config
+
+        monkeypatch.setattr(_config, "FP8_MMA_ACCUMULATE", True)
+        _prequant_table(tmp_path, monkeypatch, 6, 160, 80, scheme, "fp8", prequant=prequant)
+        x, q1, q2, tw, ids = quantized_inputs(rng, 13, 160, 80, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
+        self.check(x, q1, q2, tw, with_invalid_ids(ids, 6), "fp8")
+
     def test_all_zero_tokens_and_weight_rows(self, rng):
         """Zero activations (a zero absmax) and zero weight rows: zeros out, no 0/0."""
         x, w1, w2, tw, ids = moe_inputs(rng, 5, 64, 48, 4, 2, BF16)

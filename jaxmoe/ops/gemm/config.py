@@ -120,11 +120,25 @@ def fit_scheme(tile: GemmTile, weights: str, act_quant: str | None) -> GemmTile:
     return tile if k == tile.block_k else dataclasses.replace(tile, block_k=k)
 
 
+# fp8 activations against per-channel or per-tensor fp8 weights: the sum over K kept in
+# the MMA's accumulator (``FP8_MMA_ACC``) instead of a fresh fp32 partial per K tile added
+# in registers. Triton 3.6 then keeps one MMA group in flight across K steps
+# (``wgmma.wait_group 1``, as bf16 does; the fresh partial waits for each step's MMA), at
+# the cost of Hopper's fp8 MMA accumulating with fewer bits than fp32. Off until its speed
+# and its accuracy at long K are measured on a GPU.
+FP8_MMA_ACCUMULATE = False
+
+
+def fp8_mma_accumulate(a_scheme: str) -> bool:
+    """Whether a GEMM with activation scheme ``a_scheme`` sums over K inside the fp8 MMA."""
+    return FP8_MMA_ACCUMULATE and a_scheme == "fp8_token"
+
+
 def two_accumulators(weights: str, act_quant: str | None) -> bool:
     """Whether the GEMM keeps a second fp32 tile beside its accumulator: each K step's
     partial product, scaled per K group (fp8_block, int4) or added outside the fp8 MMA
-    (fp8 activations)."""
-    return weights in ("fp8_block", "int4", "int4_zp") or act_quant == "fp8"
+    (fp8 activations, unless :data:`FP8_MMA_ACCUMULATE`)."""
+    return weights in ("fp8_block", "int4", "int4_zp") or (act_quant == "fp8" and not FP8_MMA_ACCUMULATE)
 
 
 # fp32 registers per thread one accumulator tile may take when the GEMM keeps two: two

@@ -247,7 +247,7 @@ def _e8m0(e):
 def _mma(acc, a, b, a_inv, as_ptrs, a_ok, k0, s_ptrs, z_ptrs, col_ok, K: tl.constexpr, BLOCK_K: tl.constexpr,
          W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, GROUP_K: tl.constexpr,
          FP32_IEEE: tl.constexpr, SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr,
-         PREQUANT_A: tl.constexpr):
+         PREQUANT_A: tl.constexpr, FP8_MMA_ACC: tl.constexpr):
     """One K step: ``acc`` plus A tile ``a`` [R, BLOCK_K] times B tile ``b`` as stored
     (``W_SCHEME``): [BLOCK_K, W], or for the 4-bit schemes [W, BLOCK_K // 2] bytes, turned
     into A's dtype and transposed in registers. A is rounded per ``A_SCHEME`` (``a_inv``:
@@ -331,6 +331,8 @@ def _mma(acc, a, b, a_inv, as_ptrs, a_ok, k0, s_ptrs, z_ptrs, col_ok, K: tl.cons
             if A_SCHEME == "fp8_group":
                 s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
                 acc = acc + tl.dot(qa, b) * (a_scale[:, None] * s[None, :])
+            elif FP8_MMA_ACC:  # the sum over K inside the MMA (config.FP8_MMA_ACCUMULATE)
+                acc = tl.dot(qa, b, acc)
             else:
                 # a fresh fp32 partial per K tile, added in registers: Hopper's fp8 MMA keeps
                 # fewer accumulator bits than fp32, so the sum over K must not stay inside it
@@ -403,7 +405,7 @@ def _tile(
     W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREQUANT_A: tl.constexpr, stride_as: tl.constexpr,
+    PREQUANT_A: tl.constexpr, stride_as: tl.constexpr, FP8_MMA_ACC: tl.constexpr,
 ):
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of
     ``expert``; with ``SPLIT_K`` > 1 the sum over split ``pid_k``'s range of K only, into
@@ -493,7 +495,7 @@ def _tile(
         else:  # int8 storage
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
         acc = _mma(acc, a, b, a_inv, as_ptrs, a_mask, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME,
-                   QMAX, GROUP_K, FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT, PREQUANT_A)
+                   QMAX, GROUP_K, FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT, PREQUANT_A, FP8_MMA_ACC)
         a_ptrs += BLOCK_K
         if PACKED:
             b_ptrs += BLOCK_K // 2
@@ -548,6 +550,7 @@ def moe_gemm_kernel(
     SPLIT_K: tl.constexpr,  # programs per tile, each summing a range of K into its own fp32 C [SPLIT_K, rows, N]
     PREQUANT_A: tl.constexpr,  # A arrives rounded to 8 bits (act_quant_kernel), its scales at as_ptr
     stride_as: tl.constexpr,  # A scales per row: 1, or K's 128-channel groups for "fp8_group"
+    FP8_MMA_ACC: tl.constexpr,  # "fp8_token": the sum over K kept in the MMA's accumulator
 ):
     pid_m, pid_n, pid_k = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS, SPLIT_K)
     row0 = pid_m * BLOCK_M
@@ -573,21 +576,21 @@ def moe_gemm_kernel(
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC)
     elif half:
         _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
               pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC)
     else:
         _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
               pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC)
 
 
 # --------------------------------------------------------------------------- backward

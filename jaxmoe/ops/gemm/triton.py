@@ -196,6 +196,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "PTX_CONVERT": not arch.startswith("gfx"),
         "SPLIT_K": split,
         "PREQUANT_A": tile.prequant_a, "stride_as": a_scale_groups(a_scheme, k),
+        "FP8_MMA_ACC": _config.fp8_mma_accumulate(a_scheme),
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
