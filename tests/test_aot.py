@@ -144,15 +144,13 @@ def quantized_launches_for(arch: str) -> list[KernelLaunch]:
                 if spec.name in ("moe_gemm_kernel", "act_quant_kernel"):  # the GEMMs and A's rounding pass
                     seen.setdefault(_key(spec), spec)
     p = PRESETS["mixtral-8x7b"]
-    _config.FP8_MMA_ACCUMULATE, was = True, _config.FP8_MMA_ACCUMULATE  # the fp8 sum over K in the MMA too
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the fp8 sum over K in the MMA too
+        mp.setenv(_config.FAST_ACCUM_ENV, "1")
         for m in (16, 4096):
             for spec in moe_triton.plan_fused_moe(m, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
                                                   arch, weights="fp8", act_quant="fp8"):
                 if spec.name == "moe_gemm_kernel":
                     seen.setdefault(_key(spec), spec)
-    finally:
-        _config.FP8_MMA_ACCUMULATE = was
     if not any(dict(s.constexprs).get("SPLIT_K", 1) > 1 for s in seen.values()):
         # the heuristic splits on NVIDIA only; a tuned table may split anywhere
         import dataclasses
@@ -237,7 +235,7 @@ SPILL_LIMIT = 64
 def test_fp8_sum_over_k_in_the_mma_keeps_an_mma_in_flight(monkeypatch):
     """sm_90: fp8 w8a8 at M = 4096 (A rounded before the GEMM) waits for each K step's MMA
     when each step's product is a fresh partial, and keeps one MMA group in flight across
-    steps (``wgmma.wait_group 1``) with ``FP8_MMA_ACCUMULATE``."""
+    steps (``wgmma.wait_group 1``) with ``JAXMOE_FP8_FAST_ACCUM=1``."""
     p = PRESETS["mixtral-8x7b"]
 
     def stage2_ptx():
@@ -247,7 +245,7 @@ def test_fp8_sum_over_k_in_the_mma_keeps_an_mma_in_flight(monkeypatch):
         return aot.compile_aot(spec, "sm_90").asm["ptx"]
 
     assert "wgmma.wait_group.sync.aligned 1" not in stage2_ptx()
-    monkeypatch.setattr(_config, "FP8_MMA_ACCUMULATE", True)
+    monkeypatch.setenv(_config.FAST_ACCUM_ENV, "1")
     assert "wgmma.wait_group.sync.aligned 1" in stage2_ptx()
 
 

@@ -374,11 +374,9 @@ class QuantMoeTests(OpTests):
     @pytest.mark.parametrize("scheme,prequant", [("fp8", True), ("fp8_tensor", False)])
     def test_fp8_sum_over_k_in_the_mma(self, rng, tmp_path, monkeypatch, scheme, prequant):
         """fp8 activations against per-channel / per-tensor fp8 weights with the sum over K
-        kept in the MMA's accumulator (``FP8_MMA_ACCUMULATE``), A rounded before the GEMM or
-        in its tiles: the oracle's layer; invalid ids and empty experts."""
-        from jaxmoe.ops.gemm import config as _config
-
-        monkeypatch.setattr(_config, "FP8_MMA_ACCUMULATE", True)
+        kept in the MMA's accumulator (``JAXMOE_FP8_FAST_ACCUM=1``), A rounded before the GEMM
+        or in its tiles: the oracle's layer; invalid ids and empty experts."""
+        monkeypatch.setenv("JAXMOE_FP8_FAST_ACCUM", "1")
         _prequant_table(tmp_path, monkeypatch, 6, 160, 80, scheme, "fp8", prequant=prequant)
         x, q1, q2, tw, ids = quantized_inputs(rng, 13, 160, 80, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
         self.check(x, q1, q2, tw, with_invalid_ids(ids, 6), "fp8")

@@ -120,25 +120,42 @@ def fit_scheme(tile: GemmTile, weights: str, act_quant: str | None) -> GemmTile:
     return tile if k == tile.block_k else dataclasses.replace(tile, block_k=k)
 
 
-# fp8 activations against per-channel or per-tensor fp8 weights: the sum over K kept in
-# the MMA's accumulator (``FP8_MMA_ACC``) instead of a fresh fp32 partial per K tile added
-# in registers. Triton 3.6 then keeps one MMA group in flight across K steps
-# (``wgmma.wait_group 1``, as bf16 does; the fresh partial waits for each step's MMA), at
-# the cost of Hopper's fp8 MMA accumulating with fewer bits than fp32. Off until its speed
-# and its accuracy at long K are measured on a GPU.
-FP8_MMA_ACCUMULATE = False
+# fp8 activations against per-channel or per-tensor fp8 weights ("fp8_token" A): with
+# JAXMOE_FP8_FAST_ACCUM=1 the sum over K stays in the MMA's accumulator (``FP8_MMA_ACC``)
+# instead of a fresh fp32 partial per K tile added in registers. Triton 3.6 then keeps one
+# MMA group in flight across K steps (``wgmma.wait_group 1``, as bf16 does; the fresh
+# partial waits for each step's MMA), and the GEMM keeps one accumulator tile, not two.
+# Hopper's fp8 MMA accumulates with fewer bits than fp32, so this departs from
+# ``Numerics.accum_dtype``. Measured on an H100 (Mixtral-8x7B fp8 w8a8, the layer with
+# routing): M = 1024 1.26 -> 1.00 ms, M = 4096 4.08 -> 2.85 ms; error against the fp32
+# rounding model at M = 4096 5.4e-3 -> 1.6e-2 (worst row 2.5e-2 -> 3.2e-2). Off by default.
+FAST_ACCUM_ENV = "JAXMOE_FP8_FAST_ACCUM"
+
+
+def fp8_fast_accum() -> bool:
+    """Whether ``JAXMOE_FP8_FAST_ACCUM`` asks fp8 w8a8 GEMMs with per-token activation scales
+    to sum over K inside the fp8 MMA (read when a call is planned, i.e. traced)."""
+    env = os.environ.get(FAST_ACCUM_ENV, "").strip().lower()
+    if env in ("", "0", "false", "off", "no"):
+        return False
+    if env in ("1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"{FAST_ACCUM_ENV} must be unset, 1 or 0, got {os.environ[FAST_ACCUM_ENV]!r}")
 
 
 def fp8_mma_accumulate(a_scheme: str) -> bool:
-    """Whether a GEMM with activation scheme ``a_scheme`` sums over K inside the fp8 MMA."""
-    return FP8_MMA_ACCUMULATE and a_scheme == "fp8_token"
+    """Whether a GEMM with activation scheme ``a_scheme`` sums over K inside the fp8 MMA
+    (:func:`fp8_fast_accum`, for ``"fp8_token"`` A: fp8 or fp8_tensor weights)."""
+    return a_scheme == "fp8_token" and fp8_fast_accum()
 
 
 def two_accumulators(weights: str, act_quant: str | None) -> bool:
     """Whether the GEMM keeps a second fp32 tile beside its accumulator: each K step's
     partial product, scaled per K group (fp8_block, int4) or added outside the fp8 MMA
-    (fp8 activations, unless :data:`FP8_MMA_ACCUMULATE`)."""
-    return weights in ("fp8_block", "int4", "int4_zp") or (act_quant == "fp8" and not FP8_MMA_ACCUMULATE)
+    (fp8 activations, unless :func:`fp8_mma_accumulate`)."""
+    if weights in ("fp8_block", "int4", "int4_zp"):
+        return True
+    return act_quant == "fp8" and not fp8_fast_accum()
 
 
 # fp32 registers per thread one accumulator tile may take when the GEMM keeps two: two

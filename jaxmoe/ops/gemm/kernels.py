@@ -331,7 +331,7 @@ def _mma(acc, a, b, a_inv, as_ptrs, a_ok, k0, s_ptrs, z_ptrs, col_ok, K: tl.cons
             if A_SCHEME == "fp8_group":
                 s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
                 acc = acc + tl.dot(qa, b) * (a_scale[:, None] * s[None, :])
-            elif FP8_MMA_ACC:  # the sum over K inside the MMA (config.FP8_MMA_ACCUMULATE)
+            elif FP8_MMA_ACC:  # the sum over K inside the MMA (JAXMOE_FP8_FAST_ACCUM=1)
                 acc = tl.dot(qa, b, acc)
             else:
                 # a fresh fp32 partial per K tile, added in registers: Hopper's fp8 MMA keeps
