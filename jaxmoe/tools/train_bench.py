@@ -5,11 +5,14 @@ What is timed: ``jax.value_and_grad`` of ``loss = sum(layer(params, x) * c)`` (f
 ``x``, ``w1``, ``w2`` and the router, inside ``jax.jit``: the router matmul, routing, both
 expert GEMMs and the combine forward, then their backward. Each call takes a different
 input batch and cotangent (``SETS`` of them in rotation, so activations are not all in
-cache; the weights, read by every call, are far larger than the L2). Every call is blocked
-on (so that no more than one call's gradients, each the size of the weights, are live);
-the time per step is the median over ``reps`` rounds of a round's mean. That includes the
-host's dispatch of one jitted call (tens of microseconds; these steps take milliseconds).
-After the timed calls the last call's loss and gradients are checked to be finite.
+cache; the weights, read by every call, are far larger than the L2). The batches are
+sliced before the timing. A round issues one call per batch back to back, as a training
+loop issues its steps, and is blocked on at its end: the host's dispatch of a call
+overlaps the device's work on the previous one. Each call drops the previous call's
+gradients (each the size of the weights) before it is issued, so at most two calls' are
+live. The time per step is the median over ``reps`` rounds of a round's time divided by
+its calls. After the timed calls the last call's loss and gradients are checked to be
+finite.
 
 Peers in the same run, with the same routing function (``jaxmoe.reference.route``'s
 contract; jaxmoe routes with its kernel): ``jax.lax.ragged_dot``'s autodiff on the pipeline
@@ -83,22 +86,24 @@ def train_step(impl: str, routing: dict[str, Any]) -> Callable:
 
 
 def time_step(step: Callable, params: Any, xs: jax.Array, cs: jax.Array, reps: int) -> tuple[float, Any]:
-    """(median seconds per call over ``reps`` rounds of ``len(xs)`` calls, the last output);
+    """(median seconds per call over ``reps`` rounds of ``len(xs)`` calls issued back to
+    back, the last output);
     raises :class:`~jaxmoe.tools.bench.NonFiniteError` if that output holds inf/NaN."""
     sets = xs.shape[0]
+    batches = [jax.block_until_ready((xs[s], cs[s])) for s in range(sets)]  # sliced outside the timing
     out = None
     warm = 1 if jax.default_backend() == "cpu" else 2
     for s in range(min(warm, sets)):  # compile and warm up
-        out = jax.block_until_ready(step(params, xs[s], cs[s]))
+        out = jax.block_until_ready(step(params, *batches[s]))
     rounds = []
     for _ in range(reps):
-        total = 0.0
-        for s in range(sets):
-            out = None  # the last call's gradients are freed before the next one's are made
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(step(params, xs[s], cs[s]))
-            total += time.perf_counter() - t0
-        rounds.append(total / sets)
+        out = None
+        t0 = time.perf_counter()
+        for x, c in batches:
+            out = None  # the last call's gradients are dropped before the next call is issued
+            out = step(params, x, c)
+        jax.block_until_ready(out)
+        rounds.append((time.perf_counter() - t0) / sets)
     bench.check_finite(out)
     return statistics.median(rounds), out
 
@@ -143,7 +148,8 @@ def bench_model_train(preset: ModelPreset, ms: Sequence[int], impls: Sequence[st
                     row.bandwidth_gbs = nbytes / t / 1e9
                     row.efficiency = floor / t
                     if breakdown is not None:
-                        breakdown(f"{preset.name} M={m} {impl} (train step)", lambda: step(p, xs[0], cs[0]), 1)
+                        x0, c0 = jax.block_until_ready((xs[0], cs[0]))
+                        breakdown(f"{preset.name} M={m} {impl} (train step)", lambda: step(p, x0, c0), 1)
             except Exception as exc:  # a peer that fails is reported, the run goes on
                 row.status = bench._failure(exc)
             by_impl[impl] = row
