@@ -120,7 +120,7 @@ def test_every_moe_backward_launch_compiles(target):
 
 
 # Quantized experts: every (weight scheme, act_quant) at the decode tile, the large-M tile
-# for the schemes that serve prefill; Mixtral-8x7B's shape (whole tiles), DeepSeek-V3's for
+# for the schemes that serve prefill (w8a8 also at the decode tile with A rounded in a pass); Mixtral-8x7B's shape (whole tiles), DeepSeek-V3's for
 # fp8_block, gpt-oss-120b's for the 4-bit ones (D = I = 2880: a partial K tile). On gfx942
 # the fp8 values are e4m3fnuz, elsewhere e4m3fn (the plans pick the arch's type).
 QUANT_COMBOS = [("fp8", None), ("fp8", "fp8"), ("fp8_tensor", None), ("fp8_tensor", "fp8"), ("fp8_block", None),
@@ -136,6 +136,9 @@ def quantized_launches_for(arch: str) -> list[KernelLaunch]:
     for weights, act_quant in QUANT_COMBOS:
         p = shapes.get(weights, PRESETS["mixtral-8x7b"])
         ms = (16, 4096) if (weights, act_quant) in QUANT_PREFILL else (16,)
+        if act_quant is not None and (weights, act_quant) in QUANT_PREFILL:
+            # the decode tiles at the first M that rounds A in a pass (32 rows per expert)
+            ms = (*ms, p.experts * _config.PREQUANT_MIN_ROWS // p.top_k)
         if weights in _config.SPLIT_K_SCHEMES:
             ms = (1, *ms)  # M = 1: stage 2 split along K
         for m in ms:

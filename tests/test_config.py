@@ -326,9 +326,9 @@ def test_stage2_split_k_only_where_a_decode_stage_2_has_few_programs():
     assert _config.check_entry("t.json", "entry", d) == config
 
 
-def test_activations_rounded_before_the_gemm_past_decode_sizes():
+def test_activations_rounded_before_the_gemm_from_32_rows_per_expert():
     """With act_quant the heuristic rounds A in a pass before each GEMM (``prequant_a``)
-    once the layer is past decode sizes (more than 32 rows per expert), on every arch, and
+    from 32 rows per expert (``PREQUANT_MIN_ROWS``), on every arch, and
     never without act_quant; a table names the flag only where it is set, and reads it back."""
     from jaxmoe.models import PRESETS
 
@@ -339,9 +339,11 @@ def test_activations_rounded_before_the_gemm_past_decode_sizes():
         assert c.stage1.prequant_a == c.stage2.prequant_a
         return c.stage1.prequant_a
 
-    assert [prequant("mixtral-8x7b", m) for m in (1, 16, 128, 1024, 4096)] == [False, False, False, True, True]
-    assert [prequant("qwen3-30b-a3b", m) for m in (128, 1024, 4096)] == [False, True, True]
-    assert prequant("deepseek-v3", 4096, "fp8_block") and prequant("mixtral-8x7b", 4096, "int8", "int8")
+    # Mixtral-8x7B: 32 rows per expert at M = 128; Qwen3-30B-A3B at 512; DeepSeek-V3 at 1024
+    assert [prequant("mixtral-8x7b", m) for m in (1, 16, 64, 127, 128, 1024, 4096)] == [False] * 4 + [True] * 3
+    assert [prequant("qwen3-30b-a3b", m) for m in (128, 511, 512, 1024, 4096)] == [False, False, True, True, True]
+    assert [prequant("deepseek-v3", m, "fp8_block") for m in (512, 1023, 1024, 4096)] == [False, False, True, True]
+    assert prequant("mixtral-8x7b", 4096, "int8", "int8")
     assert prequant("mixtral-8x7b", 4096, arch="gfx942") and prequant("mixtral-8x7b", 4096, arch="gfx950")
     for weights in ("none", "int8", "int4", "mxfp4"):
         assert not prequant("mixtral-8x7b", 4096, weights, None)

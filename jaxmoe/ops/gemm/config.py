@@ -227,16 +227,20 @@ WIDE_STAGE2 = GemmTile(block_n=256, block_k=64, group_size_m=8, num_warps=8, num
 
 
 EIGHT_BIT_WEIGHT_ONLY = ("fp8", "fp8_tensor", "int8")
-# w8a8 past decode sizes (more than 32 rows per expert): A rounded to 8 bits by a pass
-# before each GEMM (``prequant_a``), which then multiplies 8-bit tiles from shared memory,
-# in K tiles of PREQUANT_BLOCK_K (128 one-byte values: a bf16 64-wide tile's bytes a
-# row). Measured on an H100 (``python -m jaxmoe bench --act-quant``, the layer with
-# routing, against rounding A in each program's tiles): fp8 Mixtral-8x7B M = 1024 4.04 ->
-# 1.25 ms, M = 4096 13.8 -> 4.03 ms; Qwen3-30B-A3B 0.61 -> 0.32 and 1.87 -> 0.78 ms; int8
-# Mixtral-8x7B 3.25 -> 1.01 and 10.8 -> 3.16 ms; fp8_block DeepSeek-V3 M = 4096 22.3 ->
-# 9.24 ms. K tiles of 64 instead: fp8 Mixtral-8x7B 1.81 and 5.40 ms, Qwen3-30B-A3B 0.36
-# and 1.00 ms. At decode sizes each program rounds its own tiles (no extra launch).
+# w8a8 from PREQUANT_MIN_ROWS rows per expert: A rounded to 8 bits by a pass before each
+# GEMM (``prequant_a``), which then multiplies 8-bit tiles from shared memory, in K tiles
+# of PREQUANT_BLOCK_K (128 one-byte values: a bf16 64-wide tile's bytes a row). Rounding
+# in each program's tiles instead makes every column block of a row block read its A rows
+# twice in bf16 (the per-token absmax pass, then the K loop). Measured on an H100
+# (``python -m jaxmoe bench --act-quant``, the layer with routing, against rounding A in
+# each program's tiles): fp8 Mixtral-8x7B M = 1024 4.04 -> 1.25 ms, M = 4096 13.8 ->
+# 4.03 ms; Qwen3-30B-A3B 0.61 -> 0.32 and 1.87 -> 0.78 ms; int8 Mixtral-8x7B 3.25 -> 1.01
+# and 10.8 -> 3.16 ms; fp8_block DeepSeek-V3 M = 4096 22.3 -> 9.24 ms, and at M = 1024 (32
+# rows per expert, decode tiles) 8.70 -> 3.16 ms. K tiles of 64 instead: fp8 Mixtral-8x7B
+# 1.81 and 5.40 ms, Qwen3-30B-A3B 0.36 and 1.00 ms. Below 32 rows per expert (not timed
+# with the pass) each program rounds its own tiles, which saves the launch.
 PREQUANT_BLOCK_K = 128
+PREQUANT_MIN_ROWS = 32
 # A 256-deep K tile where K gives it at least 8 steps (K >= 2048)
 DEEP_K = 2048
 
@@ -315,7 +319,7 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
         # the scaled dot's converted 128 x 256 operand beside a 128 x 256 accumulator spills
         # (96 B a thread, ptxas -v, sm_90)
         s2 = dataclasses.replace(s2, block_n=min(s2.block_n, 128))
-    if act_quant is not None and not small:
+    if act_quant is not None and rows >= PREQUANT_MIN_ROWS:
         # 8-bit A and B: K tiles of PREQUANT_BLOCK_K, the bytes a row of bf16's 64
         s1 = dataclasses.replace(s1, prequant_a=True, block_k=max(s1.block_k, PREQUANT_BLOCK_K))
         s2 = dataclasses.replace(s2, prequant_a=True, block_k=max(s2.block_k, PREQUANT_BLOCK_K))
