@@ -201,10 +201,10 @@ def test_heuristic_narrows_tiles_that_keep_two_accumulators(weights, act_quant, 
     assert narrow.stage2.block_n < _config.WIDE_STAGE2.block_n
 
 
-def test_fp8_fast_accumulation_is_opt_in(monkeypatch):
+def test_fp8_fast_accumulation_is_opt_in(monkeypatch, capsys):
     """JAXMOE_FP8_FAST_ACCUM: off unless set; on, only per-token fp8 activations sum over K
-    in the MMA, and fp8 w8a8 keeps one accumulator (the wide stage-2 tile); a bad value is
-    refused with the values it takes."""
+    in the MMA, and fp8 w8a8 keeps one accumulator (the wide stage-2 tile); the config log
+    says so; a bad value is refused with the values it takes."""
     fp8 = ("bfloat16", "sm90", "fp8", "fp8")
     monkeypatch.delenv(_config.FAST_ACCUM_ENV, raising=False)
     assert not _config.fp8_fast_accum() and not _config.fp8_mma_accumulate("fp8_token")
@@ -214,8 +214,15 @@ def test_fp8_fast_accumulation_is_opt_in(monkeypatch):
     assert not any(_config.fp8_mma_accumulate(s) for s in ("fp8_group", "int8_token", "none"))
     assert _config.two_accumulators("fp8_block", "fp8") and not _config.two_accumulators("fp8", "fp8")
     assert _config.heuristic_config(4096, 2, 8, 4096, 14336, *fp8).stage2.block_n == _config.WIDE_STAGE2.block_n
+    monkeypatch.setenv("JAXMOE_LOG_CONFIG", "1")
+    _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90", "fp8", "fp8")
+    assert "JAXMOE_FP8_FAST_ACCUM=1" in capsys.readouterr().err
+    _config.select_config(4096, 8, 256, 7168, 2048, "bfloat16", "sm90", "fp8_block", "fp8")
+    assert "FAST_ACCUM" not in capsys.readouterr().err  # per-128-channel scales: unaffected
     monkeypatch.setenv(_config.FAST_ACCUM_ENV, "0")
     assert not _config.fp8_fast_accum()
+    _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90", "fp8", "fp8")
+    assert "FAST_ACCUM" not in capsys.readouterr().err
     monkeypatch.setenv(_config.FAST_ACCUM_ENV, "fast")
     with pytest.raises(ValueError, match="JAXMOE_FP8_FAST_ACCUM must be unset, 1 or 0"):
         _config.fp8_fast_accum()

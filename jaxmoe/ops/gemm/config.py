@@ -665,6 +665,8 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
         config = MoEConfig(config.block_m, fit_scheme(config.stage1, weights, act_quant),
                            fit_scheme(config.stage2, weights, act_quant))
     if log_configs():
+        fast = (f" {FAST_ACCUM_ENV}=1" if act_quant == "fp8" and weights in ("fp8", "fp8_tensor") and fp8_fast_accum()
+                else "")
         print(f"jaxmoe: M={num_tokens} k={top_k} {key} "
-              f"arch={arch} [{source}] {config}", file=sys.stderr)
+              f"arch={arch} [{source}]{fast} {config}", file=sys.stderr)
     return config
