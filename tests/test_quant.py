@@ -821,3 +821,10 @@ def test_bench_times_the_quantized_layer_against_its_bytes(tmp_path, capsys, mon
     capsys.readouterr()
     assert main(["bench", "--quant", "int4", "--act-quant", "fp8", "--out", out]) == 2
     assert "--act-quant fp8 needs --quant" in capsys.readouterr().err
+    # a run with fp8 fast accumulation says so in its header
+    monkeypatch.setenv("JAXMOE_FP8_FAST_ACCUM", "1")
+    fp8 = ["bench", "--model", "tiny", "--m", "2", "--reps", "1", "--impl", "jaxmoe", "--quant", "fp8", "--out", out]
+    assert main([*fp8, "--act-quant", "fp8"]) == 0
+    assert "JAXMOE_FP8_FAST_ACCUM=1: the fp8 GEMMs sum over K inside the fp8 MMA" in capsys.readouterr().out
+    assert main(fp8) == 0  # weight-only: not affected, not said
+    assert "FAST_ACCUM" not in capsys.readouterr().out

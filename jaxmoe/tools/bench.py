@@ -583,8 +583,9 @@ def run(args: argparse.Namespace) -> int:
     ceilings = ceilings_for(getattr(args, "ceilings", "measure"))
     if mode == "train":
         method = (f"one layer's forward + backward (grads of x, w1, w2, router) inside jax.jit, time per step "
-                  f"= median over {reps} rounds of calls on {train_bench.SETS if not on_cpu else 2} input batches, each "
-                  f"blocked on, warm; efficiency = fwd+bwd roofline floor (three GEMM passes) / time")
+                  f"= median over {reps} rounds of calls on {train_bench.SETS if not on_cpu else 2} input batches, issued "
+                  f"back to back and blocked on at each round's end, warm; efficiency = fwd+bwd roofline floor (three "
+                  f"GEMM passes) / time")
     else:
         method = (f"whole layer inside jax.jit, time per layer = median over {reps} paired calls of (jit of "
                   f"{SETS} chained layers - jit of {SHORT}) / {SETS - SHORT}, warm, a different input batch "
@@ -592,6 +593,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"jaxmoe bench --mode {mode} on {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.dtype}: "
           f"{method}", flush=True)
     print(f"ceilings: {ceilings.describe()}", flush=True)
+    if act_quant == "fp8" and quant in ("fp8", "fp8_tensor"):
+        from jaxmoe.ops.gemm import config as gemm_config
+
+        if gemm_config.fp8_fast_accum():
+            print(f"{gemm_config.FAST_ACCUM_ENV}=1: the fp8 GEMMs sum over K inside the fp8 MMA", flush=True)
     breakdown = _print_breakdown if getattr(args, "breakdown", False) else None
     rows: list[Row] = []
     start = time.perf_counter()
