@@ -35,13 +35,17 @@ for s in "${steps[@]}"; do
                 --m 4096 --m 16384 --impl jaxmoe --reps 5 --out "$out/train"
            step train-ragged_dot "${TRAIN_PEER_S:-120}" "$py" -m jaxmoe bench --mode train --model mixtral-8x7b \
                 --model qwen3-30b-a3b --m 4096 --impl ragged_dot --reps 5 --out "$out/train-ragged_dot" ;;
-    # QUANTS: weight schemes, each optionally with :ACT_QUANT (w8a8), e.g. "int8 fp8:fp8 fp8_block:fp8"
+    # QUANTS: weight schemes, each optionally with :ACT_QUANT (w8a8) and :fast (JAXMOE_FP8_FAST_ACCUM=1),
+    # e.g. "int8 fp8:fp8 fp8:fp8:fast fp8_block:fp8"
     quant) for q in ${QUANTS:-fp8 int8 int4 mxfp4 fp8:fp8 int8:int8}; do
-               act=(); [[ $q == *:* ]] && act=(--act-quant "${q#*:}")
+               IFS=: read -r w a fast <<<"$q"
+               act=(); [[ -n $a ]] && act=(--act-quant "$a")
                models=(--model mixtral-8x7b --model qwen3-30b-a3b)
-               [[ ${q%%:*} == fp8_block ]] && models=(--model deepseek-v3)
-               step "quant-${q/:/-a}" "${QUANT_S:-170}" "$py" -m jaxmoe bench --quant "${q%%:*}" "${act[@]}" "${models[@]}" \
-                   --m 1 --m 16 --m 128 --m 1024 --m 4096 --impl jaxmoe --reps 10 --out "$out/quant-${q/:/-a}"
+               [[ $w == fp8_block ]] && models=(--model deepseek-v3)
+               name="quant-$w${a:+-a$a}${fast:+-$fast}"
+               JAXMOE_FP8_FAST_ACCUM=$([[ $fast == fast ]] && echo 1 || echo 0) \
+               step "$name" "${QUANT_S:-170}" "$py" -m jaxmoe bench --quant "$w" "${act[@]}" "${models[@]}" \
+                   --m 1 --m 16 --m 128 --m 1024 --m 4096 --impl jaxmoe --reps 10 --out "$out/$name"
            done ;;
     epilogue) step epilogue "${EPILOGUE_S:-100}" "$py" bench/epilogue_cost.py --model gpt-oss-120b --m 1 --m 4096 \
                 --reps 10 --rounds 2 --out "$out/epilogue_cost" ;;
