@@ -828,3 +828,6 @@ def test_bench_times_the_quantized_layer_against_its_bytes(tmp_path, capsys, mon
     assert "JAXMOE_FP8_FAST_ACCUM=1: the fp8 GEMMs sum over K inside the fp8 MMA" in capsys.readouterr().out
     assert main(fp8) == 0  # weight-only: not affected, not said
     assert "FAST_ACCUM" not in capsys.readouterr().out
+    # tables serve both settings: tune refuses to pick tiles with fast accumulation on
+    assert main(["tune", "--model", "tiny", "--quant", "fp8", "--act-quant", "fp8", "--out", str(tmp_path)]) == 2
+    assert "tune with JAXMOE_FP8_FAST_ACCUM unset" in capsys.readouterr().err

@@ -249,6 +249,11 @@ def run(args: argparse.Namespace) -> int:
     if act_quant is not None and quant not in ACT_QUANT_SCHEMES[act_quant]:
         raise CommandError(f"--act-quant {act_quant} needs --quant one of {', '.join(ACT_QUANT_SCHEMES[act_quant])}, "
                            f"got {quant}")
+    if act_quant == "fp8" and quant in ("fp8", "fp8_tensor") and _config.fp8_fast_accum():
+        # one table entry serves both settings, and the default keeps two accumulator tiles
+        # that a tile tuned with one could overflow
+        raise CommandError(f"tune with {_config.FAST_ACCUM_ENV} unset: config tables serve fp8 w8a8 with and "
+                           "without it, and their tiles must fit the default's two accumulators")
     presets = layers(args)
     ms = tuple(args.m or DEFAULT_M)
     out_dir = pathlib.Path(args.out) if args.out else _config.config_dir()
