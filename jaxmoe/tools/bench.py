@@ -593,11 +593,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"jaxmoe bench --mode {mode} on {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.dtype}: "
           f"{method}", flush=True)
     print(f"ceilings: {ceilings.describe()}", flush=True)
-    if act_quant == "fp8" and quant in ("fp8", "fp8_tensor"):
-        from jaxmoe.ops.gemm import config as gemm_config
+    from jaxmoe.ops.gemm import config as gemm_config
 
-        if gemm_config.fp8_fast_accum():
-            print(f"{gemm_config.FAST_ACCUM_ENV}=1: the fp8 GEMMs sum over K inside the fp8 MMA", flush=True)
+    if quant is not None and gemm_config.fast_accum_applies(quant, act_quant):
+        print(f"{gemm_config.FAST_ACCUM_ENV}=1: the fp8 GEMMs sum over K inside the fp8 MMA", flush=True)
     breakdown = _print_breakdown if getattr(args, "breakdown", False) else None
     rows: list[Row] = []
     start = time.perf_counter()

@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if act_quant is not None and quant not in ACT_QUANT_SCHEMES[act_quant]:
         raise CommandError(f"--act-quant {act_quant} needs --quant one of {', '.join(ACT_QUANT_SCHEMES[act_quant])}, "
                            f"got {quant}")
-    if act_quant == "fp8" and quant in ("fp8", "fp8_tensor") and _config.fp8_fast_accum():
+    if _config.fast_accum_applies(quant, act_quant):
         # one table entry serves both settings, and the default keeps two accumulator tiles
         # that a tile tuned with one could overflow
         raise CommandError(f"tune with {_config.FAST_ACCUM_ENV} unset: config tables serve fp8 w8a8 with and "

@@ -143,19 +143,35 @@ def fp8_fast_accum() -> bool:
     raise ValueError(f"{FAST_ACCUM_ENV} must be unset, 1 or 0, got {os.environ[FAST_ACCUM_ENV]!r}")
 
 
+def a_scheme_for(w_scheme: str, act_quant: str | None) -> str:
+    """The kernel's ``A_SCHEME`` for weights of ``w_scheme`` and the layer's ``act_quant``:
+    per token, or per token and 128 channels against fp8_block weights (DeepSeek-V3)."""
+    if act_quant is None:
+        return "none"
+    if act_quant == "fp8":
+        return "fp8_group" if w_scheme == "fp8_block" else "fp8_token"
+    return "int8_token"
+
+
 def fp8_mma_accumulate(a_scheme: str) -> bool:
     """Whether a GEMM with activation scheme ``a_scheme`` sums over K inside the fp8 MMA
     (:func:`fp8_fast_accum`, for ``"fp8_token"`` A: fp8 or fp8_tensor weights)."""
     return a_scheme == "fp8_token" and fp8_fast_accum()
 
 
+def fast_accum_applies(weights: str, act_quant: str | None) -> bool:
+    """Whether a layer's GEMMs with these weights and ``act_quant`` sum over K inside the
+    fp8 MMA (:func:`fp8_mma_accumulate`)."""
+    return fp8_mma_accumulate(a_scheme_for(weights, act_quant))
+
+
 def two_accumulators(weights: str, act_quant: str | None) -> bool:
     """Whether the GEMM keeps a second fp32 tile beside its accumulator: each K step's
     partial product, scaled per K group (fp8_block, int4) or added outside the fp8 MMA
-    (fp8 activations, unless :func:`fp8_mma_accumulate`)."""
+    (fp8 activations, unless :func:`fast_accum_applies`)."""
     if weights in ("fp8_block", "int4", "int4_zp"):
         return True
-    return act_quant == "fp8" and not fp8_fast_accum()
+    return act_quant == "fp8" and not fast_accum_applies(weights, act_quant)
 
 
 # fp32 registers per thread one accumulator tile may take when the GEMM keeps two: two
@@ -665,8 +681,7 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
         config = MoEConfig(config.block_m, fit_scheme(config.stage1, weights, act_quant),
                            fit_scheme(config.stage2, weights, act_quant))
     if log_configs():
-        fast = (f" {FAST_ACCUM_ENV}=1" if act_quant == "fp8" and weights in ("fp8", "fp8_tensor") and fp8_fast_accum()
-                else "")
+        fast = f" {FAST_ACCUM_ENV}=1" if fast_accum_applies(weights, act_quant) else ""
         print(f"jaxmoe: M={num_tokens} k={top_k} {key} "
               f"arch={arch} [{source}]{fast} {config}", file=sys.stderr)
     return config

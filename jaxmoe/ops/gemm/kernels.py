@@ -114,6 +114,14 @@ def _inverse_scale(amax, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _group_scale(af, QMAX: tl.constexpr):
+    """``(scale, QMAX / absmax)`` per row of fp32 activations ``af`` [R, C] (one 128-channel
+    group): the absmax over finite values; a row holding a NaN or Inf gets a NaN scale."""
+    amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
+    return amax / QMAX + tl.sum(af * 0.0, axis=1), _inverse_scale(amax, QMAX)
+
+
+@triton.jit
 def _round_act(af, a_inv, A_SCHEME: tl.constexpr, QMAX: tl.constexpr, Q_DTYPE: tl.constexpr):
     """fp32 activations ``af`` [R, C] times their row's ``a_inv`` [R], rounded to
     ``Q_DTYPE``: to the nearest integer (ties away from zero) for int8, to fp8's nearest
@@ -143,10 +151,9 @@ def act_quant_kernel(a_ptr, num_rows, q_ptr, s_ptr, K: tl.constexpr, A_SCHEME: t
         for g in range(0, NUM_GROUPS):
             mask = ok[:, None] & (offs_k < K - g * GROUP_K)[None, :]
             af = tl.load(a_ptrs + g * GROUP_K, mask=mask, other=0.0).to(tl.float32)
-            amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
-            q = _round_act(af, _inverse_scale(amax, QMAX), A_SCHEME, QMAX, q_ptr.dtype.element_ty)
-            tl.store(q_ptrs + g * GROUP_K, q, mask=mask)
-            tl.store(s_ptr + rows * NUM_GROUPS + g, amax / QMAX + tl.sum(af * 0.0, axis=1), mask=ok)
+            scale, inv = _group_scale(af, QMAX)
+            tl.store(q_ptrs + g * GROUP_K, _round_act(af, inv, A_SCHEME, QMAX, q_ptr.dtype.element_ty), mask=mask)
+            tl.store(s_ptr + rows * NUM_GROUPS + g, scale, mask=ok)
     else:
         amax, bad = _row_absmax(a_ptrs, ok, K, BLOCK_R, BLOCK_K)
         a_inv = _inverse_scale(amax, QMAX)
@@ -321,9 +328,7 @@ def _mma(acc, a, b, a_inv, as_ptrs, a_ok, k0, s_ptrs, z_ptrs, col_ok, K: tl.cons
         else:
             af = a.to(tl.float32)
             if A_SCHEME == "fp8_group":  # this tile is the row's 128-channel group
-                amax = tl.max(tl.where(tl.abs(af) <= FINITE_MAX, tl.abs(af), 0.0), axis=1)
-                a_scale = amax / QMAX + tl.sum(af * 0.0, axis=1)
-                a_inv = _inverse_scale(amax, QMAX)
+                a_scale, a_inv = _group_scale(af, QMAX)
             qa = _round_act(af, a_inv, A_SCHEME, QMAX, b.dtype)
         if A_SCHEME == "int8_token":
             acc = tl.dot(qa, b, acc, out_dtype=tl.int32)

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxmoe.backends.launch import KernelLaunch, launch
 from jaxmoe.ops.gemm import config as _config
-from jaxmoe.ops.gemm.config import GemmTile
+from jaxmoe.ops.gemm.config import GemmTile, a_scheme_for
 from jaxmoe.types import FP8_MAX, INT8_MAX, QUANT_BLOCK, WEIGHT_SCHEMES, QuantizedWeights, RoutingData
 
 __all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_quant", "quantize_rows", "plan_act_backward",
@@ -56,16 +56,6 @@ def _gate_up_constexprs(gate_up: str, n_out: int) -> dict[str, int]:
 
 
 A_SCHEMES = ("none", "fp8_token", "fp8_group", "int8_token")
-
-
-def a_scheme_for(w_scheme: str, act_quant: str | None) -> str:
-    """The kernel's ``A_SCHEME`` for weights of ``w_scheme`` and the layer's ``act_quant``:
-    per token, or per token and 128 channels against fp8_block weights (DeepSeek-V3)."""
-    if act_quant is None:
-        return "none"
-    if act_quant == "fp8":
-        return "fp8_group" if w_scheme == "fp8_block" else "fp8_token"
-    return "int8_token"
 
 
 def scale_layout(w_scheme: str, n: int, k: int) -> dict[str, int]:
