@@ -58,12 +58,14 @@ def launches_for(arch: str) -> list[backends.KernelLaunch]:
     top_k = {(p.experts, p.hidden, p.intermediate): p.top_k for p in PRESETS.values()}
     tuned = [(shape, table) for path in package_tables(arch) for shape, table in _config._load(str(path)).items()]
     for shape, table in tuned:
-        e, d, i = (int(part.split("=")[1]) for part in shape.split(",")[:3])
-        dtype = jnp.dtype(shape.split("dtype=")[1])
+        fields = dict(part.split("=") for part in shape.split(","))
+        e, d, i = (int(fields[name]) for name in ("E", "D", "I"))
+        dtype = jnp.dtype(fields["dtype"])
         for m, entry in table.items():
             config = _config.MoEConfig.from_json(entry)
             k = top_k.get((e, d, i), 8)
-            for spec in moe_triton.plan_fused_moe(int(m), k, e, d, i, dtype, arch, config=config):
+            for spec in moe_triton.plan_fused_moe(int(m), k, e, d, i, dtype, arch, config=config,
+                                                  weights=fields.get("w", "none"), act_quant=fields.get("a")):
                 seen.setdefault(_key(spec), spec)
     return list(seen.values())
 

@@ -228,6 +228,31 @@ def test_fp8_fast_accumulation_is_opt_in(monkeypatch, capsys):
         _config.fp8_fast_accum()
 
 
+def test_fp8_fast_accumulation_reads_no_table(monkeypatch, tmp_path):
+    """The tables hold tiles tuned for fp32 sums over K (two accumulators): with
+    JAXMOE_FP8_FAST_ACCUM=1 an fp8 w8a8 layer takes the heuristic's one-accumulator tiles even
+    where a table names its shape; fp8_block (per-group scales) still reads the table."""
+    import json
+
+    monkeypatch.delenv(_config.FAST_ACCUM_ENV, raising=False)
+    tile = {"block_n": 32, "block_k": 128, "group_size_m": 1, "num_warps": 4, "num_stages": 2, "prequant_a": True}
+    entry = {"block_m": 64, "stage1": tile, "stage2": tile}
+    keys = [_config.shape_key(8, 4096, 14336, "bfloat16", "fp8", "fp8"),
+            _config.shape_key(8, 4096, 14336, "bfloat16", "fp8_block", "fp8")]
+    (tmp_path / "sm90.json").write_text(json.dumps({key: {"1024": entry} for key in keys}))
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+    _config._load.cache_clear()
+    tuned = _config.MoEConfig.from_json(entry)
+    for weights in ("fp8", "fp8_block"):
+        assert _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90", weights, "fp8",
+                                     device=None) == tuned
+    monkeypatch.setenv(_config.FAST_ACCUM_ENV, "1")
+    fast = _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90", "fp8", "fp8", device=None)
+    assert fast == _config.heuristic_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90", "fp8", "fp8") != tuned
+    assert _config.select_config(4096, 2, 8, 4096, 14336, "bfloat16", "sm90", "fp8_block", "fp8",
+                                 device=None) == tuned
+
+
 def test_mxfp4_k_tiles_hold_whole_scale_groups():
     tile = _config.GemmTile(block_n=64, block_k=16)
     assert _config.fit_scheme(tile, "mxfp4", None).block_k == 32

@@ -171,8 +171,9 @@ def _prequant_table(tmp_path, monkeypatch, e, d, i, scheme, act_quant, prequant=
     for arch in _config.ARCHS:
         (tmp_path / f"{arch}.json").write_text(json.dumps(table))
     monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
-    picked = _config.select_config(5, 2, e, d, i, BF16, "sm90", scheme, act_quant)
-    assert picked.stage1.prequant_a == picked.stage2.prequant_a == prequant
+    if not _config.fast_accum_applies(scheme, act_quant):  # with it the tables are not read
+        picked = _config.select_config(5, 2, e, d, i, BF16, "sm90", scheme, act_quant)
+        assert picked.stage1.prequant_a == picked.stage2.prequant_a == prequant
 
 
 def test_prequant_a_is_refused_without_act_quant(tmp_path):
@@ -375,10 +376,16 @@ class QuantMoeTests(OpTests):
     def test_fp8_sum_over_k_in_the_mma(self, rng, tmp_path, monkeypatch, scheme, prequant):
         """fp8 activations against per-channel / per-tensor fp8 weights with the sum over K
         kept in the MMA's accumulator (``JAXMOE_FP8_FAST_ACCUM=1``), A rounded before the GEMM
-        or in its tiles: the oracle's layer; invalid ids and empty experts."""
+        (32 rows per expert: the heuristic's pick, which these layers take whatever the
+        tables say) or in its tiles: the oracle's layer; invalid ids and empty experts."""
+        from jaxmoe.ops.gemm import config as _config
+
         monkeypatch.setenv("JAXMOE_FP8_FAST_ACCUM", "1")
-        _prequant_table(tmp_path, monkeypatch, 6, 160, 80, scheme, "fp8", prequant=prequant)
-        x, q1, q2, tw, ids = quantized_inputs(rng, 13, 160, 80, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
+        _prequant_table(tmp_path, monkeypatch, 6, 160, 80, scheme, "fp8", prequant=not prequant)  # not read
+        m = 6 * _config.PREQUANT_MIN_ROWS // 2 if prequant else 13
+        picked = _config.select_config(m, 2, 6, 160, 80, BF16, "sm90", scheme, "fp8")
+        assert picked.stage1.prequant_a == picked.stage2.prequant_a == prequant
+        x, q1, q2, tw, ids = quantized_inputs(rng, m, 160, 80, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
         self.check(x, q1, q2, tw, with_invalid_ids(ids, 6), "fp8")
 
     def test_all_zero_tokens_and_weight_rows(self, rng):
@@ -390,6 +397,45 @@ class QuantMoeTests(OpTests):
             q1, q2 = jaxmoe.quantize_weights(w1, scheme), jaxmoe.quantize_weights(w2, scheme)
             out = self.check(x, q1, q2, tw, ids, aq)
             assert (np.asarray(out[2], np.float32) == 0).all()
+
+
+def _package_quantized_entries() -> dict:
+    """Every quantized entry of the package's tables: ``{id: (scheme, act_quant, entry)}``."""
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+
+    out = {}
+    for path in sorted(_config.PACKAGE_CONFIGS.glob("*.json")):
+        for key, buckets in json.loads(path.read_text()).items():
+            fields = dict(part.split("=") for part in key.split(",")) if not key.startswith("_") else {}
+            if "w" in fields:
+                for m, entry in buckets.items():
+                    out[f"{path.stem}-{fields['w']}-{fields.get('a', 'w')}-E{fields['E']}-M{m}"] = (
+                        fields["w"], fields.get("a"), entry)
+    return out
+
+
+PACKAGE_QUANTIZED_ENTRIES = _package_quantized_entries()
+
+
+def _package_table_tiles(self, rng, tmp_path, monkeypatch, scheme, act_quant, entry):
+    """A quantized entry of the package's tables (its tiles, on a small layer of the same
+    scheme: K = 256 and 160, N = 320 and 256 leave partial blocks and tiles) against the
+    oracle; invalid ids and empty experts."""
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+
+    table = {_config.shape_key(6, 256, 160, BF16, scheme, act_quant): {"1": entry}}
+    for arch in _config.ARCHS:
+        (tmp_path / f"{arch}.json").write_text(json.dumps(table))
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("JAXMOE_FP8_FAST_ACCUM", raising=False)
+    assert _config.select_config(70, 2, 6, 256, 160, BF16, "sm90", scheme, act_quant) == \
+        _config.MoEConfig.from_json(entry)
+    x, q1, q2, tw, ids = quantized_inputs(rng, 70, 256, 160, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
+    self.check(x, q1, q2, tw, with_invalid_ids(ids, 6), act_quant)
 
 
 class TestQuantMoeReference(QuantMoeTests):
@@ -406,6 +452,8 @@ class TestQuantMoeReference(QuantMoeTests):
 
 class TestQuantMoeTritonInterpreter(QuantMoeTests):
     implementation = "triton"
+    PACKAGE_QUANTIZED_ENTRIES = PACKAGE_QUANTIZED_ENTRIES
+    test_package_table_tiles = cases("PACKAGE_QUANTIZED_ENTRIES", "scheme,act_quant,entry")(_package_table_tiles)
 
 
 @pytest.mark.gpu
@@ -421,6 +469,9 @@ class TestQuantMoeTritonGPU(QuantMoeTests):
         **_cases([(64, 7168, 2048, 256, 8)], [("fp8_block", None), ("fp8_block", "fp8")]),  # DeepSeek-V3
         **_cases([(8, 2880, 2880, 128, 4)], [("mxfp4", None), ("int4_zp", None)]),  # gpt-oss-120b
     }
+
+    PACKAGE_QUANTIZED_ENTRIES = PACKAGE_QUANTIZED_ENTRIES
+    test_package_table_tiles = cases("PACKAGE_QUANTIZED_ENTRIES", "scheme,act_quant,entry")(_package_table_tiles)
 
     @pytest.mark.xdist_group("big-memory")  # tens of GB each: one at a time on the card
     @cases("MODEL_CASES", "m,d,i,e,k,scheme,act_quant")

@@ -659,13 +659,16 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
     :func:`table_names`;
     ``device``: the GPU model whose own tables come first, by default that of the default
     platform, :func:`current_device`), else the heuristic; its K tiles fitted to the
-    schemes (:func:`fit_scheme`)."""
+    schemes (:func:`fit_scheme`). With ``JAXMOE_FP8_FAST_ACCUM=1`` the layers it applies to
+    (:func:`fast_accum_applies`) take the heuristic: the tables hold tiles tuned for the
+    default accumulation (two fp32 tiles), and ``tune`` refuses to run with it set."""
     key = shape_key(num_experts, hidden, intermediate, dtype, weights, act_quant)
     if device is CURRENT_DEVICE:
         device = current_device(arch)
-    source = "heuristic"
+    fast = fast_accum_applies(weights, act_quant)
+    source = f"heuristic: {FAST_ACCUM_ENV}=1 reads no table" if fast else "heuristic"
     config = None
-    for path, table in tables_naming(key, arch, device):
+    for path, table in ([] if fast else tables_naming(key, arch, device)):
         # a bucket holds from its M up to the next bucket; below a table's smallest bucket
         # the table says nothing (a partly tuned table), and the next table is asked
         buckets = {int(m): entry for m, entry in table.items()}
@@ -681,7 +684,6 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
         config = MoEConfig(config.block_m, fit_scheme(config.stage1, weights, act_quant),
                            fit_scheme(config.stage2, weights, act_quant))
     if log_configs():
-        fast = f" {FAST_ACCUM_ENV}=1" if fast_accum_applies(weights, act_quant) else ""
         print(f"jaxmoe: M={num_tokens} k={top_k} {key} "
-              f"arch={arch} [{source}]{fast} {config}", file=sys.stderr)
+              f"arch={arch} [{source}] {config}", file=sys.stderr)
     return config
