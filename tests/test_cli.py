@@ -212,6 +212,43 @@ def test_tune_keeps_a_winner_only_beyond_the_spread_and_computing_the_same(case,
     assert seen[3:] == [fast, current] * tune.CONFIRM_ROUNDS
 
 
+def test_tune_times_again_the_candidates_that_ran_out_of_memory(tmp_path, monkeypatch, capsys):
+    """A candidate that runs out of device memory (another process on the card holding it)
+    is timed again after the others, once; one that fails otherwise is not."""
+    import json
+
+    from jaxmoe.ops.gemm import config as _config
+    from jaxmoe.tools import tune
+
+    fast = _config.MoEConfig(16, _config.GemmTile(32, 64), _config.GemmTile(32, 64))
+    slow = _config.MoEConfig(32, _config.GemmTile(64, 64), _config.GemmTile(64, 64))
+    broken = _config.MoEConfig(64, _config.GemmTile(64, 64), _config.GemmTile(64, 64))
+    seen = []
+
+    def fake_time(fn, params, xs, reps, lock=None, feedback=1.0):
+        fn(params, xs[0])
+        if seen[-1] == fast and seen.count(fast) == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Failed to allocate device memory of 27.37GiB")
+        if seen[-1] == broken:
+            raise ValueError("the compiler refuses this tile")
+        return {fast: 1.0e-3, slow: 2.0e-3}.get(seen[-1], 1.2e-3), 0.0
+
+    monkeypatch.setattr(tune, "time_layer_detail", fake_time)
+    monkeypatch.setattr(tune.moe_triton, "fused_moe", lambda *a, config=None, **kw: seen.append(config))
+    monkeypatch.setattr(tune.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_config, "current_device", lambda arch: "FAKE_GPU")
+    monkeypatch.setattr(tune, "candidates", lambda *a, current=None, **kw: [current, fast, broken, slow])
+    monkeypatch.setattr(tune, "_disagreement", lambda *a: None)
+    monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path / "none"))
+    assert main(["tune", "--model", "tiny", "--m", "8", "--reps", "1", "--out", str(tmp_path)]) == 0
+    current = _config.select_config(8, 2, 8, 128, 256, "bfloat16", "sm90", device=None)
+    assert seen[:5] == [current, fast, broken, slow, fast]  # fast again after the others, broken not
+    assert seen[5:] == [fast, current] * tune.CONFIRM_ROUNDS
+    table = json.loads((tmp_path / "sm90-FAKE_GPU.json").read_text())
+    assert _config.MoEConfig.from_json(table["E=8,D=128,I=256,dtype=bfloat16"]["8"]) == fast
+    assert "1 candidate that ran out of memory, timed again" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 def test_tune_writes_this_gpus_table(tmp_path, monkeypatch):
     """On a GPU, tune times each candidate and writes the winner into <arch>-<device>.json,

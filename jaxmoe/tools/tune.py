@@ -14,7 +14,9 @@ against it in alternation, every one of its timings beats every one of the pick'
 
 Several processes may tune side by side on one card (one model each, say) with the same
 ``--lock FILE``: each compiles on its own and holds the lock while it times and while it
-merges a winner into the table, so no two timings overlap and no winner is lost.
+merges a winner into the table, so no two timings overlap and no winner is lost. A
+candidate that runs out of device memory (the card's memory is shared with the other
+processes) is timed once more after the other candidates.
 """
 
 from __future__ import annotations
@@ -183,6 +185,12 @@ def seed_heuristic(arch: str, models: Sequence[str | ModelPreset], ms: tuple[int
     print(f"wrote {path}")
 
 
+def _out_of_memory(exc: Exception) -> bool:
+    """Whether ``exc`` is the card running out of memory (XLA's RESOURCE_EXHAUSTED)."""
+    text = str(exc)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
 def _read_table(path: pathlib.Path) -> dict[str, Any]:
     """The table already at ``path`` (checked: a malformed one is reported, not overwritten)."""
     if not path.exists():
@@ -295,20 +303,35 @@ def run(args: argparse.Namespace) -> int:
             def timed(c: MoEConfig) -> float:
                 return time_layer_detail(layer_with(c), params, xs, args.reps, lock=card_lock(args.lock))[0]
 
-            best: tuple[float, MoEConfig] | None = None
-            for config in candidates(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch, quant or "none",
-                                     act_quant, current=current):
+            timings: list[tuple[float, MoEConfig]] = []
+            out_of_memory: list[MoEConfig] = []
+
+            def attempt(config: MoEConfig, again: bool = False) -> None:
                 try:
                     t = timed(config)
                 except Exception as exc:  # a config the compiler or the card refuses
-                    print(f"  {name} M={m} {config}: failed ({type(exc).__name__})", file=sys.stderr)
-                    continue
+                    if not again and _out_of_memory(exc):  # other processes may hold that memory now
+                        out_of_memory.append(config)
+                    why = (str(exc).strip().splitlines() or [""])[0][:160]
+                    print(f"  {name} M={m} {config}: failed{' again' if again else ''} ({type(exc).__name__}: {why})",
+                          file=sys.stderr)
+                    return
                 mark = " (current)" if config == current else ""
                 print(f"  {name} M={m} {t * 1e3:8.4f} ms{mark}  {config}", file=sys.stderr, flush=True)
-                if best is None or t < best[0]:
-                    best = (t, config)
-            if best is None:
+                timings.append((t, config))
+
+            for config in candidates(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch, quant or "none",
+                                     act_quant, current=current):
+                attempt(config)
+            if out_of_memory:  # once more, after the others: the card's memory is shared with other processes
+                print(f"  {name} M={m}: {len(out_of_memory)} candidate{'s' * (len(out_of_memory) > 1)} that ran "
+                      "out of memory, timed again",
+                      file=sys.stderr, flush=True)
+                for config in list(out_of_memory):
+                    attempt(config, again=True)
+            if not timings:
                 continue
+            best = min(timings, key=lambda timing: timing[0])
             winner = best[1]
             if winner != current:
                 # The fastest of many noisy timings is biased low: the winner and today's
