@@ -122,7 +122,8 @@ def test_every_moe_backward_launch_compiles(target):
 
 
 # Quantized experts: every (weight scheme, act_quant) at the decode tile, the large-M tile
-# for the schemes that serve prefill (w8a8 also at the decode tile with A rounded in a pass); Mixtral-8x7B's shape (whole tiles), DeepSeek-V3's for
+# for the schemes that serve prefill (w8a8 also at the decode tile with A rounded in a
+# pass); Mixtral-8x7B's shape (whole tiles), DeepSeek-V3's for
 # fp8_block, gpt-oss-120b's for the 4-bit ones (D = I = 2880: a partial K tile). On gfx942
 # the fp8 values are e4m3fnuz, elsewhere e4m3fn (the plans pick the arch's type).
 QUANT_COMBOS = [("fp8", None), ("fp8", "fp8"), ("fp8_tensor", None), ("fp8_tensor", "fp8"), ("fp8_block", None),

@@ -246,7 +246,7 @@ def test_tune_times_again_the_candidates_that_ran_out_of_memory(tmp_path, monkey
     assert seen[5:] == [fast, current] * tune.CONFIRM_ROUNDS
     table = json.loads((tmp_path / "sm90-FAKE_GPU.json").read_text())
     assert _config.MoEConfig.from_json(table["E=8,D=128,I=256,dtype=bfloat16"]["8"]) == fast
-    assert "1 candidate that ran out of memory, timed again" in capsys.readouterr().err
+    assert "timed again, having run out of memory: 1" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -171,9 +171,8 @@ def _prequant_table(tmp_path, monkeypatch, e, d, i, scheme, act_quant, prequant=
     for arch in _config.ARCHS:
         (tmp_path / f"{arch}.json").write_text(json.dumps(table))
     monkeypatch.setenv("JAXMOE_CONFIG_DIR", str(tmp_path))
-    if not _config.fast_accum_applies(scheme, act_quant):  # with it the tables are not read
-        picked = _config.select_config(5, 2, e, d, i, BF16, "sm90", scheme, act_quant)
-        assert picked.stage1.prequant_a == picked.stage2.prequant_a == prequant
+    picked = _config.select_config(5, 2, e, d, i, BF16, "sm90", scheme, act_quant)
+    assert picked.stage1.prequant_a == picked.stage2.prequant_a == prequant
 
 
 def test_prequant_a_is_refused_without_act_quant(tmp_path):
@@ -373,7 +372,7 @@ class QuantMoeTests(OpTests):
         assert rel_err(out[clean], want) <= 2e-2
 
     @pytest.mark.parametrize("scheme,prequant", [("fp8", True), ("fp8_tensor", False)])
-    def test_fp8_sum_over_k_in_the_mma(self, rng, tmp_path, monkeypatch, scheme, prequant):
+    def test_fp8_sum_over_k_in_the_mma(self, rng, monkeypatch, scheme, prequant):
         """fp8 activations against per-channel / per-tensor fp8 weights with the sum over K
         kept in the MMA's accumulator (``JAXMOE_FP8_FAST_ACCUM=1``), A rounded before the GEMM
         (32 rows per expert: the heuristic's pick, which these layers take whatever the
@@ -381,7 +380,6 @@ class QuantMoeTests(OpTests):
         from jaxmoe.ops.gemm import config as _config
 
         monkeypatch.setenv("JAXMOE_FP8_FAST_ACCUM", "1")
-        _prequant_table(tmp_path, monkeypatch, 6, 160, 80, scheme, "fp8", prequant=not prequant)  # not read
         m = 6 * _config.PREQUANT_MIN_ROWS // 2 if prequant else 13
         picked = _config.select_config(m, 2, 6, 160, 80, BF16, "sm90", scheme, "fp8")
         assert picked.stage1.prequant_a == picked.stage2.prequant_a == prequant

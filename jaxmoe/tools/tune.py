@@ -258,10 +258,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--act-quant {act_quant} needs --quant one of {', '.join(ACT_QUANT_SCHEMES[act_quant])}, "
                            f"got {quant}")
     if _config.fast_accum_applies(quant, act_quant):
-        # one table entry serves both settings, and the default keeps two accumulator tiles
-        # that a tile tuned with one could overflow
-        raise CommandError(f"tune with {_config.FAST_ACCUM_ENV} unset: config tables serve fp8 w8a8 with and "
-                           "without it, and their tiles must fit the default's two accumulators")
+        # the tables serve the default accumulation only (select_config reads none with it set)
+        raise CommandError(f"tune with {_config.FAST_ACCUM_ENV} unset: the config tables serve fp8 w8a8 "
+                           "without it (with it, layers take the heuristic's tiles and read no table)")
     presets = layers(args)
     ms = tuple(args.m or DEFAULT_M)
     out_dir = pathlib.Path(args.out) if args.out else _config.config_dir()
@@ -324,10 +323,9 @@ def run(args: argparse.Namespace) -> int:
                                      act_quant, current=current):
                 attempt(config)
             if out_of_memory:  # once more, after the others: the card's memory is shared with other processes
-                print(f"  {name} M={m}: {len(out_of_memory)} candidate{'s' * (len(out_of_memory) > 1)} that ran "
-                      "out of memory, timed again",
+                print(f"  {name} M={m}: timed again, having run out of memory: {len(out_of_memory)}",
                       file=sys.stderr, flush=True)
-                for config in list(out_of_memory):
+                for config in out_of_memory:
                     attempt(config, again=True)
             if not timings:
                 continue
