@@ -255,6 +255,25 @@ def test_fp8_sum_over_k_in_the_mma_keeps_an_mma_in_flight(monkeypatch):
     assert "wgmma.wait_group.sync.aligned 1" in stage2_ptx()
 
 
+def test_weight_grad_loads_run_the_pipeline_deep():
+    """sm_90: the weight gradient's gathered row loads are prefetched as far ahead as its
+    stages allow: each operand gets one shared-memory buffer per stage. When a step's row
+    ids were loaded in that step, the operand loads depended on a load in the same step and
+    the pipeliner kept two buffers whatever the stages (a prefetch of one step)."""
+    import re
+
+    p = PRESETS["mixtral-8x7b"]
+    spec = next(s for s in moe_triton.plan_fused_moe_backward(4096, p.top_k, p.experts, p.hidden, p.intermediate,
+                                                               jnp.bfloat16, "sm90")
+                if s.name == "moe_weight_grad_kernel")
+    const = dict(spec.constexprs)
+    ttgir = aot.compile_aot(spec, "sm_90").asm["ttgir"]
+    buffers = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x(\d+)x(\d+)xbf16", ttgir)
+    operand_buffers = sorted(int(n) for n, r, _ in buffers if int(r) == const["BLOCK_R"])
+    assert spec.num_stages >= 3
+    assert operand_buffers == [spec.num_stages, spec.num_stages], (spec.num_stages, buffers)
+
+
 @pytest.mark.slow
 def test_quantized_gemms_keep_registers_and_load_b_in_whole_bytes():
     """sm_90: no quantized GEMM spills more than ``SPILL_LIMIT`` bytes a thread, and the

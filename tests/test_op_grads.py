@@ -162,7 +162,7 @@ class TestOpGradTritonGPU(OpGradTests):
 
 @pytest.mark.parametrize("arch", ["sm90", "gfx942"])
 def test_weight_grad_tiles_by_arch(rng, arch):
-    """The weight gradient with the tile each arch gets at BLOCK_M = 64 (NVIDIA: 128 x 128
+    """The weight gradient with the tile each arch gets at BLOCK_M = 64 (NVIDIA: 128 x 256
     over 64 rows a step; AMD: 64 x 64 over 32), against its definition in jnp (fp32: 1e-5,
     exact fp32 products in both)."""
     from jaxmoe.ops.gemm import config as _config

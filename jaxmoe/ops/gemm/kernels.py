@@ -730,7 +730,11 @@ def moe_weight_grad_kernel(
     expert's positions BLOCK_R at a time in order, in one flat loop (tile by tile, the
     epilogue of one tile inside it), so the loads of the next tile overlap the last steps
     of this one: an expert with few rows (many experts, or a small batch) is not a chain
-    of programs each waiting on its first loads. No atomics: the same sums in the same
+    of programs each waiting on its first loads. Each step's row ids are loaded in the step
+    before it, so that no operand load depends on a load of its own step: the pipeliner
+    then prefetches the gathered operand tiles ``num_stages - 1`` steps ahead (with the ids
+    loaded in their own step it kept two buffers, one step ahead, whatever the stages, and
+    each step waited on its gathers). No atomics: the same sums in the same
     order on every run, and an expert without rows gets zeros. Only the expert's own rows
     are read, so a NaN in one token reaches only the experts it is routed to. Offsets are
     int64 (rows times strides, and experts times N_OUT * K, can pass 2^31).
@@ -752,14 +756,17 @@ def moe_weight_grad_kernel(
     n_mask = offs_n < N_OUT
     c_rows = c_ptr + expert.to(tl.int64) * (N_OUT * K) + offs_n.to(tl.int64)[:, None] * K
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    pos = start + tl.arange(0, BLOCK_R)
+    next_rows = tl.load(sorted_token_ids_ptr + pos, mask=pos < end, other=-1)
     for it in range(0, tiles * steps):
         step = it % steps
         offs_k = (kb0 + it // steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        pos = start + step * BLOCK_R + tl.arange(0, BLOCK_R)
-        pos_ok = pos < end
-        rows = tl.load(sorted_token_ids_ptr + pos, mask=pos_ok, other=-1).to(tl.int64)
-        ok = pos_ok & (rows >= 0) & (rows < num_rows)
+        # this step's row ids, loaded in the last step
+        rows = next_rows.to(tl.int64)
+        ok = (pos < end) & (rows >= 0) & (rows < num_rows)
+        pos = start + ((it + 1) % steps) * BLOCK_R + tl.arange(0, BLOCK_R)
+        next_rows = tl.load(sorted_token_ids_ptr + pos, mask=pos < end, other=-1)
         g = tl.load(g_ptr + (rows // TOP_K_G)[:, None] * stride_gm + offs_n[None, :],
                     mask=ok[:, None] & n_mask[None, :], other=0.0)
         if MUL_ROUTED_WEIGHT:
