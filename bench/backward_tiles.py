@@ -11,7 +11,8 @@ with the tile the config picks today and with each candidate of :data:`GEMM_TILE
 * ``dgrad2``: ``g = dy @ w2[e]`` (``moe_gemm_kernel``, w2 read transposed, fp32 rows);
 * ``act``: ``d gate_up`` (``moe_gemm_act_bwd_kernel``, stage 1 recomputed);
 * ``dgrad1``: ``d gate_up @ w1[e]`` (``moe_gemm_kernel``, w1 read transposed, fp32 rows);
-* ``wgrad2`` / ``wgrad1``: ``d w2`` / ``d w1`` (``moe_weight_grad_kernel``).
+* ``wgrad2`` / ``wgrad1``: ``d w2`` / ``d w1`` (``moe_weight_grad_kernel``), ``d w2`` from rows
+  ``w * dy`` [M*k, D] as the backward passes them (no routing weight in the kernel).
 
 A jitted call runs the launch on ``SETS`` different activation sets (the weights are far
 larger than the L2), warm; the time per launch is the median over ``reps`` calls divided
@@ -92,6 +93,7 @@ def main() -> int:
             weights, ids = reference.route(logits, **routing_kw)
             routing = ops.align(ids, pr.experts, cfg.block_m, topk_weights=weights, implementation="triton")
             dys, hs = rnd(keys[1], (m, d)), rnd(keys[2], (m * k, i))
+            wdys = rnd(keys[1], (m * k, d))  # the rows w * dy of the backward's d w2
             dhs, dgus = rnd(keys[3], (m * k, i), 0.1), rnd(keys[4], (m * k, 2 * i), 0.1)
             rows = int(jnp.sum((ids >= 0) & (ids < pr.experts)))
             flops = {"dgrad2": 2 * rows * i * d, "act": 2 * rows * 2 * i * d, "dgrad1": 2 * rows * 2 * i * d,
@@ -140,8 +142,8 @@ def main() -> int:
                 elif role == "wgrad2":
                     for label, t in wgrad_tiles(d, i):
                         yield label, t, (lambda g, a, t=t: [gemm_triton.weight_grad(
-                            g[s], a[s], routing, out_dtype=dtype, topk_weights=weights, arch=arch, tile=t[:5],
-                            k_group=t[5]) for s in range(SETS)]), (dys, hs)
+                            g[s], a[s], routing, out_dtype=dtype, arch=arch, tile=t[:5],
+                            k_group=t[5]) for s in range(SETS)]), (wdys, hs)
                 else:
                     for label, t in wgrad_tiles(2 * i, d):
                         yield label, t, (lambda g, a, t=t: [gemm_triton.weight_grad(

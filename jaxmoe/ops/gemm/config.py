@@ -416,11 +416,12 @@ def backward_tile(block_m: int, dtype: Any, arch: str, fused: bool, n_out: int |
 # output tiles of one expert, walking its rows BLOCK_R at a time. With many rows per expert
 # (BLOCK_M >= 64) on NVIDIA a 128 x 256 tile over 64 rows a step, 8 warps, 3 stages (each
 # operand prefetched two steps ahead; 176 KiB of shared memory). H100, bf16, M = 4096, with
-# the K groups of weight_grad_k_group, d w2 + d w1 per launch: Mixtral-8x7B 3.67 + 5.00 ms
-# against 4.21 + 5.54 for the earlier 128 x 128 tile of 4 warps, Qwen3-30B-A3B 0.65 + 0.91
-# against 0.73 + 0.99 (with the row ids loaded a step ahead; before that the kernel kept
-# two buffers whatever the stages, and this tile took 4.37 + 7.29 ms on Mixtral-8x7B).
-# 128 x 128 tiles of 4 warps, 4 or 5 stages, and 128 x 128 of 8 warps were slower there.
+# the K groups of weight_grad_k_group, d w2 (routing weight in the kernel) + d w1 per launch:
+# Mixtral-8x7B 3.67 + 5.00 ms against 4.21 + 5.54 for the earlier 128 x 128 tile of 4 warps,
+# Qwen3-30B-A3B 0.65 + 0.91 against 0.73 + 0.99 (with the row ids loaded a step ahead;
+# before that the kernel kept two buffers whatever the stages, and this tile took 4.37 +
+# 7.29 ms on Mixtral-8x7B). 128 x 128 tiles of 4 warps at 3-5 stages and of 8 warps were
+# slower there; the training step's two weight gradients: bench/RESULTS.md.
 # Elsewhere 64 x 64 over 32 rows (32 KiB of shared memory: fits every target).
 WEIGHT_GRAD_TILE = (64, 64, 4, 2, 32)
 WEIGHT_GRAD_TILE_LARGE = (128, 256, 8, 3, 64)
