@@ -4,6 +4,7 @@ target's shared memory / LDS."""
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,8 +78,11 @@ def package_tables(arch: str) -> list:
 
 def backward_launches_for(arch: str) -> list[KernelLaunch]:
     """The distinct launches the backward of fused_moe makes for every preset, M, dtype and
-    activation on ``arch`` (its tiles depend on BLOCK_M, dtype and arch only, so few)."""
-    return list(_distinct_over_presets(moe_triton.plan_fused_moe_backward, arch).values())
+    activation on ``arch`` (its tiles depend on BLOCK_M, dtype and arch only, so few), with
+    stage 1's pre-activation recomputed (the default) and saved (``save_gate_up``)."""
+    saved = functools.partial(moe_triton.plan_fused_moe_backward, save_gate_up=True)
+    return list({**_distinct_over_presets(moe_triton.plan_fused_moe_backward, arch),
+                 **_distinct_over_presets(saved, arch)}.values())
 
 
 def _distinct_over_presets(plan, arch: str) -> dict:
@@ -179,7 +183,7 @@ def feature_launches_for(arch: str) -> list[KernelLaunch]:
 
     p = PRESETS["gpt-oss-120b"]
     plain = {**_distinct_over_presets(moe_triton.plan_fused_moe, arch),
-             **_distinct_over_presets(moe_triton.plan_fused_moe_backward, arch)}
+             **{_key(s): s for s in backward_launches_for(arch)}}
     seen: dict = {}
     options = dict(layout="in_out_interleaved", biases=True)
     plans = [*moe_triton.plan_fused_moe(1, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, arch,
@@ -187,7 +191,9 @@ def feature_launches_for(arch: str) -> list[KernelLaunch]:
              *moe_triton.plan_fused_moe(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, arch,
                                         ClampedSwiGLU(), **options),
              *moe_triton.plan_fused_moe_backward(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
-                                                 arch, ClampedSwiGLU(), **options)]
+                                                 arch, ClampedSwiGLU(), **options),
+             *moe_triton.plan_fused_moe_backward(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
+                                                 arch, ClampedSwiGLU(), save_gate_up=True, **options)]
     for spec in plans:
         if spec.name.startswith("moe_") and "gemm" in spec.name or spec.name == "moe_weight_grad_kernel":
             key = _key(spec)

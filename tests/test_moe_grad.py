@@ -172,6 +172,79 @@ class KernelGradTests(FusedMoeGradTests):
             assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
 
 
+    @pytest.mark.parametrize("name", ["odd-kE-fp32-gelu", "empty-bf16-gelu", "odd-bf16-silu"])
+    def test_save_gate_up_matches_reference(self, rng, monkeypatch, name):
+        """``JAXMOE_SAVE_GATE_UP=1``: stage 1's pre-activation is saved and the backward takes
+        the activation's derivative at it in jnp, launching no stage-1 GEMM. The output and
+        the gradients against the reference's (invalid ids and empty experts included; the
+        dtype's tolerance: the pre-activation is rounded to it before the activation)."""
+        from jaxmoe.ops.gemm import triton as gemm_triton
+        from jaxmoe.ops.moe import backward
+
+        m, d, i, e, k, pool, activation, dtype = GRAD_CASES[name]
+        x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, dtype, None if pool is None else list(pool))
+        ids = with_invalid_ids(ids, e)
+        c = cotangent(rng, (m, d))
+        monkeypatch.setenv(backward.SAVE_GATE_UP_ENV, "1")
+        launched = []
+        act_backward = gemm_triton.act_backward
+        monkeypatch.setattr(gemm_triton, "act_backward", lambda *a, **kw: launched.append(1) or act_backward(*a, **kw))
+        y = self.jit(self.fused(activation), x, w1, w2, tw, ids)
+        got = self.grads(x, w1, w2, tw, ids, c, activation)
+        assert not launched
+        f32 = [a.astype(F32) for a in (x, w1, w2)]
+        y_want = jaxmoe.fused_moe(*f32, tw, ids, activation=activation, implementation="reference")
+        assert rel_err(y, y_want) <= (1e-5 if dtype == F32 else 1e-2)
+        invalid = (np.asarray(ids) < 0) | (np.asarray(ids) >= e)
+        assert not np.asarray(got[3])[invalid].any()
+        for arg_name, g, w, arg in zip(ARGS, got, reference_grads(x, w1, w2, tw, ids, c, activation),
+                                       (x, w1, w2, tw)):
+            assert g.shape == arg.shape and g.dtype == arg.dtype, arg_name
+            assert np.isfinite(to_f64(g)).all(), arg_name
+            assert rel_err(g, w) <= GRAD_TOLERANCE[jnp.dtype(dtype).name], arg_name
+        if pool is not None:
+            empty = np.setdiff1d(np.arange(e), pool)
+            assert not np.asarray(got[1][empty], F32).any() and not np.asarray(got[2][empty], F32).any()
+
+    def test_save_gate_up_with_biases_clamped_swiglu_in_out_interleaved(self, rng):
+        """save_gate_up with gpt-oss's features (biases, clamped SwiGLU, w1 ``[E, D, 2I]`` with
+        gate/up interleaved): in fp32 the same gradients as the default backward (1e-5:
+        the activation in jnp against the kernel's epilogue), biases' gradients included."""
+        from jaxmoe.types import ClampedSwiGLU
+
+        m, d, i, e, k = 10, 40, 24, 5, 2
+        x, _, _, tw, ids = moe_inputs(rng, m, d, i, e, k, F32)
+        ids = with_invalid_ids(ids, e)
+        w1 = randn(rng, (e, d, 2 * i), F32, scale=d**-0.5)
+        w2 = randn(rng, (e, i, d), F32, scale=i**-0.5)
+        b1, b2 = randn(rng, (e, 2 * i), F32, scale=0.1), randn(rng, (e, d), F32, scale=0.1)
+        c = cotangent(rng, (m, d))
+        act = ClampedSwiGLU(limit=1.5)  # a limit the pre-activations cross
+
+        def grads(save):
+            def loss(x, w1, w2, tw, b1, b2):
+                y = moe_triton.fused_moe(x, w1, w2, tw, ids, activation=act, b1=b1, b2=b2,
+                                         layout="in_out_interleaved", save_gate_up=save)
+                return jnp.sum(y.astype(F32) * c)
+            return self.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), x, w1, w2, tw, b1, b2)
+
+        for name, a, b in zip(("x", "w1", "w2", "topk_weights", "b1", "b2"), grads(False), grads(True)):
+            assert np.isfinite(np.asarray(b)).all(), name
+            assert rel_err(b, a) <= 1e-5, name
+
+    def test_save_gate_up_refuses_remat_and_bad_values(self, rng, monkeypatch):
+        from jaxmoe.ops.moe import backward
+
+        m, d, i, e, k = 4, 32, 16, 4, 2
+        x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, F32)
+        monkeypatch.setenv(backward.SAVE_GATE_UP_ENV, "1")
+        with pytest.raises(ValueError, match="choose one"):
+            moe_triton.fused_moe(x, w1, w2, tw, ids, remat=True)
+        monkeypatch.setenv(backward.SAVE_GATE_UP_ENV, "maybe")
+        with pytest.raises(ValueError, match="JAXMOE_SAVE_GATE_UP must be unset, 1 or 0"):
+            moe_triton.fused_moe(x, w1, w2, tw, ids)
+
+
 class TestFusedMoeGradTritonInterpreter(KernelGradTests):
     implementation = "triton"
 

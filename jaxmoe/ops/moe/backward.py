@@ -27,8 +27,18 @@ a tile by BLOCK_M, dtype, arch and output width (:func:`~jaxmoe.ops.gemm.config.
 Residuals: the inputs (``x``, ``w1``, ``w2``, the fp32 routing weights, the ids), the
 layout (sorted ids, block experts, padded count) and stage 1's output ``h [M*k, I]`` in
 the input dtype. With ``remat=True`` ``h`` is not saved: the backward runs stage 1 again
-(one more launch, bitwise the same ``h``). Stage 1's pre-activation ``[M*k, 2I]`` is never
+(one more launch, bitwise the same ``h``). Stage 1's pre-activation ``[M*k, 2I]`` is not
 saved in either mode (step 2 recomputes it).
+
+With ``save_gate_up=True`` (or ``JAXMOE_SAVE_GATE_UP=1``) the forward's stage 1 is a plain
+GEMM whose pre-activation ``gate_up [M*k, 2I]`` (bias included) is rounded to the input
+dtype and saved in place of ``h``; ``h`` is the activation of it in fp32 (jnp, rounded to
+the input dtype), in the forward and again in the backward, and step 2 is the activation's
+derivative at the saved ``gate_up`` (``jax.vjp`` of the same jnp activation) instead of a
+GEMM that recomputes stage 1. Twice the default's residual memory (``2I`` against ``I`` per
+row), one GEMM of the backward fewer. The forward rounds the pre-activation to the input
+dtype before the activation (the default rounds only ``h``), so its output differs from
+the default's within that rounding.
 
 Expert biases (``b1 [E, 2I]`` before the activation, ``b2 [E, D]`` before the routing
 weight) add, in jnp, ``<dout[t], b2[e]>`` to ``d w[f]``; their gradients are
@@ -53,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -60,12 +71,30 @@ import jax.numpy as jnp
 
 from jaxmoe.backends.launch import match_varying
 from jaxmoe.ops.gemm import config as _config
+from jaxmoe.ops.gemm import reference as gemm_reference
 from jaxmoe.ops.gemm import triton as gemm_triton
 from jaxmoe.ops.gemm.config import MoEConfig
+from jaxmoe.ops.moe import reference as moe_reference
 from jaxmoe.ops.routing import autodiff as routing_autodiff
 from jaxmoe.types import QuantizedWeights, RoutingData
 
-__all__ = ["experts", "experts_forward", "experts_fwd", "experts_bwd", "routing_weights"]
+__all__ = ["experts", "experts_forward", "experts_fwd", "experts_bwd", "routing_weights", "SAVE_GATE_UP_ENV",
+           "save_gate_up_from_env"]
+
+
+# The environment variable that turns ``save_gate_up`` on where a call does not say.
+SAVE_GATE_UP_ENV = "JAXMOE_SAVE_GATE_UP"
+
+
+def save_gate_up_from_env() -> bool:
+    """Whether ``JAXMOE_SAVE_GATE_UP`` asks the backward to save stage 1's pre-activation
+    (unset, ``0``: no; ``1``: yes; anything else: a ValueError)."""
+    env = os.environ.get(SAVE_GATE_UP_ENV, "").strip().lower()
+    if env in ("", "0", "false", "off", "no"):
+        return False
+    if env in ("1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"{SAVE_GATE_UP_ENV} must be unset, 1 or 0, got {os.environ[SAVE_GATE_UP_ENV]!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +111,7 @@ class _Static:
     num_rows: int
     layout: str = "out_in"
     act_quant: str | None = None
+    save_gate_up: bool = False
 
     @property
     def in_out(self) -> bool:
@@ -112,19 +142,41 @@ def _stage1(static: _Static, x: jax.Array, w1: Any, b1: jax.Array | None, routin
                             bias=b1, act_quant=static.act_quant)
 
 
+def _stage1_gate_up(static: _Static, x: jax.Array, w1: jax.Array, b1: jax.Array | None, routing: RoutingData
+                    ) -> jax.Array:
+    """Stage 1 without its activation: ``gate_up [M*k, 2I]`` (bias included) in x's dtype,
+    in w1's gate/up order; rows of invalid ids are zero."""
+    two_i = w1.shape[2] if static.in_out else w1.shape[1]
+    tile = _config.backward_tile(static.block_size, x.dtype, static.arch, fused=False, n_out=two_i)
+    gate_up = gemm_triton.gemm(x, w1, routing, tile=tile, arch=static.arch, topk_weights=None, activation=None,
+                               transpose_b=static.in_out, bias=b1, split_tail=False)
+    return jnp.where(_valid(routing).reshape(-1, 1), gate_up, jnp.zeros((), gate_up.dtype))
+
+
+def _activate(static: _Static, gate_up: jax.Array) -> jax.Array:
+    """Stage 1's gated activation of ``gate_up [M*k, 2I]`` (fp32 in and out), in jnp."""
+    gate, up = moe_reference.split_gate_up(gate_up, static.layout)
+    return gemm_reference.gated(static.activation, gate, up)
+
+
 def experts_forward(static: _Static, x: jax.Array, w1: Any, w2: Any, b1: jax.Array | None,
                     b2: jax.Array | None, routing: RoutingData) -> tuple[jax.Array, jax.Array]:
     """Both GEMM stages and the sum over the k slots: ``(out [M, D], h [M*k, I])`` in x's
     dtype (``w1``/``w2`` arrays or :class:`~jaxmoe.QuantizedWeights`; ``static.act_quant``
-    rounds x and h per token inside the kernels)."""
+    rounds x and h per token inside the kernels); with ``static.save_gate_up`` the second
+    is stage 1's pre-activation ``gate_up [M*k, 2I]`` instead of ``h``."""
     m, d = x.shape
-    h = _stage1(static, x, w1, b1, routing)
+    if static.save_gate_up:
+        gate_up = _stage1_gate_up(static, x, w1, b1, routing)
+        h = _activate(static, gate_up.astype(jnp.float32)).astype(x.dtype)
+    else:
+        h = _stage1(static, x, w1, b1, routing)
     y = gemm_triton.gemm(h, w2, routing, tile=static.config.stage2, arch=static.arch,
                          topk_weights=routing.topk_weights, activation=None, transpose_b=static.in_out, bias=b2,
                          act_quant=static.act_quant)
     # Rows of out-of-range ids were never written: they contribute nothing.
     y = jnp.where(_valid(routing)[..., None], y.reshape(m, routing.top_k, d).astype(jnp.float32), 0.0)
-    return jnp.sum(y, axis=1).astype(x.dtype), h
+    return jnp.sum(y, axis=1).astype(x.dtype), gate_up if static.save_gate_up else h
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -138,9 +190,9 @@ def _experts(static: _Static, x, w1, w2, b1, b2, topk_weights, sorted_token_ids,
 def experts_fwd(static: _Static, x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids,
                 num_tokens_post_padded, topk_ids):
     routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
-    out, h = experts_forward(static, x, w1, w2, b1, b2, routing)
+    out, h = experts_forward(static, x, w1, w2, b1, b2, routing)  # gate_up with save_gate_up
     residuals = (x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids,
-                 None if static.remat else h)
+                 None if static.remat and not static.save_gate_up else h)
     return out, residuals
 
 
@@ -159,9 +211,13 @@ def experts_bwd(static: _Static, residuals, dout):
     k = static.top_k
     in_out = static.in_out
     dout = dout.astype(x.dtype)
-    if h is None:
-        h = _stage1(static, x, w1, b1, routing)
     valid = _valid(routing).reshape(-1, 1)  # rows of invalid ids are unwritten by every GEMM: masked
+    act_vjp = None
+    if static.save_gate_up:  # the residual is gate_up: h and the activation's derivative from it
+        h, act_vjp = jax.vjp(lambda v: _activate(static, v), h.astype(jnp.float32))
+        h = h.astype(x.dtype)
+    elif h is None:
+        h = _stage1(static, x, w1, b1, routing)
 
     g_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False, n_out=h.shape[1])
     dx_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False, n_out=d)
@@ -179,9 +235,13 @@ def experts_bwd(static: _Static, residuals, dout):
     d_weights = jnp.where(valid[:, 0], d_weights, 0.0)
     dh = (g * topk_weights.reshape(-1, 1).astype(jnp.float32)).astype(x.dtype)
     # 2. stage 1: d gate_up through the activation's derivative, in w1's gate/up order
-    d_gate_up = gemm_triton.act_backward(x, w1, dh, routing, tile=fused_tile, arch=arch,
-                                         activation=static.activation, transpose_b=in_out, gate_up=static.gate_up,
-                                         bias=b1)
+    if act_vjp is not None:
+        (d_gate_up,) = act_vjp(dh.astype(jnp.float32))
+        d_gate_up = jnp.where(valid, d_gate_up, 0.0).astype(x.dtype)
+    else:
+        d_gate_up = gemm_triton.act_backward(x, w1, dh, routing, tile=fused_tile, arch=arch,
+                                             activation=static.activation, transpose_b=in_out,
+                                             gate_up=static.gate_up, bias=b1)
     # 3. dx: d gate_up @ w1[e], summed over the slots in fp32
     dx_rows = gemm_triton.gemm(d_gate_up, w1, routing, tile=dx_tile, arch=arch, topk_weights=None,
                                activation=None, transpose_b=not in_out, out_dtype=jnp.float32, split_tail=False)
@@ -231,18 +291,26 @@ _quantized_experts.defvjp(_quantized_fwd, _quantized_bwd)
 
 def experts(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
             activation: Any, arch: str, remat: bool = False, b1: jax.Array | None = None,
-            b2: jax.Array | None = None, layout: str = "out_in", act_quant: str | None = None) -> jax.Array:
+            b2: jax.Array | None = None, layout: str = "out_in", act_quant: str | None = None,
+            save_gate_up: bool | None = None) -> jax.Array:
     """Both GEMM stages and the sum over the k slots, on aligned rows: ``[M, D]`` in x's dtype.
 
     Differentiable in ``x [M, D]``, ``w1``, ``w2`` (stored in ``layout``), the optional
     biases ``b1 [E, 2I]`` and ``b2 [E, D]``, and ``routing.topk_weights [M, k] float32`` by
     the Triton backward of this module; ``remat`` recomputes stage 1's output in the
-    backward instead of saving it.
+    backward instead of saving it; ``save_gate_up`` saves stage 1's pre-activation instead
+    (None: :data:`SAVE_GATE_UP_ENV`, read when the call is traced). Both: a ValueError.
     """
     from jaxmoe.ops import checks
 
+    if save_gate_up is None:
+        save_gate_up = save_gate_up_from_env()
+    if remat and save_gate_up:
+        raise ValueError("remat=True recomputes stage 1's output and save_gate_up saves its pre-activation: "
+                         f"choose one (save_gate_up may come from {SAVE_GATE_UP_ENV})")
     static = _Static(config, checks.resolve_activation(activation), arch, bool(remat), routing.block_size,
-                     routing.num_experts, routing.top_k, routing.num_rows, checks.check_layout(layout), act_quant)
+                     routing.num_experts, routing.top_k, routing.num_rows, checks.check_layout(layout), act_quant,
+                     bool(save_gate_up))
     quantized = any(isinstance(w, QuantizedWeights) and w.scheme != "none" for w in (w1, w2))
     if quantized or act_quant is not None:
         if static.in_out:

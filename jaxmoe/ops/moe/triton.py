@@ -60,7 +60,8 @@ def _quant_features(w1: Any, w2: Any, act_quant: str | None) -> tuple[str, ...]:
 def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Array, topk_ids: jax.Array, *,
               activation: Any = "silu", config: MoEConfig | None = None, remat: bool = False,
               b1: jax.Array | None = None, b2: jax.Array | None = None, layout: str = "out_in",
-              decode: bool | None = None, act_quant: str | None = None) -> jax.Array:
+              decode: bool | None = None, act_quant: str | None = None,
+              save_gate_up: bool | None = None) -> jax.Array:
     """Two-stage Triton MoE; shapes and contract as :func:`jaxmoe.fused_moe`. ``config``
     overrides the tuned or heuristic block configuration (the tuner passes candidates).
     ``decode``: True/False forces the decode path (:mod:`jaxmoe.ops.moe.decode`) or the
@@ -70,7 +71,9 @@ def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Arra
 
     Differentiable in ``hidden_states``, ``w1``, ``w2``, ``b1``, ``b2`` and ``topk_weights``
     through Triton kernels (:mod:`jaxmoe.ops.moe.backward`, which says what is saved);
-    ``remat=True`` recomputes stage 1's output ``[M*k, I]`` in the backward instead of saving it."""
+    ``remat=True`` recomputes stage 1's output ``[M*k, I]`` in the backward instead of saving it;
+    ``save_gate_up=True`` saves stage 1's pre-activation ``[M*k, 2I]`` instead, so that the
+    backward runs no stage-1 GEMM (None: ``JAXMOE_SAVE_GATE_UP``)."""
     w1, w2 = unwrap_weights(w1), unwrap_weights(w2)
     m, d = hidden_states.shape
     top_k = topk_ids.shape[1]
@@ -82,7 +85,8 @@ def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Arra
     if choice.decode:
         return _decode.fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
                                  aligned=_fused_aligned, choice=choice,
-                                 aligned_options=(("activation", activation), ("remat", remat)))
+                                 aligned_options=(("activation", activation), ("remat", remat),
+                                                  ("save_gate_up", save_gate_up)))
     _decode.log_choice("fused_moe", m, top_k, w1.shape, hidden_states.dtype, choice)
     arch = current_arch()
     if config is None:
@@ -92,23 +96,26 @@ def fused_moe(hidden_states: jax.Array, w1: Any, w2: Any, topk_weights: jax.Arra
     routing = RoutingData(*aligned, topk_ids=ids, topk_weights=topk_weights.astype(jnp.float32),
                           block_size=config.block_m, num_experts=w1.shape[0], top_k=top_k, num_rows=m * top_k)
     return experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch, remat=remat,
-                   b1=b1, b2=b2, layout=layout, act_quant=act_quant)
+                   b1=b1, b2=b2, layout=layout, act_quant=act_quant, save_gate_up=save_gate_up)
 
 
 def _fused_aligned(hidden_states: jax.Array, w1: jax.Array, w2: jax.Array, topk_weights: jax.Array,
-                   topk_ids: jax.Array, *, activation: str, remat: bool) -> jax.Array:
+                   topk_ids: jax.Array, *, activation: str, remat: bool, save_gate_up: bool | None = None
+                   ) -> jax.Array:
     """:func:`fused_moe` on the aligned path (what the decode path differentiates)."""
     return fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, remat=remat,
-                     decode=False)
+                     decode=False, save_gate_up=save_gate_up)
 
 
 def experts(hidden_states: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
             activation: Any, arch: str, remat: bool = False, b1: jax.Array | None = None,
-            b2: jax.Array | None = None, layout: str = "out_in", act_quant: str | None = None) -> jax.Array:
+            b2: jax.Array | None = None, layout: str = "out_in", act_quant: str | None = None,
+            save_gate_up: bool | None = None) -> jax.Array:
     """Both GEMM stages and the sum over the k slots, on aligned rows; differentiable by the
-    Triton backward of :mod:`jaxmoe.ops.moe.backward` (``remat``: see there)."""
+    Triton backward of :mod:`jaxmoe.ops.moe.backward` (``remat``, ``save_gate_up``: see there)."""
     return backward.experts(hidden_states, w1, w2, routing, config=config, activation=activation, arch=arch,
-                            remat=remat, b1=b1, b2=b2, layout=layout, act_quant=act_quant)
+                            remat=remat, b1=b1, b2=b2, layout=layout, act_quant=act_quant,
+                            save_gate_up=save_gate_up)
 
 
 # --------------------------------------------------------------------------- routing + experts
@@ -344,11 +351,13 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, i
 
 def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                             dtype: Any, arch: str, activation: Any = "silu", config: MoEConfig | None = None, *,
-                            layout: str = "out_in", biases: bool = False) -> list[KernelLaunch]:
+                            layout: str = "out_in", biases: bool = False,
+                            save_gate_up: bool = False) -> list[KernelLaunch]:
     """Every launch the backward of ``fused_moe`` makes for these shapes on ``arch`` (for AOT
     compilation): stage 2 backward, stage 1 backward, dx, d w2, d w1 (and, with ``biases``,
     d b1 and d b2). With ``remat`` it also repeats the forward's stage-1 launch, already
-    among :func:`plan_fused_moe`'s."""
+    among :func:`plan_fused_moe`'s. With ``save_gate_up`` the stage-1 backward is no launch
+    and the forward's stage 1 is a plain GEMM, listed in its place."""
     if config is None:
         config = _config.select_config(num_tokens, top_k, num_experts, hidden, intermediate, dtype, arch)
     num_rows = num_tokens * top_k
@@ -364,13 +373,20 @@ def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidde
     gate_up = "interleaved" if layout.endswith("interleaved") else "concat"
     x_rows, h_rows, gu_rows = (num_tokens, hidden), (num_rows, intermediate), (num_rows, 2 * intermediate)
     wdy_rows = (num_rows, hidden)  # w[f] * dy[t], made in jnp for d w2 and d b2
+    if save_gate_up:  # the forward's stage 1 without its activation (backward.experts_forward)
+        gu_tile = _config.backward_tile(config.block_m, dtype, arch, fused=False, n_out=2 * intermediate)
+        stage1 = gemm_triton.plan_gemm(a_shape=x_rows, b_shape=w1_shape, top_k=top_k, tile=gu_tile, activation=None,
+                                       mul_routed_weight=False, transpose_b=in_out, split_tail=False, bias=biases,
+                                       arch=arch, **common)
+    else:
+        stage1 = gemm_triton.plan_act_backward(a_shape=x_rows, b_shape=w1_shape, top_k=top_k, tile=fused_tile,
+                                               activation=activation, arch=arch, transpose_b=in_out,
+                                               gate_up=gate_up, bias=biases, **common)
     plans = [
         gemm_triton.plan_gemm(a_shape=x_rows, b_shape=w2_shape, top_k=top_k, tile=g_tile, activation=None,
                               mul_routed_weight=False, transpose_b=not in_out, out_dtype=jnp.float32,
                               split_tail=False, arch=arch, **common),
-        gemm_triton.plan_act_backward(a_shape=x_rows, b_shape=w1_shape, top_k=top_k, tile=fused_tile,
-                                      activation=activation, arch=arch, transpose_b=in_out, gate_up=gate_up,
-                                      bias=biases, **common),
+        stage1,
         gemm_triton.plan_gemm(a_shape=gu_rows, b_shape=w1_shape, top_k=1, tile=dx_tile, activation=None,
                               mul_routed_weight=False, transpose_b=not in_out, out_dtype=jnp.float32,
                               split_tail=False, arch=arch, **common),
