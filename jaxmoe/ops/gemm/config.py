@@ -132,15 +132,21 @@ def fit_scheme(tile: GemmTile, weights: str, act_quant: str | None) -> GemmTile:
 FAST_ACCUM_ENV = "JAXMOE_FP8_FAST_ACCUM"
 
 
-def fp8_fast_accum() -> bool:
-    """Whether ``JAXMOE_FP8_FAST_ACCUM`` asks fp8 w8a8 GEMMs with per-token activation scales
-    to sum over K inside the fp8 MMA (read when a call is planned, i.e. traced)."""
-    env = os.environ.get(FAST_ACCUM_ENV, "").strip().lower()
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: unset or ``0`` (``false``, ``off``, ``no``) is off,
+    ``1`` (``true``, ``on``, ``yes``) on, anything else a ValueError naming it."""
+    env = os.environ.get(name, "").strip().lower()
     if env in ("", "0", "false", "off", "no"):
         return False
     if env in ("1", "true", "on", "yes"):
         return True
-    raise ValueError(f"{FAST_ACCUM_ENV} must be unset, 1 or 0, got {os.environ[FAST_ACCUM_ENV]!r}")
+    raise ValueError(f"{name} must be unset, 1 or 0, got {os.environ[name]!r}")
+
+
+def fp8_fast_accum() -> bool:
+    """Whether ``JAXMOE_FP8_FAST_ACCUM`` asks fp8 w8a8 GEMMs with per-token activation scales
+    to sum over K inside the fp8 MMA (read when a call is planned, i.e. traced)."""
+    return env_flag(FAST_ACCUM_ENV)
 
 
 def a_scheme_for(w_scheme: str, act_quant: str | None) -> str:

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -89,12 +88,7 @@ SAVE_GATE_UP_ENV = "JAXMOE_SAVE_GATE_UP"
 def save_gate_up_from_env() -> bool:
     """Whether ``JAXMOE_SAVE_GATE_UP`` asks the backward to save stage 1's pre-activation
     (unset, ``0``: no; ``1``: yes; anything else: a ValueError)."""
-    env = os.environ.get(SAVE_GATE_UP_ENV, "").strip().lower()
-    if env in ("", "0", "false", "off", "no"):
-        return False
-    if env in ("1", "true", "on", "yes"):
-        return True
-    raise ValueError(f"{SAVE_GATE_UP_ENV} must be unset, 1 or 0, got {os.environ[SAVE_GATE_UP_ENV]!r}")
+    return _config.env_flag(SAVE_GATE_UP_ENV)
 
 
 @dataclasses.dataclass(frozen=True)
