@@ -245,6 +245,27 @@ class KernelGradTests(FusedMoeGradTests):
             moe_triton.fused_moe(x, w1, w2, tw, ids)
 
 
+    def test_save_gate_up_leaves_quantized_layers_alone(self, rng, monkeypatch):
+        """Quantized weights have no kernel backward: ``JAXMOE_SAVE_GATE_UP=1`` leaves their
+        forward exactly as without it (w8a8 still rounds x in stage 1), and
+        ``save_gate_up=True`` is refused."""
+        from jaxmoe.ops.moe import backward
+
+        m, d, i, e, k = 6, 64, 32, 4, 2
+        x, w1, w2, tw, ids = moe_inputs(rng, m, d, i, e, k, BF16)
+        w1q, w2q = jaxmoe.quantize_weights(w1, "int8"), jaxmoe.quantize_weights(w2, "int8")
+
+        def run():
+            return np.asarray(self.jit(lambda x, tw: moe_triton.fused_moe(x, w1q, w2q, tw, ids, act_quant="int8"),
+                                       x, tw), F32)
+
+        plain = run()
+        monkeypatch.setenv(backward.SAVE_GATE_UP_ENV, "1")
+        assert np.array_equal(run(), plain)
+        with pytest.raises(ValueError, match="quantized weights and act_quant"):
+            moe_triton.fused_moe(x, w1q, w2q, tw, ids, act_quant="int8", save_gate_up=True)
+
+
 class TestFusedMoeGradTritonInterpreter(KernelGradTests):
     implementation = "triton"
 

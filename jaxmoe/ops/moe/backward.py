@@ -293,11 +293,20 @@ def experts(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoE
     biases ``b1 [E, 2I]`` and ``b2 [E, D]``, and ``routing.topk_weights [M, k] float32`` by
     the Triton backward of this module; ``remat`` recomputes stage 1's output in the
     backward instead of saving it; ``save_gate_up`` saves stage 1's pre-activation instead
-    (None: :data:`SAVE_GATE_UP_ENV`, read when the call is traced). Both: a ValueError.
+    (None: :data:`SAVE_GATE_UP_ENV`, read when the call is traced; quantized weights and
+    ``act_quant``, which have no kernel backward, ignore the variable and refuse True).
+    Both: a ValueError.
     """
     from jaxmoe.ops import checks
 
-    if save_gate_up is None:
+    quantized = any(isinstance(w, QuantizedWeights) and w.scheme != "none" for w in (w1, w2))
+    if quantized or act_quant is not None:
+        # no backward to save for: the forward is the quantized kernels' own, flag or not
+        if save_gate_up:
+            raise ValueError("save_gate_up=True saves stage 1's pre-activation for the backward, which quantized "
+                             "weights and act_quant do not have")
+        save_gate_up = False
+    elif save_gate_up is None:
         save_gate_up = save_gate_up_from_env()
     if remat and save_gate_up:
         raise ValueError("remat=True recomputes stage 1's output and save_gate_up saves its pre-activation: "
@@ -305,7 +314,6 @@ def experts(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoE
     static = _Static(config, checks.resolve_activation(activation), arch, bool(remat), routing.block_size,
                      routing.num_experts, routing.top_k, routing.num_rows, checks.check_layout(layout), act_quant,
                      bool(save_gate_up))
-    quantized = any(isinstance(w, QuantizedWeights) and w.scheme != "none" for w in (w1, w2))
     if quantized or act_quant is not None:
         if static.in_out:
             raise ValueError(f"quantized weights are stored [out, in] (layout 'out_in' or 'out_in_interleaved'), "
