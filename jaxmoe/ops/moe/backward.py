@@ -139,12 +139,12 @@ def _stage1(static: _Static, x: jax.Array, w1: Any, b1: jax.Array | None, routin
 def _stage1_gate_up(static: _Static, x: jax.Array, w1: jax.Array, b1: jax.Array | None, routing: RoutingData
                     ) -> jax.Array:
     """Stage 1 without its activation: ``gate_up [M*k, 2I]`` (bias included) in x's dtype,
-    in w1's gate/up order; rows of invalid ids are zero."""
+    in w1's gate/up order; rows of invalid ids unwritten, as in every GEMM (what reads them
+    masks them)."""
     two_i = w1.shape[2] if static.in_out else w1.shape[1]
     tile = _config.backward_tile(static.block_size, x.dtype, static.arch, fused=False, n_out=two_i)
-    gate_up = gemm_triton.gemm(x, w1, routing, tile=tile, arch=static.arch, topk_weights=None, activation=None,
-                               transpose_b=static.in_out, bias=b1, split_tail=False)
-    return jnp.where(_valid(routing).reshape(-1, 1), gate_up, jnp.zeros((), gate_up.dtype))
+    return gemm_triton.gemm(x, w1, routing, tile=tile, arch=static.arch, topk_weights=None, activation=None,
+                            transpose_b=static.in_out, bias=b1, split_tail=False)
 
 
 def _activate(static: _Static, gate_up: jax.Array) -> jax.Array:
@@ -184,9 +184,9 @@ def _experts(static: _Static, x, w1, w2, b1, b2, topk_weights, sorted_token_ids,
 def experts_fwd(static: _Static, x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids,
                 num_tokens_post_padded, topk_ids):
     routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
-    out, h = experts_forward(static, x, w1, w2, b1, b2, routing)  # gate_up with save_gate_up
+    out, saved = experts_forward(static, x, w1, w2, b1, b2, routing)  # h, or gate_up with save_gate_up
     residuals = (x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids,
-                 None if static.remat and not static.save_gate_up else h)
+                 None if static.remat else saved)
     return out, residuals
 
 
@@ -198,7 +198,7 @@ def _bias_grad(g: jax.Array, routing: RoutingData, out_dtype: Any) -> jax.Array:
 
 
 def experts_bwd(static: _Static, residuals, dout):
-    x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids, h = residuals
+    x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids, saved = residuals
     routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
     arch = static.arch
     m, d = x.shape
@@ -207,11 +207,11 @@ def experts_bwd(static: _Static, residuals, dout):
     dout = dout.astype(x.dtype)
     valid = _valid(routing).reshape(-1, 1)  # rows of invalid ids are unwritten by every GEMM: masked
     act_vjp = None
-    if static.save_gate_up:  # the residual is gate_up: h and the activation's derivative from it
-        h, act_vjp = jax.vjp(lambda v: _activate(static, v), h.astype(jnp.float32))
+    if static.save_gate_up:  # saved is gate_up: h and the activation's derivative from it
+        h, act_vjp = jax.vjp(lambda v: _activate(static, v), saved.astype(jnp.float32))
         h = h.astype(x.dtype)
-    elif h is None:
-        h = _stage1(static, x, w1, b1, routing)
+    else:
+        h = _stage1(static, x, w1, b1, routing) if saved is None else saved
 
     g_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False, n_out=h.shape[1])
     dx_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False, n_out=d)
