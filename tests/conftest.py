@@ -80,3 +80,22 @@ def moe_inputs(rng, m, d, i, e, k, dtype, experts=None):
     topk_weights = jnp.asarray(rng.uniform(0.1, 1.0, (m, k)), jnp.float32)
     topk_ids = random_ids(rng, m, k, e if experts is None else experts)
     return x, w1, w2, topk_weights, topk_ids
+
+
+@pytest.fixture
+def tma_views(monkeypatch):
+    """``JAXMOE_TMA=1`` for the test; yields the B views its GEMMs were planned with, as
+    (A's bytes per element, view) pairs, and afterwards checks that every GEMM on 16-bit
+    activations read B through a tensor descriptor (fp32 keeps pointer loads)."""
+    from jaxmoe.ops.gemm import config as _config
+
+    monkeypatch.setenv(_config.TMA_ENV, "1")
+    views, plan = [], _config.b_descriptor_view
+
+    def recording(**kw):
+        views.append((kw["a_itemsize"], plan(**kw)))
+        return views[-1][1]
+
+    monkeypatch.setattr(_config, "b_descriptor_view", recording)
+    yield views
+    assert all(view != "none" for size, view in views if size == 2), views

@@ -131,3 +131,74 @@ def test_gpu_jax_triton_payload_patch_still_finds_its_internals():
         assert not compat.slim_payload_applies(jax_triton)
         pytest.skip(f"jax-triton {jax_triton.__version__} builds another payload; the patch is not applied")
     assert compat.slim_payload_applies(jax_triton)
+
+
+class _FakeLib:
+    """The two names of jax-triton 0.3.x's ``triton_lib`` the patches rewrite: a compile
+    that fills Triton's metadata dict through the backend, and jaxlib's kernel constructor
+    (``accepts_scratch``: a jaxlib whose ``TritonKernel`` takes the scratch arguments)."""
+
+    def __init__(self, accepts_scratch: bool = True):
+        import types
+
+        self.built = []
+        lib = self
+
+        class Native:
+            @staticmethod
+            def TritonKernel(*args, **kwargs):  # noqa: N802
+                if kwargs and not accepts_scratch:
+                    raise TypeError("TritonKernel(): incompatible function arguments")
+                lib.built.append((args, kwargs))
+                return object()
+
+        self.triton_kernel_call_lib = Native()
+
+        def compile_ttir_inplace(ttir, backend, options, compute_capability, platform):
+            metadata = {}
+            backend.make_llir(ttir, metadata, options, compute_capability)
+            return types.SimpleNamespace(binary=f"ptx of {ttir}", name="kernel", shared_mem_bytes=0)
+
+        self.compile_ttir_inplace = compile_ttir_inplace
+
+
+class _FakeBackend:
+    def __init__(self, scratch: int, total_warps: int | None = None):
+        self.scratch, self.total_warps = scratch, total_warps
+
+    def make_llir(self, src, metadata, options, capability):
+        if self.total_warps is not None:
+            metadata["num_warps"] = self.total_warps
+        metadata["global_scratch_size"], metadata["global_scratch_align"] = self.scratch, 128 if self.scratch else 1
+        return "llir"
+
+
+def _compile_and_build(lib, ttir, backend, num_warps=8):
+    import types
+
+    from jaxmoe._compat import jax_triton as compat
+
+    compat.patch_lib(lib)
+    result = lib.compile_ttir_inplace(ttir, backend, types.SimpleNamespace(num_warps=num_warps), 90, "cuda")
+    return lib.triton_kernel_call_lib.TritonKernel("kernel", num_warps, 1, 0, result.binary, "tt.func @k", 90)
+
+
+def test_jax_triton_03_patch_passes_the_global_scratch_and_warp_count():
+    """jax-triton 0.3.x builds jaxlib's kernel without Triton's global scratch size (the
+    device-side tensor descriptors' buffer) and with the caller's warp count: the patch
+    passes both from the compiled kernel's metadata, and only where a kernel needs them."""
+    lib = _FakeLib()
+    _compile_and_build(lib, "plain", _FakeBackend(0))
+    _compile_and_build(lib, "tma", _FakeBackend(256))
+    _compile_and_build(lib, "specialised", _FakeBackend(128, total_warps=12), num_warps=4)
+    (plain, plain_kw), (tma, tma_kw), (ws, ws_kw) = lib.built
+    assert plain_kw == {} and plain[1] == 8 and plain[5] == ""  # the TTIR dropped from the payload
+    assert tma_kw == {"global_scratch_size": 256, "global_scratch_align": 128} and tma[1] == 8
+    assert ws_kw == {"global_scratch_size": 128, "global_scratch_align": 128} and ws[1] == 12
+
+
+def test_jax_triton_03_patch_refuses_scratch_an_old_jaxlib_cannot_allocate():
+    lib = _FakeLib(accepts_scratch=False)
+    _compile_and_build(lib, "plain", _FakeBackend(0))  # kernels without scratch build as before
+    with pytest.raises(RuntimeError, match="global scratch.*JAXMOE_TMA"):
+        _compile_and_build(lib, "tma", _FakeBackend(128))

@@ -128,3 +128,20 @@ def test_moe_gemm_errors(rng):
     for args, kwargs, exc, name in bad:
         with pytest.raises(exc, match=name):
             ops.moe_gemm(*args, **kwargs)
+
+
+class TestGemmTritonInterpreterTMA(GemmTests):
+    """The same cases with B's tiles read through tensor descriptors (``JAXMOE_TMA=1``)."""
+
+    implementation = "triton"
+
+    @pytest.fixture(autouse=True)
+    def _tma(self, tma_views, request):
+        yield
+        # every case plans a GEMM (M = 0 none), and the fp32 ones keep pointer loads
+        assert tma_views or request.node.name == "test_no_tokens"
+
+
+@pytest.mark.gpu
+class TestGemmTritonGPUTMA(TestGemmTritonInterpreterTMA):
+    implementation, gpu = "triton", True

@@ -150,6 +150,21 @@ class TestFeaturesTritonInterpreter(KernelFeatureTests):
     implementation = "triton"
 
 
+class TestFeaturesTritonInterpreterTMA(KernelFeatureTests):
+    """Every layout with B read through tensor descriptors (``JAXMOE_TMA=1``): the four
+    views, gate/up concatenated or interleaved, stored out-in or in-out (read transposed),
+    forward and backward."""
+
+    implementation = "triton"
+    FEATURE_CASES = {name: case for name, case in FEATURE_CASES.items() if name.endswith("bfloat16")}
+    GRAD_CASES = {name: FEATURE_CASES[name] for name in (
+        "out_in-gptoss-bias-bfloat16", "in_out-silu-bias-bfloat16", "in_out_interleaved-gptoss-bias-bfloat16")}
+
+    @pytest.fixture(autouse=True)
+    def _tma(self, tma_views):
+        yield
+
+
 @pytest.mark.gpu
 class TestFeaturesTritonGPU(KernelFeatureTests):
     implementation, gpu = "triton", True

@@ -397,9 +397,49 @@ def _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS: tl.constexpr):
 
 
 @triton.jit
+def _b_descriptor(b_ptr, B_DESC: tl.constexpr, NUM_EXPERTS: tl.constexpr, N_OUT: tl.constexpr, K: tl.constexpr,
+                  stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
+                  W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A device-side tensor descriptor over B (``B_DESC`` names the view; NVIDIA sm_90+
+    loads its tiles by TMA, out-of-range elements as zeros): ``"nk"`` [E, N, K] and ``"kn"``
+    [E, K, N] read [W, BLOCK_K] / [BLOCK_K, W] boxes; ``"nk_gate_up"`` [E, 2, N_OUT, K] and
+    ``"kn_gate_up"`` [E, K, 2, N_OUT] read stage 1's gate rows and up rows of one column
+    block in one box, the gate half first."""
+    if B_DESC == "nk":
+        return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, W // BLOCK_N * N_OUT, K],
+                                         strides=[stride_be, stride_bn, 1], block_shape=[1, W, BLOCK_K])
+    elif B_DESC == "kn":
+        return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, K, W // BLOCK_N * N_OUT],
+                                         strides=[stride_be, stride_bk, 1], block_shape=[1, BLOCK_K, W])
+    elif B_DESC == "nk_gate_up":
+        return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, 2, N_OUT, K],
+                                         strides=[stride_be, N_OUT * stride_bn, stride_bn, 1],
+                                         block_shape=[1, 2, BLOCK_N, BLOCK_K])
+    else:  # "kn_gate_up"
+        return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, K, 2, N_OUT],
+                                         strides=[stride_be, stride_bk, N_OUT, 1],
+                                         block_shape=[1, BLOCK_K, 2, BLOCK_N])
+
+
+@triton.jit
+def _b_tile(b_desc, expert, n0, k0, B_DESC: tl.constexpr, W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """B's [BLOCK_K, W] tile at K offset ``k0`` of ``expert``'s columns from ``n0`` (the
+    column block's first B row; gate row with the gate/up views) through ``b_desc``."""
+    e = expert.to(tl.int32)
+    if B_DESC == "nk":
+        return tl.trans(tl.reshape(b_desc.load([e, n0, k0]), [W, BLOCK_K]))
+    elif B_DESC == "kn":
+        return tl.reshape(b_desc.load([e, k0, n0]), [BLOCK_K, W])
+    elif B_DESC == "nk_gate_up":
+        return tl.trans(tl.reshape(b_desc.load([e, 0, n0, k0]), [W, BLOCK_K]))
+    else:
+        return tl.reshape(b_desc.load([e, k0, 0, n0]), [BLOCK_K, W])
+
+
+@triton.jit
 def _tile(
-    a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n, pid_k,
-    expert, expert_ok,
+    a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0, pid_n,
+    pid_k, expert, expert_ok,
     num_rows,
     N_OUT: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
     stride_am: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
@@ -410,11 +450,12 @@ def _tile(
     W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr, QMAX: tl.constexpr,
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREQUANT_A: tl.constexpr, stride_as: tl.constexpr, FP8_MMA_ACC: tl.constexpr,
+    PREQUANT_A: tl.constexpr, stride_as: tl.constexpr, FP8_MMA_ACC: tl.constexpr, B_DESC: tl.constexpr,
 ):
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of
     ``expert``; with ``SPLIT_K`` > 1 the sum over split ``pid_k``'s range of K only, into
-    ``C[pid_k]`` (the bias in split 0's)."""
+    ``C[pid_k]`` (the bias in split 0's). B's tiles come through ``b_desc`` unless ``B_DESC``
+    is ``"none"``; with a gate/up view the tile's gate columns come first, not alternating."""
     offs_m = row0 + tl.arange(0, ROWS)
     rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
     row_mask = (rows >= 0) & (rows < num_rows)
@@ -426,7 +467,15 @@ def _tile(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
     b_base = b_ptr + expert * stride_be
-    if FUSE_ACTIVATION:
+    HALVES: tl.constexpr = B_DESC == "nk_gate_up" or B_DESC == "kn_gate_up"
+    if HALVES:
+        # the descriptor's box: the column block's BLOCK_N gate rows, then its up rows
+        j = tl.arange(0, 2 * BLOCK_N)
+        gate_n = pid_n * BLOCK_N + j % BLOCK_N
+        b_cols_ok = gate_n < N_OUT
+        b_rows = gate_n + (j // BLOCK_N) * N_OUT
+        W: tl.constexpr = 2 * BLOCK_N
+    elif FUSE_ACTIVATION:
         # One [BLOCK_K, 2 * BLOCK_N] B tile whose columns alternate gate n, up n: a single
         # wide dot (measured on an H100 at least as fast as two dots of BLOCK_N, and faster
         # at large M), and act(gate) * up pairs adjacent accumulator columns.
@@ -449,8 +498,10 @@ def _tile(
         # column's K contiguous, so the loads are wide and asynchronous like 8-bit B's
         offs_kb = tl.arange(0, BLOCK_K // 2)
         b_ptrs = b_base + b_rows.to(tl.int64)[:, None] * stride_bn + offs_kb[None, :]
-    else:
+    elif B_DESC == "none":
         b_ptrs = b_base + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    else:
+        b_n0 = pid_n * BLOCK_N if HALVES else pid_n * W  # the box's first B row
     # the scales (and zero points) of B's columns: [E, N // GROUP_N, K groups] flattened
     s_ptrs = bs_ptr + expert * stride_se + (b_rows // GROUP_N).to(tl.int64) * stride_sn
     z_ptrs = bz_ptr + expert * stride_se + (b_rows // GROUP_N).to(tl.int64) * stride_sn
@@ -482,7 +533,7 @@ def _tile(
         a_ptrs += k_lo
         if PACKED:
             b_ptrs += k_lo // 2
-        else:
+        elif B_DESC == "none":
             b_ptrs += k_lo * stride_bk
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if K % BLOCK_K == 0:
@@ -490,7 +541,9 @@ def _tile(
         else:
             k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
-        if PACKED:
+        if B_DESC != "none":
+            b = _b_tile(b_desc, expert, b_n0, k0, B_DESC, W, BLOCK_K)
+        elif PACKED:
             if K % BLOCK_K == 0:
                 b = tl.load(b_ptrs, mask=b_cols_ok[:, None], other=0)
             else:
@@ -504,7 +557,7 @@ def _tile(
         a_ptrs += BLOCK_K
         if PACKED:
             b_ptrs += BLOCK_K // 2
-        else:
+        elif B_DESC == "none":
             b_ptrs += BLOCK_K * stride_bk
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -512,7 +565,10 @@ def _tile(
 
     if HAS_BIAS:
         acc = acc + bias.to(tl.float32)[None, :]
-    if FUSE_ACTIVATION:
+    if HALVES:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [ROWS, 2, BLOCK_N]), [0, 2, 1]))
+        acc = _gated(gate, up, ACTIVATION, ALPHA, LIMIT)
+    elif FUSE_ACTIVATION:
         gate, up = tl.split(tl.reshape(acc, [ROWS, BLOCK_N, 2]))
         acc = _gated(gate, up, ACTIVATION, ALPHA, LIMIT)
     if MUL_ROUTED_WEIGHT:
@@ -556,6 +612,7 @@ def moe_gemm_kernel(
     PREQUANT_A: tl.constexpr,  # A arrives rounded to 8 bits (act_quant_kernel), its scales at as_ptr
     stride_as: tl.constexpr,  # A scales per row: 1, or K's 128-channel groups for "fp8_group"
     FP8_MMA_ACC: tl.constexpr,  # "fp8_token": the sum over K kept in the MMA's accumulator
+    B_DESC: tl.constexpr,  # "none": B's tiles by pointers; else the descriptor view (_b_descriptor)
 ):
     pid_m, pid_n, pid_k = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS, SPLIT_K)
     row0 = pid_m * BLOCK_M
@@ -564,6 +621,11 @@ def moe_gemm_kernel(
     # No such expert: the block's rows are written as zeros through the one code path
     # (its A rows load as zeros against expert 0's weights, read in bounds).
     expert, expert_ok = _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS)
+    if B_DESC != "none":
+        b_desc = _b_descriptor(b_ptr, B_DESC, NUM_EXPERTS, N_OUT, K, stride_be, stride_bn, stride_bk,
+                               2 * BLOCK_N if FUSE_ACTIVATION else BLOCK_N, BLOCK_N, BLOCK_K)
+    else:
+        b_desc = b_ptr  # unused
 
     quarter = False  # compile-time False unless the kernel may split
     half = False
@@ -576,26 +638,26 @@ def moe_gemm_kernel(
         if SPLIT_TAIL > 1:
             quarter = used <= BLOCK_M // 4
     if quarter:
-        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
+        _tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
               pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC)
     elif half:
-        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
+        _tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
               pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC)
     else:
-        _tile(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
+        _tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
               pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC)
 
 
 # --------------------------------------------------------------------------- backward

@@ -187,6 +187,11 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "SPLIT_K": split,
         "PREQUANT_A": tile.prequant_a, "stride_as": a_scale_groups(a_scheme, k),
         "FP8_MMA_ACC": _config.fp8_mma_accumulate(a_scheme),
+        "B_DESC": _config.b_descriptor_view(
+            arch=arch, w_scheme=w_scheme, a_scheme=a_scheme, transpose_b=transpose_b,
+            fused=activation is not None, gate_up=gate_up, a_itemsize=jnp.dtype(dtype).itemsize,
+            b_itemsize=b_dtype.itemsize, n=n, k=k,
+            block_n=tile.block_n, block_k=tile.block_k),
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
