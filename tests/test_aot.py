@@ -312,8 +312,8 @@ def test_quantized_gemms_keep_registers_and_load_b_in_whole_bytes():
 
 
 def tma_launches() -> dict[str, list[KernelLaunch]]:
-    """The GEMM launches that read B through tensor descriptors with ``JAXMOE_TMA=1`` (set by
-    the caller), by view, one per A dtype, weight scheme and epilogue: Mixtral-8x7B's
+    """The GEMM launches (stage-1 recompute of the backward included) that read B through
+    tensor descriptors with ``JAXMOE_TMA=1`` (set by the caller), by view, one per A dtype, weight scheme and epilogue: Mixtral-8x7B's
     forward (each weight layout) and backward at M = 4096 in bf16 (fp16's code is the same
     but for the type), and its w8a8 fp8 and int8 and weight-only fp8 forward."""
     p = PRESETS["mixtral-8x7b"]
@@ -326,10 +326,10 @@ def tma_launches() -> dict[str, list[KernelLaunch]]:
         specs += moe_triton.plan_fused_moe(*args, jnp.bfloat16, "sm90", weights=weights, act_quant=act_quant)
     views: dict[str, dict] = {}
     for spec in specs:
-        if spec.name == "moe_gemm_kernel":
+        if spec.name in ("moe_gemm_kernel", "moe_gemm_act_bwd_kernel"):
             const = dict(spec.constexprs)
-            # one launch per view, A dtype, weight scheme and epilogue (what changes the loads)
-            kind = (spec.args[0].dtype.name, const["W_SCHEME"], const["FUSE_ACTIVATION"])
+            # one launch per kernel, view, A dtype, weight scheme and epilogue (what changes the loads)
+            kind = (spec.name, spec.args[0].dtype.name, const.get("W_SCHEME"), const.get("FUSE_ACTIVATION"))
             views.setdefault(const["B_DESC"], {}).setdefault(kind, spec)
     return {view: list(seen.values()) for view, seen in views.items()}
 
@@ -345,18 +345,19 @@ def test_tma_b_loads_compile_for_sm90(monkeypatch):
     fp32 = moe_triton.plan_fused_moe(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.float32, "sm90", "silu")
     # fp32's exact product runs from registers: a descriptor's tile only adds spills
     assert {dict(s.constexprs)["B_DESC"] for s in fp32 if s.name == "moe_gemm_kernel"} == {"none"}
+    assert any(s.name == "moe_gemm_act_bwd_kernel" for group in views.values() for s in group)
     assert set(views) == {"nk", "nk_gate_up", "kn", "kn_gate_up"}, set(views)
     specs = [spec for group in views.values() for spec in group]
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         compiled = list(pool.map(lambda spec: aot.compile_aot(spec, "sm_90"), specs))
     for spec, c in zip(specs, compiled):
         const = dict(spec.constexprs)
-        name = (const["B_DESC"], spec.args[0].dtype.name, const["W_SCHEME"], const["FUSE_ACTIVATION"])
+        name = (spec.name, const["B_DESC"], spec.args[0].dtype.name, const.get("W_SCHEME"), const.get("FUSE_ACTIVATION"))
         ptx = c.asm["ptx"]
         assert "cp.async.bulk.tensor" in ptx and c.metadata.global_scratch_size >= 128, name
         assert c.metadata.shared <= _config.SHARED_MEMORY_LIMIT["sm90"], name
         assert _ptxas_spill_bytes(ptx) <= SPILL_LIMIT, name
-        if name == ("nk_gate_up", "bfloat16", "none", True) and spec.num_warps == 8:
+        if name == ("moe_gemm_kernel", "nk_gate_up", "bfloat16", "none", True) and spec.num_warps == 8:
             assert _ptxas_registers(ptx) < 200, name
 
 

@@ -706,6 +706,7 @@ def moe_gemm_act_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     ACTIVATION: tl.constexpr, NUM_XCDS: tl.constexpr, FP32_IEEE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+    B_DESC: tl.constexpr,  # "none": B's tiles by pointers; else the descriptor view (_b_descriptor)
 ):
     """Stage 1 backward: the gate/up gradients of ``h = gated(gate, up)``, rows by expert.
 
@@ -718,7 +719,8 @@ def moe_gemm_act_bwd_kernel(
 
     (C's columns in B's gate/up order), so neither the pre-activation nor its gradient
     before the cast reaches memory. Rows of a block without a valid expert are written as
-    zeros (their A rows and dh load as zeros).
+    zeros (their A rows and dh load as zeros). With a gate/up descriptor view the tile's
+    gate columns come first, as in ``moe_gemm_kernel``.
     """
     # the forward kernel's schedule: the same (row block, column block) per program
     pid_m, pid_n, _ = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS, 1)
@@ -736,10 +738,20 @@ def moe_gemm_act_bwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
     j = tl.arange(0, 2 * BLOCK_N)
-    gate_n = pid_n * BLOCK_N + j // 2
+    HALVES: tl.constexpr = B_DESC == "nk_gate_up" or B_DESC == "kn_gate_up"
+    if HALVES:
+        gate_n = pid_n * BLOCK_N + j % BLOCK_N
+        b_rows = gate_n + (j // BLOCK_N) * N_OUT
+    else:
+        gate_n = pid_n * BLOCK_N + j // 2
+        b_rows = gate_n * GATE_STEP + (j % 2) * UP_SHIFT
     b_cols_ok = gate_n < N_OUT
-    b_rows = gate_n * GATE_STEP + (j % 2) * UP_SHIFT
-    b_ptrs = b_ptr + expert * stride_be + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    if B_DESC == "none":
+        b_ptrs = b_ptr + expert * stride_be + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    else:
+        b_desc = _b_descriptor(b_ptr, B_DESC, NUM_EXPERTS, N_OUT, K, stride_be, stride_bn, stride_bk, 2 * BLOCK_N,
+                               BLOCK_N, BLOCK_K)
+        b_n0 = pid_n * BLOCK_N if HALVES else pid_n * 2 * BLOCK_N
     acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if K % BLOCK_K == 0:
@@ -747,18 +759,24 @@ def moe_gemm_act_bwd_kernel(
         else:
             k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
+        if B_DESC == "none":
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
+            b_ptrs += BLOCK_K * stride_bk
+        else:
+            b = _b_tile(b_desc, expert, b_n0, k0, B_DESC, 2 * BLOCK_N, BLOCK_K)
         if FP32_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * (2 * N_OUT) + b_rows, mask=b_cols_ok & expert_ok, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
-    gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    if HALVES:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
+    else:
+        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
     d_gate, d_up = _gated_grads(gate, up, ACTIVATION, ALPHA, LIMIT)
     tile_mask = a_mask[:, None] & n_mask[None, :]
     dh = tl.load(dh_ptr + rows[:, None] * N_OUT + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)

@@ -395,6 +395,10 @@ def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int]
         "BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_SIZE_M": tile.group_size_m,
         "ACTIVATION": None, "NUM_XCDS": _config.NUM_XCDS[arch], "FP32_IEEE": jnp.dtype(dtype) == jnp.float32,
         "HAS_BIAS": _has_bias(bias), "ALPHA": None, "LIMIT": None,
+        "B_DESC": _config.b_descriptor_view(
+            arch=arch, w_scheme="none", a_scheme="none", transpose_b=transpose_b, fused=True, gate_up=gate_up,
+            a_itemsize=jnp.dtype(dtype).itemsize, b_itemsize=jnp.dtype(dtype).itemsize, n=n, k=k,
+            block_n=tile.block_n, block_k=tile.block_k),
     }
     constexprs.update(_activation_constexprs(activation))
     i32 = jnp.int32
