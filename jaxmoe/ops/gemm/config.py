@@ -235,7 +235,10 @@ def b_descriptor_view(*, arch: str, w_scheme: str, a_scheme: str, transpose_b: b
     ``"nk"`` / ``"kn"``: B read as ``[E, N, K]`` / ``[E, K, N]``; ``"nk_gate_up"`` /
     ``"kn_gate_up"``: stage 1's concatenated gate and up halves, one box holding a column
     block's gate rows and its up rows. ``n`` is B's N (both halves), ``k`` its K. Read
-    when a call is planned (traced). Not yet run on a GPU, hence opt-in.
+    when a call is planned (traced). Opt-in: on an H100 the bf16 forward of Mixtral-8x7B
+    is 8-10 % faster at M = 1024 and 4096, Qwen3-30B-A3B's unchanged at M = 4096 and 3-5 %
+    slower at M = 1024 (each program builds its descriptor before its K loop), and the
+    backward is not yet timed with it.
     """
     if not env_flag(TMA_ENV) or arch != "sm90":
         return "none"
