@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -38,6 +39,7 @@ MALFORMED = {
     "block_m zero": (json.dumps(_bad(lambda t: t[SHAPE]["1"].update(block_m=0))), "block_m"),
     "block_m not a power of two": (json.dumps(_bad(lambda t: t[SHAPE]["1"].update(block_m=48))), "block_m"),
     "string value": (json.dumps(_bad(lambda t: t[SHAPE]["1"]["stage1"].update(num_warps="4"))), "num_warps"),
+    "tma not a boolean": (json.dumps(_bad(lambda t: t[SHAPE]["1"]["stage2"].update(tma=1))), "tma"),
     "string block_m": (json.dumps(_bad(lambda t: t[SHAPE]["1"].update(block_m="16"))), "block_m"),
     "non-integer bucket": (json.dumps(_bad(lambda t: t[SHAPE].update({"1.5": copy.deepcopy(ENTRY)}))), "'1.5'"),
     "word bucket": (json.dumps(_bad(lambda t: t[SHAPE].update({"small": copy.deepcopy(ENTRY)}))), "'small'"),
@@ -388,3 +390,64 @@ def test_activations_rounded_before_the_gemm_from_32_rows_per_expert():
     assert _config.check_entry("t.json", "entry", d) == config
     assert "prequant_a" not in _config.heuristic_config(16, p.top_k, p.experts, p.hidden, p.intermediate, "bfloat16",
                                                         "sm90", "fp8", "fp8").to_json()["stage1"]
+
+
+def test_tma_is_a_tile_flag_that_the_environment_overrides(monkeypatch):
+    """A tile's ``tma`` asks for B by TMA (sm_90, where the view allows it); ``JAXMOE_TMA=1``
+    turns it on for every GEMM, ``0`` off for every GEMM; it round-trips through a table
+    entry, which names it only when set."""
+    from jaxmoe.ops.gemm import triton as gemm_triton
+
+    tile = _config.GemmTile(128, 64, 8, 8, 3, tma=True)
+    config = _config.MoEConfig(128, tile, _config.GemmTile(256, 64, 8, 8, 4))
+    json_ = config.to_json()
+    assert json_["stage1"]["tma"] is True and "tma" not in json_["stage2"]
+    assert _config.MoEConfig.from_json(json_) == config
+
+    def view(tile, arch="sm90", dtype="bfloat16"):
+        spec = gemm_triton.plan_gemm(a_shape=(64, 256), b_shape=(4, 512, 256), dtype=dtype, num_rows=128, top_k=2,
+                                     block_m=64, num_blocks=6, tile=tile, activation="silu",
+                                     mul_routed_weight=False, arch=arch)
+        return dict(spec.constexprs)["B_DESC"]
+
+    monkeypatch.delenv(_config.TMA_ENV, raising=False)
+    assert _config.tma_override() is None
+    assert view(tile) == "nk_gate_up" and view(_config.GemmTile(128, 64, 8, 8, 3)) == "none"
+    assert view(dataclasses.replace(tile, num_stages=2, block_n=64), arch="gfx950") == "none"
+    assert view(dataclasses.replace(tile, num_stages=2), dtype="float32") == "none"
+    monkeypatch.setenv(_config.TMA_ENV, "0")
+    assert _config.tma_override() is False and view(tile) == "none"
+    monkeypatch.setenv(_config.TMA_ENV, "1")
+    assert view(_config.GemmTile(128, 64, 8, 8, 3)) == "nk_gate_up"
+    monkeypatch.setenv(_config.TMA_ENV, "sometimes")
+    with pytest.raises(ValueError, match="JAXMOE_TMA"):
+        view(tile)
+
+
+def test_the_h100_reads_mixtral_weights_by_tma_and_the_h200_does_not(monkeypatch):
+    """The H100's own table turns TMA on for Mixtral-8x7B bf16 from M = 1024 (measured
+    8-10 % faster there on that card); below 1024, on an H200 and for other layers, the
+    arch table's tiles stay as they are."""
+    monkeypatch.delenv(_config.TMA_ENV, raising=False)
+
+    def pick(m, device, shape=(8, 4096, 14336)):
+        e, d, i = shape
+        return _config.select_config(m, 2, e, d, i, "bfloat16", "sm90", device=device)
+
+    for m in (1024, 4096, 16384):
+        h100, h200 = pick(m, "NVIDIA_H100_80GB_HBM3"), pick(m, "NVIDIA_H200")
+        assert h100.stage1.tma and h100.stage2.tma
+        assert not h200.stage1.tma and not h200.stage2.tma
+        assert h100 == _config.MoEConfig(h200.block_m, *(dataclasses.replace(t, tma=True)
+                                                         for t in (h200.stage1, h200.stage2)))
+    assert not pick(512, "NVIDIA_H100_80GB_HBM3").stage1.tma
+    assert not pick(4096, "NVIDIA_H100_80GB_HBM3", (128, 2048, 768)).stage1.tma
+
+
+def test_tune_tries_tma_on_sm90_only():
+    from jaxmoe.tools import tune
+
+    sm90 = tune.candidates(4096, 8, 128, 2048, 768, "bfloat16", "sm90")
+    assert any(c.stage1.tma and c.stage2.tma for c in sm90) and not all(c.stage1.tma for c in sm90)
+    assert not any(c.stage1.tma or c.stage2.tma for c in tune.candidates(4096, 8, 128, 2048, 768, "bfloat16",
+                                                                          "gfx942"))

@@ -76,7 +76,7 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
     at decode sizes (BLOCK_M <= 32, no ``act_quant``) also the heuristic's pick with its
     stage 2 split along K in ``SPLIT_K_TRIES`` ways. With ``act_quant`` the tile list
     rounds A as the heuristic's pick does (``prequant_a``), and the pick is also tried
-    the other way."""
+    the other way. On sm_90 each of those picks is also tried with B read by TMA (``tma``)."""
     base = _config.heuristic_config(m, top_k, experts, hidden, inter, dtype, arch, weights, act_quant)
     b_itemsize = None if weights == "none" else 1
 
@@ -102,6 +102,12 @@ def candidates(m: int, top_k: int, experts: int, hidden: int, inter: int, dtype:
                 config = dataclasses.replace(base, stage2=dataclasses.replace(base.stage2, split_k=split))
                 if config not in out:
                     out.append(config)
+    if arch == "sm90":  # B by TMA (where the views allow it) for the picks the tables or the heuristic make
+        for config in list(out):
+            with_tma = MoEConfig(config.block_m, dataclasses.replace(config.stage1, tma=True),
+                                 dataclasses.replace(config.stage2, tma=True))
+            if with_tma not in out:
+                out.append(with_tma)
     for block_m in block_ms:
         for t in TILES:
             tile = GemmTile(*t)

@@ -58,6 +58,7 @@ class GemmTile:
     num_stages: int = 3
     split_k: int = 1  # programs per C tile along K (stage 2 only; see plan_gemm)
     prequant_a: bool = False  # act_quant: A rounded to 8 bits by a launch before the GEMM (see plan_gemm)
+    tma: bool = False  # sm_90: B's tiles by TMA through a tensor descriptor where it can (b_descriptor_view)
 
     def shared_bytes(self, block_m: int, itemsize: int, fused: bool, b_itemsize: int | None = None) -> int:
         """Shared memory the software pipeline needs: A tile plus one (or two) B tiles per
@@ -84,8 +85,9 @@ class MoEConfig:
         for stage in ("stage1", "stage2"):
             if d[stage]["split_k"] == 1:  # the defaults: tables name them only where they differ
                 del d[stage]["split_k"]
-            if not d[stage]["prequant_a"]:
-                del d[stage]["prequant_a"]
+            for flag in ("prequant_a", "tma"):
+                if not d[stage][flag]:
+                    del d[stage][flag]
         return d
 
     @staticmethod
@@ -222,10 +224,21 @@ TMA_SCHEMES = ("none", "fp8", "fp8_tensor", "fp8_block", "int8")  # B stored as 
 TMA_BOX_MAX = 256  # elements per dimension of one TMA box
 
 
+def tma_override() -> bool | None:
+    """``JAXMOE_TMA``: ``1`` reads B by TMA in every GEMM that can, ``0`` in none; unset,
+    each tile's ``tma`` decides (tables and the heuristic). Read when a call is traced."""
+    env = os.environ.get(TMA_ENV, "").strip().lower()
+    if env == "":
+        return None
+    return env_flag(TMA_ENV)
+
+
 def b_descriptor_view(*, arch: str, w_scheme: str, a_scheme: str, transpose_b: bool, fused: bool, gate_up: str,
-                      a_itemsize: int, b_itemsize: int, n: int, k: int, block_n: int, block_k: int) -> str:
+                      a_itemsize: int, b_itemsize: int, n: int, k: int, block_n: int, block_k: int,
+                      requested: bool = False) -> str:
     """The ``B_DESC`` view through which ``moe_gemm_kernel`` loads B's tiles (TMA on sm_90):
-    ``"none"`` (pointer loads) unless ``JAXMOE_TMA=1`` asks for descriptors and TMA can
+    ``"none"`` (pointer loads) unless descriptors are asked for (``JAXMOE_TMA=1``, or the
+    tile's ``tma`` = ``requested`` when the variable is unset) and TMA can
     read this B as stored (unpacked 8- or 16-bit values, not the 4-bit converted as the
     MMA's first operand; every stride but the last a multiple of 16 bytes; no box dimension
     above 256 elements, its innermost at least 16 bytes). fp32 A (``a_itemsize`` 4) keeps
@@ -234,13 +247,13 @@ def b_descriptor_view(*, arch: str, w_scheme: str, a_scheme: str, transpose_b: b
 
     ``"nk"`` / ``"kn"``: B read as ``[E, N, K]`` / ``[E, K, N]``; ``"nk_gate_up"`` /
     ``"kn_gate_up"``: stage 1's concatenated gate and up halves, one box holding a column
-    block's gate rows and its up rows. ``n`` is B's N (both halves), ``k`` its K. Read
-    when a call is planned (traced). Opt-in: on an H100 the bf16 forward of Mixtral-8x7B
-    is 8-10 % faster at M = 1024 and 4096, Qwen3-30B-A3B's unchanged at M = 4096 and 3-5 %
-    slower at M = 1024 (each program builds its descriptor before its K loop), and the
-    backward is not yet timed with it.
+    block's gate rows and its up rows. ``n`` is B's N (both halves), ``k`` its K. On an
+    H100 the bf16 forward of Mixtral-8x7B is 8-10 % faster at M = 1024 and 4096 with it,
+    Qwen3-30B-A3B's unchanged at M = 4096 and 3-5 % slower at M = 1024 (each program
+    builds its descriptor before its K loop): tables turn it on per shape and card.
     """
-    if not env_flag(TMA_ENV) or arch != "sm90":
+    override = tma_override()
+    if not (requested if override is None else override) or arch != "sm90":
         return "none"
     if w_scheme not in TMA_SCHEMES or swap_ab(w_scheme, a_scheme) or a_itemsize > 2:
         return "none"
@@ -552,7 +565,7 @@ _SHAPE_KEY = re.compile(r"E=[1-9][0-9]*,D=[1-9][0-9]*,I=[1-9][0-9]*,dtype=(bfloa
 _TILE_FIELDS = tuple(f.name for f in dataclasses.fields(GemmTile))
 _TILE_REQUIRED = ("block_n", "block_k")
 _POWER_OF_TWO = ("block_n", "block_k", "num_warps")
-_TILE_FLAGS = ("prequant_a",)
+_TILE_FLAGS = ("prequant_a", "tma")
 
 
 def table_names(arch: str, device: str | None) -> list[str]:

@@ -190,8 +190,8 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
         "B_DESC": _config.b_descriptor_view(
             arch=arch, w_scheme=w_scheme, a_scheme=a_scheme, transpose_b=transpose_b,
             fused=activation is not None, gate_up=gate_up, a_itemsize=jnp.dtype(dtype).itemsize,
-            b_itemsize=b_dtype.itemsize, n=n, k=k,
-            block_n=tile.block_n, block_k=tile.block_k),
+            b_itemsize=b_dtype.itemsize, n=n, k=k, block_n=tile.block_n, block_k=tile.block_k,
+            requested=tile.tma),
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
@@ -398,7 +398,7 @@ def plan_act_backward(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int]
         "B_DESC": _config.b_descriptor_view(
             arch=arch, w_scheme="none", a_scheme="none", transpose_b=transpose_b, fused=True, gate_up=gate_up,
             a_itemsize=jnp.dtype(dtype).itemsize, b_itemsize=jnp.dtype(dtype).itemsize, n=n, k=k,
-            block_n=tile.block_n, block_k=tile.block_k),
+            block_n=tile.block_n, block_k=tile.block_k, requested=tile.tma),
     }
     constexprs.update(_activation_constexprs(activation))
     i32 = jnp.int32
