@@ -85,6 +85,20 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert (tmp_path / "bench.csv").exists()
 
 
+def test_bench_header_names_a_forced_tma_choice(tmp_path, capsys, monkeypatch):
+    """A run with ``JAXMOE_TMA`` set says so in its header (its numbers depend on it)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU behaviour")
+    monkeypatch.setenv("JAXMOE_TMA", "1")
+    assert main(["bench", "--model", "tiny", "--m", "1", "--reps", "1", "--impl", "jaxmoe",
+                 "--out", str(tmp_path / "forced")]) == 0
+    assert "JAXMOE_TMA=1: every GEMM that can read" in capsys.readouterr().out
+    monkeypatch.delenv("JAXMOE_TMA")
+    assert main(["bench", "--model", "tiny", "--m", "1", "--reps", "1", "--impl", "jaxmoe",
+                 "--out", str(tmp_path / "unset")]) == 0
+    assert "JAXMOE_TMA" not in capsys.readouterr().out
+
+
 def test_bench_reports_a_peer_whose_weights_do_not_fit_and_goes_on(tmp_path, capsys, monkeypatch):
     """ragged_dot's transposed weight copy failing (as on DeepSeek-V3 when memory is short)
     marks its cells and leaves the other implementations' cells alone."""

@@ -597,6 +597,10 @@ def run(args: argparse.Namespace) -> int:
 
     if quant is not None and gemm_config.fast_accum_applies(quant, act_quant):
         print(f"{gemm_config.FAST_ACCUM_ENV}=1: the fp8 GEMMs sum over K inside the fp8 MMA", flush=True)
+    tma = gemm_config.tma_override()
+    if tma is not None:
+        print(f"{gemm_config.TMA_ENV}={int(tma)}: " + ("every GEMM that can reads the weights by TMA (sm_90)" if tma
+                                                      else "no GEMM reads the weights by TMA"), flush=True)
     breakdown = _print_breakdown if getattr(args, "breakdown", False) else None
     rows: list[Row] = []
     start = time.perf_counter()
