@@ -119,9 +119,13 @@ def _split_k_table(tmp_path, monkeypatch, e, d, i, scheme, split):
     assert _config.select_config(5, 2, e, d, i, BF16, "sm90", scheme).stage2.split_k == split
 
 
-def test_split_k_bf16_with_bias_matches_reference(rng, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_split_k_bf16_with_bias_matches_reference(rng, tmp_path, monkeypatch, request, tma):
     """Unquantized weights through a split stage 2 with an expert bias (added by split 0
-    alone), on the interpreter, against the reference."""
+    alone), on the interpreter, against the reference; also with B read through tensor
+    descriptors (each split's K range from its own offset)."""
+    if tma:
+        request.getfixturevalue("tma_views")
     _split_k_table(tmp_path, monkeypatch, 6, 160, 80, "none", 3)
     x, w1, w2, tw, ids = moe_inputs(rng, 5, 160, 80, 6, 2, BF16)
     b1, b2 = randn(rng, (6, 160), BF16), randn(rng, (6, 160), BF16)
