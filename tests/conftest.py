@@ -85,17 +85,18 @@ def moe_inputs(rng, m, d, i, e, k, dtype, experts=None):
 @pytest.fixture
 def tma_views(monkeypatch):
     """``JAXMOE_TMA=1`` for the test; yields the B views its GEMMs were planned with, as
-    (A's bytes per element, view) pairs, and afterwards checks that every GEMM on 16-bit
-    activations read B through a tensor descriptor (fp32 keeps pointer loads)."""
+    (A's bytes per element, weight scheme, view), and afterwards checks that every GEMM on
+    16-bit activations against weights TMA can read as stored read B through a tensor
+    descriptor (fp32 activations and 4-bit weights keep pointer loads)."""
     from jaxmoe.ops.gemm import config as _config
 
     monkeypatch.setenv(_config.TMA_ENV, "1")
     views, plan = [], _config.b_descriptor_view
 
     def recording(**kw):
-        views.append((kw["a_itemsize"], plan(**kw)))
-        return views[-1][1]
+        views.append((kw["a_itemsize"], kw["w_scheme"], plan(**kw)))
+        return views[-1][-1]
 
     monkeypatch.setattr(_config, "b_descriptor_view", recording)
     yield views
-    assert all(view != "none" for size, view in views if size == 2), views
+    assert all(view != "none" for size, scheme, view in views if size == 2 and scheme in _config.TMA_SCHEMES), views

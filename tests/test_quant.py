@@ -458,6 +458,23 @@ class TestQuantMoeTritonInterpreter(QuantMoeTests):
     test_package_table_tiles = cases("PACKAGE_QUANTIZED_ENTRIES", "scheme,act_quant,entry")(_package_table_tiles)
 
 
+class TestQuantMoeTritonInterpreterTMA(QuantMoeTests):
+    """The 8-bit schemes with B read through tensor descriptors (``JAXMOE_TMA=1``): weight-only
+    and w8a8, whole and partial K tiles (the other methods run their own schemes)."""
+
+    implementation = "triton"
+    QUANT_CASES = {**_cases([(9, 64, 48, 4, 2)], [c for c in ALL_COMBOS if c[0] in ("fp8", "fp8_tensor", "fp8_block",
+                                                                                     "int8")]),
+                   **_cases([(13, 160, 80, 5, 2)], [("fp8_block", "fp8"), ("int8", None)])}
+    DTYPE_CASES = {"int8-fp16": DTYPE_CASES["int8-fp16"]}
+    EMPTY_CASES = {"int8-int8": ("int8", "int8")}
+    NAN_CASES = {"fp8-fp8": ("fp8", "fp8")}
+
+    @pytest.fixture(autouse=True)
+    def _tma(self, tma_views):
+        yield
+
+
 @pytest.mark.gpu
 class TestQuantMoeTritonGPU(QuantMoeTests):
     implementation, gpu = "triton", True
