@@ -128,7 +128,7 @@ def patch_lib(lib: Any, *, slim: bool = True) -> None:
                     raise RuntimeError(
                         f"Triton kernel {args[0]} builds tensor descriptors on the device and needs "
                         f"{fixes['global_scratch_size']} bytes of global scratch per program, which this "
-                        "jaxlib cannot allocate (jaxlib >= 0.11.1 can): unset JAXMOE_TMA, or upgrade jax") from e
+                        "jaxlib cannot allocate (jaxlib >= 0.11.1 can): set JAXMOE_TMA=0, or upgrade jax") from e
 
         @functools.wraps(compile_fn)
         def compile_patched(ttir: Any, backend: Any, *args: Any, **kwargs: Any) -> Any:

@@ -399,17 +399,20 @@ def _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS: tl.constexpr):
 @triton.jit
 def _b_descriptor(b_ptr, B_DESC: tl.constexpr, NUM_EXPERTS: tl.constexpr, N_OUT: tl.constexpr, K: tl.constexpr,
                   stride_be: tl.constexpr, stride_bn: tl.constexpr, stride_bk: tl.constexpr,
-                  W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  FUSED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A device-side tensor descriptor over B (``B_DESC`` names the view; NVIDIA sm_90+
     loads its tiles by TMA, out-of-range elements as zeros): ``"nk"`` [E, N, K] and ``"kn"``
-    [E, K, N] read [W, BLOCK_K] / [BLOCK_K, W] boxes; ``"nk_gate_up"`` [E, 2, N_OUT, K] and
+    [E, K, N] read [W, BLOCK_K] / [BLOCK_K, W] boxes (W = 2 * BLOCK_N for a ``FUSED``
+    stage 1, whose B has N = 2 * N_OUT rows); ``"nk_gate_up"`` [E, 2, N_OUT, K] and
     ``"kn_gate_up"`` [E, K, 2, N_OUT] read stage 1's gate rows and up rows of one column
     block in one box, the gate half first."""
+    N_B: tl.constexpr = 2 * N_OUT if FUSED else N_OUT
+    W: tl.constexpr = 2 * BLOCK_N if FUSED else BLOCK_N
     if B_DESC == "nk":
-        return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, W // BLOCK_N * N_OUT, K],
+        return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, N_B, K],
                                          strides=[stride_be, stride_bn, 1], block_shape=[1, W, BLOCK_K])
     elif B_DESC == "kn":
-        return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, K, W // BLOCK_N * N_OUT],
+        return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, K, N_B],
                                          strides=[stride_be, stride_bk, 1], block_shape=[1, BLOCK_K, W])
     elif B_DESC == "nk_gate_up":
         return tl.make_tensor_descriptor(b_ptr, shape=[NUM_EXPERTS, 2, N_OUT, K],
@@ -434,6 +437,32 @@ def _b_tile(b_desc, expert, n0, k0, B_DESC: tl.constexpr, W: tl.constexpr, BLOCK
         return tl.trans(tl.reshape(b_desc.load([e, 0, n0, k0]), [W, BLOCK_K]))
     else:
         return tl.reshape(b_desc.load([e, k0, 0, n0]), [BLOCK_K, W])
+
+
+@triton.jit
+def _gate_up_columns(pid_n, N_OUT: tl.constexpr, BLOCK_N: tl.constexpr, GATE_STEP: tl.constexpr,
+                     UP_SHIFT: tl.constexpr, HALVES: tl.constexpr):
+    """Stage 1's ``2 * BLOCK_N`` B columns of column block ``pid_n``: ``(gate_n, b_rows)``,
+    each column's gate index and its B row. Gate and up alternate (``gate_n * GATE_STEP``,
+    ``+ UP_SHIFT``), or with ``HALVES`` (a gate/up descriptor's box) the block's gate rows
+    come first, then its up rows (B holds gate then up)."""
+    j = tl.arange(0, 2 * BLOCK_N)
+    if HALVES:
+        gate_n = pid_n * BLOCK_N + j % BLOCK_N
+        b_rows = gate_n + (j // BLOCK_N) * N_OUT
+    else:
+        gate_n = pid_n * BLOCK_N + j // 2
+        b_rows = gate_n * GATE_STEP + (j % 2) * UP_SHIFT
+    return gate_n, b_rows
+
+
+@triton.jit
+def _split_gate_up(acc, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HALVES: tl.constexpr):
+    """The gate and up tiles ``[ROWS, BLOCK_N]`` of an accumulator in :func:`_gate_up_columns`' order."""
+    if HALVES:
+        return tl.split(tl.permute(tl.reshape(acc, [ROWS, 2, BLOCK_N]), [0, 2, 1]))
+    else:
+        return tl.split(tl.reshape(acc, [ROWS, BLOCK_N, 2]))
 
 
 @triton.jit
@@ -468,21 +497,12 @@ def _tile(
     a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
     b_base = b_ptr + expert * stride_be
     HALVES: tl.constexpr = B_DESC == "nk_gate_up" or B_DESC == "kn_gate_up"
-    if HALVES:
-        # the descriptor's box: the column block's BLOCK_N gate rows, then its up rows
-        j = tl.arange(0, 2 * BLOCK_N)
-        gate_n = pid_n * BLOCK_N + j % BLOCK_N
+    if FUSE_ACTIVATION:
+        # One [BLOCK_K, 2 * BLOCK_N] B tile holding gate n and up n: a single wide dot
+        # (measured on an H100 at least as fast as two dots of BLOCK_N, and faster at large
+        # M); the epilogue pairs each gate column with its up column.
+        gate_n, b_rows = _gate_up_columns(pid_n, N_OUT, BLOCK_N, GATE_STEP, UP_SHIFT, HALVES)
         b_cols_ok = gate_n < N_OUT
-        b_rows = gate_n + (j // BLOCK_N) * N_OUT
-        W: tl.constexpr = 2 * BLOCK_N
-    elif FUSE_ACTIVATION:
-        # One [BLOCK_K, 2 * BLOCK_N] B tile whose columns alternate gate n, up n: a single
-        # wide dot (measured on an H100 at least as fast as two dots of BLOCK_N, and faster
-        # at large M), and act(gate) * up pairs adjacent accumulator columns.
-        j = tl.arange(0, 2 * BLOCK_N)
-        gate_n = pid_n * BLOCK_N + j // 2
-        b_cols_ok = gate_n < N_OUT
-        b_rows = gate_n * GATE_STEP + (j % 2) * UP_SHIFT
         W: tl.constexpr = 2 * BLOCK_N
     else:
         b_rows = offs_n
@@ -565,11 +585,8 @@ def _tile(
 
     if HAS_BIAS:
         acc = acc + bias.to(tl.float32)[None, :]
-    if HALVES:
-        gate, up = tl.split(tl.permute(tl.reshape(acc, [ROWS, 2, BLOCK_N]), [0, 2, 1]))
-        acc = _gated(gate, up, ACTIVATION, ALPHA, LIMIT)
-    elif FUSE_ACTIVATION:
-        gate, up = tl.split(tl.reshape(acc, [ROWS, BLOCK_N, 2]))
+    if FUSE_ACTIVATION:
+        gate, up = _split_gate_up(acc, ROWS, BLOCK_N, HALVES)
         acc = _gated(gate, up, ACTIVATION, ALPHA, LIMIT)
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -623,7 +640,7 @@ def moe_gemm_kernel(
     expert, expert_ok = _block_expert(expert_ids_ptr, pid_m, NUM_EXPERTS)
     if B_DESC != "none":
         b_desc = _b_descriptor(b_ptr, B_DESC, NUM_EXPERTS, N_OUT, K, stride_be, stride_bn, stride_bk,
-                               2 * BLOCK_N if FUSE_ACTIVATION else BLOCK_N, BLOCK_N, BLOCK_K)
+                               FUSE_ACTIVATION, BLOCK_N, BLOCK_K)
     else:
         b_desc = b_ptr  # unused
 
@@ -737,19 +754,13 @@ def moe_gemm_act_bwd_kernel(
     n_mask = offs_n < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // TOP_K)[:, None] * stride_am + offs_k[None, :]
-    j = tl.arange(0, 2 * BLOCK_N)
     HALVES: tl.constexpr = B_DESC == "nk_gate_up" or B_DESC == "kn_gate_up"
-    if HALVES:
-        gate_n = pid_n * BLOCK_N + j % BLOCK_N
-        b_rows = gate_n + (j // BLOCK_N) * N_OUT
-    else:
-        gate_n = pid_n * BLOCK_N + j // 2
-        b_rows = gate_n * GATE_STEP + (j % 2) * UP_SHIFT
+    gate_n, b_rows = _gate_up_columns(pid_n, N_OUT, BLOCK_N, GATE_STEP, UP_SHIFT, HALVES)
     b_cols_ok = gate_n < N_OUT
     if B_DESC == "none":
         b_ptrs = b_ptr + expert * stride_be + b_rows.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
     else:
-        b_desc = _b_descriptor(b_ptr, B_DESC, NUM_EXPERTS, N_OUT, K, stride_be, stride_bn, stride_bk, 2 * BLOCK_N,
+        b_desc = _b_descriptor(b_ptr, B_DESC, NUM_EXPERTS, N_OUT, K, stride_be, stride_bn, stride_bk, True,
                                BLOCK_N, BLOCK_K)
         b_n0 = pid_n * BLOCK_N if HALVES else pid_n * 2 * BLOCK_N
     acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
@@ -773,10 +784,7 @@ def moe_gemm_act_bwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * (2 * N_OUT) + b_rows, mask=b_cols_ok & expert_ok, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
-    if HALVES:
-        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
-    else:
-        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    gate, up = _split_gate_up(acc, BLOCK_M, BLOCK_N, HALVES)
     d_gate, d_up = _gated_grads(gate, up, ACTIVATION, ALPHA, LIMIT)
     tile_mask = a_mask[:, None] & n_mask[None, :]
     dh = tl.load(dh_ptr + rows[:, None] * N_OUT + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
