@@ -181,3 +181,27 @@ def test_cpu_launch_switch_routes_launches(monkeypatch):
     monkeypatch.setattr(interpreter, "launch", refuse)
     jaxmoe.route(jnp.ones((3, 8), jnp.float32), 2, implementation="triton")
     assert seen, "no launch reached the compiled-kernel launcher"
+
+
+def test_cpu_launch_gives_triton_its_scratch(monkeypatch):
+    """Kernels that build tensor descriptors on the device (B by TMA) need Triton's global
+    scratch: the compiled-kernel launcher allocates each one on the device (a stand-in torch
+    here), at least one byte, and refuses an alignment an allocation cannot give."""
+    import sys
+    import types
+
+    from jaxmoe.backends import cuda_host
+
+    made = []
+
+    def empty(n, dtype, device):
+        made.append((n, dtype, device))
+        return ("buffer", n)
+
+    fake_torch = types.SimpleNamespace(empty=empty, int8="int8")
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    assert cuda_host._scratch(4096, 128, None) == ("buffer", 4096)
+    assert cuda_host._scratch(0, 1, None) == ("buffer", 1)
+    assert made == [(4096, "int8", "cuda"), (1, "int8", "cuda")]
+    with pytest.raises(RuntimeError, match="aligned to 1024 bytes"):
+        cuda_host._scratch(64, 1024, None)

@@ -62,11 +62,24 @@ def _to_host(torch: Any, t: Any, dtype: np.dtype) -> np.ndarray:
     return t.view({np.uint16: torch.uint16, np.uint8: torch.uint8}[view]).cpu().numpy().view(dtype)
 
 
+def _scratch(size: int, alignment: int, stream: Any) -> Any:
+    """Triton's per-launch global scratch (tensor descriptors built on the device): an
+    allocation of its own, so that memcheck also sees accesses past it."""
+    import torch
+
+    if alignment > 256:  # the CUDA allocator aligns to 256 bytes
+        raise RuntimeError(f"global scratch aligned to {alignment} bytes: more than an allocation gives")
+    return torch.empty(max(int(size), 1), dtype=torch.int8, device="cuda")
+
+
 def run(spec: KernelLaunch, arrays: Sequence[np.ndarray], poison: bool) -> list[np.ndarray]:
     """Run ``spec`` compiled on the local GPU; returns the outputs as host arrays."""
     import torch
+    import triton
 
     with _LOCK:
+        # the allocator is a context variable: set it in the thread that launches
+        triton.set_allocator(_scratch)
         ins = [_to_device(torch, np.asarray(a)) for a in arrays]
         outs = []
         for o in spec.outs:
