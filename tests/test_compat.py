@@ -202,3 +202,113 @@ def test_jax_triton_03_patch_refuses_scratch_an_old_jaxlib_cannot_allocate():
     _compile_and_build(lib, "plain", _FakeBackend(0))  # kernels without scratch build as before
     with pytest.raises(RuntimeError, match="global scratch.*JAXMOE_TMA"):
         _compile_and_build(lib, "tma", _FakeBackend(128))
+
+
+def _fake_triton_primitive(name):
+    from jax.extend import core as jex_core
+
+    prim = jex_core.Primitive(name)
+    prim.multiple_results = True
+    prim.def_abstract_eval(lambda x, **_: [jax.core.ShapedArray(x.shape, x.dtype),
+                                           jax.core.ShapedArray((3,), np.int32)])
+    return prim
+
+
+def _legacy_lowering(ctx, x, **params):
+    """What jax-triton 0.3.x emits: the legacy custom call, the payload as backend_config."""
+    return jax.ffi.ffi_lowering("triton_kernel_call", api_version=2, backend_config=b"x\x9c\x00 payload\xff",
+                                operand_output_aliases=dict(params.get("input_output_aliases") or ()))(ctx, x)
+
+
+def test_legacy_triton_call_is_re_emitted_as_the_ffi_call():
+    """The launch re-emitted for jaxlib's FFI handler: the target, the typed-FFI form, the
+    payload byte for byte as its ``opaque`` attribute, the aliases kept, no legacy call left."""
+    import re
+
+    from jax.interpreters import mlir
+
+    from jaxmoe._compat import jax_triton as compat
+
+    prim = _fake_triton_primitive("fake_triton_call_ffi_test")
+
+    def lower(ctx, x, **params):
+        return compat.as_ffi_call(ctx, [x], _legacy_lowering(ctx, x, **params), {0: 0})
+
+    mlir.register_lowering(prim, lower, platform="cpu")
+    text = jax.jit(lambda x: prim.bind(x, input_output_aliases=((0, 0),))).lower(np.ones(4, np.float32)).as_text()
+    calls = re.findall(r"stablehlo\.custom_call @(\w+)", text)
+    assert calls == [compat.FFI_TARGET], text
+    assert 'opaque = "x\\9C\\00 payload\\FF"' in text, text
+    assert "mhlo.backend_config" in text and "output_operand_aliases" in text, text
+
+
+def test_ffi_lowering_is_registered_only_where_jaxlib_has_the_handler(monkeypatch):
+    """jax-triton 0.3.x's CUDA lowering is replaced only when jaxlib registers the FFI
+    handler; ``JAXMOE_TRITON_FFI=0`` then keeps the legacy call."""
+    import re
+    import types
+
+    from jax._src.interpreters import mlir as mlir_internal
+    from jax.interpreters import mlir
+
+    from jaxmoe._compat import jax_triton as compat
+
+    def fake_lib(registrations):
+        lib = _FakeLib()
+        plugin = types.SimpleNamespace(registrations=lambda: registrations)
+        lib.triton_kernel_call_lib._cuda_triton = plugin
+        lib.triton_kernel_call_p = _fake_triton_primitive(f"fake_triton_call_{len(registrations)}")
+        lib.get_cuda_backend = object()
+        lib.triton_kernel_call_lowering = lambda backend, ctx, x, **params: _legacy_lowering(ctx, x, **params)
+        return lib
+
+    without, with_ffi = fake_lib({}), fake_lib({"triton_kernel_call_ffi": object(), "other": object()})
+    compat.patch_lib(without)
+    compat.patch_lib(with_ffi)
+    cuda = mlir_internal._platform_specific_lowerings["cuda"]
+    assert without.triton_kernel_call_p not in cuda
+    rule = cuda[with_ffi.triton_kernel_call_p]
+    # lower it on the CPU, as the CUDA rule would run
+    mlir.register_lowering(with_ffi.triton_kernel_call_p, rule.rule if hasattr(rule, "rule") else rule,
+                           platform="cpu")
+    def targets():  # a new function each time: lowered afresh, the variable read again
+        f = jax.jit(lambda x: with_ffi.triton_kernel_call_p.bind(x))
+        return re.findall(r"custom_call @(\w+)", f.lower(np.ones(4, np.float32)).as_text())
+
+    assert targets() == [compat.FFI_TARGET]
+    monkeypatch.setenv("JAXMOE_TRITON_FFI", "0")
+    assert targets() == ["triton_kernel_call"]
+
+
+@pytest.mark.gpu
+def test_gpu_launches_lower_to_the_ffi_handler(monkeypatch):
+    """On a CUDA jaxlib that registers the FFI handler, jax-triton 0.3.x launches lower to it
+    and give the same bits as the legacy call (``JAXMOE_TRITON_FFI=0``)."""
+    import re
+
+    import jax.numpy as jnp
+    import jax_triton
+
+    import jaxmoe
+    from jaxmoe._compat import jax_triton as compat
+
+    from jax._src.lib import gpu_triton
+
+    if not getattr(gpu_triton, "_cuda_triton", None):
+        pytest.skip("the FFI lowering is CUDA's")
+    if not jax_triton.__version__.startswith(compat.PATCHED_VERSIONS):
+        pytest.skip(f"jax-triton {jax_triton.__version__} lowers its own calls")
+    assert compat.ffi_registered(gpu_triton), "this jaxlib has no triton_kernel_call_ffi: the lowering is off"
+    logits = jax.random.normal(jax.random.key(0), (37, 64), jnp.float32)
+
+    def run():
+        f = jax.jit(lambda x: jaxmoe.route(x, 6, implementation="triton"))  # a new function: lowered afresh
+        return re.findall(r"custom_call @(\w+)", f.lower(logits).as_text()), jax.device_get(f(logits))
+
+    targets, got = run()
+    assert targets and set(targets) == {compat.FFI_TARGET}, targets
+    monkeypatch.setenv("JAXMOE_TRITON_FFI", "0")
+    legacy_targets, want = run()
+    assert set(legacy_targets) == {"triton_kernel_call"}, legacy_targets
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
