@@ -19,15 +19,6 @@ Written against jax-triton 0.3.1 and 0.4.1.
   warp count from the caller, not from the compiled kernel). :func:`prepare` passes both
   from the compiled kernel's metadata on 0.3.x, and refuses a kernel that needs scratch
   when the installed jaxlib cannot allocate it, rather than launch it with none.
-* 0.3.x lowers every launch to jaxlib's legacy custom call ``triton_kernel_call``: XLA
-  runs it as a host callback per launch (the opaque hashed, the kernel looked up) and never
-  records it into a command buffer (CUDA graph), so at decode sizes a layer's launches cost
-  the host more than the GPU. jaxlib (0.11 on) also registers ``triton_kernel_call_ffi``,
-  an XLA FFI handler that takes the same payload as an attribute, compiles and looks the
-  kernel up once when the executable is built, and is command-buffer compatible (jax-triton
-  0.4 lowers to it). :func:`prepare` lowers 0.3.x's calls on CUDA to it where the installed
-  jaxlib registers it; ``JAXMOE_TRITON_FFI=0`` keeps the legacy call (read when a call is
-  lowered).
 """
 
 from __future__ import annotations
@@ -39,12 +30,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["prepare", "patch_lib", "call_options", "slim_payload_applies", "as_ffi_call", "ffi_registered",
-           "FFI_TARGET", "PATCHED_VERSIONS"]
+__all__ = ["prepare", "patch_lib", "call_options", "slim_payload_applies", "PATCHED_VERSIONS"]
 
 PATCHED_VERSIONS = ("0.3.",)  # version prefixes whose internals the patches rewrite
 
-FFI_TARGET = "triton_kernel_call_ffi"  # jaxlib's XLA FFI handler of a jax-triton payload
 _LOCK = threading.Lock()
 _DONE: set[int] = set()
 
@@ -166,57 +155,6 @@ def patch_lib(lib: Any, *, slim: bool = True) -> None:
 
         lib.triton_kernel_call_lib = _Native()
         lib.compile_ttir_inplace = compile_patched
-        if ffi_registered(native) and all(hasattr(lib, name) for name in _LOWERING_NAMES):
-            _lower_to_ffi(lib)
-
-
-# what the FFI lowering wraps in jax-triton 0.3.x's triton_lib
-_LOWERING_NAMES = ("triton_kernel_call_p", "triton_kernel_call_lowering", "get_cuda_backend")
-
-
-def ffi_registered(native: Any) -> bool:
-    """Whether jaxlib's Triton module ``native`` (``jax._src.lib.gpu_triton``) registered
-    :data:`FFI_TARGET` with XLA for CUDA."""
-    plugin = getattr(native, "_cuda_triton", None)
-    try:
-        return FFI_TARGET in plugin.registrations()
-    except Exception:  # no CUDA plugin, or one without registrations()
-        return False
-
-
-def as_ffi_call(ctx: Any, args: Sequence[Any], results: Sequence[Any],
-                aliases: Mapping[int, int] | None = None) -> Sequence[Any]:
-    """Re-emit the ``stablehlo.custom_call`` that produced ``results`` (jax-triton 0.3.x's
-    legacy call on ``args``: its compressed payload as ``backend_config``) as a typed-FFI
-    call of :data:`FFI_TARGET` with the same payload as its ``opaque`` attribute, the same
-    operands, result types and input/output ``aliases``; the legacy op is erased. Returns
-    the new call's results."""
-    import jax
-    from jax._src.lib.mlir import ir
-
-    if not results:
-        return results
-    op = results[0].owner
-    op = getattr(op, "operation", op)
-    payload = ir.StringAttr(op.attributes["backend_config"]).value_bytes
-    rule = jax.ffi.ffi_lowering(FFI_TARGET, operand_output_aliases=dict(aliases or {}))
-    new = rule(ctx, *args, opaque=payload)
-    op.erase()
-    return new
-
-
-def _lower_to_ffi(lib: Any) -> None:
-    from jax.interpreters import mlir
-
-    lowering, backend = lib.triton_kernel_call_lowering, lib.get_cuda_backend
-
-    def lower(ctx: Any, *args: Any, **params: Any) -> Sequence[Any]:
-        results = lowering(backend, ctx, *args, **params)
-        if os.environ.get("JAXMOE_TRITON_FFI", "").strip() == "0":
-            return results
-        return as_ffi_call(ctx, args, results, dict(params.get("input_output_aliases") or ()))
-
-    mlir.register_lowering(lib.triton_kernel_call_p, lower, platform="cuda")
 
 
 @functools.cache
