@@ -424,24 +424,26 @@ def test_tma_is_a_tile_flag_that_the_environment_overrides(monkeypatch):
         view(tile)
 
 
-def test_the_h100_reads_mixtral_weights_by_tma_and_the_h200_does_not(monkeypatch):
+def test_the_h100_reads_weights_by_tma_where_measured_and_the_h200_does_not(monkeypatch):
     """The H100's own table turns TMA on for Mixtral-8x7B bf16 from M = 1024 (measured
-    8-10 % faster there on that card); below 1024, on an H200 and for other layers, the
-    arch table's tiles stay as they are."""
+    8-10 % faster there on that card) and DeepSeek-V3 bf16 from M = 4096 (3 %); below
+    those sizes, on an H200 and for other layers, the arch table's tiles stay as they are."""
     monkeypatch.delenv(_config.TMA_ENV, raising=False)
 
-    def pick(m, device, shape=(8, 4096, 14336)):
+    def pick(m, device, shape=(8, 4096, 14336), top_k=2):
         e, d, i = shape
-        return _config.select_config(m, 2, e, d, i, "bfloat16", "sm90", device=device)
+        return _config.select_config(m, top_k, e, d, i, "bfloat16", "sm90", device=device)
 
-    for m in (1024, 4096, 16384):
-        h100, h200 = pick(m, "NVIDIA_H100_80GB_HBM3"), pick(m, "NVIDIA_H200")
-        assert h100.stage1.tma and h100.stage2.tma
-        assert not h200.stage1.tma and not h200.stage2.tma
-        assert h100 == _config.MoEConfig(h200.block_m, *(dataclasses.replace(t, tma=True)
-                                                         for t in (h200.stage1, h200.stage2)))
+    for shape, top_k, sizes in (((8, 4096, 14336), 2, (1024, 4096, 16384)), ((256, 7168, 2048), 8, (4096, 16384))):
+        for m in sizes:
+            h100, h200 = pick(m, "NVIDIA_H100_80GB_HBM3", shape, top_k), pick(m, "NVIDIA_H200", shape, top_k)
+            assert h100.stage1.tma and h100.stage2.tma
+            assert not h200.stage1.tma and not h200.stage2.tma
+            assert h100 == _config.MoEConfig(h200.block_m, *(dataclasses.replace(t, tma=True)
+                                                             for t in (h200.stage1, h200.stage2)))
     assert not pick(512, "NVIDIA_H100_80GB_HBM3").stage1.tma
-    assert not pick(4096, "NVIDIA_H100_80GB_HBM3", (128, 2048, 768)).stage1.tma
+    assert not pick(1024, "NVIDIA_H100_80GB_HBM3", (256, 7168, 2048), 8).stage1.tma
+    assert not pick(4096, "NVIDIA_H100_80GB_HBM3", (128, 2048, 768), 8).stage1.tma
 
 
 def test_tune_tries_tma_on_sm90_only():
