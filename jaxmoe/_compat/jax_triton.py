@@ -19,6 +19,14 @@ Written against jax-triton 0.3.1 and 0.4.1.
   warp count from the caller, not from the compiled kernel). :func:`prepare` passes both
   from the compiled kernel's metadata on 0.3.x, and refuses a kernel that needs scratch
   when the installed jaxlib cannot allocate it, rather than launch it with none.
+* Not patched: 0.3.x lowers to jaxlib's legacy custom call ``triton_kernel_call``. jaxlib
+  also registers ``triton_kernel_call_ffi`` (an XLA FFI handler, command-buffer
+  compatible; jax-triton 0.4 lowers to it). With 0.3.x's calls re-emitted for it (jaxlib
+  0.11.2, an H100), a layer at M = 1 and 16 was no faster (Qwen3-30B-A3B M = 1: 52.2 us
+  legacy, 57.8 us FFI), and a chain of layers whose GEMMs build tensor descriptors failed
+  in XLA's command buffer ("Failed to create a child graph node ...
+  CUDA_ERROR_NOT_SUPPORTED"): the per-launch scratch cannot be recorded there. Under
+  jax-triton 0.4, set ``JAXMOE_TMA=0``.
 """
 
 from __future__ import annotations
