@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -597,3 +598,48 @@ def json_load(path):
     import json
 
     return json.loads(Path(path).read_text())
+
+
+def _load_ab():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "ab.py"
+    spec = importlib.util.spec_from_file_location("jaxmoe_bench_ab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_alternates_one_tree_under_two_environments(tmp_path, capsys, monkeypatch):
+    """bench/ab.py with --a-env / --b-env: each side's runs see its own variables (and the
+    tree first on PYTHONPATH), the sides alternate, and the table gives each side's median."""
+    import subprocess
+
+    ab = _load_ab()
+    seen = []
+
+    def fake_run(cmd, cwd, env, check, stdout):
+        side_tma = env.get("JAXMOE_TMA")
+        seen.append((side_tma, env["PYTHONPATH"].split(os.pathsep)[0]))
+        out = cmd[cmd.index("--out") + 1]
+        time_ms = {"0": 2.0, "1": 1.5}[side_tma] + 0.01 * len(seen)
+        with open(out + ".json", "w") as f:
+            json.dump([{"model": "tiny", "M": 8, "impl": "jaxmoe", "time_ms": time_ms}], f)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)
+    monkeypatch.delenv("JAXMOE_TMA", raising=False)
+    out_json = tmp_path / "ab.json"
+    assert ab.main(["--a", str(tmp_path), "--b", str(tmp_path), "--a-env", "JAXMOE_TMA=0", "--b-env", "JAXMOE_TMA=1",
+                    "--model", "tiny", "--m", "8", "--rounds", "2", "--out", str(out_json)]) == 0
+    assert [s for s, _ in seen] == ["0", "1", "1", "0"]  # A B, then B A
+    assert all(p == str(tmp_path) for _, p in seen)
+    [row] = json.loads(out_json.read_text())
+    assert row["a_ms"] == [2.01, 2.04] and row["b_ms"] == [1.52, 1.53]
+    assert abs(row["ratio"] - 1.525 / 2.025) < 1e-9
+    text = capsys.readouterr().out
+    assert "A: " in text and "JAXMOE_TMA=0" in text and "JAXMOE_TMA=1" in text
+    for bad in (["--a-env", "JAXMOE_TMA"], ["--a-env", "=1"], []):
+        with pytest.raises(SystemExit):
+            ab.main(["--a", str(tmp_path), "--b", str(tmp_path), *bad, "--model", "tiny", "--m", "8"])
