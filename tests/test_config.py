@@ -6,9 +6,11 @@ import copy
 import dataclasses
 import json
 
+import jax.numpy as jnp
 import pytest
 
 from jaxmoe.backends.platform import normalize_device_name
+from jaxmoe.models import PRESETS
 from jaxmoe.ops.gemm import config as _config
 
 SHAPE = "E=8,D=4096,I=14336,dtype=bfloat16"
@@ -444,6 +446,34 @@ def test_the_h100_reads_weights_by_tma_where_measured_and_the_h200_does_not(monk
     assert not pick(512, "NVIDIA_H100_80GB_HBM3").stage1.tma
     assert not pick(1024, "NVIDIA_H100_80GB_HBM3", (256, 7168, 2048), 8).stage1.tma
     assert not pick(4096, "NVIDIA_H100_80GB_HBM3", (128, 2048, 768), 8).stage1.tma
+
+
+def test_the_backward_reads_each_weight_by_tma_where_its_forward_stage_does(monkeypatch):
+    """The backward's GEMMs take the ``tma`` flag of the forward stage that reads the same
+    weights: ``dy @ w2[e]`` stage 2's, ``d gate_up @ w1[e]`` and the stage-1 recompute stage
+    1's; the tiles are otherwise the backward's own. ``JAXMOE_TMA=0`` still turns every
+    descriptor off."""
+    from jaxmoe.ops.moe import triton as moe_triton
+
+    monkeypatch.delenv(_config.TMA_ENV, raising=False)
+    p = PRESETS["mixtral-8x7b"]
+    base = _config.select_config(4096, p.top_k, p.experts, p.hidden, p.intermediate, "bfloat16", "sm90")
+    for w1_tma, w2_tma in ((True, False), (False, True), (True, True), (False, False)):
+        config = _config.MoEConfig(base.block_m, dataclasses.replace(base.stage1, tma=w1_tma),
+                                   dataclasses.replace(base.stage2, tma=w2_tma))
+        tiles = _config.backward_tiles(config, jnp.bfloat16, "sm90", p.hidden, p.intermediate)
+        assert (tiles.g.tma, tiles.dx.tma, tiles.act.tma, tiles.gate_up.tma) == (w2_tma, w1_tma, w1_tma, w1_tma)
+        plain = _config.backward_tile(base.block_m, jnp.bfloat16, "sm90", fused=False, n_out=p.hidden)
+        assert dataclasses.replace(tiles.dx, tma=False) == plain
+        specs = moe_triton.plan_fused_moe_backward(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
+                                                   "sm90", "silu", config)
+        g, act, dx = (dict(s.constexprs)["B_DESC"] for s in specs[:3])
+        assert (g != "none", act != "none", dx != "none") == (w2_tma, w1_tma, w1_tma), (g, act, dx)
+        monkeypatch.setenv(_config.TMA_ENV, "0")
+        specs = moe_triton.plan_fused_moe_backward(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16,
+                                                   "sm90", "silu", config)
+        assert {dict(s.constexprs).get("B_DESC", "none") for s in specs} == {"none"}
+        monkeypatch.delenv(_config.TMA_ENV)
 
 
 def test_tune_tries_tma_on_sm90_only():

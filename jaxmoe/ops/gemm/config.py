@@ -471,6 +471,35 @@ def backward_tile(block_m: int, dtype: Any, arch: str, fused: bool, n_out: int |
     return _fit(tile, block_m, dtype, arch, fused)
 
 
+@dataclasses.dataclass(frozen=True)
+class BackwardTiles:
+    """The backward's GEMM tiles for one forward config: ``g`` (``dy @ w2[e]``), ``dx``
+    (``d gate_up @ w1[e]``), ``act`` (the stage-1 backward, stage 1 recomputed) and
+    ``gate_up`` (``save_gate_up``'s forward stage 1 without its activation)."""
+
+    g: GemmTile
+    dx: GemmTile
+    act: GemmTile
+    gate_up: GemmTile
+
+
+def backward_tiles(config: MoEConfig, dtype: Any, arch: str, hidden: int, intermediate: int,
+                   block_m: int | None = None) -> BackwardTiles:
+    """:func:`backward_tile` for each backward GEMM of a layer run with ``config``. Each reads
+    its weights by TMA where the forward stage reading the same weights does (``tma`` of
+    ``config.stage2`` for w2, of ``config.stage1`` for w1; ``JAXMOE_TMA`` overrides both):
+    H100, Mixtral-8x7B's training step at M = 4096 4 % faster with every GEMM by TMA.
+    ``block_m``: the rows' alignment (default ``config.block_m``)."""
+    block_m = config.block_m if block_m is None else block_m
+    w1_tma, w2_tma = config.stage1.tma, config.stage2.tma
+
+    def tile(fused: bool, n_out: int | None, tma: bool) -> GemmTile:
+        return dataclasses.replace(backward_tile(block_m, dtype, arch, fused=fused, n_out=n_out), tma=tma)
+
+    return BackwardTiles(g=tile(False, intermediate, w2_tma), dx=tile(False, hidden, w1_tma),
+                         act=tile(True, None, w1_tma), gate_up=tile(False, 2 * intermediate, w1_tma))
+
+
 # The grouped weight gradient's tile, (BLOCK_N, BLOCK_K, num_warps, num_stages, BLOCK_R):
 # output tiles of one expert, walking its rows BLOCK_R at a time. With many rows per expert
 # (BLOCK_M >= 64) on NVIDIA a 128 x 256 tile over 64 rows a step, 8 warps, 3 stages (each

@@ -142,7 +142,8 @@ def _stage1_gate_up(static: _Static, x: jax.Array, w1: jax.Array, b1: jax.Array 
     in w1's gate/up order; rows of invalid ids unwritten, as in every GEMM (what reads them
     masks them)."""
     two_i = w1.shape[2] if static.in_out else w1.shape[1]
-    tile = _config.backward_tile(static.block_size, x.dtype, static.arch, fused=False, n_out=two_i)
+    tile = _config.backward_tiles(static.config, x.dtype, static.arch, hidden=x.shape[1],
+                                  intermediate=two_i // 2, block_m=static.block_size).gate_up
     return gemm_triton.gemm(x, w1, routing, tile=tile, arch=static.arch, topk_weights=None, activation=None,
                             transpose_b=static.in_out, bias=b1, split_tail=False)
 
@@ -213,9 +214,9 @@ def experts_bwd(static: _Static, residuals, dout):
     else:
         h = _stage1(static, x, w1, b1, routing) if saved is None else saved
 
-    g_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False, n_out=h.shape[1])
-    dx_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=False, n_out=d)
-    fused_tile = _config.backward_tile(static.block_size, x.dtype, arch, fused=True)
+    tiles = _config.backward_tiles(static.config, x.dtype, arch, hidden=d, intermediate=h.shape[1],
+                                   block_m=static.block_size)
+    g_tile, dx_tile, fused_tile = tiles.g, tiles.dx, tiles.act
     # 1. stage 2: g = dy @ w2[e] (unweighted, fp32), d w = <g, h> (+ <dy, b2[e]>), dh = w * g
     g = gemm_triton.gemm(dout, w2, routing, tile=g_tile, arch=arch, topk_weights=None, activation=None,
                          transpose_b=not in_out, out_dtype=jnp.float32, split_tail=False)

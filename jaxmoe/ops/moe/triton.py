@@ -365,16 +365,15 @@ def plan_fused_moe_backward(num_tokens: int, top_k: int, num_experts: int, hidde
     common = dict(dtype=dtype, num_rows=num_rows, block_m=config.block_m, num_blocks=blocks)
     grad = dict(num_experts=num_experts, dtype=dtype, out_dtype=dtype, num_rows=num_rows, block_m=config.block_m,
                 num_blocks=blocks, arch=arch)
-    g_tile = _config.backward_tile(config.block_m, dtype, arch, fused=False, n_out=intermediate)
-    dx_tile = _config.backward_tile(config.block_m, dtype, arch, fused=False, n_out=hidden)
-    fused_tile = _config.backward_tile(config.block_m, dtype, arch, fused=True)
+    tiles = _config.backward_tiles(config, dtype, arch, hidden, intermediate)
+    g_tile, dx_tile, fused_tile = tiles.g, tiles.dx, tiles.act
     in_out = layout.startswith("in_out")
     w1_shape, w2_shape = checks.layout_shapes(layout, num_experts, hidden, intermediate)
     gate_up = "interleaved" if layout.endswith("interleaved") else "concat"
     x_rows, h_rows, gu_rows = (num_tokens, hidden), (num_rows, intermediate), (num_rows, 2 * intermediate)
     wdy_rows = (num_rows, hidden)  # w[f] * dy[t], made in jnp for d w2 and d b2
     if save_gate_up:  # the forward's stage 1 without its activation (backward.experts_forward)
-        gu_tile = _config.backward_tile(config.block_m, dtype, arch, fused=False, n_out=2 * intermediate)
+        gu_tile = tiles.gate_up
         stage1 = gemm_triton.plan_gemm(a_shape=x_rows, b_shape=w1_shape, top_k=top_k, tile=gu_tile, activation=None,
                                        mul_routed_weight=False, transpose_b=in_out, split_tail=False, bias=biases,
                                        arch=arch, **common)
