@@ -474,6 +474,22 @@ def test_the_backward_reads_each_weight_by_tma_where_its_forward_stage_does(monk
                                                    "sm90", "silu", config)
         assert {dict(s.constexprs).get("B_DESC", "none") for s in specs} == {"none"}
         monkeypatch.delenv(_config.TMA_ENV)
+    # on the H100, Mixtral-8x7B's table config plans the very launches JAXMOE_TMA=1 does,
+    # forward and backward: the training step timed with the variable is the default's
+    h100 = _config.select_config(4096, p.top_k, p.experts, p.hidden, p.intermediate, "bfloat16", "sm90",
+                                 device="NVIDIA_H100_80GB_HBM3")
+
+    def plans():
+        specs = (moe_triton.plan_fused_moe(4096, p.top_k, p.experts, p.hidden, p.intermediate, jnp.bfloat16, "sm90",
+                                           "silu", h100)
+                 + moe_triton.plan_fused_moe_backward(4096, p.top_k, p.experts, p.hidden, p.intermediate,
+                                                      jnp.bfloat16, "sm90", "silu", h100))
+        return [(s.name, s.constexprs, s.num_warps, s.num_stages) for s in specs]
+
+    default = plans()
+    monkeypatch.setenv(_config.TMA_ENV, "1")
+    assert plans() == default
+    assert sum(dict(c).get("B_DESC", "none") != "none" for _, c, _, _ in default) == 5  # 2 forward, 3 backward
 
 
 def test_tune_tries_tma_on_sm90_only():
