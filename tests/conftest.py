@@ -83,6 +83,26 @@ def moe_inputs(rng, m, d, i, e, k, dtype, experts=None):
 
 
 @pytest.fixture
+def int4_splits(monkeypatch):
+    """``JAXMOE_INT4_SPLIT=1`` for the test; yields what each GEMM's plan decided, as
+    (weight scheme, K, BLOCK_K, split), and afterwards checks that every int4 / int4_zp
+    weight-only GEMM over whole K tiles (of at least 32) read its A split."""
+    from jaxmoe.ops.gemm import config as _config
+
+    monkeypatch.setenv(_config.INT4_SPLIT_ENV, "1")
+    seen, plan = [], _config.int4_split
+
+    def recording(**kw):
+        seen.append((kw["w_scheme"], kw["k"], kw["block_k"], plan(**kw)))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(_config, "int4_split", recording)
+    yield seen
+    assert all(split for scheme, k, block_k, split in seen
+               if scheme in ("int4", "int4_zp") and k % block_k == 0 and block_k >= 32), seen
+
+
+@pytest.fixture
 def tma_views(monkeypatch):
     """``JAXMOE_TMA=1`` for the test; yields the B views its GEMMs were planned with, as
     (A's bytes per element, weight scheme, view), and afterwards checks that every GEMM on

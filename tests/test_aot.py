@@ -311,6 +311,41 @@ def test_quantized_gemms_keep_registers_and_load_b_in_whole_bytes():
     assert max(spills.values()) <= SPILL_LIMIT, {k: v for k, v in spills.items() if v > SPILL_LIMIT}
 
 
+def int4_split_launches(arch: str) -> list[KernelLaunch]:
+    """The int4 and int4_zp layers' GEMMs with ``JAXMOE_INT4_SPLIT=1`` (set by the caller):
+    Mixtral-8x7B at M = 1 and 4096, both schemes, bf16 and fp32 activations (the PTX and
+    the plain conversion), one launch per code key."""
+    p = PRESETS["mixtral-8x7b"]
+    seen: dict = {}
+    for weights in ("int4", "int4_zp"):
+        for m in (1, 4096):
+            for dtype in (jnp.bfloat16, jnp.float32):
+                for spec in moe_triton.plan_fused_moe(m, p.top_k, p.experts, p.hidden, p.intermediate, dtype, arch,
+                                                      "silu", weights=weights):
+                    if spec.name == "moe_gemm_kernel":
+                        seen.setdefault(_key(spec), spec)
+    return list(seen.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_int4_split_launches_compile(target, monkeypatch):
+    """``JAXMOE_INT4_SPLIT=1``: both stages of the int4 layers read A split (stage 1 writing
+    h so for stage 2) and compile for every target; on sm_90 they keep their registers and
+    the PTX conversion."""
+    monkeypatch.setenv(_config.INT4_SPLIT_ENV, "1")
+    specs = int4_split_launches(TARGETS[target])
+    assert specs and all(dict(s.constexprs)["A_SPLIT"] for s in specs)
+    assert any(dict(s.constexprs)["C_PERM_K"] for s in specs if dict(s.constexprs)["FUSE_ACTIVATION"])
+    _compile_all(specs, target)
+    if target == "sm_90":
+        for spec in specs:
+            if spec.args[0].dtype == jnp.bfloat16:
+                ptx = aot.compile_aot(spec, "sm_90").asm["ptx"]
+                assert "0x43084308" in ptx or "0x43004300" in ptx
+                assert _ptxas_spill_bytes(ptx) <= SPILL_LIMIT
+
+
 def tma_launches() -> dict[str, list[KernelLaunch]]:
     """The GEMM launches (stage-1 recompute of the backward included) that read B through
     tensor descriptors with ``JAXMOE_TMA=1`` (set by the caller), by view, one per A dtype, weight scheme and epilogue: Mixtral-8x7B's

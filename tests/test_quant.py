@@ -476,6 +476,71 @@ class TestQuantMoeTritonInterpreterTMA(QuantMoeTests):
         assert tma_views, "no GEMM was planned: the descriptor check would hold vacuously"
 
 
+# int4 cases whose K tiles are whole (D = 256, I = 128), M = 1 among them
+INT4_SPLIT_CASES = {**_cases([(9, 256, 128, 4, 2), (1, 256, 128, 8, 2)], [("int4", None), ("int4_zp", None)])}
+
+
+class TestQuantMoeTritonInterpreterInt4Split(QuantMoeTests):
+    """int4 and int4_zp with ``JAXMOE_INT4_SPLIT=1``: A's K tiles read as even columns then
+    odd ones (x reordered before stage 1, h written so by stage 1), each nibble half
+    multiplied by its half of A."""
+
+    implementation = "triton"
+    QUANT_CASES = INT4_SPLIT_CASES
+    DTYPE_CASES = {"int4-fp32": ("int4", None, F32)}
+    EMPTY_CASES = {"int4": ("int4", None), "int4_zp": ("int4_zp", None)}
+    NAN_CASES = {"int4_zp": ("int4_zp", None)}
+
+    @pytest.fixture(autouse=True)
+    def _split(self, int4_splits, request):
+        yield
+        if "partial" not in request.node.name:
+            assert any(split for *_, split in int4_splits), "no GEMM read its A split: the test checked nothing new"
+
+    @pytest.mark.parametrize("scheme", ["int4", "int4_zp"])
+    def test_partial_k_tiles_read_as_stored(self, rng, int4_splits, scheme):
+        """K = 160 and 80 end in a partial tile: with the variable set, A is read as stored."""
+        x, q1, q2, tw, ids = quantized_inputs(rng, 13, 160, 80, 5, 2, BF16, scheme)
+        self.check(x, q1, q2, tw, with_invalid_ids(ids, 5))
+        assert int4_splits and not any(split for *_, split in int4_splits), int4_splits
+
+    # not collected here: their K tiles are partial or their schemes are not int4 (nothing splits)
+    test_nan_and_inf_stay_in_their_token = None
+    test_mxfp4_k_tiles_of_several_scale_groups = None
+    test_activations_rounded_before_the_gemm = None
+    test_fp8_sum_over_k_in_the_mma = None
+    test_all_zero_tokens_and_weight_rows = None
+
+    @cases("EMPTY_CASES", "scheme,act_quant")
+    def test_invalid_ids_and_empty_experts(self, rng, scheme, act_quant):
+        x, q1, q2, tw, ids = quantized_inputs(rng, 12, 256, 128, 16, 2, BF16, scheme, pool=[1, 5, 6])
+        self.check(x, q1, q2, tw, with_invalid_ids(ids, 16), act_quant)
+
+    @cases("DTYPE_CASES", "scheme,act_quant,dtype")
+    def test_other_activation_dtypes(self, rng, scheme, act_quant, dtype):
+        x, q1, q2, tw, ids = quantized_inputs(rng, 7, 256, 128, 4, 2, dtype, scheme)
+        self.check(x, q1, q2, tw, ids, act_quant, "gelu")
+
+    @pytest.mark.parametrize("scheme", ["int4", "int4_zp"])
+    def test_nan_and_inf_stay_in_their_token_split(self, rng, scheme):
+        x, q1, q2, tw, ids = quantized_inputs(rng, 6, 256, 128, 4, 2, BF16, scheme)
+        x = np.array(x.astype(F32))
+        x[1, 3], x[4, 0] = np.nan, np.inf
+        x = jnp.asarray(x, BF16)
+        out = np.asarray(self.fused(x, q1, q2, tw, ids), np.float32)
+        clean = [0, 2, 3, 5]
+        assert not np.isfinite(out[1]).all() and not np.isfinite(out[4]).all()
+        want = oracle(x[jnp.asarray(clean)], q1, q2, tw[jnp.asarray(clean)], ids[jnp.asarray(clean)])
+        assert rel_err(out[clean], want) <= 1e-2
+
+    @pytest.mark.parametrize("scheme,split", [("int4", 2), ("int4_zp", 4)])
+    def test_stage2_split_k(self, rng, tmp_path, monkeypatch, scheme, split):
+        """The split A with stage 2's K split over programs (each starting on a whole tile)."""
+        _split_k_table(tmp_path, monkeypatch, 6, 256, 128, scheme, split)
+        x, q1, q2, tw, ids = quantized_inputs(rng, 5, 256, 128, 6, 2, BF16, scheme, pool=[0, 2, 3, 5])
+        self.check(x, q1, q2, tw, with_invalid_ids(ids, 6))
+
+
 @pytest.mark.gpu
 class TestQuantMoeTritonGPU(QuantMoeTests):
     implementation, gpu = "triton", True

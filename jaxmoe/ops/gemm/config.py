@@ -270,6 +270,25 @@ def b_descriptor_view(*, arch: str, w_scheme: str, a_scheme: str, transpose_b: b
     return ("kn" if transpose_b else "nk") + ("_gate_up" if halves else "")
 
 
+INT4_SPLIT_ENV = "JAXMOE_INT4_SPLIT"
+
+
+def int4_split(*, w_scheme: str, a_scheme: str, k: int, block_k: int) -> bool:
+    """Whether an int4 / int4_zp GEMM (weight-only, ``SWAP_AB``) reads A with each K tile's
+    even columns stored before its odd ones (``A_SPLIT`` of ``moe_gemm_kernel``): each
+    byte's low nibbles then multiply the tile's first half and its high nibbles the second,
+    each converted where it lies, with no interleaving of the converted tile in registers
+    and both halves of A loaded by the asynchronous copy. The sm_90 K loop of Mixtral-8x7B's
+    stage 1 / 2 compiles to 3.77 / 4.48 instructions a weight at M = 1 instead of 4.32 /
+    4.92, and to 7.72 / 7.53 instead of 8.62 / 8.34 at M = 4096 (``nvdisasm``; most of the
+    rest are ``PRMT`` moves into the MMA's operand registers, as many as before). Not yet
+    timed on a GPU, so off unless ``JAXMOE_INT4_SPLIT=1``; needs K a multiple of ``block_k`` (whole tiles) and
+    ``block_k >= 32`` (half tiles of at least 16 for the dot). Read when a call is traced."""
+    if not env_flag(INT4_SPLIT_ENV):
+        return False
+    return swap_ab(w_scheme, a_scheme) and k % block_k == 0 and block_k >= 32
+
+
 def rows_per_expert(num_rows: int, num_experts: int) -> float:
     """Average sorted rows ((token, slot) pairs) per expert that can receive any."""
     return num_rows / max(min(num_experts, num_rows), 1)

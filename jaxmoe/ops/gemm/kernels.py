@@ -42,6 +42,12 @@ With ``SPLIT_TAIL`` = s > 0, a block whose valid rows all sit in its first BLOCK
 (or, for s = 2, BLOCK_M / 4) positions runs a tile of that many rows instead, so padding
 costs a half (or a quarter) of the multiply work it would.
 
+Split A for int4 (``A_SPLIT``, opt-in: ``JAXMOE_INT4_SPLIT=1``): A's K tiles are stored
+with their even columns first, then their odd ones; a byte's low nibble (an even K value)
+multiplies the first half, its high nibble the second, two half-depth dots on tiles the
+asynchronous copy loaded, with no interleaving of the converted weights in registers.
+``C_PERM_K`` > 0 has stage 1 write h's columns in that order for such a stage 2.
+
 K split: with ``SPLIT_K`` = S > 1 (stage 2, no activation, no activation quantization)
 S programs share each C tile, each summing a range of whole K tiles into its own fp32
 copy of C, ``[S, rows, N]``, which the caller adds up (the bias goes into split 0's).
@@ -346,6 +352,43 @@ def _mma(acc, a, b, a_inv, as_ptrs, a_ok, k0, s_ptrs, z_ptrs, col_ok, K: tl.cons
 
 
 @triton.jit
+def _mma_int4_split(acc, a_even, a_odd, b, k0, s_ptrs, z_ptrs, col_ok, BLOCK_K: tl.constexpr, W_SCHEME: tl.constexpr,
+                    GROUP_K: tl.constexpr, FP32_IEEE: tl.constexpr, PTX_CONVERT: tl.constexpr):
+    """One K step of an int4 / int4_zp GEMM with ``A_SPLIT`` (``SWAP_AB``: ``acc`` is C's
+    transpose, [W, R]): ``a_even`` / ``a_odd`` [R, BLOCK_K // 2] are A's even and odd K
+    columns of this tile, each loaded as stored (A's K tiles hold their even columns
+    first), and ``b`` [W, BLOCK_K // 2] bytes, whose low nibbles are the even K values and
+    high nibbles the odd ones. Each nibble half converts to bf16 where it lies and
+    multiplies its half of A, so no converted tile is interleaved in registers."""
+    if W_SCHEME == "int4_zp":
+        z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.uint8)
+    if PTX_CONVERT and not INTERPRETED and a_even.dtype == tl.bfloat16:
+        if W_SCHEME == "int4":
+            lo, hi = tl.inline_asm_elementwise(_INT4_PTX, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_INT4_ZP_PTX, "=r,=r,=r,=r,r,r",
+                                               [b, tl.broadcast_to(z[:, None], b.shape)],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        if W_SCHEME == "int4":
+            lo = _small_ints((b & 0xF) ^ 8, 8.0).to(a_even.dtype)  # two's complement: (q ^ 8) - 8
+            hi = _small_ints((b >> 4) ^ 8, 8.0).to(a_even.dtype)
+        else:
+            zf = z.to(tl.float32)[:, None]
+            lo = _small_ints(b & 0xF, zf).to(a_even.dtype)
+            hi = _small_ints(b >> 4, zf).to(a_even.dtype)
+    s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
+    if FP32_IEEE:
+        part = tl.dot(lo, tl.trans(a_even), input_precision="ieee")
+        part = tl.dot(hi, tl.trans(a_odd), part, input_precision="ieee")
+    else:
+        part = tl.dot(lo, tl.trans(a_even))
+        part = tl.dot(hi, tl.trans(a_odd), part)
+    return acc + part * s[:, None]
+
+
+@triton.jit
 def _apply_scales(acc, a_scale, s_ptrs, col_ok, W_SCHEME: tl.constexpr, A_SCHEME: tl.constexpr):
     """The fp32 accumulator times the per-token and the per-channel (or per-tensor) scales."""
     acc = acc.to(tl.float32)
@@ -480,6 +523,7 @@ def _tile(
     stride_se: tl.constexpr, stride_sn: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     SWAP_AB: tl.constexpr, SCALED_DOT: tl.constexpr, PTX_CONVERT: tl.constexpr, SPLIT_K: tl.constexpr,
     PREQUANT_A: tl.constexpr, stride_as: tl.constexpr, FP8_MMA_ACC: tl.constexpr, B_DESC: tl.constexpr,
+    A_SPLIT: tl.constexpr, C_PERM_K: tl.constexpr,
 ):
     """C rows of sorted positions [row0, row0 + ROWS), columns of column block pid_n, all of
     ``expert``; with ``SPLIT_K`` > 1 the sum over split ``pid_k``'s range of K only, into
@@ -555,12 +599,18 @@ def _tile(
             b_ptrs += k_lo // 2
         elif B_DESC == "none":
             b_ptrs += k_lo * stride_bk
+    if A_SPLIT:  # [ROWS, BLOCK_K // 2]: the tile's first half (its even columns); + BLOCK_K // 2 the odd
+        a_ptrs_half = a_ptr + (rows // TOP_K)[:, None] * stride_am + k_lo + tl.arange(0, BLOCK_K // 2)[None, :]
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if K % BLOCK_K == 0:
             k_mask = tl.full([BLOCK_K], True, tl.int1)
         else:
             k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+        if A_SPLIT:  # K a multiple of BLOCK_K: whole tiles, each's even columns stored first
+            a_even = tl.load(a_ptrs_half, mask=a_mask[:, None], other=0.0)
+            a_odd = tl.load(a_ptrs_half + BLOCK_K // 2, mask=a_mask[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
         if B_DESC != "none":
             b = _b_tile(b_desc, expert, b_n0, k0, B_DESC, W, BLOCK_K)
         elif PACKED:
@@ -572,8 +622,13 @@ def _tile(
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0.0)
         else:  # int8 storage
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_ok[None, :], other=0)
-        acc = _mma(acc, a, b, a_inv, as_ptrs, a_mask, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME, A_SCHEME,
-                   QMAX, GROUP_K, FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT, PREQUANT_A, FP8_MMA_ACC)
+        if A_SPLIT:
+            acc = _mma_int4_split(acc, a_even, a_odd, b, k0, s_ptrs, z_ptrs, b_cols_ok, BLOCK_K, W_SCHEME, GROUP_K,
+                                  FP32_IEEE, PTX_CONVERT)
+            a_ptrs_half += BLOCK_K
+        else:
+            acc = _mma(acc, a, b, a_inv, as_ptrs, a_mask, k0, s_ptrs, z_ptrs, b_cols_ok, K, BLOCK_K, W_SCHEME,
+                       A_SCHEME, QMAX, GROUP_K, FP32_IEEE, SWAP_AB, SCALED_DOT, PTX_CONVERT, PREQUANT_A, FP8_MMA_ACC)
         a_ptrs += BLOCK_K
         if PACKED:
             b_ptrs += BLOCK_K // 2
@@ -591,7 +646,13 @@ def _tile(
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
-    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
+    if C_PERM_K > 0:
+        # C's columns in the order a consumer with A_SPLIT and BLOCK_K = C_PERM_K reads:
+        # each K tile's even columns first, then its odd ones (N_OUT a multiple of C_PERM_K)
+        c_cols = (offs_n // C_PERM_K) * C_PERM_K + (offs_n % 2) * (C_PERM_K // 2) + (offs_n % C_PERM_K) // 2
+    else:
+        c_cols = offs_n
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + c_cols[None, :]
     if SPLIT_K > 1:
         c_ptrs += pid_k.to(tl.int64) * num_rows * stride_cm
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -630,6 +691,8 @@ def moe_gemm_kernel(
     stride_as: tl.constexpr,  # A scales per row: 1, or K's 128-channel groups for "fp8_group"
     FP8_MMA_ACC: tl.constexpr,  # "fp8_token": the sum over K kept in the MMA's accumulator
     B_DESC: tl.constexpr,  # "none": B's tiles by pointers; else the descriptor view (_b_descriptor)
+    A_SPLIT: tl.constexpr,  # int4 B (SWAP_AB): A's K tiles stored with their even columns first
+    C_PERM_K: tl.constexpr,  # > 0: C's columns written in A_SPLIT's order for K tiles of C_PERM_K
 ):
     pid_m, pid_n, pid_k = _block_of_program(N_OUT, BLOCK_N, GROUP_SIZE_M, NUM_XCDS, SPLIT_K)
     row0 = pid_m * BLOCK_M
@@ -660,21 +723,24 @@ def moe_gemm_kernel(
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 4, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC, A_SPLIT,
+              C_PERM_K)
     elif half:
         _tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
               pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M // 2, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC, A_SPLIT,
+              C_PERM_K)
     else:
         _tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, bz_ptr, sorted_token_ids_ptr, topk_weights_ptr, bias_ptr, c_ptr, row0,
               pid_n, pid_k, expert, expert_ok, num_rows, N_OUT, K, TOP_K, stride_am, stride_be, stride_bn, stride_bk,
               stride_cm,
               GATE_STEP, UP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K, FUSE_ACTIVATION, ACTIVATION, MUL_ROUTED_WEIGHT,
               FP32_IEEE, HAS_BIAS, ALPHA, LIMIT, W_SCHEME, A_SCHEME, QMAX, stride_se, stride_sn, GROUP_N, GROUP_K,
-              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC)
+              SWAP_AB, SCALED_DOT, PTX_CONVERT, SPLIT_K, PREQUANT_A, stride_as, FP8_MMA_ACC, B_DESC, A_SPLIT,
+              C_PERM_K)
 
 
 # --------------------------------------------------------------------------- backward

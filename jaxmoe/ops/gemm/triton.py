@@ -19,8 +19,8 @@ from jaxmoe.ops.gemm import config as _config
 from jaxmoe.ops.gemm.config import GemmTile, a_scheme_for
 from jaxmoe.types import FP8_MAX, INT8_MAX, QUANT_BLOCK, WEIGHT_SCHEMES, QuantizedWeights, RoutingData
 
-__all__ = ["plan_gemm", "gemm", "grouped_gemm", "plan_act_quant", "quantize_rows", "plan_act_backward",
-           "act_backward", "plan_weight_grad", "weight_grad", "expert_offsets", "WEIGHT_GRAD_TILE"]
+__all__ = ["plan_gemm", "gemm", "splits_a", "split_k_tiles", "grouped_gemm", "plan_act_quant", "quantize_rows",
+           "plan_act_backward", "act_backward", "plan_weight_grad", "weight_grad", "expert_offsets", "WEIGHT_GRAD_TILE"]
 
 
 
@@ -108,7 +108,7 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
               mul_routed_weight: bool, arch: str = "sm90", transpose_b: bool = False,
               out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
               bias: Any = False, w_scheme: str = "none", b_dtype: Any = None,
-              act_quant: str | None = None) -> KernelLaunch:
+              act_quant: str | None = None, c_perm_k: int = 0) -> KernelLaunch:
     """One grouped GEMM: C[num_rows, N_out] from A rows gathered by sorted id and B[expert].
 
     ``b_shape`` is B's stored shape: ``[E, N, K]``, or with ``transpose_b`` ``[E, K, N]``
@@ -128,6 +128,11 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
     ``tile.split_k`` = S > 1 (without an activation or ``act_quant``): S programs per C
     tile, each summing its range of K into ``C [S, num_rows, N_out]`` in fp32, which
     :func:`gemm` sums (more loads in flight where a decode layer has few tiles).
+
+    int4 / int4_zp B with :func:`~jaxmoe.ops.gemm.config.int4_split` on: A is read with
+    each K tile's even columns stored first (``A_SPLIT``; :func:`split_k_tiles` makes that
+    layout). ``c_perm_k`` > 0 writes C's columns in that layout for a consumer whose K
+    tiles are ``c_perm_k`` wide (stage 1 feeding such a stage 2; ``N_out`` a multiple of it).
 
     ``tile.prequant_a`` (with ``act_quant`` only): A arrives rounded to ``b_dtype`` by
     :func:`plan_act_quant`'s launch, with its fp32 scales as a second input (``[a_rows]``,
@@ -166,6 +171,8 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
             f"{tile} with BLOCK_M={block_m} needs {need} bytes of shared memory for its software pipeline, "
             f"more than the {_config.SHARED_MEMORY_LIMIT[arch]} a program gets on {arch}: "
             "use fewer num_stages or a smaller block_k or block_n")
+    if c_perm_k and (c_perm_k % 2 or n_out % c_perm_k):
+        raise ValueError(f"c_perm_k={c_perm_k} must be even and divide the output columns ({n_out})")
     n_blocks = -(-n_out // tile.block_n)
     positions = num_blocks * block_m
     constexprs = {
@@ -192,6 +199,8 @@ def plan_gemm(*, a_shape: tuple[int, int], b_shape: tuple[int, int, int], dtype:
             fused=activation is not None, gate_up=gate_up, a_itemsize=jnp.dtype(dtype).itemsize,
             b_itemsize=b_dtype.itemsize, n=n, k=k, block_n=tile.block_n, block_k=tile.block_k,
             requested=tile.tma),
+        "A_SPLIT": _config.int4_split(w_scheme=w_scheme, a_scheme=a_scheme, k=k, block_k=tile.block_k),
+        "C_PERM_K": int(c_perm_k),
         "QMAX": (FP8_MAX[b_dtype.name] if a_scheme.startswith("fp8") else INT8_MAX if a_scheme != "none" else 1.0),
         **scale_layout(w_scheme, n, k),
     }
@@ -298,19 +307,27 @@ def kernel_weights(b: Any, arch: str) -> tuple[str, jax.Array, jax.Array, jax.Ar
 def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: str,
          topk_weights: jax.Array | None, activation: Any, transpose_b: bool = False,
          out_dtype: Any = None, split_tail: bool = True, gate_up: str = "concat",
-         bias: jax.Array | None = None, act_quant: str | None = None) -> jax.Array:
+         bias: jax.Array | None = None, act_quant: str | None = None, a_split: bool = False,
+         c_perm_k: int = 0) -> jax.Array:
     """One launch over ``routing``'s layout. Rows no live sorted position covers are left
     unwritten: the caller masks them (or, in the fused layer, never reads them). ``bias``:
     ``[E, N]`` any float (added in fp32 in the epilogue), or None. ``b`` is an array in
     ``a``'s dtype or a :class:`~jaxmoe.QuantizedWeights`; ``act_quant`` rounds ``a`` per
-    token inside the kernel."""
+    token inside the kernel. Where the plan reads A split (:func:`splits_a`), ``a`` is put
+    in that layout first unless ``a_split`` says it is already (a stage 1 wrote it with
+    ``c_perm_k``); ``a_split`` where the plan does not split is a ValueError."""
     top_k = routing.top_k if a.shape[0] * routing.top_k == routing.num_rows else 1
     scheme, values, scales, zeros = kernel_weights(b, arch)
     spec = plan_gemm(a_shape=a.shape, b_shape=b.shape, dtype=a.dtype, num_rows=routing.num_rows, top_k=top_k,
                      block_m=routing.block_size, num_blocks=routing.num_blocks, tile=tile, activation=activation,
                      mul_routed_weight=topk_weights is not None, arch=arch, transpose_b=transpose_b,
                      out_dtype=out_dtype, split_tail=split_tail, gate_up=gate_up, bias=_bias_arg(bias),
-                     w_scheme=scheme, b_dtype=values.dtype, act_quant=act_quant)
+                     w_scheme=scheme, b_dtype=values.dtype, act_quant=act_quant, c_perm_k=c_perm_k)
+    if dict(spec.constexprs)["A_SPLIT"]:
+        if not a_split:
+            a = split_k_tiles(a, tile.block_k)
+    elif a_split:
+        raise ValueError("a_split=True: A arrives with its K tiles split, but this GEMM reads it as stored")
     weights = (topk_weights.reshape(-1).astype(jnp.float32) if topk_weights is not None
                else jnp.zeros((1,), jnp.float32))
     bias = bias if bias is not None else jnp.zeros((1,), jnp.float32)
@@ -324,6 +341,20 @@ def gemm(a: jax.Array, b: Any, routing: RoutingData, *, tile: GemmTile, arch: st
     if tile.split_k > 1:  # the K splits' fp32 partial sums
         c = jnp.sum(c, axis=0).astype(out_dtype or a.dtype)
     return c
+
+
+def splits_a(b: Any, k: int, tile: GemmTile, act_quant: str | None = None) -> bool:
+    """Whether :func:`gemm` with weights ``b`` (K = ``k``) and ``tile`` reads A with each K
+    tile's even columns first (``A_SPLIT``)."""
+    scheme = b.scheme if isinstance(b, QuantizedWeights) else "none"
+    return _config.int4_split(w_scheme=scheme, a_scheme=a_scheme_for(scheme, act_quant), k=k, block_k=tile.block_k)
+
+
+def split_k_tiles(a: jax.Array, block_k: int) -> jax.Array:
+    """``a [rows, K]`` (K a multiple of ``block_k``, which is even) with each ``block_k``
+    tile of columns reordered: its even columns, then its odd ones."""
+    rows, k = a.shape
+    return a.reshape(rows, k // block_k, block_k // 2, 2).swapaxes(2, 3).reshape(rows, k)
 
 
 def covered_rows(routing: RoutingData) -> jax.Array:

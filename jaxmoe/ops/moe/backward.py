@@ -129,11 +129,11 @@ def _valid(routing: RoutingData) -> jax.Array:
     return (ids >= 0) & (ids < routing.num_experts)
 
 
-def _stage1(static: _Static, x: jax.Array, w1: Any, b1: jax.Array | None, routing: RoutingData
-            ) -> jax.Array:
+def _stage1(static: _Static, x: jax.Array, w1: Any, b1: jax.Array | None, routing: RoutingData,
+            c_perm_k: int = 0) -> jax.Array:
     return gemm_triton.gemm(x, w1, routing, tile=static.config.stage1, arch=static.arch, topk_weights=None,
                             activation=static.activation, transpose_b=static.in_out, gate_up=static.gate_up,
-                            bias=b1, act_quant=static.act_quant)
+                            bias=b1, act_quant=static.act_quant, c_perm_k=c_perm_k)
 
 
 def _stage1_gate_up(static: _Static, x: jax.Array, w1: jax.Array, b1: jax.Array | None, routing: RoutingData
@@ -159,16 +159,22 @@ def experts_forward(static: _Static, x: jax.Array, w1: Any, w2: Any, b1: jax.Arr
     """Both GEMM stages and the sum over the k slots: ``(out [M, D], h [M*k, I])`` in x's
     dtype (``w1``/``w2`` arrays or :class:`~jaxmoe.QuantizedWeights`; ``static.act_quant``
     rounds x and h per token inside the kernels); with ``static.save_gate_up`` the second
-    is stage 1's pre-activation ``gate_up [M*k, 2I]`` instead of ``h``."""
+    is stage 1's pre-activation ``gate_up [M*k, 2I]`` instead of ``h``. Where stage 2 reads
+    its A split (int4 w2, :func:`~jaxmoe.ops.gemm.triton.splits_a`), stage 1 writes ``h``
+    in that layout, and so it is returned (only the quantized path, which saves nothing
+    for a backward, gets there)."""
     m, d = x.shape
+    split2 = False
     if static.save_gate_up:
         gate_up = _stage1_gate_up(static, x, w1, b1, routing)
         h = _activate(static, gate_up.astype(jnp.float32)).astype(x.dtype)
     else:
-        h = _stage1(static, x, w1, b1, routing)
+        intermediate = w2.shape[1] if static.in_out else w2.shape[2]
+        split2 = gemm_triton.splits_a(w2, intermediate, static.config.stage2, static.act_quant)
+        h = _stage1(static, x, w1, b1, routing, c_perm_k=static.config.stage2.block_k if split2 else 0)
     y = gemm_triton.gemm(h, w2, routing, tile=static.config.stage2, arch=static.arch,
                          topk_weights=routing.topk_weights, activation=None, transpose_b=static.in_out, bias=b2,
-                         act_quant=static.act_quant)
+                         act_quant=static.act_quant, a_split=split2)
     # Rows of out-of-range ids were never written: they contribute nothing.
     y = jnp.where(_valid(routing)[..., None], y.reshape(m, routing.top_k, d).astype(jnp.float32), 0.0)
     return jnp.sum(y, axis=1).astype(x.dtype), gate_up if static.save_gate_up else h

@@ -337,12 +337,14 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int, hidden: int, i
         return ([gemm_triton.plan_act_quant(rows=rows, k=k, dtype=dtype, a_scheme=a_scheme, q_dtype=b_dtype)]
                 if tile.prequant_a else [])
 
+    # stage 2 reading its A split (int4): stage 1 writes h in that layout
+    split2 = _config.int4_split(w_scheme=weights, a_scheme=a_scheme, k=intermediate, block_k=config.stage2.block_k)
     return [
         *align_triton.plan_align(num_rows, num_experts, config.block_m),
         *rounding(config.stage1, num_tokens, hidden),
         gemm_triton.plan_gemm(a_shape=(num_tokens, hidden), b_shape=w1_shape, top_k=top_k, tile=config.stage1,
                               activation=activation, mul_routed_weight=False, transpose_b=in_out, gate_up=gate_up,
-                              bias=biases, **common),
+                              bias=biases, c_perm_k=config.stage2.block_k if split2 else 0, **common),
         *rounding(config.stage2, num_rows, intermediate),
         gemm_triton.plan_gemm(a_shape=(num_rows, intermediate), b_shape=w2_shape, top_k=1, tile=config.stage2,
                               activation=None, mul_routed_weight=True, transpose_b=in_out, bias=biases, **common),
