@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of this tree, one after another (never two on the card at once), each
 # under its own time limit; outputs (logs, JSON, CSV) go to $OUT (default ./gpu-out).
-#   scripts/gpu_bench.sh [STEP ...]   steps: decode train quant epilogue ab tma forward tune
+#   scripts/gpu_bench.sh [STEP ...]   steps: decode train quant epilogue ab tma int4split forward tune
 #   (default: decode train quant epilogue ab)
 # OLD_TREE: a source tree to A/B against (step ab; skipped when unset; AB_ROUNDS, AB_REPS: its
 # rounds and reps, default 2 and 10; 4 rounds resolve about 1 % where a cell is steady).
 # Step tma: this tree's bf16 layers with the weights by pointers (JAXMOE_TMA=0) against TMA (=1), alternated
 # (bench/ab.py, AB_ROUNDS / AB_REPS), on TMA_MODELS at TMA_MS: what a card's table should say of the tma flag.
+# Step int4split: the int4 layers (SPLIT_QUANTS) with JAXMOE_INT4_SPLIT=0 against =1, alternated, on SPLIT_MODELS at
+# SPLIT_MS (SPLIT_S seconds each).
 # Time limits in seconds: DECODE_S, TRAIN_S, TRAIN_PEER_S, QUANT_S (each scheme of QUANTS), EPILOGUE_S, AB_S, TMA_S, FORWARD_S,
 # TUNE_S. Step tune: one `python -m jaxmoe tune` per model of TUNE_MODELS side by side, timing one at a
 # time under a lock, over the M values of TUNE_MS in that order, into $out/configs/<arch>-<device>.json
@@ -59,6 +61,14 @@ for s in "${steps[@]}"; do
          ms=(); for m in ${TMA_MS:-1024 4096}; do ms+=(--m "$m"); done
          step tma "${TMA_S:-400}" "$py" bench/ab.py --a . --b . --a-env JAXMOE_TMA=0 --b-env JAXMOE_TMA=1 \
              "${models[@]}" "${ms[@]}" --rounds "${AB_ROUNDS:-2}" --reps "${AB_REPS:-10}" --out "$out/tma.json" ;;
+    # int4 / int4_zp layers with the activations' K tiles split (JAXMOE_INT4_SPLIT) against as stored, alternated
+    int4split) models=(); for m in ${SPLIT_MODELS:-mixtral-8x7b gpt-oss-120b}; do models+=(--model "$m"); done
+               ms=(); for m in ${SPLIT_MS:-1 16 1024}; do ms+=(--m "$m"); done
+               for q in ${SPLIT_QUANTS:-int4 int4_zp}; do
+                   step "int4split-$q" "${SPLIT_S:-300}" "$py" bench/ab.py --a . --b . --a-env JAXMOE_INT4_SPLIT=0 \
+                       --b-env JAXMOE_INT4_SPLIT=1 --quant "$q" "${models[@]}" "${ms[@]}" \
+                       --rounds "${AB_ROUNDS:-2}" --reps "${AB_REPS:-10}" --out "$out/int4split-$q.json"
+               done ;;
     forward) step forward "${FORWARD_S:-150}" "$py" -m jaxmoe bench --model mixtral-8x7b --model qwen3-30b-a3b \
                 --model deepseek-v3 --m 1 --m 16 --m 128 --m 1024 --m 4096 --reps 10 --out "$out/forward" ;;
     tune) mkdir -p "$out/configs"; logs=$(mktemp -d); t0=$SECONDS; pids=()
