@@ -62,7 +62,7 @@ for s in "${steps[@]}"; do
          step tma "${TMA_S:-400}" "$py" bench/ab.py --a . --b . --a-env JAXMOE_TMA=0 --b-env JAXMOE_TMA=1 \
              "${models[@]}" "${ms[@]}" --rounds "${AB_ROUNDS:-2}" --reps "${AB_REPS:-10}" --out "$out/tma.json" ;;
     # int4 / int4_zp layers with the activations' K tiles split (JAXMOE_INT4_SPLIT) against as stored, alternated
-    int4split) models=(); for m in ${SPLIT_MODELS:-mixtral-8x7b gpt-oss-120b}; do models+=(--model "$m"); done
+    int4split) models=(); for m in ${SPLIT_MODELS:-mixtral-8x7b qwen3-30b-a3b}; do models+=(--model "$m"); done
                ms=(); for m in ${SPLIT_MS:-1 16 1024}; do ms+=(--m "$m"); done
                for q in ${SPLIT_QUANTS:-int4 int4_zp}; do
                    step "int4split-$q" "${SPLIT_S:-300}" "$py" bench/ab.py --a . --b . --a-env JAXMOE_INT4_SPLIT=0 \

@@ -542,6 +542,17 @@ class TestQuantMoeTritonInterpreterInt4Split(QuantMoeTests):
 
 
 @pytest.mark.gpu
+class TestQuantMoeTritonGPUInt4Split(TestQuantMoeTritonInterpreterInt4Split):
+    """The split activation tiles on the GPU (inline-PTX conversion), with Mixtral-8x7B's
+    and Qwen3-30B-A3B's expert shapes beside the small ones (gpt-oss-120b's K = 2880 is no
+    multiple of its 128-wide K tiles: it reads A as stored)."""
+
+    gpu = True
+    QUANT_CASES = {**INT4_SPLIT_CASES,
+                   **_cases([(16, 4096, 14336, 8, 2), (8, 2048, 768, 128, 8)], [("int4", None), ("int4_zp", None)])}
+
+
+@pytest.mark.gpu
 class TestQuantMoeTritonGPU(QuantMoeTests):
     implementation, gpu = "triton", True
     QUANT_CASES = {
