@@ -231,21 +231,31 @@ _INT4_ZP_PTX = tl.constexpr(_int4_ptx(True))
 
 
 @triton.jit
-def _int4_bf16(b):
-    """bf16 values of a [W, BLOCK_K // 2] tile of int4 bytes as a [W, BLOCK_K] tile, by
-    :data:`_INT4_PTX` (NVIDIA)."""
-    lo, hi = tl.inline_asm_elementwise(_INT4_PTX, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
-                                       is_pure=True, pack=4)
-    return tl.reshape(tl.join(lo, hi), [b.shape[0], 2 * b.shape[1]])
-
-
-@triton.jit
-def _int4_zp_bf16(b, z):
-    """bf16 values of a [W, BLOCK_K // 2] tile of int4_zp bytes less their zero points ``z``
-    (uint8, broadcast to the tile) as a [W, BLOCK_K] tile, by :data:`_INT4_ZP_PTX` (NVIDIA)."""
-    lo, hi = tl.inline_asm_elementwise(_INT4_ZP_PTX, "=r,=r,=r,=r,r,r", [b, z], dtype=(tl.bfloat16, tl.bfloat16),
-                                       is_pure=True, pack=4)
-    return tl.reshape(tl.join(lo, hi), [b.shape[0], 2 * b.shape[1]])
+def _int4_halves(b, z_ptrs, k0, col_ok, dtype: tl.constexpr, W_SCHEME: tl.constexpr, GROUP_K: tl.constexpr,
+                 PTX_CONVERT: tl.constexpr):
+    """``(even, odd)``: a [W, BLOCK_K // 2] tile of int4 / int4_zp bytes as two tiles of the
+    same shape in ``dtype``, the low nibbles (K values 2j) and the high ones (2j + 1), less
+    their zero points for int4_zp (one uint8 per column and GROUP_K, read at ``z_ptrs``).
+    bf16 on NVIDIA by :data:`_INT4_PTX` / :data:`_INT4_ZP_PTX`; elsewhere by integer and
+    fp32 operations (exact: |v| <= 15)."""
+    if W_SCHEME == "int4_zp":
+        z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.uint8)
+    if PTX_CONVERT and not INTERPRETED and dtype == tl.bfloat16:
+        if W_SCHEME == "int4":
+            even, odd = tl.inline_asm_elementwise(_INT4_PTX, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                                  is_pure=True, pack=4)
+        else:
+            even, odd = tl.inline_asm_elementwise(_INT4_ZP_PTX, "=r,=r,=r,=r,r,r",
+                                                  [b, tl.broadcast_to(z[:, None], b.shape)],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    elif W_SCHEME == "int4":  # two's complement: (q ^ 8) - 8
+        even = _small_ints((b & 0xF) ^ 8, 8.0).to(dtype)
+        odd = _small_ints((b >> 4) ^ 8, 8.0).to(dtype)
+    else:
+        zf = z.to(tl.float32)[:, None]
+        even = _small_ints(b & 0xF, zf).to(dtype)
+        odd = _small_ints(b >> 4, zf).to(dtype)
+    return even, odd
 
 
 @triton.jit
@@ -270,20 +280,8 @@ def _mma(acc, a, b, a_inv, as_ptrs, a_ok, k0, s_ptrs, z_ptrs, col_ok, K: tl.cons
     operand; with ``SCALED_DOT`` mxfp4 B goes through ``tl.dot_scaled``."""
     if A_SCHEME == "none":
         if W_SCHEME == "int4" or W_SCHEME == "int4_zp":
-            if PTX_CONVERT and not INTERPRETED and a.dtype == tl.bfloat16:
-                if W_SCHEME == "int4":
-                    bw = _int4_bf16(b)
-                else:
-                    z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.uint8)
-                    bw = _int4_zp_bf16(b, tl.broadcast_to(z[:, None], b.shape))
-            else:
-                q = _nibbles(b)
-                if W_SCHEME == "int4":
-                    v = _small_ints(q ^ 8, 8.0)  # two's complement: (q ^ 8) - 8
-                else:
-                    z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.float32)
-                    v = _small_ints(q, z[:, None])
-                bw = v.to(a.dtype)  # exact: |v| <= 15
+            even, odd = _int4_halves(b, z_ptrs, k0, col_ok, a.dtype, W_SCHEME, GROUP_K, PTX_CONVERT)
+            bw = tl.reshape(tl.join(even, odd), [b.shape[0], 2 * b.shape[1]])  # K values interleaved back
             if not SWAP_AB:
                 bw = tl.trans(bw)
         elif W_SCHEME == "mxfp4":
@@ -358,26 +356,9 @@ def _mma_int4_split(acc, a_even, a_odd, b, k0, s_ptrs, z_ptrs, col_ok, BLOCK_K: 
     transpose, [W, R]): ``a_even`` / ``a_odd`` [R, BLOCK_K // 2] are A's even and odd K
     columns of this tile, each loaded as stored (A's K tiles hold their even columns
     first), and ``b`` [W, BLOCK_K // 2] bytes, whose low nibbles are the even K values and
-    high nibbles the odd ones. Each nibble half converts to bf16 where it lies and
-    multiplies its half of A, so no converted tile is interleaved in registers."""
-    if W_SCHEME == "int4_zp":
-        z = tl.load(z_ptrs + k0 // GROUP_K, mask=col_ok, other=0).to(tl.uint8)
-    if PTX_CONVERT and not INTERPRETED and a_even.dtype == tl.bfloat16:
-        if W_SCHEME == "int4":
-            lo, hi = tl.inline_asm_elementwise(_INT4_PTX, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
-                                               is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(_INT4_ZP_PTX, "=r,=r,=r,=r,r,r",
-                                               [b, tl.broadcast_to(z[:, None], b.shape)],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:
-        if W_SCHEME == "int4":
-            lo = _small_ints((b & 0xF) ^ 8, 8.0).to(a_even.dtype)  # two's complement: (q ^ 8) - 8
-            hi = _small_ints((b >> 4) ^ 8, 8.0).to(a_even.dtype)
-        else:
-            zf = z.to(tl.float32)[:, None]
-            lo = _small_ints(b & 0xF, zf).to(a_even.dtype)
-            hi = _small_ints(b >> 4, zf).to(a_even.dtype)
+    high nibbles the odd ones. Each nibble half converts where it lies and multiplies its
+    half of A, so no converted tile is interleaved in registers."""
+    lo, hi = _int4_halves(b, z_ptrs, k0, col_ok, a_even.dtype, W_SCHEME, GROUP_K, PTX_CONVERT)
     s = tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)
     if FP32_IEEE:
         part = tl.dot(lo, tl.trans(a_even), input_precision="ieee")
