@@ -47,9 +47,11 @@ for s in "${steps[@]}"; do
                models=(--model mixtral-8x7b --model qwen3-30b-a3b)
                [[ $w == fp8_block ]] && models=(--model deepseek-v3)
                name="quant-$w${a:+-a$a}${fast:+-$fast}"
+               impl=jaxmoe  # with torch's fp8 peer where it has a kernel (row-wise fp8 w8a8)
+               [[ ($w == fp8 || $w == fp8_tensor) && $a == fp8 ]] && impl=jaxmoe,torch
                JAXMOE_FP8_FAST_ACCUM=$([[ $fast == fast ]] && echo 1 || echo 0) \
                step "$name" "${QUANT_S:-170}" "$py" -m jaxmoe bench --quant "$w" "${act[@]}" "${models[@]}" \
-                   --m 1 --m 16 --m 128 --m 1024 --m 4096 --impl jaxmoe --reps 10 --out "$out/$name"
+                   --m 1 --m 16 --m 128 --m 1024 --m 4096 --impl "$impl" --reps 10 --out "$out/$name"
            done ;;
     epilogue) step epilogue "${EPILOGUE_S:-100}" "$py" bench/epilogue_cost.py --model gpt-oss-120b --m 1 --m 4096 \
                 --reps 10 --rounds 2 --out "$out/epilogue_cost" ;;

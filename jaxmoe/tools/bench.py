@@ -14,7 +14,10 @@ Peers in the same run: the jax.numpy reference (``implementation="reference"``),
 ``jax.lax.ragged_dot`` pipeline (sort rows by expert, gather, ragged_dot, activation,
 ragged_dot, weighted combine) with its weights pre-transposed to ragged_dot's layout
 outside the timed region, and the same pipeline with tokamax's ``ragged_dot`` when tokamax
-is importable. A peer that runs out of memory or fails is reported as such. After the
+is importable, and the layer on PyTorch's grouped GEMMs (``torch._grouped_mm``; with
+``--quant fp8|fp8_tensor --act-quant fp8`` also ``torch._scaled_grouped_mm``) when torch is
+importable and sees the device (:mod:`jaxmoe.tools.torch_peer`, timed by the same method).
+A peer that runs out of memory or fails is reported as such. After the
 timed calls the chain's output is checked: a cell whose data overflowed to inf/NaN is
 reported as ``non-finite`` instead of a time (the weights are scaled by 1/sqrt(fan_in),
 so a residual chain stays finite).
@@ -37,6 +40,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -53,13 +57,14 @@ from jaxmoe import reference
 from jaxmoe.layer import init_moe_params, moe_layer
 from jaxmoe.models import PRESETS, ModelPreset
 from jaxmoe.tools import CommandError, implementations, positive_int
+from jaxmoe.tools import torch_peer
 from jaxmoe.tools.ceilings import FALLBACK, Ceilings, ceilings_for
 
 PEAK_BYTES_PER_S = FALLBACK.bytes_per_s  # used only where no ceilings are given
 PEAK_FLOPS = FALLBACK.bf16_flops
 SETS = 8  # input batches in the long chain
 SHORT = 2  # ... and in the short one
-IMPLEMENTATIONS = ("jaxmoe", "ragged_dot", "tokamax", "reference")
+IMPLEMENTATIONS = ("jaxmoe", "ragged_dot", "tokamax", "torch", "reference")
 MODES = ("forward", "train")
 DEFAULT_M = tuple(2**i for i in range(14))  # 1 .. 8192
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
@@ -138,6 +143,14 @@ class NonFiniteError(RuntimeError):
     """The timed data overflowed: the time would be that of inf/NaN arithmetic."""
 
 
+class PeerMismatch(RuntimeError):
+    """A peer's layer output disagrees with jaxmoe's beyond the peer's tolerance."""
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer that cannot run here (the message says why)."""
+
+
 def check_finite(tree: Any) -> None:
     """Raise :class:`NonFiniteError` if any floating leaf of ``tree`` holds an inf or NaN."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
@@ -203,6 +216,8 @@ def quant_roofline(preset: ModelPreset, m: int, experts_hit: float, itemsize: in
 
 
 def _layer_fn(impl: str, preset: ModelPreset, routing: dict[str, Any], act_quant: str | None = None) -> Callable:
+    if impl == "torch" or impl.startswith("torch:"):
+        raise ValueError("the torch peer is not a JAX function: bench_model times it (torch_peer.time_chains)")
     if impl.startswith("jaxmoe:"):
         return lambda p, x: moe_layer(p, x, implementation="triton", act_quant=act_quant, **routing)
     if impl == "ragged_dot":
@@ -343,6 +358,8 @@ def _failure(exc: Exception) -> str:
         return "non-finite (inf/NaN in the timed data: time discarded)"
     if isinstance(exc, ModuleNotFoundError):
         return "not installed"
+    if isinstance(exc, (PeerMismatch, PeerUnavailable)):
+        return str(exc)
     msg = str(exc).lower()
     if "resource_exhausted" in msg or "out of memory" in msg:
         return "out of memory"
@@ -378,6 +395,8 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
                     "w2": quantize_weights(params["w2"], quant)}
         jax.block_until_ready(params_q)
         impls = [*impls, quant_label(quant, act_quant)]
+        if torch_peer.NAME in impls:  # torch on the same quantized weights, where it has a kernel
+            impls.append(torch_peer.quant_label(quant, act_quant))
     routing = preset.routing_kwargs(jax.random.key(1))
     params_rd, rd_status = ragged_params(params, impls)
     itemsize = jnp.dtype(dtype).itemsize
@@ -390,6 +409,7 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
         if quant is not None:
             floors[quant_label(quant, act_quant)] = quant_roofline(preset, m, experts_hit, itemsize, quant, act_quant,
                                                                    ceilings)
+            floors[torch_peer.quant_label(quant, act_quant)] = floors[quant_label(quant, act_quant)]
         by_impl: dict[str, Row] = {}
         for impl in impls:
             nbytes, flops, floor = floors.get(impl, floors[""])
@@ -399,22 +419,26 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
             try:
                 if impl in RAGGED_LAYOUT and params_rd is None:
                     row.status = rd_status
-                    by_impl[impl] = row
-                    rows.append(row)
-                    continue
-                p = params_rd if impl in RAGGED_LAYOUT else params_q if impl.startswith("jaxmoe:") else params
-                fn = (_layer_fn(impl, preset, routing, act_quant) if impl.startswith("jaxmoe:")
-                      else _layer_fn(impl, preset, routing))
-                t, overhead = time_layer_detail(fn, p, xs, reps)
-                if breakdown is not None:
-                    chain = _chain(fn, SETS)
-                    breakdown(f"{preset.name} M={m} {impl} (per layer of {SETS})",
-                              lambda: chain(p, xs), SETS)
-                row.time_ms = t * 1e3
-                row.overhead_ms = overhead * 1e3
-                row.tflops = flops / t / 1e12
-                row.bandwidth_gbs = nbytes / t / 1e9
-                row.efficiency = floor / t
+                elif impl == torch_peer.NAME or impl.startswith(torch_peer.NAME + ":"):
+                    quantized = impl != torch_peer.NAME
+                    t, overhead = _time_torch(params_q if quantized else params, xs, routing, reps, progress,
+                                              f"{preset.name} M={m} {impl}", quant if quantized else None,
+                                              act_quant if quantized else None)
+                else:
+                    p = params_rd if impl in RAGGED_LAYOUT else params_q if impl.startswith("jaxmoe:") else params
+                    fn = (_layer_fn(impl, preset, routing, act_quant) if impl.startswith("jaxmoe:")
+                          else _layer_fn(impl, preset, routing))
+                    t, overhead = time_layer_detail(fn, p, xs, reps)
+                    if breakdown is not None:
+                        chain = _chain(fn, SETS)
+                        breakdown(f"{preset.name} M={m} {impl} (per layer of {SETS})",
+                                  lambda: chain(p, xs), SETS)
+                if row.status == "ok":
+                    row.time_ms = t * 1e3
+                    row.overhead_ms = overhead * 1e3
+                    row.tflops = flops / t / 1e12
+                    row.bandwidth_gbs = nbytes / t / 1e9
+                    row.efficiency = floor / t
             except Exception as exc:  # a peer that fails is reported, the run goes on
                 row.status = _failure(exc)
             by_impl[impl] = row
@@ -422,20 +446,50 @@ def bench_model(preset: ModelPreset, ms: Sequence[int], impls: Sequence[str], dt
             progress(f"{preset.name} M={m} {impl}: " + (
                 f"{row.time_ms:.4f} ms, efficiency {row.efficiency:.2f}" if row.time_ms else row.status))
         record_speedups(by_impl)
+        if quant is not None:
+            record_speedups(by_impl, quant_label(quant, act_quant), [torch_peer.quant_label(quant, act_quant)])
     return rows
 
 
-def record_speedups(by_impl: dict[str, Any]) -> None:
-    """On jaxmoe's row of one cell: each timed peer's time / jaxmoe's."""
-    ours = by_impl.get("jaxmoe")
+def _time_torch(params: dict[str, Any], xs: jax.Array, routing: dict[str, Any], reps: int,
+                progress: Callable[[str], None], label: str, quant: str | None, act_quant: str | None
+                ) -> tuple[float, float]:
+    """(seconds per layer, fixed seconds per chain call) of the torch peer on these weights
+    and batches, after checking its first batch's output against jaxmoe's layer; raises
+    ``ModuleNotFoundError`` / ``RuntimeError`` with the reason where it cannot run."""
+    from jaxmoe.tools.torch_peer import TOLERANCE, TorchLayer, relative_error, time_chains, to_torch, unavailable
+
+    reason = unavailable(jax.default_backend(), quant, act_quant)
+    if reason is not None:
+        raise (ModuleNotFoundError if reason == "not installed" else PeerUnavailable)(reason)
+    layer = TorchLayer(params, routing)
+    ours = np.asarray(jax.jit(lambda p, x: moe_layer(p, x, act_quant=act_quant, **routing))(params, xs[0]),
+                      np.float32)
+    import torch
+
+    with torch.no_grad():
+        err = relative_error(layer(to_torch(xs[0])), ours)
+    tol = TOLERANCE["fp8" if quant is not None else "bf16"]
+    if not err <= tol:
+        raise PeerMismatch(f"disagrees with jaxmoe: relative error {err:.2e} > {tol:.0e}")
+    per_layer, overhead, _, how = time_chains(layer, to_torch(xs), reps, SHORT)
+    progress(f"{label}: timed as a {how}, relative error against jaxmoe {err:.1e}")
+    return per_layer, overhead
+
+
+def record_speedups(by_impl: dict[str, Any], ours_name: str = "jaxmoe", peers: Sequence[str] | None = None) -> None:
+    """On the row ``ours_name`` of one cell (jaxmoe's): each timed peer's time / ours
+    (``peers``: those rows only; default every other row)."""
+    ours = by_impl.get(ours_name)
     if ours and ours.time_ms:
         for impl, row in by_impl.items():
-            if impl != "jaxmoe" and row.time_ms:
+            if impl != ours_name and row.time_ms and (peers is None or impl in peers):
                 ours.speedup[impl] = row.time_ms / ours.time_ms
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = (f"{'model':<16}{'impl':<12}{'M':>6}{'N':>7}{'K':>7}{'E':>5}{'top_k':>6}{'Time_(ms)':>11}"
+    w = max([12] + [len(r.impl) + 1 for r in rows])  # the impl column fits "jaxmoe:fp8_block+afp8"
+    head = (f"{'model':<16}{'impl':<{w}}{'M':>6}{'N':>7}{'K':>7}{'E':>5}{'top_k':>6}{'Time_(ms)':>11}"
             f"{'TFLOPS':>9}{'Bandwidth_(GB/s)':>18}{'eff':>7}  speed-up / status")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -444,7 +498,7 @@ def format_table(rows: Sequence[Row]) -> str:
         else:
             sp = " ".join(f"x{v:.2f} vs {k}" for k, v in r.speedup.items())
             nums = f"{r.time_ms:>11.4f}{r.tflops:>9.1f}{r.bandwidth_gbs:>18.0f}{r.efficiency:>7.2f}  {sp}"
-        lines.append(f"{r.model:<16}{r.impl:<12}{r.M:>6}{r.N:>7}{r.K:>7}{r.E:>5}{r.top_k:>6}{nums}")
+        lines.append(f"{r.model:<16}{r.impl:<{w}}{r.M:>6}{r.N:>7}{r.K:>7}{r.E:>5}{r.top_k:>6}{nums}")
     return "\n".join(lines)
 
 
@@ -537,11 +591,13 @@ def _check_writable(prefix: str) -> None:
 
 
 def default_implementations(mode: str) -> list[str]:
-    """Every implementation that can run here (tokamax only when importable); in train mode
-    without the dense reference (E times the work of the experts, and out of memory on the
-    large presets): ask for it with ``--impl``."""
-    impls = [i for i in IMPLEMENTATIONS if i != "tokamax" or tokamax_ragged_dot() is not None]
-    return [i for i in impls if i != "reference"] if mode == "train" else impls
+    """Every implementation that can run here (tokamax and torch only when importable); in
+    train mode without the dense reference (E times the work of the experts, and out of
+    memory on the large presets: ask for it with ``--impl``) and without torch (a forward
+    peer only)."""
+    impls = [i for i in IMPLEMENTATIONS if (i != "tokamax" or tokamax_ragged_dot() is not None)
+             and (i != torch_peer.NAME or importlib.util.find_spec("torch") is not None)]
+    return [i for i in impls if i not in ("reference", torch_peer.NAME)] if mode == "train" else impls
 
 
 def _print_breakdown(label: str, fn: Callable[[], object], per_call: int) -> None:
@@ -567,6 +623,11 @@ def run(args: argparse.Namespace) -> int:
                                f"{', '.join(ACT_QUANT_SCHEMES[act_quant])}, got {quant}")
     if quant is not None and mode == "train":
         raise CommandError("--quant times the forward only (the quantized kernels have no backward)")
+    if torch_peer.NAME in impls:
+        if mode == "train":
+            raise CommandError("--impl torch: the torch peer times the forward only; leave it out of --mode train")
+        # before JAX starts on a GPU: leave torch the memory JAX would otherwise take at start-up
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     _check_writable(args.out)
     on_cpu = jax.default_backend() == "cpu"
     if mode == "train":
