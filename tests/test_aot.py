@@ -455,3 +455,22 @@ def test_every_decode_launch_compiles(target):
     assert {s.name for s in specs} == {"moe_decode_gate_up_kernel", "moe_decode_route_gate_up_kernel",
                                        "moe_decode_down_kernel"}
     _compile_all(specs, target)
+
+
+def test_decode_loops_are_software_pipelined():
+    """sm_90: both decode K loops copy their weight tiles asynchronously into shared memory
+    (``cp.async``: the loads of the next tiles are in flight while one is summed) wherever
+    the loop has more than one step; a plain loop of loads that feed no dot is not
+    pipelined, whatever the launch's num_stages."""
+    def tiles(spec):  # K steps of the loop (one step: nothing to overlap)
+        const = dict(spec.constexprs)
+        return -(-const["D" if "BLOCK_N" in const else "I"] // const["BLOCK_K"])
+
+    specs = [s for s in decode_launches()
+             if s.name in ("moe_decode_gate_up_kernel", "moe_decode_down_kernel") and tiles(s) > 1]
+    assert len({s.name for s in specs}) == 2
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        compiled = list(pool.map(lambda spec: aot.compile_aot(spec, "sm_90"), specs))
+    for spec, c in zip(specs, compiled):
+        ptx = c.asm["ptx"]
+        assert "cp.async" in ptx and "cp.async.wait_group" in ptx, (spec.name, dict(spec.constexprs))

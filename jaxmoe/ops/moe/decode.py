@@ -61,8 +61,11 @@ __all__ = ["DECODE_MAX_TOKENS", "DECODE_TOKEN_LIMIT", "DECODE_DTYPES", "Choice",
 # forces a path; bench/decode_bench.py prints the largest M where the decode path is
 # faster for every preset. 0, so the rule never picks it: on an H200 (jax 0.11.2,
 # triton 3.6.0) the aligned path is faster at every M measured (Qwen3-30B-A3B M = 1, 2, 4:
-# 42.6/64.8/96.9 us against 57.6/97.0/137.3 us; Mixtral-8x7B M = 1: 0.18 against 0.27 ms),
-# and no other card has been measured. JAXMOE_DECODE=1 or decode=True still take it.
+# 42.6/64.8/96.9 us against 57.6/97.0/137.3 us; Mixtral-8x7B M = 1: 0.18 against 0.27 ms,
+# 2.6 TB/s), and no other card has been measured. Those times are of K loops that were not
+# software-pipelined (_STAGES = 1); the pipelined loops have not been timed on a GPU, and
+# bench/decode_bench.py on a card is what should set this value. JAXMOE_DECODE=1 or
+# decode=True still take the path.
 DECODE_MAX_TOKENS = 0
 # Past this the path is never taken, even when forced: its scratch (one [k] row per
 # program of launch A) and its repeated weight reads grow with M.
@@ -73,6 +76,11 @@ ENV = "JAXMOE_DECODE"
 # Programs of stage 2 at M = 1: enough to keep every SM of an H100/H200 (132) streaming.
 _TARGET_PROGRAMS = 256
 _TILE_ELEMENTS = 4096  # per weight tile of stage 1 (gate and up each); 8192 in stage 2
+# Stages of both K loops (tl.range): two 16 KB tiles in flight per program while a third is
+# summed (sm_90: 33 KB of shared memory and about 104 registers a thread in stage 1, so
+# four programs an SM). With one stage the loop is not pipelined: its loads wait for the
+# previous tile's sums.
+_STAGES = 3
 
 
 def _kernels() -> Any:
@@ -223,7 +231,7 @@ def plan_decode(num_tokens: int, top_k: int, num_experts: int, hidden: int, inte
     ids = jax.ShapeDtypeStruct((m, k), jnp.int32)
     grid1 = (rows, -(-i // block_n))
     common = (("D", d), ("I", i), ("E", e), ("K", k), ("BLOCK_N", block_n), ("BLOCK_K", block_k),
-              ("ACTIVATION", activation))
+              ("ACTIVATION", activation), ("STAGES", _STAGES))
     kern = _kernels()
     if routed:
         route = routing_triton.plan_route(m, e, k, logits_dtype, scoring=scoring, renormalize=renormalize,
@@ -241,18 +249,18 @@ def plan_decode(num_tokens: int, top_k: int, num_experts: int, hidden: int, inte
                 "E_POW2", "K_POW2", "SCORING")) + (("HAS_BIAS", bias_dtype is not None),) + tuple(
                 (name, rc[name]) for name in ("RENORMALIZE", "NUM_GROUPS", "TOPK_GROUP", "G_POW2", "SCALE",
                                               "GROUP_TOP2")),
-            num_warps=4, num_stages=1)
+            num_warps=4, num_stages=_STAGES)
     else:
         stage1 = KernelLaunch(kern.moe_decode_gate_up_kernel, grid=grid1, args=(x, w1, ids), outs=(h,),
-                              constexprs=common, num_warps=4, num_stages=1)
+                              constexprs=common, num_warps=4, num_stages=_STAGES)
     k_pow2 = next_pow2(k)
     block_d, block_k2 = _stage2_tiles(d, i, k_pow2)
     stage2 = KernelLaunch(
         kern.moe_decode_down_kernel, grid=(m, -(-d // block_d)),
         args=(h, jax.ShapeDtypeStruct((e, d, i), dtype), weights, ids), outs=(jax.ShapeDtypeStruct((m, d), dtype),),
         constexprs=(("D", d), ("I", i), ("E", e), ("K", k), ("K_POW2", k_pow2), ("BLOCK_D", block_d),
-                    ("BLOCK_K", block_k2)),
-        num_warps=4 if k_pow2 * block_d * block_k2 <= 4096 else 8, num_stages=1)
+                    ("BLOCK_K", block_k2), ("STAGES", _STAGES)),
+        num_warps=4 if k_pow2 * block_d * block_k2 <= 4096 else 8, num_stages=_STAGES)
     return [stage1, stage2]
 
 

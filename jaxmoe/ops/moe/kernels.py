@@ -14,8 +14,11 @@ first routes its token from the logits) runs one program per (token, slot) row a
 and ``BLOCK_D`` columns of ``y``, looping over the token's ``K`` slots in one tile, so the
 combine over k is a register sum in a fixed order (no atomics, no ``[M*k, D]`` rows).
 Both are GEMVs with fp32 accumulation over weight tiles read along their contiguous
-dimension; every id outside ``[0, E)`` masks its loads (no memory is touched for it) and
-contributes nothing. Expert offsets are int64 (``E * 2I * D`` passes 2^31).
+dimension, the K loop a ``tl.range`` of ``STAGES`` stages: with more than one, Triton
+software-pipelines its loads (on sm_90 asynchronous copies into shared memory, ``STAGES - 1``
+tiles in flight while one is summed); a plain loop of loads that feed no dot is not
+pipelined, and each program then waits out the memory latency once per tile. Every id
+outside ``[0, E)`` masks its loads (no memory is touched for it) and contributes nothing. Expert offsets are int64 (``E * 2I * D`` passes 2^31).
 """
 
 import triton
@@ -60,7 +63,7 @@ def route_align_kernel(
 @triton.jit
 def _decode_gate_up(x_ptr, w1_ptr, h_ptr, row, expert, pid_n,
                     D: tl.constexpr, I: tl.constexpr, E: tl.constexpr, K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACTIVATION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACTIVATION: tl.constexpr, STAGES: tl.constexpr):
     """h[row, n-block] = act(x[t] . gate rows) * (x[t] . up rows) of ``expert``, t = row // K;
     zeros for an expert outside [0, E) (whose weights are then never read)."""
     valid = (expert >= 0) & (expert < E)
@@ -74,7 +77,7 @@ def _decode_gate_up(x_ptr, w1_ptr, h_ptr, row, expert, pid_n,
     up_base = gate_base + I * D
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
         k_idx = k0 + kk
         k_ok = k_idx < D
         xv = tl.load(x_ptr + t * D + k_idx, mask=k_ok & valid, other=0.0).to(tl.float32)
@@ -94,13 +97,13 @@ def moe_decode_gate_up_kernel(
     x_ptr, w1_ptr, ids_ptr,
     h_ptr,
     D: tl.constexpr, I: tl.constexpr, E: tl.constexpr, K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACTIVATION: tl.constexpr, STAGES: tl.constexpr,
 ):
     """x [M, D], w1 [E, 2I, D], topk_ids [M, K] i32 -> h [M*K, I]; grid (M*K, cdiv(I, BLOCK_N))."""
     row = tl.program_id(0)
     expert = tl.load(ids_ptr + row)
     _decode_gate_up(x_ptr, w1_ptr, h_ptr, row, expert, tl.program_id(1), D, I, E, K, BLOCK_N, BLOCK_K,
-                    ACTIVATION)
+                    ACTIVATION, STAGES)
 
 
 @triton.jit
@@ -108,7 +111,7 @@ def moe_decode_route_gate_up_kernel(
     x_ptr, w1_ptr, logits_ptr, bias_ptr,
     h_ptr, weights_ptr, ids_ptr, scratch_weights_ptr, scratch_ids_ptr,
     D: tl.constexpr, I: tl.constexpr, E: tl.constexpr, K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACTIVATION: tl.constexpr, STAGES: tl.constexpr,
     E_POW2: tl.constexpr, K_POW2: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
     RENORMALIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, G_POW2: tl.constexpr,
     SCALE: tl.constexpr, GROUP_TOP2: tl.constexpr,
@@ -136,7 +139,7 @@ def moe_decode_route_gate_up_kernel(
         k_ok = kcol < K
         tl.store(weights_ptr + t * K + kcol, tl.load(scratch_weights_ptr + mine + kcol, mask=k_ok), mask=k_ok)
         tl.store(ids_ptr + t * K + kcol, tl.load(scratch_ids_ptr + mine + kcol, mask=k_ok), mask=k_ok)
-    _decode_gate_up(x_ptr, w1_ptr, h_ptr, row, expert, pid_n, D, I, E, K, BLOCK_N, BLOCK_K, ACTIVATION)
+    _decode_gate_up(x_ptr, w1_ptr, h_ptr, row, expert, pid_n, D, I, E, K, BLOCK_N, BLOCK_K, ACTIVATION, STAGES)
 
 
 @triton.jit
@@ -144,7 +147,7 @@ def moe_decode_down_kernel(
     h_ptr, w2_ptr, weights_ptr, ids_ptr,
     y_ptr,
     D: tl.constexpr, I: tl.constexpr, E: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     """h [M*K, I], w2 [E, D, I], topk_weights [M, K] f32, topk_ids [M, K] i32 -> y [M, D];
     grid (M, cdiv(D, BLOCK_D)).
@@ -167,7 +170,7 @@ def moe_decode_down_kernel(
     h_base = h_ptr + (t * K + j).to(tl.int64)[:, None] * I  # [K_POW2, 1]
     row_mask = valid[:, None, None] & d_ok[None, :, None]
     acc = tl.zeros((K_POW2, BLOCK_D, BLOCK_K), tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in tl.range(0, I, BLOCK_K, num_stages=STAGES):
         k_idx = k0 + kk
         k_ok = k_idx < I
         hv = tl.load(h_base + k_idx[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
