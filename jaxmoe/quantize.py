@@ -86,7 +86,10 @@ def _e8m0(s: jax.Array) -> jax.Array:
 
 
 def dequantize(w: QuantizedWeights) -> jax.Array:
-    """``w`` as fp32 ``[E, N, K]`` (the formulas of the module docstring)."""
+    """``w`` as fp32 ``[..., E, N, K]`` (the formulas of the module docstring; stacked layers
+    each dequantized alike)."""
+    if jnp.ndim(w.values) > 3:
+        return jax.vmap(dequantize)(w)
     spec = WEIGHT_SCHEMES[w.scheme]
     e, n, k = w.shape
     if w.scheme == "none":
@@ -120,7 +123,9 @@ def quantize_weights(w: Any, scheme: str, *, fp8_dtype: Any = None) -> Quantized
     """Quantize expert weights ``w [E, N, K]`` (float) to ``scheme``.
 
     Args:
-      w: ``[E, N, K]`` floating weights (``w1 [E, 2I, D]`` or ``w2 [E, D, I]``).
+      w: ``[E, N, K]`` floating weights (``w1 [E, 2I, D]`` or ``w2 [E, D, I]``), or several
+        layers' stacked along leading axes (``[L, E, N, K]``: each layer quantized alike,
+        the result stacked the same way).
       scheme: a key of :data:`jaxmoe.types.WEIGHT_SCHEMES` other than ``"none"``.
       fp8_dtype: for the fp8 schemes, ``float8_e4m3fn`` or ``float8_e4m3fnuz``; default the
         one the default platform multiplies (:func:`jaxmoe.backends.platform.fp8_dtype`).
@@ -142,19 +147,27 @@ def quantize_weights(w: Any, scheme: str, *, fp8_dtype: Any = None) -> Quantized
     shape, dtype = getattr(w, "shape", None), getattr(w, "dtype", None)
     if shape is None or dtype is None:
         raise TypeError(f"w must be an array, got {type(w).__name__}")
-    if len(shape) != 3:
-        raise ValueError(f"w must be [E, N, K] (3-D), got shape {list(shape)}")
+    if len(shape) < 3:
+        raise ValueError(f"w must be [E, N, K] (3-D; [L, E, N, K] for stacked layers), got shape {list(shape)}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"w must have a floating dtype, got {dtype}")
     spec = WEIGHT_SCHEMES[scheme]
-    if spec.packed and shape[2] % 2:
-        raise ValueError(f"scheme {scheme!r} packs two values a byte along K: w's K must be even, got {shape[2]}")
+    if spec.packed and shape[-1] % 2:
+        raise ValueError(f"scheme {scheme!r} packs two values a byte along K: w's K must be even, got {shape[-1]}")
     fp8 = None
     if scheme.startswith("fp8"):
         fp8 = platform.fp8_dtype() if fp8_dtype is None else jnp.dtype(fp8_dtype)
         if fp8.name not in FP8_DTYPES:
             raise TypeError(f"fp8_dtype must be one of {FP8_DTYPES}, got {fp8}")
-    values, scales, zero_points = _quantize_experts(jnp.asarray(w), scheme, None if fp8 is None else fp8.name)
+    fp8_name = None if fp8 is None else fp8.name
+    if len(shape) > 3:  # stacked layers: one at a time (each bounded in memory as below), stacked back
+        flat = jnp.asarray(w).reshape(-1, *shape[-3:])
+        parts = [_quantize_experts(flat[i], scheme, fp8_name) for i in range(flat.shape[0])]
+        values, scales, zero_points = (None if parts[0][j] is None else
+                                       jnp.stack([p[j] for p in parts]).reshape(*shape[:-3], *parts[0][j].shape)
+                                       for j in range(3))
+    else:
+        values, scales, zero_points = _quantize_experts(jnp.asarray(w), scheme, fp8_name)
     return QuantizedWeights(values=values, scales=scales, scheme=scheme, zero_points=zero_points)
 
 

@@ -80,7 +80,9 @@ class WeightScheme:
     a byte along K: element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high
     one). One scale covers ``group_n`` output channels (rows) times ``group_k`` input
     channels (None: the whole axis); ``scale_axes`` says which of ``(E, N, K)`` the scales
-    are indexed by. Zero points, where the scheme has them, have the scales' shape.
+    are indexed by. Zero points, where the scheme has them, have the scales' shape. Layers
+    stacked along leading axes (``[L, E, N, K]``, for ``jax.lax.scan`` or ``jax.vmap`` over
+    layers) carry the same leading axes on the scales and zero points.
     """
 
     name: str
@@ -97,18 +99,19 @@ class WeightScheme:
         return 4 if self.packed else 8 if self.scale_axes else 16
 
     def logical_shape(self, values_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """``[E, N, K]`` of the weights ``values_shape`` stores."""
-        e, n, k = values_shape
-        return (e, n, 2 * k) if self.packed else (e, n, k)
+        """``[..., E, N, K]`` of the weights ``values_shape`` (``[..., E, N, K or K / 2]``) stores."""
+        *lead, e, n, k = values_shape
+        return (*lead, e, n, 2 * k) if self.packed else (*lead, e, n, k)
 
     def expected_scales(self, values_shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        """The shape ``scales`` must have for ``values`` of ``values_shape`` (None: no scales)."""
+        """The shape ``scales`` must have for ``values`` of ``values_shape`` (None: no scales):
+        the leading (stacked-layer) axes, then the scheme's ``scale_axes``."""
         if not self.scale_axes:
             return None
-        e, n, k = self.logical_shape(values_shape)
+        *lead, e, n, k = self.logical_shape(values_shape)
         sizes = {"E": e, "N": -(-n // self.group_n) if self.group_n else 1,
                  "K": -(-k // self.group_k) if self.group_k else 1}
-        return tuple(sizes[a] for a in self.scale_axes)
+        return (*lead, *(sizes[a] for a in self.scale_axes))
 
 
 _FLOATS = ("float32", "bfloat16", "float16")
@@ -154,6 +157,10 @@ class QuantizedWeights:
     in ``[0, 15]`` per scale. Built from given values and scales it is validated: the dtypes
     must be ones the scheme stores, the scales (and zero points) the shape it prescribes.
     :meth:`dequantize` returns the weights in fp32; ``shape`` is the logical ``[E, N, K]``.
+    Several layers' weights may be stacked along leading axes (``values [L, E, N, K]``,
+    scales ``[L, ...]``; ``jax.tree.map(jnp.stack, *layers)`` builds one), for
+    ``jax.lax.scan`` or ``jax.vmap`` over layers, whose bodies see one layer's
+    ``[E, N, K]``; ``fused_moe`` and ``moe_layer`` take one layer's.
     See ``docs/quantization.md`` for each scheme's layout and math.
     """
 
@@ -169,8 +176,9 @@ class QuantizedWeights:
             return  # a pytree placeholder while jax rebuilds the tree (tree_map, transforms)
         spec = WEIGHT_SCHEMES[self.scheme]
         shape = tuple(self.values.shape)
-        if len(shape) != 3:
-            raise ValueError(f"QuantizedWeights.values must be [E, N, K] (3-D), got shape {list(shape)}")
+        if len(shape) < 3:
+            raise ValueError(f"QuantizedWeights.values must be [E, N, K] (3-D; [L, E, N, K] for stacked layers), "
+                             f"got shape {list(shape)}")
         if np.dtype(self.values.dtype).name not in spec.value_dtypes:
             raise TypeError(f"scheme {self.scheme!r} stores values as {', '.join(spec.value_dtypes)}; "
                             f"values have dtype {self.values.dtype}")
@@ -197,7 +205,8 @@ class QuantizedWeights:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The logical ``[E, N, K]`` (K is twice the stored width for 4-bit schemes)."""
+        """The logical ``[E, N, K]`` (K is twice the stored width for 4-bit schemes), after
+        any stacked-layer axes."""
         return WEIGHT_SCHEMES[self.scheme].logical_shape(tuple(self.values.shape))
 
     @property
@@ -206,7 +215,7 @@ class QuantizedWeights:
         return self.values.dtype
 
     def dequantize(self) -> jax.Array:
-        """The weights as fp32 ``[E, N, K]``."""
+        """The weights as fp32 ``[..., E, N, K]``."""
         from jaxmoe import quantize
 
         return quantize.dequantize(self)

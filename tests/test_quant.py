@@ -665,6 +665,44 @@ def test_moe_layer_with_quantized_params(rng):
         jaxmoe.moe_layer(params, x, top_k=2, act_quant="fp8")
 
 
+@pytest.mark.parametrize("scheme,act_quant", [("int4_zp", None), ("fp8_block", "fp8"), ("int8", "int8")])
+def test_stacked_quantized_layers_under_vmap_and_scan(rng, scheme, act_quant):
+    """Quantized layers stacked along a leading axis (``jax.tree.map(jnp.stack, ...)``, or
+    quantize_weights of the stacked floats) run under ``jax.vmap`` and ``jax.lax.scan`` over
+    layers through the kernels, each layer exactly as alone; fused_moe given the stack
+    itself says how to map over it."""
+    layers = [jaxmoe.init_moe_params(jax.random.key(int(rng.integers(1 << 30))), hidden=256, intermediate=128,
+                                     experts=4) for _ in range(3)]
+    qs = [{**p, "w1": jaxmoe.quantize_weights(p["w1"], scheme), "w2": jaxmoe.quantize_weights(p["w2"], scheme)}
+          for p in layers]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qs)
+    assert stacked["w1"].shape == (3, 4, 256, 256) and stacked["w1"].scheme == scheme
+    both = jaxmoe.quantize_weights(jnp.stack([p["w1"] for p in layers]), scheme)
+    for a, b in zip(jax.tree.leaves(both), jax.tree.leaves(stacked["w1"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(stacked["w1"].dequantize()),
+                                  np.stack([np.asarray(q["w1"].dequantize()) for q in qs]))
+
+    def layer(p, x):
+        return jaxmoe.moe_layer(p, x, top_k=2, act_quant=act_quant, implementation="triton")
+
+    x = randn(rng, (5, 256), BF16)
+    alone = np.stack([np.asarray(jax.jit(layer)(q, x)) for q in qs])
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(layer, in_axes=(0, None)))(stacked, x)), alone)
+    h = x
+    for q in qs:
+        h = jax.jit(lambda p, h: h + layer(p, h))(q, h)
+    scanned, _ = jax.jit(lambda s, x: jax.lax.scan(lambda h, p: (h + layer(p, h), None), x, s))(stacked, x)
+    np.testing.assert_array_equal(np.asarray(scanned), np.asarray(h))
+    assert np.isfinite(np.asarray(h, np.float32)).all() and float(jnp.abs(h - x).max()) > 0
+    with pytest.raises(ValueError, match="map over the leading axis"):
+        jaxmoe.fused_moe(x, stacked["w1"], stacked["w2"], jnp.ones((5, 2)), jnp.zeros((5, 2), jnp.int32),
+                         act_quant=act_quant)
+    with pytest.raises(ValueError, match="scales of shape"):  # the stack's scales must stack too
+        QuantizedWeights(values=stacked["w1"].values, scales=qs[0]["w1"].scales, scheme=scheme,
+                         zero_points=stacked["w1"].zero_points)
+
+
 # ----------------------------------------------------------------------------- quantize_weights
 
 

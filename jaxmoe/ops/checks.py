@@ -348,9 +348,12 @@ def check_experts_args(hidden_states: Any, w1: Any, w2: Any, *, layout: Any = "o
         raise ValueError(f"hidden_states must be [M, D] with D >= 1, got shape {list(xs)}")
     s1, s2 = _w_spec(layout, "w1"), _w_spec(layout, "w2")
     w1s, w1d = _weights_shape_dtype("w1", w1, xd)
-    _require_ndim("w1", w1s, 3, s1)
     w2s, w2d = _weights_shape_dtype("w2", w2, xd)
-    _require_ndim("w2", w2s, 3, s2)
+    for name, shape, spec in (("w1", w1s, s1), ("w2", w2s, s2)):
+        if len(shape) > 3:
+            raise ValueError(f"{name} must be one layer's {spec} (3-D), got shape {list(shape)}: for weights "
+                             f"stacked over layers, map over the leading axis (jax.lax.scan or jax.vmap)")
+        _require_ndim(name, shape, 3, spec)
     for name, dt in (("w1", w1d), ("w2", w2d)):
         if dt != xd:
             raise TypeError(f"{name} must have the dtype of hidden_states ({xd}), got {dt}")
