@@ -183,7 +183,7 @@ def moe_layer(
         ``w1``/``w2``, :class:`~jaxmoe.QuantizedWeights` from :func:`jaxmoe.quantize_weights`);
         leading dims are flattened into tokens and restored.
       act_quant: None, ``"fp8"`` or ``"int8"``: activations rounded per token inside the
-        kernels, see :func:`jaxmoe.fused_moe`. Not with a mesh.
+        kernels, see :func:`jaxmoe.fused_moe`. On a mesh: not with a ``tensor_axis``.
       top_k, scoring, renormalize, num_expert_group, topk_group, correction_bias,
         routed_scaling_factor, group_scoring: routing options, see :func:`jaxmoe.route`.
       activation: ``"silu"``, ``"gelu"``, ``"clamped_swiglu"`` or a :class:`~jaxmoe.ClampedSwiGLU`,
@@ -219,8 +219,9 @@ def moe_layer(
       and applied to each device's own tokens, and ``return_routing`` gives each device's
       tokens' routing, sharded like the output; expert biases are sharded like the
       weights, a router bias replicated, and every activation (the clamped SwiGLU too) is
-      taken. The mesh path takes no ``layout`` other than ``"out_in"`` and no quantized
-      weights or ``act_quant`` yet.
+      taken. Quantized weights have each of their arrays sharded over ``expert_axis`` on
+      the leading ``E`` and, like ``act_quant``, take no ``tensor_axis`` yet. The mesh path
+      takes no ``layout`` other than ``"out_in"``.
 
     Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
     ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
@@ -240,9 +241,12 @@ def moe_layer(
         from jaxmoe.parallel.layer import sharded_moe_layer
         from jaxmoe.types import QuantizedWeights
 
-        if act_quant is not None or any(isinstance(params.get(n), QuantizedWeights) for n in ("w1", "w2")):
-            raise NotImplementedError("moe_layer(mesh=...) takes neither quantized weights nor act_quant yet; "
-                                      "run them without a mesh")
+        quantized = any(isinstance(params.get(n), QuantizedWeights) and params[n].scheme != "none"
+                        for n in ("w1", "w2")) if isinstance(params, dict) else False
+        if (quantized or act_quant is not None) and tensor_axis is not None:
+            raise NotImplementedError("moe_layer(mesh=...) shards quantized weights and act_quant over the expert "
+                                      "and data axes only, not over tensor_axis yet: drop tensor_axis (give its "
+                                      "devices to expert_axis or data_axis), or run unquantized weights")
 
         if layout != "out_in":
             raise NotImplementedError(f"moe_layer(mesh=...) takes only layout='out_in' yet, got layout={layout!r}; "
@@ -257,7 +261,7 @@ def moe_layer(
                                  renormalize=renormalize, activation=activation, implementation=implementation,
                                  num_expert_group=num_expert_group, topk_group=topk_group,
                                  correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-                                 group_scoring=group_scoring, return_routing=return_routing)
+                                 group_scoring=group_scoring, return_routing=return_routing, act_quant=act_quant)
     if expert_axis is not None or tensor_axis is not None or data_axis is not None or schedule is not None:
         raise ValueError("expert_axis, tensor_axis, data_axis and schedule need a mesh (mesh=...)")
     check_implementation(implementation)

@@ -439,6 +439,83 @@ def triton_interpreter_grads_ep2_tp2():
     return "; ".join(out)
 
 
+# --------------------------------------------------------------------------- quantized weights and act_quant
+
+QUANT_CASES = (("fp8", "fp8"), ("fp8_tensor", None), ("fp8_block", "fp8"), ("int8", "int8"), ("int4", None),
+               ("int4_zp", None), ("mxfp4", None))
+
+
+def _quantized(params, scheme):
+    return {**params, "w1": jaxmoe.quantize_weights(params["w1"], scheme),
+            "w2": jaxmoe.quantize_weights(params["w2"], scheme)}
+
+
+@case
+def quantized_ep_dp_every_scheme():
+    """Every weight scheme (with act_quant where it has one) over dp=2 x ep=4 and over ep=8
+    (one local expert, fewer than top_k), both schedules, the weights as given and as
+    placed by shard_params (every array of them split over the expert axis): each token
+    computed exactly as on one device."""
+    params, x = _layer(dict(MIXTRAL, hidden=128, intermediate=128), 24, seed=70)
+    out = []
+    for scheme, act in QUANT_CASES:
+        q = _quantized(params, scheme)
+        want = jaxmoe.moe_layer(q, x, top_k=2, act_quant=act, implementation="reference")
+        errs = []
+        for shape, names, axes, schedules in (
+                ((2, 4), ("dp", "ep"), dict(expert_axis="ep", data_axis="dp"), ("allgather", "all_to_all")),
+                ((8,), ("ep",), dict(expert_axis="ep"), ("all_to_all",))):
+            mesh = _mesh(shape, names)
+            placed = jaxmoe.parallel.shard_params(q, mesh, expert_axis="ep")
+            for leaf in jax.tree.leaves(placed["w1"]) + jax.tree.leaves(placed["w2"]):
+                assert leaf.sharding.spec == P("ep"), (scheme, leaf.sharding.spec)
+            for weights in (q, placed):
+                for schedule in schedules:
+                    got = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, act_quant=act, mesh=mesh,
+                                                               schedule=schedule, implementation="reference",
+                                                               **axes))(weights, x)
+                    errs.append(_rel(got, want))
+        assert max(errs) <= 1e-6, (scheme, errs)
+        out.append(f"{scheme}{'+a' + act if act else ''}: max rel err {max(errs):.0e}")
+    return "; ".join(out)
+
+
+@case
+def quantized_triton_interpreter_ep2():
+    """int4 weights and fp8 w8a8 through the interpreted Triton kernels inside shard_map
+    (ep=2): equal to the kernels on one device."""
+    params, x = _layer(dict(MIXTRAL, hidden=256, intermediate=128), 16, seed=72)
+    out = []
+    for scheme, act in (("int4", None), ("fp8", "fp8")):
+        q = _quantized(params, scheme)
+        want = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, act_quant=act, implementation="triton"))(q, x)
+        got = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, act_quant=act, mesh=_mesh((2,), ("ep",)),
+                                                   expert_axis="ep", schedule="all_to_all",
+                                                   implementation="triton"))(q, x)
+        err = _rel(got, want)
+        assert err <= 1e-6 and np.isfinite(np.asarray(got)).all(), (scheme, err)
+        out.append(f"{scheme}: rel err {err:.0e}")
+    return "; ".join(out)
+
+
+@case
+def quantized_tensor_axis_is_refused():
+    import pytest
+
+    params, x = _layer(dict(MIXTRAL, hidden=256, intermediate=128), 8, seed=74)
+    q = _quantized(params, "fp8")
+    mesh = _mesh((4, 2), ("ep", "tp"))
+    with pytest.raises(NotImplementedError, match="not over tensor_axis"):
+        jaxmoe.moe_layer(q, x, top_k=2, act_quant="fp8", mesh=mesh, expert_axis="ep", tensor_axis="tp")
+    with pytest.raises(NotImplementedError, match="not over tensor_axis"):
+        jaxmoe.moe_layer(params, x, top_k=2, act_quant="fp8", mesh=mesh, expert_axis="ep", tensor_axis="tp")
+    with pytest.raises(NotImplementedError, match="tensor_axis='tp'"):
+        jaxmoe.parallel.shard_params(q, mesh, expert_axis="ep", tensor_axis="tp")
+    with pytest.raises(ValueError, match="act_quant"):  # act_quant without 8-bit weights, as on one device
+        jaxmoe.moe_layer(params, x, top_k=2, act_quant="fp8", mesh=_mesh((4,), ("ep",)), expert_axis="ep")
+    return "4 error cases"
+
+
 # --------------------------------------------------------------------------- errors, before tracing
 
 @case

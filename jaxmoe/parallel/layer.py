@@ -15,6 +15,13 @@ The router is replicated, so every token is routed over all ``E`` experts exactl
 one device. With a tensor axis of ``tp`` devices each device holds, of every local expert,
 ``I / tp`` gate rows and the matching ``I / tp`` up rows of ``w1`` (and those columns of
 ``w2``): its partial output is a sum over its slice of the intermediate dim.
+
+Quantized ``w1``/``w2`` (:class:`~jaxmoe.QuantizedWeights`) and ``act_quant`` go over the
+expert and data axes: every array of the weights (values, scales, zero points) is split
+over the expert axis on its leading ``E``, so each device runs its local experts' stored
+bytes, and each token is rounded (``act_quant``) from its whole row as on one device. Not
+over a tensor axis yet (its share of ``I`` would cut scale groups and the per-token
+rounding of ``h``).
 """
 
 from __future__ import annotations
@@ -33,12 +40,28 @@ from jaxmoe.ops.routing import route
 from jaxmoe.parallel import comm
 from jaxmoe.parallel.dispatch import combine, dispatch, plan_dispatch
 from jaxmoe.parallel.mesh import MeshAxes, place, resolve_axes
+from jaxmoe.types import QuantizedWeights
 
 __all__ = ["sharded_moe_layer", "shard_params", "check_sharded_layer_args"]
 
 
+def _quantized(w: Any) -> bool:
+    return isinstance(w, QuantizedWeights) and w.scheme != "none"
+
+
+def _expert_specs(w: Any, expert: str | None) -> Any:
+    """Quantized weights' specs: every array (values, scales, zero points) split over the
+    expert axis on its leading E."""
+    return jax.tree.map(lambda _: P(expert), w)
+
+
 def _split_w1(w1: Any) -> Any:
-    """``w1`` in the split layout ``[E, 2, I, D]`` (gate rows, up rows), a view of ``[E, 2I, D]``."""
+    """``w1`` in the split layout ``[E, 2, I, D]`` (gate rows, up rows), a view of ``[E, 2I, D]``;
+    quantized weights as they are (they are not split over a tensor axis)."""
+    if _quantized(w1):
+        return w1
+    if isinstance(w1, QuantizedWeights):  # scheme "none": the stored array
+        w1 = w1.values
     if w1.ndim == 4:
         return w1
     e, two_i, d = w1.shape
@@ -46,7 +69,7 @@ def _split_w1(w1: Any) -> Any:
 
 
 def check_sharded_layer_args(params: Any, x: Any, top_k: Any, axes: MeshAxes, schedule: Any, *, activation: str,
-                             **routing: Any) -> tuple[int, int, int]:
+                             act_quant: Any = None, **routing: Any) -> tuple[int, int, int]:
     """Check everything before tracing; returns ``(D, E, I)``.
 
     ``params['w1']`` may be ``[E, 2I, D]`` or its split view ``[E, 2, I, D]``.
@@ -55,7 +78,7 @@ def check_sharded_layer_args(params: Any, x: Any, top_k: Any, axes: MeshAxes, sc
         raise TypeError("params must be a dict with keys 'router', 'w1', 'w2' (see jaxmoe.init_moe_params)")
     w1 = params["w1"]
     shape = tuple(getattr(w1, "shape", ()))
-    if len(shape) == 4:
+    if len(shape) == 4 and not isinstance(w1, QuantizedWeights):
         if shape[1] != 2:
             raise ValueError(f"params['w1'] must be [E, 2I, D] or its split view [E, 2, I, D], got {list(shape)}")
         flat = {**params, "w1": jax.ShapeDtypeStruct((shape[0], 2 * shape[2], shape[3]), w1.dtype)}
@@ -65,8 +88,17 @@ def check_sharded_layer_args(params: Any, x: Any, top_k: Any, axes: MeshAxes, sc
     w2s = tuple(getattr(params["w2"], "shape", ()))
     if w2s != (e, d, i):
         raise ValueError(f"params['w2'] must be [E, D, I] = {[e, d, i]}, got {list(w2s)}")
-    if jnp.dtype(params["w2"].dtype) != jnp.dtype(w1.dtype):
+    if _quantized(w1) or _quantized(params["w2"]):
+        if axes.tp > 1:
+            raise NotImplementedError("quantized weights are sharded over the expert and data axes only, not over "
+                                      f"tensor_axis={axes.tensor!r} yet")
+    elif jnp.dtype(params["w2"].dtype) != jnp.dtype(w1.dtype):
         raise TypeError(f"params['w2'] must have the dtype of params['w1'] ({w1.dtype}), got {params['w2'].dtype}")
+    checks.check_act_quant(act_quant, params["w1"], params["w2"], jnp.asarray(x).dtype,
+                           ("params['w1']", "params['w2']"))
+    if act_quant is not None and axes.tp > 1:
+        raise NotImplementedError(f"act_quant is sharded over the expert and data axes only, not over "
+                                  f"tensor_axis={axes.tensor!r} yet")
     checks.check_route_args(jax.ShapeDtypeStruct((1, e), jnp.float32), top_k, **routing)
     checks.check_activation(activation)
     if e % axes.ep:
@@ -90,13 +122,19 @@ def shard_params(params: dict[str, Any], mesh: Any, *, expert_axis: str | None =
     ``b2 [E, D]`` sharded P(expert_axis), everything else (``router_bias``, shared experts,
     ``shared_gate``) replicated. ``w1`` comes in its split view (``w1.reshape(E, 2, I, D)``)
     because no sharding of ``[E, 2I, D]`` gives each tensor-parallel device its gate rows
-    and its up rows together; ``moe_layer`` takes either form.
+    and its up rows together; ``moe_layer`` takes either form. Quantized ``w1``/``w2``
+    stay :class:`~jaxmoe.QuantizedWeights`, each of their arrays sharded P(expert_axis) on
+    its leading E (no tensor axis: NotImplementedError).
     """
     axes = resolve_axes(mesh, expert_axis, tensor_axis, None) if (expert_axis or tensor_axis) else None
     if axes is None:
         axes = MeshAxes(mesh)
     w1 = _split_w1(params["w1"])
-    e, i = w1.shape[0], w1.shape[2]
+    quantized = _quantized(w1) or _quantized(params["w2"])
+    if quantized and axes.tp > 1:
+        raise NotImplementedError("quantized weights are sharded over the expert axis only, not over "
+                                  f"tensor_axis={tensor_axis!r} yet")
+    e, i = (w1.shape[0], w1.shape[1] // 2) if quantized else (w1.shape[0], w1.shape[2])
     if e % axes.ep:
         raise ValueError(f"the {e} experts cannot be split evenly over expert_axis={expert_axis!r} of {axes.ep} devices")
     if i % axes.tp:
@@ -106,8 +144,13 @@ def shard_params(params: dict[str, Any], mesh: Any, *, expert_axis: str | None =
     def put(a, spec):
         return jax.device_put(a, NamedSharding(mesh, spec))
 
-    placed = {"router": put(params["router"], P()), "w1": put(w1, axes.w1_spec),
-              "w2": put(params["w2"], axes.w2_spec)}
+    if quantized:
+        placed = {"router": put(params["router"], P())}
+        for name, w in (("w1", w1), ("w2", params["w2"])):
+            placed[name] = jax.tree.map(put, w, _expert_specs(w, axes.expert))
+    else:
+        placed = {"router": put(params["router"], P()), "w1": put(w1, axes.w1_spec),
+                  "w2": put(params["w2"], axes.w2_spec)}
     for name, value in params.items():
         if name not in placed and value is not None:
             spec = P(axes.expert) if name in ("b1", "b2") else P()
@@ -121,7 +164,8 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
                       implementation: Any = None, num_expert_group: int | None = None,
                       topk_group: int | None = None, correction_bias: Any = None,
                       routed_scaling_factor: Any = 1.0, group_scoring: str | None = None,
-                      return_routing: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+                      return_routing: bool = False, act_quant: str | None = None
+                      ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`jaxmoe.moe_layer` on ``mesh``; see there for the arguments and the result.
 
     Shared experts (``params["shared"]``, ``params["shared_gate"]``) are replicated on every
@@ -131,6 +175,7 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
     over the expert axis, added by the first device of each tensor group only, so the sum
     over the tensor axis holds it once); a router bias is replicated.
     ``return_routing`` returns the routing of each device's own tokens, sharded as ``y``.
+    Quantized weights and ``act_quant``: over the expert and data axes (module docstring).
     """
     from jaxmoe.layer import _check_shared
 
@@ -139,9 +184,10 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
     routing = dict(scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, correction_bias=correction_bias,
                    routed_scaling_factor=routed_scaling_factor, group_scoring=group_scoring)
-    d, e, i = check_sharded_layer_args(params, x, top_k, axes, schedule, activation=activation, **routing)
+    d, e, i = check_sharded_layer_args(params, x, top_k, axes, schedule, activation=activation,
+                                       act_quant=act_quant, **routing)
     activation = checks.resolve_activation(activation)
-    _check_shared(params, d, params["w1"].dtype)
+    _check_shared(params, d, jnp.asarray(x).dtype if _quantized(params["w1"]) else params["w1"].dtype)
     if not isinstance(return_routing, bool):
         raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
     x = jnp.asarray(x)
@@ -163,7 +209,13 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
     # Arrays travel as explicit arguments; static routing options stay in the closure.
     static_scale = isinstance(routed_scaling_factor, numbers.Real)
     arrays = {"x": x2d, "router": params["router"], "w1": _split_w1(params["w1"]), "w2": params["w2"]}
-    specs = {"x": axes.token_spec, "router": P(), "w1": axes.w1_spec, "w2": axes.w2_spec}
+    if _quantized(arrays["w1"]) or _quantized(arrays["w2"]):
+        specs = {"x": axes.token_spec, "router": P(), "w1": _expert_specs(arrays["w1"], axes.expert),
+                 "w2": _expert_specs(arrays["w2"], axes.expert)}
+    else:
+        if isinstance(arrays["w2"], QuantizedWeights):  # scheme "none": the stored array
+            arrays["w2"] = arrays["w2"].values
+        specs = {"x": axes.token_spec, "router": P(), "w1": axes.w1_spec, "w2": axes.w2_spec}
     if correction_bias is not None:
         arrays["bias"], specs["bias"] = jnp.asarray(correction_bias), P()
     if params.get("router_bias") is not None:
@@ -182,7 +234,7 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
     arrays = jax.tree.map(lambda v, spec: place(v, mesh, spec), arrays, specs)
     options = dict(top_k=top_k, scoring=scoring, renormalize=renormalize, num_expert_group=num_expert_group,
                    topk_group=topk_group, group_scoring=group_scoring, activation=activation,
-                   implementation=implementation, return_routing=return_routing)
+                   implementation=implementation, return_routing=return_routing, act_quant=act_quant)
 
     def body(a: dict[str, Any]) -> Any:
         return _local_layer(a, axes, schedule, e, static_scale and routed_scaling_factor, **options)
@@ -203,12 +255,13 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
 def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_experts: int, static_scale: Any, *,
                  top_k: int, scoring: str, renormalize: bool, num_expert_group: int | None,
                  topk_group: int | None, group_scoring: str | None, activation: Any, implementation: Any,
-                 return_routing: bool) -> Any:
+                 return_routing: bool, act_quant: str | None = None) -> Any:
     """One device's part of the layer (inside shard_map): ``x [T, D]`` to ``y [T, D]`` (and,
     with ``return_routing``, the routing of those ``T`` tokens)."""
     e_loc = num_experts // axes.ep
     w1 = a["w1"]
-    w1 = w1.reshape(w1.shape[0], -1, w1.shape[-1])  # [E_loc, 2 * I/tp, D]: this device's gate rows, then up rows
+    if not isinstance(w1, QuantizedWeights):  # quantized: [E_loc, 2I, D] as stored
+        w1 = w1.reshape(w1.shape[0], -1, w1.shape[-1])  # [E_loc, 2 * I/tp, D]: this device's gate rows, then up rows
     first = 0 if axes.expert is None else jax.lax.axis_index(axes.expert) * e_loc
     scale = a["scale"] if "scale" in a else static_scale
     b1 = a.get("b1")
@@ -231,11 +284,11 @@ def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_exp
         k = local_ids.shape[1]
         if k <= e_loc:
             return fused_moe(x, w1, a["w2"], weights, local_ids, activation=activation, b1=b1, b2=b2,
-                             implementation=implementation)
+                             act_quant=act_quant, implementation=implementation)
         # More slots than local experts (the op takes k <= E): one row per (token, slot), which
         # rounds each slot's row as the op does, then the op's fp32 sum over the slots.
         rows = fused_moe(jnp.repeat(x, k, axis=0), w1, a["w2"], weights.reshape(-1, 1), local_ids.reshape(-1, 1),
-                         activation=activation, b1=b1, b2=b2, implementation=implementation)
+                         activation=activation, b1=b1, b2=b2, act_quant=act_quant, implementation=implementation)
         return rows.reshape(-1, k, rows.shape[-1]).astype(jnp.float32).sum(axis=1).astype(x.dtype)
 
     x = a["x"]
