@@ -183,7 +183,8 @@ def moe_layer(
         ``w1``/``w2``, :class:`~jaxmoe.QuantizedWeights` from :func:`jaxmoe.quantize_weights`);
         leading dims are flattened into tokens and restored.
       act_quant: None, ``"fp8"`` or ``"int8"``: activations rounded per token inside the
-        kernels, see :func:`jaxmoe.fused_moe`. On a mesh: not with a ``tensor_axis``.
+        kernels, see :func:`jaxmoe.fused_moe` (on a mesh with a ``tensor_axis``, ``h``
+        per token from each device's slice of it: ``docs/parallel.md``).
       top_k, scoring, renormalize, num_expert_group, topk_group, correction_bias,
         routed_scaling_factor, group_scoring: routing options, see :func:`jaxmoe.route`.
       activation: ``"silu"``, ``"gelu"``, ``"clamped_swiglu"`` or a :class:`~jaxmoe.ClampedSwiGLU`,
@@ -219,9 +220,8 @@ def moe_layer(
       and applied to each device's own tokens, and ``return_routing`` gives each device's
       tokens' routing, sharded like the output; expert biases are sharded like the
       weights, a router bias replicated, and every activation (the clamped SwiGLU too) is
-      taken. Quantized weights have each of their arrays sharded over ``expert_axis`` on
-      the leading ``E`` and, like ``act_quant``, take no ``tensor_axis`` yet. The mesh path
-      takes no ``layout`` other than ``"out_in"``.
+      taken. Quantized weights are sharded array by array as the weights they stand for
+      (``docs/parallel.md``). The mesh path takes no ``layout`` other than ``"out_in"``.
 
     Returns an array of ``x``'s shape and dtype; on a mesh, sharded over the token axes when
     ``x`` is ``[M, D]`` with ``M`` a multiple of the token shards, else replicated. The logits are
@@ -239,14 +239,6 @@ def moe_layer(
     """
     if mesh is not None:
         from jaxmoe.parallel.layer import sharded_moe_layer
-        from jaxmoe.types import QuantizedWeights
-
-        quantized = any(isinstance(params.get(n), QuantizedWeights) and params[n].scheme != "none"
-                        for n in ("w1", "w2")) if isinstance(params, dict) else False
-        if (quantized or act_quant is not None) and tensor_axis is not None:
-            raise NotImplementedError("moe_layer(mesh=...) shards quantized weights and act_quant over the expert "
-                                      "and data axes only, not over tensor_axis yet: drop tensor_axis (give its "
-                                      "devices to expert_axis or data_axis), or run unquantized weights")
 
         if layout != "out_in":
             raise NotImplementedError(f"moe_layer(mesh=...) takes only layout='out_in' yet, got layout={layout!r}; "

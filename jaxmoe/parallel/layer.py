@@ -16,12 +16,16 @@ one device. With a tensor axis of ``tp`` devices each device holds, of every loc
 ``I / tp`` gate rows and the matching ``I / tp`` up rows of ``w1`` (and those columns of
 ``w2``): its partial output is a sum over its slice of the intermediate dim.
 
-Quantized ``w1``/``w2`` (:class:`~jaxmoe.QuantizedWeights`) and ``act_quant`` go over the
-expert and data axes: every array of the weights (values, scales, zero points) is split
-over the expert axis on its leading ``E``, so each device runs its local experts' stored
-bytes, and each token is rounded (``act_quant``) from its whole row as on one device. Not
-over a tensor axis yet (its share of ``I`` would cut scale groups and the per-token
-rounding of ``h``).
+Quantized ``w1``/``w2`` (:class:`~jaxmoe.QuantizedWeights`) are sharded array by array
+(values, scales, zero points) as the weights they stand for: over the expert axis on the
+leading ``E``; over a tensor axis, ``w1``'s values and its per-row scales in the split view
+(``[E, 2, I, K]``, scales ``[E, 2, I / group_n, ...]``; a per-expert scale repeated for the
+two halves, ``[E, 2]``) on the ``I`` part, ``w2``'s values and its K-group scales on ``I``,
+its per-row scales (one per output channel ``D``) replicated. The tensor axis needs whole
+scale groups per device (``I / tp`` a multiple of each group along ``I``, and even for the
+4-bit schemes). ``act_quant`` rounds ``x`` from its whole row, as on one device, and ``h``
+per token from the device's ``I / tp`` slice of it (per 128 channels for ``fp8_block``:
+the same groups as on one device where ``I / tp`` is a multiple of 128).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from jaxmoe.ops.routing import route
 from jaxmoe.parallel import comm
 from jaxmoe.parallel.dispatch import combine, dispatch, plan_dispatch
 from jaxmoe.parallel.mesh import MeshAxes, place, resolve_axes
-from jaxmoe.types import QuantizedWeights
+from jaxmoe.types import WEIGHT_SCHEMES, QuantizedWeights
 
 __all__ = ["sharded_moe_layer", "shard_params", "check_sharded_layer_args"]
 
@@ -49,17 +53,83 @@ def _quantized(w: Any) -> bool:
     return isinstance(w, QuantizedWeights) and w.scheme != "none"
 
 
-def _expert_specs(w: Any, expert: str | None) -> Any:
-    """Quantized weights' specs: every array (values, scales, zero points) split over the
-    expert axis on its leading E."""
-    return jax.tree.map(lambda _: P(expert), w)
+def _has_n_scales(scheme: str) -> bool:
+    return "N" in WEIGHT_SCHEMES[scheme].scale_axes
 
 
-def _split_w1(w1: Any) -> Any:
-    """``w1`` in the split layout ``[E, 2, I, D]`` (gate rows, up rows), a view of ``[E, 2I, D]``;
-    quantized weights as they are (they are not split over a tensor axis)."""
-    if _quantized(w1):
+def _q_split_w1(w1: QuantizedWeights) -> QuantizedWeights:
+    """Quantized ``w1 [E, 2I, K]`` in the split view ``[E, 2, I, K]``: the values, and the
+    scales and zero points along ``N`` (``[E, 2, I / group_n, ...]``; a per-expert scale
+    repeated for the two halves, ``[E, 2]``). A QuantizedWeights with ``E`` as a leading
+    axis, so it validates as one."""
+    if jnp.ndim(w1.values) == 4:
         return w1
+    e, two_i = w1.values.shape[:2]
+
+    def split(a):
+        if a is None:
+            return None
+        if _has_n_scales(w1.scheme):
+            return a.reshape(e, 2, a.shape[1] // 2, *a.shape[2:])
+        return jnp.broadcast_to(a[:, None], (e, 2))
+
+    return QuantizedWeights(values=w1.values.reshape(e, 2, two_i // 2, w1.values.shape[-1]),
+                            scales=split(w1.scales), scheme=w1.scheme, zero_points=split(w1.zero_points))
+
+
+def _q_merge_w1(w1: QuantizedWeights) -> QuantizedWeights:
+    """The split view of :func:`_q_split_w1` back as ``[E, 2I, K]`` (a device's local part:
+    its gate rows, then its up rows)."""
+    if jnp.ndim(w1.values) == 3:
+        return w1
+    e = w1.values.shape[0]
+
+    def merge(a):
+        if a is None:
+            return None
+        return a.reshape(e, -1, *a.shape[3:]) if _has_n_scales(w1.scheme) else a[:, 0]
+
+    return QuantizedWeights(values=w1.values.reshape(e, -1, w1.values.shape[-1]), scales=merge(w1.scales),
+                            scheme=w1.scheme, zero_points=merge(w1.zero_points))
+
+
+def _q_specs(w: QuantizedWeights, axes: MeshAxes, which: str) -> QuantizedWeights:
+    """PartitionSpecs of quantized ``w1`` (its split view) or ``w2``, array by array."""
+    ex, tp = axes.expert, axes.tensor
+    spec = WEIGHT_SCHEMES[w.scheme]
+    if which == "w1" and jnp.ndim(w.values) == 3:  # not split: no tensor axis
+        return jax.tree.map(lambda _: P(ex), w)
+    if which == "w1":
+        values = P(ex, None, tp, None)
+        scales = P(ex, None, tp, *[None] * (len(spec.scale_axes) - 2)) if _has_n_scales(w.scheme) else P(ex, None)
+    else:
+        values = P(ex, None, tp)
+        scales = P(ex, None, tp) if "K" in spec.scale_axes else P(ex, *[None] * (len(spec.scale_axes) - 1))
+    return QuantizedWeights(values=values, scales=scales if w.scales is not None else None, scheme=w.scheme,
+                            zero_points=scales if w.zero_points is not None else None)
+
+
+def _check_quantized_tensor_split(w1: QuantizedWeights, w2: QuantizedWeights, i: int, axes: MeshAxes) -> None:
+    """Each tensor-parallel device must get whole scale groups (and whole bytes) of ``I``."""
+    if axes.tp == 1:
+        return
+    for name, w, group in (("w1", w1, WEIGHT_SCHEMES[w1.scheme].group_n if _has_n_scales(w1.scheme) else None),
+                           ("w2", w2, WEIGHT_SCHEMES[w2.scheme].group_k
+                            if "K" in WEIGHT_SCHEMES[w2.scheme].scale_axes else None)):
+        packed = name == "w2" and WEIGHT_SCHEMES[w.scheme].packed  # w2's 4-bit values pack two of I a byte
+        need = max(group or 1, 2 if packed else 1)
+        if (i // axes.tp) % need:
+            raise ValueError(f"{name} ({w.scheme}) over tensor_axis={axes.tensor!r} of {axes.tp} devices needs "
+                             f"I / tp = {i // axes.tp} to be a multiple of {need} (whole scale groups"
+                             f"{' and bytes' if packed else ''} per device)")
+
+
+def _split_w1(w1: Any, tensor: bool = True) -> Any:
+    """``w1`` in the split layout ``[E, 2, I, D]`` (gate rows, up rows), a view of ``[E, 2I, D]``
+    (quantized: :func:`_q_split_w1`, only for a ``tensor`` axis of more than one device:
+    without one, quantized ``w1`` keeps ``[E, 2I, K]``, whatever its scale groups)."""
+    if _quantized(w1):
+        return _q_split_w1(w1) if tensor else w1
     if isinstance(w1, QuantizedWeights):  # scheme "none": the stored array
         w1 = w1.values
     if w1.ndim == 4:
@@ -78,7 +148,11 @@ def check_sharded_layer_args(params: Any, x: Any, top_k: Any, axes: MeshAxes, sc
         raise TypeError("params must be a dict with keys 'router', 'w1', 'w2' (see jaxmoe.init_moe_params)")
     w1 = params["w1"]
     shape = tuple(getattr(w1, "shape", ()))
-    if len(shape) == 4 and not isinstance(w1, QuantizedWeights):
+    if _quantized(w1) and len(shape) == 4:  # the split view [E, 2, I, D]
+        if shape[1] != 2:
+            raise ValueError(f"params['w1'] must be [E, 2I, D] or its split view [E, 2, I, D], got {list(shape)}")
+        flat = {**params, "w1": _q_merge_w1(w1)}
+    elif len(shape) == 4 and not isinstance(w1, QuantizedWeights):
         if shape[1] != 2:
             raise ValueError(f"params['w1'] must be [E, 2I, D] or its split view [E, 2, I, D], got {list(shape)}")
         flat = {**params, "w1": jax.ShapeDtypeStruct((shape[0], 2 * shape[2], shape[3]), w1.dtype)}
@@ -89,16 +163,13 @@ def check_sharded_layer_args(params: Any, x: Any, top_k: Any, axes: MeshAxes, sc
     if w2s != (e, d, i):
         raise ValueError(f"params['w2'] must be [E, D, I] = {[e, d, i]}, got {list(w2s)}")
     if _quantized(w1) or _quantized(params["w2"]):
-        if axes.tp > 1:
-            raise NotImplementedError("quantized weights are sharded over the expert and data axes only, not over "
-                                      f"tensor_axis={axes.tensor!r} yet")
+        if not (_quantized(w1) and _quantized(params["w2"])):
+            raise TypeError("on a mesh, w1 and w2 must both be quantized or neither")
+        _check_quantized_tensor_split(flat["w1"], params["w2"], w2s[2], axes)
     elif jnp.dtype(params["w2"].dtype) != jnp.dtype(w1.dtype):
         raise TypeError(f"params['w2'] must have the dtype of params['w1'] ({w1.dtype}), got {params['w2'].dtype}")
-    checks.check_act_quant(act_quant, params["w1"], params["w2"], jnp.asarray(x).dtype,
+    checks.check_act_quant(act_quant, flat["w1"], params["w2"], jnp.asarray(x).dtype,
                            ("params['w1']", "params['w2']"))
-    if act_quant is not None and axes.tp > 1:
-        raise NotImplementedError(f"act_quant is sharded over the expert and data axes only, not over "
-                                  f"tensor_axis={axes.tensor!r} yet")
     checks.check_route_args(jax.ShapeDtypeStruct((1, e), jnp.float32), top_k, **routing)
     checks.check_activation(activation)
     if e % axes.ep:
@@ -123,18 +194,21 @@ def shard_params(params: dict[str, Any], mesh: Any, *, expert_axis: str | None =
     ``shared_gate``) replicated. ``w1`` comes in its split view (``w1.reshape(E, 2, I, D)``)
     because no sharding of ``[E, 2I, D]`` gives each tensor-parallel device its gate rows
     and its up rows together; ``moe_layer`` takes either form. Quantized ``w1``/``w2``
-    stay :class:`~jaxmoe.QuantizedWeights`, each of their arrays sharded P(expert_axis) on
-    its leading E (no tensor axis: NotImplementedError).
+    stay :class:`~jaxmoe.QuantizedWeights`, ``w1`` in its split view too, each array
+    sharded as the module docstring says.
     """
     axes = resolve_axes(mesh, expert_axis, tensor_axis, None) if (expert_axis or tensor_axis) else None
     if axes is None:
         axes = MeshAxes(mesh)
-    w1 = _split_w1(params["w1"])
-    quantized = _quantized(w1) or _quantized(params["w2"])
-    if quantized and axes.tp > 1:
-        raise NotImplementedError("quantized weights are sharded over the expert axis only, not over "
-                                  f"tensor_axis={tensor_axis!r} yet")
-    e, i = (w1.shape[0], w1.shape[1] // 2) if quantized else (w1.shape[0], w1.shape[2])
+    quantized = _quantized(params["w1"]) or _quantized(params["w2"])
+    if quantized:
+        flat = _q_merge_w1(params["w1"])
+        e, i = flat.shape[0], flat.shape[1] // 2
+        _check_quantized_tensor_split(flat, params["w2"], i, axes)
+        w1 = _split_w1(flat, axes.tp > 1)
+    else:
+        w1 = _split_w1(params["w1"])
+        e, i = w1.shape[0], w1.shape[2]
     if e % axes.ep:
         raise ValueError(f"the {e} experts cannot be split evenly over expert_axis={expert_axis!r} of {axes.ep} devices")
     if i % axes.tp:
@@ -147,7 +221,7 @@ def shard_params(params: dict[str, Any], mesh: Any, *, expert_axis: str | None =
     if quantized:
         placed = {"router": put(params["router"], P())}
         for name, w in (("w1", w1), ("w2", params["w2"])):
-            placed[name] = jax.tree.map(put, w, _expert_specs(w, axes.expert))
+            placed[name] = jax.tree.map(put, w, _q_specs(w, axes, name))
     else:
         placed = {"router": put(params["router"], P()), "w1": put(w1, axes.w1_spec),
                   "w2": put(params["w2"], axes.w2_spec)}
@@ -208,10 +282,10 @@ def sharded_moe_layer(params: dict[str, Any], x: Any, *, top_k: int, mesh: Any, 
 
     # Arrays travel as explicit arguments; static routing options stay in the closure.
     static_scale = isinstance(routed_scaling_factor, numbers.Real)
-    arrays = {"x": x2d, "router": params["router"], "w1": _split_w1(params["w1"]), "w2": params["w2"]}
+    arrays = {"x": x2d, "router": params["router"], "w1": _split_w1(params["w1"], axes.tp > 1), "w2": params["w2"]}
     if _quantized(arrays["w1"]) or _quantized(arrays["w2"]):
-        specs = {"x": axes.token_spec, "router": P(), "w1": _expert_specs(arrays["w1"], axes.expert),
-                 "w2": _expert_specs(arrays["w2"], axes.expert)}
+        specs = {"x": axes.token_spec, "router": P(), "w1": _q_specs(arrays["w1"], axes, "w1"),
+                 "w2": _q_specs(arrays["w2"], axes, "w2")}
     else:
         if isinstance(arrays["w2"], QuantizedWeights):  # scheme "none": the stored array
             arrays["w2"] = arrays["w2"].values
@@ -260,8 +334,10 @@ def _local_layer(a: dict[str, jax.Array], axes: MeshAxes, schedule: str, num_exp
     with ``return_routing``, the routing of those ``T`` tokens)."""
     e_loc = num_experts // axes.ep
     w1 = a["w1"]
-    if not isinstance(w1, QuantizedWeights):  # quantized: [E_loc, 2I, D] as stored
-        w1 = w1.reshape(w1.shape[0], -1, w1.shape[-1])  # [E_loc, 2 * I/tp, D]: this device's gate rows, then up rows
+    if isinstance(w1, QuantizedWeights):  # [E_loc, 2 * I/tp, D]: this device's gate rows, then up rows
+        w1 = _q_merge_w1(w1)
+    else:
+        w1 = w1.reshape(w1.shape[0], -1, w1.shape[-1])
     first = 0 if axes.expert is None else jax.lax.axis_index(axes.expert) * e_loc
     scale = a["scale"] if "scale" in a else static_scale
     b1 = a.get("b1")
