@@ -108,6 +108,27 @@ def test_gpu_one_device_mesh_kernels_grad_bf16(schedule):
         assert err_plain <= 1e-2 and err_ref <= 3e-2, (jax.tree_util.keystr(path), err_plain, err_ref)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme,act_quant", [("int4", None), ("fp8", "fp8"), ("fp8_block", "fp8")])
+def test_gpu_one_device_mesh_quantized_kernels(scheme, act_quant):
+    """Quantized weights through the real kernels inside shard_map, on a 1 x 1 (expert x
+    tensor) mesh, as given and placed by shard_params (the split view of w1): equal to the
+    kernels without a mesh."""
+    params = jaxmoe.init_moe_params(jax.random.key(6), hidden=256, intermediate=256, experts=8, dtype=jnp.bfloat16)
+    q = {**params, "w1": jaxmoe.quantize_weights(params["w1"], scheme),
+         "w2": jaxmoe.quantize_weights(params["w2"], scheme)}
+    x = jax.random.normal(jax.random.key(7), (24, 256), jnp.float32).astype(jnp.bfloat16)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("ep", "tp"))
+    want = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, act_quant=act_quant, implementation="triton"))(q, x)
+    placed = jaxmoe.parallel.shard_params(q, mesh, expert_axis="ep", tensor_axis="tp")
+    for weights in (q, placed):
+        got = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x, top_k=2, act_quant=act_quant, mesh=mesh, expert_axis="ep",
+                                                   tensor_axis="tp", implementation="triton"))(weights, x)
+        assert bool(jnp.isfinite(got.astype(jnp.float32)).all())
+        assert float(jnp.linalg.norm((got - want).astype(jnp.float32))
+                     / jnp.linalg.norm(want.astype(jnp.float32))) <= 1e-2
+
+
 def test_communication_model():
     """Mixtral-like: 4096 tokens, D=4096, bf16, over 8 expert devices: T = 512 rows each."""
     c = communication_bytes(4096, 4096, 2, 8, ep=8, dtype=jnp.bfloat16)
