@@ -361,10 +361,10 @@ def test_errors(tmp_path, rng):
     path = write_checkpoint(tmp_path / "fp8", "deepseek_v3", fp8)
     with pytest.raises(CheckpointError, match=r"experts\.0\.gate_proj\.weight' is F32, but .* fp8"):
         load_layer(path, layer=LAYER)
-    gptq = write_checkpoint(tmp_path / "gptq", "deepseek_v3", tensors,
-                            config={**CONFIGS["deepseek_v3"], "quantization_config": {"quant_method": "gptq"}})
-    with pytest.raises(NotImplementedError, match="'gptq'"):
-        load_layer(gptq, layer=LAYER)
+    bnb = write_checkpoint(tmp_path / "bnb", "deepseek_v3", tensors,
+                           config={**CONFIGS["deepseek_v3"], "quantization_config": {"quant_method": "bitsandbytes"}})
+    with pytest.raises(NotImplementedError, match="'bitsandbytes'"):
+        load_layer(bnb, layer=LAYER)
 
     bad_index = write_checkpoint(tmp_path / "index", "mixtral", make_tensors(rng, "mixtral", np.float32), shards=2)
     (bad_index / "model-00002-of-00002.safetensors").unlink()
@@ -658,3 +658,123 @@ class TestGptOssTritonGPU:
         assert untied.mean() > 0.9
         np.testing.assert_array_equal(got["topk_ids"][untied], want_ids[untied])
         assert rel_err(y, want_y) <= tolerance(jnp.bfloat16)
+
+
+# --------------------------------------------------------------------------- GPTQ / AWQ 4-bit checkpoints
+
+def _pack_words(nib, axis, order=tuple(range(8))):
+    """Nibbles -> int32 words along ``axis``, slot j holding element 8c + order[j] (the
+    packing of AutoGPTQ's qweight along K, and of its qzeros and AutoAWQ's along N)."""
+    nib = np.moveaxis(nib.astype(np.uint32), axis, -1)
+    groups = nib.reshape(*nib.shape[:-1], -1, 8)
+    words = np.zeros(groups.shape[:-1], np.uint32)
+    for j in range(8):
+        words |= groups[..., order[j]] << (4 * j)
+    return np.ascontiguousarray(np.moveaxis(words.view(np.int32), -1, axis))  # safetensors writes C order
+
+
+def int4_linear(rng, t, name, out_f, in_f, method):
+    """One 4-bit linear as a GPTQ (v1: zeros stored minus one) or AWQ (GEMM) checkpoint
+    stores it; returns its dequantized weight [out, in] in float64."""
+    from jaxmoe.quantize import AWQ_ORDER
+
+    q = rng.integers(0, 16, (in_f, out_f))
+    z = rng.integers(1, 16, (in_f // 128, out_f))
+    s = (rng.uniform(0.5, 1.5, (in_f // 128, out_f)) / (8 * math.sqrt(in_f))).astype(np.float16)
+    if method == "gptq":
+        t[name + ".qweight"] = _pack_words(q, 0)
+        t[name + ".qzeros"] = _pack_words(z - 1, 1)
+        t[name + ".g_idx"] = (np.arange(in_f) // 128).astype(np.int32)
+    else:
+        t[name + ".qweight"] = _pack_words(q, 1, AWQ_ORDER)
+        t[name + ".qzeros"] = _pack_words(z, 1, AWQ_ORDER)
+    t[name + ".scales"] = s
+    return ((q - np.repeat(z, 128, axis=0)) * np.repeat(s.astype(np.float64), 128, axis=0)).T
+
+
+INT4_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": False}
+
+
+def int4_checkpoint(rng, family, method, d=256, i=128, shared_i=256):
+    """One MoE layer (layer LAYER) of a 4-bit checkpoint, fp16 router: ``(tensors, config,
+    dequantized float64 weights by the bf16 family's names)``."""
+    cfg = {**CONFIGS[family], "hidden_size": d, "num_hidden_layers": 2, "torch_dtype": "float16",
+           "quantization_config": dict(INT4_CONFIG, quant_method=method,
+                                       **({"version": "gemm", "zero_point": True} if method == "awq" else {}))}
+    cfg["intermediate_size" if family == "mixtral" else "moe_intermediate_size"] = i
+    if family == "qwen2_moe":
+        cfg["shared_expert_intermediate_size"] = shared_i
+    e = cfg.get("num_local_experts") or cfg.get("num_experts")
+    p = f"model.layers.{LAYER}." + ("block_sparse_moe." if family == "mixtral" else "mlp.")
+    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    t = {p + "gate.weight": (rng.standard_normal((e, d)) / math.sqrt(d)).astype(np.float16)}
+    deq = {p + "gate.weight": t[p + "gate.weight"]}
+    mlps = [(f"{p}experts.{j}.", i) for j in range(e)]
+    if family == "qwen2_moe":
+        mlps.append((p + "shared_expert.", shared_i))
+        t[p + "shared_expert_gate.weight"] = rng.standard_normal((1, d)).astype(np.float16)
+        deq[p + "shared_expert_gate.weight"] = t[p + "shared_expert_gate.weight"]
+    for prefix, inter in mlps:
+        for n, (o, k) in zip(names, ((inter, d), (inter, d), (d, inter))):
+            deq[prefix + n + ".weight"] = int4_linear(rng, t, prefix + n, o, k, method)
+    return t, cfg, deq
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_gptq_and_awq_checkpoints_load_as_int4_zp(tmp_path, rng, family, method):
+    """A GPTQ (v1) or AWQ (GEMM) 4-bit checkpoint's experts load as ``int4_zp`` holding the
+    stored nibbles, scales and zero points (gate and up stacked on w1's N), without a
+    dequantized copy; a quantized shared expert (Qwen2-MoE) is dequantized to the router's
+    dtype; the layer on the kernels matches the family's float64 block on the same weights
+    dequantized (fp16 activations)."""
+    tensors, cfg, deq = int4_checkpoint(rng, family, method)
+    params, routing = load_layer(write_checkpoint(tmp_path / method, family, tensors, config=cfg), layer=LAYER)
+    w1, w2 = params["w1"], params["w2"]
+    e, d, i = params["router"].shape[1], cfg["hidden_size"], 128
+    assert w1.scheme == w2.scheme == "int4_zp" and w1.shape == (e, 2 * i, d) and w2.shape == (e, d, i)
+    p = f"model.layers.{LAYER}." + ("block_sparse_moe." if family == "mixtral" else "mlp.")
+    g, u, dn = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    want1 = np.stack([np.concatenate([deq[f"{p}experts.{j}.{g}.weight"], deq[f"{p}experts.{j}.{u}.weight"]])
+                      for j in range(e)])
+    want2 = np.stack([deq[f"{p}experts.{j}.{dn}.weight"] for j in range(e)])
+    np.testing.assert_allclose(np.asarray(w1.dequantize(), np.float64), want1, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(np.asarray(w2.dequantize(), np.float64), want2, rtol=1e-6, atol=0)
+    if family == "qwen2_moe":
+        assert params["shared"]["w1"].dtype == jnp.float16
+        np.testing.assert_array_equal(np.asarray(params["shared"]["w1"][0]),
+                                      np.concatenate([deq[p + "shared_expert.gate_proj.weight"],
+                                                      deq[p + "shared_expert.up_proj.weight"]]).astype(np.float16))
+    x = jnp.asarray(rng.standard_normal((10, d)), jnp.float16)
+    y, got = _run(params, routing, x, "triton")
+    want_y, want_ids = family_block(family, deq, to_f64(x), cfg)
+    assert y.dtype == jnp.float16 and np.isfinite(np.asarray(y, np.float32)).all()
+    np.testing.assert_array_equal(np.sort(got["topk_ids"], 1), np.sort(want_ids, 1))
+    assert rel_err(y, want_y) <= tolerance(jnp.float16)
+
+
+def test_int4_checkpoint_errors_are_named(tmp_path, rng):
+    tensors, cfg, _ = int4_checkpoint(rng, "qwen3_moe", "gptq")
+    p = f"model.layers.{LAYER}.mlp."
+    cases = [
+        (NotImplementedError, "8-bit weights", {"bits": 8}),
+        (NotImplementedError, "group_size 64", {"group_size": 64}),
+        (NotImplementedError, "checkpoint_format 'marlin'", {"checkpoint_format": "marlin"}),
+        (NotImplementedError, "version 'gemv'", {"quant_method": "awq", "version": "gemv"}),
+        (NotImplementedError, "without zero points", {"quant_method": "awq", "zero_point": False}),
+    ]
+    for n, (err, match, change) in enumerate(cases):
+        config = {**cfg, "quantization_config": {**cfg["quantization_config"], **change}}
+        with pytest.raises(err, match=match):
+            load_layer(write_checkpoint(tmp_path / f"c{n}", "qwen3_moe", tensors, config=config), layer=LAYER)
+    act_order = dict(tensors)
+    act_order[p + "experts.3.up_proj.g_idx"] = np.roll(tensors[p + "experts.3.up_proj.g_idx"], 1)
+    with pytest.raises(NotImplementedError, match="act-order"):
+        load_layer(write_checkpoint(tmp_path / "g", "qwen3_moe", act_order, config=cfg), layer=LAYER)
+    wrong = dict(tensors)
+    wrong[p + "experts.5.down_proj.scales"] = tensors[p + "experts.5.down_proj.scales"][:, :8]
+    with pytest.raises(CheckpointError, match=r"experts\.5\.down_proj\.scales"):
+        load_layer(write_checkpoint(tmp_path / "w", "qwen3_moe", wrong, config=cfg), layer=LAYER)
+    missing = {k: v for k, v in tensors.items() if k != p + "experts.0.gate_proj.qzeros"}
+    with pytest.raises(CheckpointError, match=r"experts\.0\.gate_proj\.qzeros"):
+        load_layer(write_checkpoint(tmp_path / "m", "qwen3_moe", missing, config=cfg), layer=LAYER)

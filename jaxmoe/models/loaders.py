@@ -214,9 +214,87 @@ def _is_fp8_block_checkpoint(config: dict[str, Any], tensors: _Tensors, base: st
         if fmt != "e4m3":
             raise NotImplementedError(f"fp8 checkpoints in format {fmt!r} are not supported (e4m3 only)")
         return True
-    if method is not None:
+    if method is not None and method not in INT4_METHODS:
         raise NotImplementedError(f"quantized checkpoints ({method!r}) are not supported by the loader")
     return False
+
+
+INT4_METHODS = ("gptq", "awq")
+
+
+def _int4_checkpoint(config: dict[str, Any]) -> tuple[str, int] | None:
+    """``(method, zero_offset)`` for a GPTQ or AWQ 4-bit checkpoint (``quant_method`` "gptq"
+    or "awq" in ``quantization_config``), else None; what jaxmoe's ``int4_zp`` cannot hold
+    is refused by name."""
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method not in INT4_METHODS:
+        return None
+    bits = int(quant.get("bits", quant.get("w_bit", 4)))
+    if bits != 4:
+        raise NotImplementedError(f"{method} checkpoints with {bits}-bit weights are not supported (4-bit only)")
+    group = int(quant.get("group_size", quant.get("q_group_size", QUANT_BLOCK)))
+    if group != QUANT_BLOCK:
+        raise NotImplementedError(f"{method} checkpoints with group_size {group} are not supported: jaxmoe's "
+                                  f"int4 groups are {QUANT_BLOCK} values along K")
+    if method == "awq":
+        version = str(quant.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise NotImplementedError(f"AWQ checkpoints of version {version!r} are not supported (GEMM packing only)")
+        if not quant.get("zero_point", True):
+            raise NotImplementedError("AWQ checkpoints without zero points are not supported")
+        return method, 0
+    fmt = str(quant.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise NotImplementedError(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
+    return method, 0 if fmt == "gptq_v2" else 1
+
+
+def _int4_linear(tensors: _Tensors, name: str, out_features: int, in_features: int, method: str,
+                 zero_offset: int) -> QuantizedWeights:
+    """One GPTQ/AWQ linear (``name`` without its ``.qweight`` suffix) as ``int4_zp [1, out, in]``."""
+    from jaxmoe.quantize import from_awq, from_gptq
+
+    if in_features % QUANT_BLOCK or out_features % 8:
+        raise CheckpointError(f"{name}: 4-bit {method} layers of [out={out_features}, in={in_features}] are not "
+                              f"supported: in must be a multiple of {QUANT_BLOCK}, out of 8")
+    groups = in_features // QUANT_BLOCK
+    packed = (in_features // 8, out_features) if method == "gptq" else (in_features, out_features // 8)
+    qweight = _expect(tensors, name + ".qweight", packed)
+    qzeros = _expect(tensors, name + ".qzeros", (groups, out_features // 8))
+    scales = _expect(tensors, name + ".scales", (groups, out_features))
+    for part, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != np.int32:
+            raise CheckpointError(f"{name}.{part} is {t.dtype}, expected int32 words of 8 nibbles")
+    if method == "gptq" and (name + ".g_idx") in tensors:
+        g_idx = tensors.get(name + ".g_idx")
+        if not np.array_equal(np.asarray(g_idx).reshape(-1), np.arange(in_features) // QUANT_BLOCK):
+            raise NotImplementedError(f"{name}: act-order GPTQ (a g_idx that permutes the groups, desc_act) "
+                                      "is not supported")
+    if method == "gptq":
+        return from_gptq(qweight[None], scales[None], qzeros[None], zero_offset=zero_offset)
+    return from_awq(qweight[None], scales[None], qzeros[None])
+
+
+def _stack_int4(ws: list[QuantizedWeights]) -> QuantizedWeights:
+    """``int4_zp`` weights concatenated along E."""
+    return QuantizedWeights(values=jnp.concatenate([w.values for w in ws]),
+                            scales=jnp.concatenate([w.scales for w in ws]), scheme="int4_zp",
+                            zero_points=jnp.concatenate([w.zero_points for w in ws]))
+
+
+def _stack_int4_mlps(tensors: _Tensors, names: list[tuple[str, str, str]], i: int, d: int, method: str,
+                     zero_offset: int) -> tuple[QuantizedWeights, QuantizedWeights]:
+    """``w1 [N, 2I, D]`` (gate rows, then up rows) and ``w2 [N, D, I]`` as ``int4_zp`` from N
+    GPTQ/AWQ (gate, up, down) linears, the stored nibbles, scales and zero points kept."""
+    w1s, w2s = [], []
+    for gate, up, down in names:
+        g, u = (_int4_linear(tensors, n, i, d, method, zero_offset) for n in (gate, up))
+        w1s.append(QuantizedWeights(values=jnp.concatenate([g.values, u.values], 1),
+                                    scales=jnp.concatenate([g.scales, u.scales], 1), scheme="int4_zp",
+                                    zero_points=jnp.concatenate([g.zero_points, u.zero_points], 1)))
+        w2s.append(_int4_linear(tensors, down, d, i, method, zero_offset))
+    return _stack_int4(w1s), _stack_int4(w2s)
 
 
 def _check_fp8_tensor(tensors: _Tensors, name: str) -> None:
@@ -397,14 +475,17 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
 
     Raises :class:`CheckpointError` (a ValueError) for a bad directory, config or missing
     tensor, or for a dense layer; NotImplementedError for quantized checkpoints other than
-    fp8 with 128 x 128 block scales and gpt-oss's mxfp4.
+    fp8 with 128 x 128 block scales, GPTQ / AWQ 4-bit with groups of 128 (not act-order),
+    and gpt-oss's mxfp4.
 
     Quantized checkpoints load without a dequantized copy of the experts: fp8 ones
     (``quant_method: "fp8"``, e4m3 ``.weight`` with ``.weight_scale_inv`` blocks, as
     DeepSeek-V3 and Qwen3's FP8 releases ship) as ``"fp8_block"`` weights, in the fp8 type
     the default platform's kernels multiply (converted once here on MI300: exact); shared
-    experts, a dense path, dequantized to the router's dtype. gpt-oss's mxfp4 ``*_blocks`` /
-    ``*_scales`` load as ``"mxfp4"`` weights.
+    experts, a dense path, dequantized to the router's dtype. GPTQ and AWQ 4-bit experts
+    (``qweight`` / ``qzeros`` / ``scales``) load as ``"int4_zp"`` weights (their shared
+    expert dequantized to the router's dtype). gpt-oss's mxfp4 ``*_blocks`` / ``*_scales``
+    load as ``"mxfp4"`` weights.
     """
     path = Path(path)
     if not path.is_dir():
@@ -445,25 +526,45 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
                             topk_group=None, correction_bias=None, routed_scaling_factor=1.0, group_scoring=None,
                             activation=activation, layout=expert_layout, shared_experts=0)
     fp8 = _is_fp8_block_checkpoint(config, tensors, base)
+    int4 = _int4_checkpoint(config)
 
     router = tensors.get(base + "gate.weight")
     if router.ndim != 2 or router.shape[0] != num_experts:
         raise CheckpointError(f"{base}gate.weight is {list(router.shape)}, expected [E={num_experts}, D]")
     experts = [tuple(base + n for n in fam.expert(j)) for j in range(num_experts)]
     params: dict[str, Any] = {"router": jnp.asarray(router.T)}
-    # Shared experts run in the activations' dtype: the experts' own, or for fp8 experts the
-    # router's (bf16 in the published checkpoints), dequantized once here.
-    first_gate = tensors.get(experts[0][0])  # [I, D]
-    dense = router.dtype if fp8 else first_gate.dtype
+    # Shared experts run in the activations' dtype: the experts' own, or for fp8 and 4-bit
+    # experts the router's (bf16 / fp16 in the published checkpoints), dequantized once here.
+    if int4 is not None:
+        experts = [tuple(n.removesuffix(".weight") for n in triple) for triple in experts]
+        i_int4 = int(_require(config, fam.intermediate_key, family))
+        first_gate = np.empty((i_int4, router.shape[1]), router.dtype)  # [I, D]: the shapes only
+    else:
+        first_gate = tensors.get(experts[0][0])  # [I, D]
+    dense = router.dtype if (fp8 or int4 is not None) else first_gate.dtype
     shared_names = None
-    if family == "qwen2_moe" and (base + "shared_expert.gate_proj.weight") in tensors:
+    if family == "qwen2_moe" and any(base + "shared_expert.gate_proj." + part in tensors
+                                     for part in ("weight", "qweight")):
         shared_names = tuple(base + f"shared_expert.{n}_proj.weight" for n in ("gate", "up", "down"))
     if family == "deepseek_v3" and int(config.get("n_shared_experts") or 0) > 0:
         shared_names = tuple(base + f"shared_experts.{n}_proj.weight" for n in ("gate", "up", "down"))
     stacked, append = 0, None
     if fp8:
         w1, w2 = _stack_fp8_mlps(tensors, experts)
-    if shared_names is not None:
+    if int4 is not None:
+        i, d = first_gate.shape
+        w1, w2 = _stack_int4_mlps(tensors, experts, i, d, *int4)
+    shared_loaded = False
+    if shared_names is not None and int4 is not None:
+        shared = [n.removesuffix(".weight") for n in shared_names]
+        if (shared[0] + ".qweight") in tensors:  # quantized too: a dense path, dequantized here
+            width = int(tensors.get(shared[0] + ".scales").shape[1])  # the shared expert's intermediate size
+            g, u = (_int4_linear(tensors, n, width, d, *int4) for n in shared[:2])
+            dn = _int4_linear(tensors, shared[2], d, width, *int4)
+            params["shared"] = {"w1": jnp.concatenate([g.dequantize(), u.dequantize()], 1).astype(dense),
+                                "w2": dn.dequantize().astype(dense)}
+            shared_loaded = True
+    if shared_names is not None and not shared_loaded:
         if fp8:  # a dense path: each tensor dequantized on its own, whatever its block alignment
             gate, up, down = (_dequantized_fp8(tensors, n) for n in shared_names)
             if gate.shape != up.shape or down.shape != gate.shape[::-1]:
@@ -480,7 +581,7 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
                 stacked = append[0].shape[0]
             else:
                 params["shared"] = {"w1": jnp.asarray(sw1), "w2": jnp.asarray(sw2)}
-    if not fp8:
+    if not fp8 and int4 is None:
         w1, w2 = map(jnp.asarray, _stack_mlps(tensors, experts, append))
     if w1.shape[2] != router.shape[1]:
         raise CheckpointError(f"experts have D={w1.shape[2]} but the router has D={router.shape[1]}")
