@@ -60,6 +60,24 @@ def test_check_scales_big_models_down_on_cpu(capsys):
     assert "scaled down" in out and "E=256 k=8 D=128 I=256" in out
 
 
+@pytest.mark.parametrize("quant,act_quant", [("int4_zp", None), ("fp8", "fp8"), ("int8", "int8")])
+def test_check_quantized_weights(quant, act_quant, capsys):
+    """--quant: the reference is the fp32 layer on the same quantized weights (so the kernels
+    pass at the dtype's tolerance, w8a8 at 2e-2), and the header says what ran."""
+    args = ["check", "--m", "6", "--repeats", "1", "--quant", quant] + (["--act-quant", act_quant] if act_quant else [])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"weights={quant}" in out and f"the same {quant} weights" in out
+    assert _row(out, "reference").rstrip().endswith("pass")
+    if triton_available():
+        assert _row(out, "triton").rstrip().endswith("pass")
+
+
+def test_check_act_quant_needs_matching_weights(capsys):
+    assert main(["check", "--act-quant", "int8", "--quant", "fp8"]) == 2
+    assert "--act-quant int8 needs --quant one of int8, got fp8" in capsys.readouterr().err
+
+
 def test_check_reports_a_raising_implementation_and_goes_on(capsys):
     assert main(["check", "--impl", "bogus,reference", "--m", "2", "--repeats", "1"]) == 1
     out = capsys.readouterr().out

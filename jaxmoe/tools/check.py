@@ -2,6 +2,9 @@
 
 Runs on the default device, with the same bf16 parameters for every implementation, and
 prints each one's error and median warm time; exits non-zero if any fails or raises.
+``--quant SCHEME [--act-quant fp8|int8]`` quantizes ``w1``/``w2`` first: the reference is
+then the fp32 layer on the same quantized weights (dequantized), with the same rounding of
+the activations under ``--act-quant``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxmoe.tools import implementations, positive_int
+from jaxmoe.tools import CommandError, implementations, positive_int
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4}
+# With activations rounded to 8 bits: where the reference's h and a kernel's differ by one
+# ulp of the activation dtype, the next rounding step (1/16 relative for e4m3, 1/127 of the
+# row's absmax for int8) can round one element differently (tests/test_quant.py).
+ACT_QUANT_TOLERANCE = 2e-2
 CPU_HIDDEN, CPU_INTERMEDIATE = 128, 256  # the tiny preset's matrices
 
 
@@ -38,7 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed runs per implementation (default: adaptive, 3..20)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", choices=QUANT_SCHEMES, default=None,
+                   help="quantize w1/w2 to this weight scheme first (the reference uses the same quantized weights)")
+    p.add_argument("--act-quant", choices=("fp8", "int8"), default=None,
+                   help="with --quant: activations rounded per token to fp8 or int8 (w8a8)")
     p.set_defaults(func=check)
+
+
+QUANT_SCHEMES = ("fp8", "fp8_tensor", "fp8_block", "int8", "int4", "int4_zp", "mxfp4")
 
 
 def _fp32_reference(params, x, routing: dict, activation: str):
@@ -79,6 +93,13 @@ def check(args: argparse.Namespace) -> int:
     from jaxmoe.models import get_preset
 
     chosen = implementations(args.impl)  # before any work: `--impl ,` names nothing
+    quant, act_quant = getattr(args, "quant", None), getattr(args, "act_quant", None)
+    if act_quant is not None:
+        from jaxmoe.types import ACT_QUANT_SCHEMES
+
+        if quant not in ACT_QUANT_SCHEMES[act_quant]:
+            raise CommandError(f"--act-quant {act_quant} needs --quant one of {', '.join(ACT_QUANT_SCHEMES[act_quant])}"
+                               f", got {quant}")
     on_cpu = jax.default_backend() == "cpu"
     model = args.model or ("tiny" if on_cpu else "mixtral-8x7b")
     preset = get_preset(model)
@@ -89,7 +110,7 @@ def check(args: argparse.Namespace) -> int:
                      "its experts, top_k and routing are kept")
     m = args.m if args.m is not None else (16 if on_cpu else 128)
     dtype = jnp.dtype(DTYPES[args.dtype])
-    tol = TOLERANCE[args.dtype]
+    tol = max(TOLERANCE[args.dtype], ACT_QUANT_TOLERANCE) if act_quant else TOLERANCE[args.dtype]
 
     if chosen:
         impls = chosen
@@ -109,28 +130,39 @@ def check(args: argparse.Namespace) -> int:
     routing = preset.routing_kwargs(key_bias)
     activation = "silu"
 
-    want = jax.jit(functools.partial(_fp32_reference, routing=routing, activation=activation))(params, x)
+    if quant is not None:  # quantized once, from the bf16 weights; the reference reads the same
+        params = {**params, "w1": jaxmoe.quantize_weights(params["w1"], quant),
+                  "w2": jaxmoe.quantize_weights(params["w2"], quant)}
+        want = jax.jit(lambda p, x: jaxmoe.moe_layer(p, x.astype(jnp.float32), implementation="reference",
+                                                     activation=activation, act_quant=act_quant, **routing))(params, x)
+    else:
+        want = jax.jit(functools.partial(_fp32_reference, routing=routing, activation=activation))(params, x)
     want = np.asarray(want, np.float64)
     if dtype != jnp.bfloat16:  # same values in the run's dtype; drop the bf16 copy to save memory
-        params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+        params = {k: (v if isinstance(v, jaxmoe.QuantizedWeights) else jax.tree_util.tree_map(
+            lambda a: a.astype(dtype), v)) for k, v in params.items()}
         x = x.astype(dtype)
     want_norm = float(np.linalg.norm(want)) or 1.0
 
     device = jax.devices()[0]
     print(f"jaxmoe {jaxmoe.__version__} check: {preset.name}  E={preset.experts} k={preset.top_k} "
           f"D={preset.hidden} I={preset.intermediate} routing={preset.scoring}"
-          f"{' grouped' if preset.num_expert_group else ''}  M={m}  dtype={args.dtype}")
+          f"{' grouped' if preset.num_expert_group else ''}  M={m}  dtype={args.dtype}"
+          + (f"  weights={quant}" + (f" act_quant={act_quant}" if act_quant else "") if quant else ""))
     print(f"device: {device.device_kind} ({default_platform()})")
     for note in notes:
         print(f"note: {note}")
-    print(f"reference: fp32 from the same bf16 parameters; tolerance ||out-ref||/||ref|| <= {tol:g}")
+    source = f"the same {quant} weights, dequantized" if quant else "the same bf16 parameters"
+    rounding = f", activations rounded to {act_quant} as the kernels round them" if act_quant else ""
+    print(f"reference: fp32 from {source}{rounding}; tolerance ||out-ref||/||ref|| <= {tol:g}")
     print()
 
     rows = []
     failed = False
     for impl in impls:
         try:
-            fn = jax.jit(functools.partial(jaxmoe.moe_layer, implementation=impl, activation=activation, **routing))
+            fn = jax.jit(functools.partial(jaxmoe.moe_layer, implementation=impl, activation=activation,
+                                           act_quant=act_quant, **routing))
             out = fn(params, x)
             out.block_until_ready()
             got = np.asarray(out.astype(jnp.float32), np.float64)
