@@ -246,9 +246,9 @@ class KernelGradTests(FusedMoeGradTests):
 
 
     def test_save_gate_up_leaves_quantized_layers_alone(self, rng, monkeypatch):
-        """Quantized weights have no kernel backward: ``JAXMOE_SAVE_GATE_UP=1`` leaves their
-        forward exactly as without it (w8a8 still rounds x in stage 1), and
-        ``save_gate_up=True`` is refused."""
+        """Quantized weights' backward recomputes stage 1 from the dequantized weights:
+        ``JAXMOE_SAVE_GATE_UP=1`` leaves their forward exactly as without it (w8a8 still
+        rounds x in stage 1), and ``save_gate_up=True`` is refused."""
         from jaxmoe.ops.moe import backward
 
         m, d, i, e, k = 6, 64, 32, 4, 2
@@ -262,7 +262,7 @@ class KernelGradTests(FusedMoeGradTests):
         plain = run()
         monkeypatch.setenv(backward.SAVE_GATE_UP_ENV, "1")
         assert np.array_equal(run(), plain)
-        with pytest.raises(ValueError, match="quantized weights and act_quant"):
+        with pytest.raises(ValueError, match="with quantized weights the backward recomputes stage 1"):
             moe_triton.fused_moe(x, w1q, w2q, tw, ids, act_quant="int8", save_gate_up=True)
 
 

@@ -132,8 +132,10 @@ def fused_moe(hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids:
     (``jax.grad``, ``jax.vjp``, ``jax.checkpoint``); the reference by JAX's autodiff, the
     kernels by Triton kernels (:mod:`jaxmoe.ops.moe.backward`, which lists what the forward
     saves). Invalid ids get zero gradients; experts without rows zero weight gradients.
-    The kernels with quantized weights or ``act_quant`` have no backward: ``jax.grad``
-    raises ``NotImplementedError`` naming the way out (the reference differentiates).
+    With quantized weights the kernels treat them as frozen: gradients reach
+    ``hidden_states``, the biases and ``topk_weights``; gradients of the quantized weights
+    themselves, or through ``act_quant``, raise ``NotImplementedError`` naming the way out
+    (the reference differentiates).
     """
     return FUSED_MOE(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, b1=b1, b2=b2,
                      layout=layout, act_quant=act_quant, implementation=implementation)

@@ -52,9 +52,14 @@ columns in w1's order, so steps 3 and 4 need no change.
 Rows of ids outside ``[0, E)`` get zero gradients (their x rows and weights); experts
 without rows get zero weight (and bias) gradients.
 
-Quantized weights (any scheme but ``"none"``) or ``act_quant``: the forward runs the
-quantized kernels; the backward is not implemented and raises ``NotImplementedError``
-when ``jax.grad`` / ``jax.vjp`` traces it (before anything runs), naming the ways out:
+Quantized weights (any scheme but ``"none"``), frozen: the forward runs the quantized
+kernels; gradients reach ``x``, the routing weights and the expert biases (a model trained
+around frozen quantized experts, as QLoRA does) through the backward above on the weights
+dequantized to x's dtype in the backward (a transient copy of the layer's experts, one
+rounding of each weight to x's dtype), with stage 1's output recomputed from them and no
+weight-gradient launches. Gradients with respect to the quantized weights themselves, and
+any gradient through ``act_quant``, raise ``NotImplementedError`` when ``jax.grad`` /
+``jax.vjp`` traces the layer (before anything runs), naming the ways out:
 ``implementation="reference"`` (JAX's autodiff through ``dequantize()``, rounding of the
 activations passed straight through), or bf16 weights (``w.dequantize().astype(...)``).
 """
@@ -204,7 +209,9 @@ def _bias_grad(g: jax.Array, routing: RoutingData, out_dtype: Any) -> jax.Array:
     return gemm_triton.weight_grad(ones, g, routing, out_dtype=out_dtype)[:, 0, :]
 
 
-def experts_bwd(static: _Static, residuals, dout):
+def experts_bwd(static: _Static, residuals, dout, weight_grads: bool = True):
+    """The cotangents of :func:`_experts`' arguments; ``weight_grads=False`` skips the
+    weight-gradient launches (their cotangents come back None)."""
     x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids, saved = residuals
     routing = _routing(static, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids)
     arch = static.arch
@@ -253,7 +260,9 @@ def experts_bwd(static: _Static, residuals, dout):
     # registers and is slower than this pass (H200: 16-30 % on d w2).
     wdout = (dout.astype(jnp.float32)[:, None, :] * topk_weights.astype(jnp.float32)[..., None]
              ).reshape(m * k, d).astype(x.dtype)
-    if in_out:
+    if not weight_grads:
+        dw1 = dw2 = None
+    elif in_out:
         dw2 = gemm_triton.weight_grad(h, wdout, routing, out_dtype=w2.dtype, arch=arch)
         dw1 = gemm_triton.weight_grad(x, d_gate_up, routing, out_dtype=w1.dtype, arch=arch)
     else:
@@ -276,18 +285,48 @@ def _quantized_experts(static: _Static, x, w1, w2, b1, b2, topk_weights, sorted_
     return out
 
 
+_WAYS_OUT = ("differentiate implementation='reference' (autodiff through QuantizedWeights.dequantize(), "
+             "activation rounding passed straight through) or use unquantized weights "
+             "(w.dequantize().astype(jnp.bfloat16))")
+
+
+def _perturbed(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` (of ``CustomVJPPrimal``) is being differentiated."""
+    return any(getattr(leaf, "perturbed", False)
+               for leaf in jax.tree.leaves(tree, is_leaf=lambda v: hasattr(v, "perturbed")))
+
+
 def _quantized_fwd(static: _Static, *args):
-    return _quantized_experts(static, *args), None
+    """Forward rule with symbolic zeros: knows which arguments are being differentiated."""
+    x, w1, w2, b1, b2, topk_weights = args[:6]
+    if _perturbed((w1, w2)):
+        raise NotImplementedError("jaxmoe: gradients with respect to quantized weights are not implemented (the "
+                                  "Triton backward treats them as frozen: gradients reach x, the routing weights "
+                                  "and the biases); " + _WAYS_OUT)
+    if static.act_quant is not None and _perturbed((x, b1, b2, topk_weights)):
+        raise NotImplementedError(f"jaxmoe: gradients through act_quant={static.act_quant!r} on the Triton kernels "
+                                  "are not implemented; " + _WAYS_OUT)
+    values = jax.tree.map(lambda v: v.value, args, is_leaf=lambda v: hasattr(v, "perturbed"))
+    return _quantized_experts(static, *values), values
 
 
 def _quantized_bwd(static: _Static, residuals, dout):
-    raise NotImplementedError(
-        "jaxmoe: gradients of the Triton kernels with quantized weights or act_quant are not implemented; "
-        "differentiate implementation='reference' (autodiff through QuantizedWeights.dequantize(), activation "
-        "rounding passed straight through) or use unquantized weights (w.dequantize().astype(jnp.bfloat16))")
+    """Frozen quantized weights: the bf16 backward on the weights dequantized to x's dtype,
+    stage 1's output recomputed from them (with the backward's fused tile at the rows'
+    alignment), no weight gradients."""
+    x, w1, w2, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids = residuals
+    w1d, w2d = (w.dequantize().astype(x.dtype) for w in (w1, w2))
+    tiles = _config.backward_tiles(static.config, x.dtype, static.arch, hidden=x.shape[1],
+                                   intermediate=w2d.shape[2], block_m=static.block_size)
+    plain = dataclasses.replace(static, config=dataclasses.replace(static.config, stage1=tiles.act), remat=True,
+                                act_quant=None, save_gate_up=False)
+    dx, _, _, db1, db2, d_weights, *_ = experts_bwd(
+        plain, (x, w1d, w2d, b1, b2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, topk_ids,
+                None), dout, weight_grads=False)
+    return dx, None, None, db1, db2, d_weights, None, None, None, None
 
 
-_quantized_experts.defvjp(_quantized_fwd, _quantized_bwd)
+_quantized_experts.defvjp(_quantized_fwd, _quantized_bwd, symbolic_zeros=True)
 
 
 def experts(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoEConfig,
@@ -301,17 +340,19 @@ def experts(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoE
     the Triton backward of this module; ``remat`` recomputes stage 1's output in the
     backward instead of saving it; ``save_gate_up`` saves stage 1's pre-activation instead
     (None: :data:`SAVE_GATE_UP_ENV`, read when the call is traced; quantized weights and
-    ``act_quant``, which have no kernel backward, ignore the variable and refuse True).
+    ``act_quant``, whose backward recomputes stage 1 from the dequantized weights, ignore
+    the variable and refuse True).
     Both: a ValueError.
     """
     from jaxmoe.ops import checks
 
     quantized = any(isinstance(w, QuantizedWeights) and w.scheme != "none" for w in (w1, w2))
     if quantized or act_quant is not None:
-        # no backward to save for: the forward is the quantized kernels' own, flag or not
+        # nothing saved for the backward: it recomputes stage 1 from the dequantized weights
         if save_gate_up:
-            raise ValueError("save_gate_up=True saves stage 1's pre-activation for the backward, which quantized "
-                             "weights and act_quant do not have")
+            raise ValueError("save_gate_up=True saves stage 1's pre-activation for the backward; with quantized "
+                             "weights the backward recomputes stage 1 from the dequantized weights (and act_quant "
+                             "has none): it does not apply")
         save_gate_up = False
     elif save_gate_up is None:
         save_gate_up = save_gate_up_from_env()
@@ -325,7 +366,10 @@ def experts(x: jax.Array, w1: Any, w2: Any, routing: RoutingData, *, config: MoE
         if static.in_out:
             raise ValueError(f"quantized weights are stored [out, in] (layout 'out_in' or 'out_in_interleaved'), "
                              f"got layout={layout!r}")
-        return _quantized_experts(static, x, w1, w2, b1, b2, routing.topk_weights, routing.sorted_token_ids,
+        # shard_map: the cotangents vary over every axis the data and weights do (see match_varying)
+        leaves, tree = jax.tree.flatten((x, w1, w2, b1, b2, routing.topk_weights))
+        x, w1, w2, b1, b2, topk_weights = jax.tree.unflatten(tree, match_varying(*leaves))
+        return _quantized_experts(static, x, w1, w2, b1, b2, topk_weights, routing.sorted_token_ids,
                                   routing.expert_ids, routing.num_tokens_post_padded, routing.topk_ids)
     w1 = w1.values if isinstance(w1, QuantizedWeights) else w1
     w2 = w2.values if isinstance(w2, QuantizedWeights) else w2
