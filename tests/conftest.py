@@ -120,3 +120,15 @@ def tma_views(monkeypatch):
     monkeypatch.setattr(_config, "b_descriptor_view", recording)
     yield views
     assert all(view != "none" for size, scheme, view in views if size == 2 and scheme in _config.TMA_SCHEMES), views
+
+
+def pack_words(nib: np.ndarray, axis: int, order=tuple(range(8))) -> np.ndarray:
+    """4-bit values -> int32 words along ``axis``, slot j (bits 4j..4j+3) holding element
+    8c + order[j]: AutoGPTQ's qweight along K, its qzeros and AutoAWQ's along N (in AWQ's
+    order). C-ordered, as safetensors writes arrays."""
+    nib = np.moveaxis(nib.astype(np.uint32), axis, -1)
+    groups = nib.reshape(*nib.shape[:-1], -1, 8)
+    words = np.zeros(groups.shape[:-1], np.uint32)
+    for j in range(8):
+        words |= groups[..., order[j]] << (4 * j)
+    return np.ascontiguousarray(np.moveaxis(words.view(np.int32), -1, axis))

@@ -18,7 +18,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import jaxmoe  # noqa: E402
 import oracle  # noqa: E402
-from conftest import rel_err, to_f64, tolerance  # noqa: E402
+from conftest import pack_words, rel_err, to_f64, tolerance  # noqa: E402
 from jaxmoe.models import CheckpointError, infer_family, load_layer  # noqa: E402
 
 D, I, IS, M = 32, 16, 24, 6  # hidden, expert intermediate, shared intermediate, tokens
@@ -662,17 +662,6 @@ class TestGptOssTritonGPU:
 
 # --------------------------------------------------------------------------- GPTQ / AWQ 4-bit checkpoints
 
-def _pack_words(nib, axis, order=tuple(range(8))):
-    """Nibbles -> int32 words along ``axis``, slot j holding element 8c + order[j] (the
-    packing of AutoGPTQ's qweight along K, and of its qzeros and AutoAWQ's along N)."""
-    nib = np.moveaxis(nib.astype(np.uint32), axis, -1)
-    groups = nib.reshape(*nib.shape[:-1], -1, 8)
-    words = np.zeros(groups.shape[:-1], np.uint32)
-    for j in range(8):
-        words |= groups[..., order[j]] << (4 * j)
-    return np.ascontiguousarray(np.moveaxis(words.view(np.int32), -1, axis))  # safetensors writes C order
-
-
 def int4_linear(rng, t, name, out_f, in_f, method):
     """One 4-bit linear as a GPTQ (v1: zeros stored minus one) or AWQ (GEMM) checkpoint
     stores it; returns its dequantized weight [out, in] in float64."""
@@ -682,12 +671,12 @@ def int4_linear(rng, t, name, out_f, in_f, method):
     z = rng.integers(1, 16, (in_f // 128, out_f))
     s = (rng.uniform(0.5, 1.5, (in_f // 128, out_f)) / (8 * math.sqrt(in_f))).astype(np.float16)
     if method == "gptq":
-        t[name + ".qweight"] = _pack_words(q, 0)
-        t[name + ".qzeros"] = _pack_words(z - 1, 1)
+        t[name + ".qweight"] = pack_words(q, 0)
+        t[name + ".qzeros"] = pack_words(z - 1, 1)
         t[name + ".g_idx"] = (np.arange(in_f) // 128).astype(np.int32)
     else:
-        t[name + ".qweight"] = _pack_words(q, 1, AWQ_ORDER)
-        t[name + ".qzeros"] = _pack_words(z, 1, AWQ_ORDER)
+        t[name + ".qweight"] = pack_words(q, 1, AWQ_ORDER)
+        t[name + ".qzeros"] = pack_words(z, 1, AWQ_ORDER)
     t[name + ".scales"] = s
     return ((q - np.repeat(z, 128, axis=0)) * np.repeat(s.astype(np.float64), 128, axis=0)).T
 

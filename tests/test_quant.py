@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from conftest import moe_inputs, randn, rel_err, tolerance
+from conftest import moe_inputs, pack_words, randn, rel_err, tolerance
 from jaxmoe import quantize
 from jaxmoe.ops.gemm.reference import round_to
 from jaxmoe.types import FP8_MAX, WEIGHT_SCHEMES, QuantizedWeights
@@ -923,16 +923,6 @@ def test_mxfp4_from_gpt_oss_blocks(rng):
         quantize.from_mxfp4(blocks, scales[:, :3])
 
 
-def _pack_words(nib: np.ndarray, axis: int, order=tuple(range(8))) -> np.ndarray:
-    """Nibbles -> int32 words along ``axis``, slot j holding element 8c + order[j]."""
-    nib = np.moveaxis(nib.astype(np.uint32), axis, -1)
-    groups = nib.reshape(*nib.shape[:-1], -1, 8)
-    words = np.zeros(groups.shape[:-1], np.uint32)
-    for j in range(8):
-        words |= groups[..., order[j]] << (4 * j)
-    return np.moveaxis(words.view(np.int32), -1, axis)
-
-
 @pytest.mark.parametrize("layout", ["gptq", "awq"])
 def test_gptq_and_awq_layouts(rng, layout):
     e, k, n = 2, 256, 16
@@ -940,15 +930,15 @@ def test_gptq_and_awq_layouts(rng, layout):
     z = rng.integers(0, 16, (e, k // 128, n))
     s = rng.uniform(0.01, 0.1, (e, k // 128, n)).astype(np.float16)
     if layout == "gptq":
-        qw = quantize.from_gptq(_pack_words(q, 1), s, _pack_words(np.maximum(z - 1, 0), 2))
+        qw = quantize.from_gptq(pack_words(q, 1), s, pack_words(np.maximum(z - 1, 0), 2))
         z = np.maximum(z - 1, 0) + 1
     else:
-        qw = quantize.from_awq(_pack_words(q, 2, quantize.AWQ_ORDER), s, _pack_words(z, 2, quantize.AWQ_ORDER))
+        qw = quantize.from_awq(pack_words(q, 2, quantize.AWQ_ORDER), s, pack_words(z, 2, quantize.AWQ_ORDER))
     want = (q - np.repeat(z, 128, axis=1)) * np.repeat(s.astype(np.float32), 128, axis=1)  # [E, K, N]
     assert qw.scheme == "int4_zp" and qw.shape == (e, n, k)
     np.testing.assert_allclose(np.asarray(qw.dequantize()), np.swapaxes(want, 1, 2), rtol=1e-6)
     with pytest.raises(ValueError, match="group_size"):
-        quantize.from_awq(_pack_words(q, 2), s, _pack_words(z, 2), group_size=64)
+        quantize.from_awq(pack_words(q, 2), s, pack_words(z, 2), group_size=64)
 
 
 def test_constructor_validates_checkpoint_arrays():

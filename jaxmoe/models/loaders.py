@@ -250,51 +250,47 @@ def _int4_checkpoint(config: dict[str, Any]) -> tuple[str, int] | None:
     return method, 0 if fmt == "gptq_v2" else 1
 
 
-def _int4_linear(tensors: _Tensors, name: str, out_features: int, in_features: int, method: str,
-                 zero_offset: int) -> QuantizedWeights:
-    """One GPTQ/AWQ linear (``name`` without its ``.qweight`` suffix) as ``int4_zp [1, out, in]``."""
+def _int4_linears(tensors: _Tensors, names: list[str], out_features: int, in_features: int, method: str,
+                  zero_offset: int) -> QuantizedWeights:
+    """GPTQ/AWQ linears (``names`` without their ``.qweight`` suffix), each ``[out, in]``, as
+    one ``int4_zp [len(names), out, in]``: their tensors checked, stacked on the host and
+    converted once."""
     from jaxmoe.quantize import from_awq, from_gptq
 
     if in_features % QUANT_BLOCK or out_features % 8:
-        raise CheckpointError(f"{name}: 4-bit {method} layers of [out={out_features}, in={in_features}] are not "
-                              f"supported: in must be a multiple of {QUANT_BLOCK}, out of 8")
+        raise CheckpointError(f"{names[0]}: 4-bit {method} layers of [out={out_features}, in={in_features}] are "
+                              f"not supported: in must be a multiple of {QUANT_BLOCK}, out of 8")
     groups = in_features // QUANT_BLOCK
     packed = (in_features // 8, out_features) if method == "gptq" else (in_features, out_features // 8)
-    qweight = _expect(tensors, name + ".qweight", packed)
-    qzeros = _expect(tensors, name + ".qzeros", (groups, out_features // 8))
-    scales = _expect(tensors, name + ".scales", (groups, out_features))
-    for part, t in (("qweight", qweight), ("qzeros", qzeros)):
-        if t.dtype != np.int32:
-            raise CheckpointError(f"{name}.{part} is {t.dtype}, expected int32 words of 8 nibbles")
-    if method == "gptq" and (name + ".g_idx") in tensors:
-        g_idx = tensors.get(name + ".g_idx")
-        if not np.array_equal(np.asarray(g_idx).reshape(-1), np.arange(in_features) // QUANT_BLOCK):
-            raise NotImplementedError(f"{name}: act-order GPTQ (a g_idx that permutes the groups, desc_act) "
-                                      "is not supported")
+    parts: dict[str, list[np.ndarray]] = {"qweight": [], "qzeros": [], "scales": []}
+    for name in names:
+        for part, shape in (("qweight", packed), ("qzeros", (groups, out_features // 8)),
+                            ("scales", (groups, out_features))):
+            t = _expect(tensors, f"{name}.{part}", shape)
+            if part != "scales" and t.dtype != np.int32:
+                raise CheckpointError(f"{name}.{part} is {t.dtype}, expected int32 words of 8 nibbles")
+            parts[part].append(t)
+        if method == "gptq" and (name + ".g_idx") in tensors:
+            g_idx = tensors.get(name + ".g_idx")
+            if not np.array_equal(np.asarray(g_idx).reshape(-1), np.arange(in_features) // QUANT_BLOCK):
+                raise NotImplementedError(f"{name}: act-order GPTQ (a g_idx that permutes the groups, desc_act) "
+                                          "is not supported")
+    qweight, qzeros, scales = (np.stack(parts[p]) for p in ("qweight", "qzeros", "scales"))
     if method == "gptq":
-        return from_gptq(qweight[None], scales[None], qzeros[None], zero_offset=zero_offset)
-    return from_awq(qweight[None], scales[None], qzeros[None])
-
-
-def _stack_int4(ws: list[QuantizedWeights]) -> QuantizedWeights:
-    """``int4_zp`` weights concatenated along E."""
-    return QuantizedWeights(values=jnp.concatenate([w.values for w in ws]),
-                            scales=jnp.concatenate([w.scales for w in ws]), scheme="int4_zp",
-                            zero_points=jnp.concatenate([w.zero_points for w in ws]))
+        return from_gptq(qweight, scales, qzeros, zero_offset=zero_offset)
+    return from_awq(qweight, scales, qzeros)
 
 
 def _stack_int4_mlps(tensors: _Tensors, names: list[tuple[str, str, str]], i: int, d: int, method: str,
                      zero_offset: int) -> tuple[QuantizedWeights, QuantizedWeights]:
     """``w1 [N, 2I, D]`` (gate rows, then up rows) and ``w2 [N, D, I]`` as ``int4_zp`` from N
     GPTQ/AWQ (gate, up, down) linears, the stored nibbles, scales and zero points kept."""
-    w1s, w2s = [], []
-    for gate, up, down in names:
-        g, u = (_int4_linear(tensors, n, i, d, method, zero_offset) for n in (gate, up))
-        w1s.append(QuantizedWeights(values=jnp.concatenate([g.values, u.values], 1),
-                                    scales=jnp.concatenate([g.scales, u.scales], 1), scheme="int4_zp",
-                                    zero_points=jnp.concatenate([g.zero_points, u.zero_points], 1)))
-        w2s.append(_int4_linear(tensors, down, d, i, method, zero_offset))
-    return _stack_int4(w1s), _stack_int4(w2s)
+    gate, up, down = ([triple[j] for triple in names] for j in range(3))
+    g, u = (_int4_linears(tensors, n, i, d, method, zero_offset) for n in (gate, up))
+    w1 = QuantizedWeights(values=jnp.concatenate([g.values, u.values], 1),
+                          scales=jnp.concatenate([g.scales, u.scales], 1), scheme="int4_zp",
+                          zero_points=jnp.concatenate([g.zero_points, u.zero_points], 1))
+    return w1, _int4_linears(tensors, down, d, i, method, zero_offset)
 
 
 def _check_fp8_tensor(tensors: _Tensors, name: str) -> None:
@@ -559,8 +555,8 @@ def load_layer(path: str | os.PathLike, family: str | None = None, *, layer: int
         shared = [n.removesuffix(".weight") for n in shared_names]
         if (shared[0] + ".qweight") in tensors:  # quantized too: a dense path, dequantized here
             width = int(tensors.get(shared[0] + ".scales").shape[1])  # the shared expert's intermediate size
-            g, u = (_int4_linear(tensors, n, width, d, *int4) for n in shared[:2])
-            dn = _int4_linear(tensors, shared[2], d, width, *int4)
+            g, u = (_int4_linears(tensors, [n], width, d, *int4) for n in shared[:2])
+            dn = _int4_linears(tensors, [shared[2]], d, width, *int4)
             params["shared"] = {"w1": jnp.concatenate([g.dequantize(), u.dequantize()], 1).astype(dense),
                                 "w2": dn.dequantize().astype(dense)}
             shared_loaded = True

@@ -187,6 +187,7 @@ class TorchLayer:
             self.fp8_dtype = self.w1.dtype
         else:
             self.w1, self.w2 = to_torch(p["w1"]), to_torch(p["w2"])
+            self.s1 = self.s2 = None
         r = dict(self.routing)
         if r.get("correction_bias") is not None:
             r["correction_bias"] = to_torch(jnp.asarray(r["correction_bias"], jnp.float32))
@@ -214,10 +215,10 @@ class TorchLayer:
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = x[order // k]
-        gate_up = self._gemm(rows, self.w1, getattr(self, "s1", None), offs, x.dtype)
+        gate_up = self._gemm(rows, self.w1, self.s1, offs, x.dtype)
         i = gate_up.shape[1] // 2
         h = (torch.nn.functional.silu(gate_up[:, :i].float()) * gate_up[:, i:].float()).to(x.dtype)
-        y = self._gemm(h, self.w2, getattr(self, "s2", None), offs, x.dtype).float()
+        y = self._gemm(h, self.w2, self.s2, offs, x.dtype).float()
         y = y * weights.reshape(-1)[order][:, None]
         out = torch.zeros(m * k, d, dtype=torch.float32, device=x.device).index_copy_(0, order, y)
         return out.view(m, k, d).sum(dim=1).to(x.dtype)
